@@ -1,0 +1,1 @@
+"""cahp: Complementary Attention Head Pruning."""
