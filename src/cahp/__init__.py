@@ -1,1 +1,44 @@
-"""cahp: Complementary Attention Head Pruning."""
+"""cahp: Complementary Attention Head Pruning for Transformer encoders.
+
+Foundation API:
+
+- `load_model`: short names of packaged models, local folders, Hub ids.
+- `head_gates`: differentiable (layers, heads) gates through hooks.
+- `remove_heads` / `keep_heads`: physical head removal, uneven layers allowed.
+- `save_pruned` / `load_pruned`: checkpoints that reload pruned.
+- `iter_attention` / `AttentionCapture`: per-head attention, batch by batch.
+"""
+
+from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
+from .capture import AttentionBatch, AttentionCapture, iter_attention
+from .checkpoint import CheckpointError, load_pruned, save_pruned
+from .gates import HeadGates, head_gates
+from .heads import HeadIndexError, kept_heads, kept_mask, num_kept
+from .models import ModelLoadError, load_model
+from .surgery import count_parameters, keep_heads, remove_heads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionBatch",
+    "AttentionCapture",
+    "CheckpointError",
+    "HeadGates",
+    "HeadIndexError",
+    "ModelLoadError",
+    "UnsupportedArchitectureError",
+    "count_parameters",
+    "get_adapter",
+    "head_gates",
+    "iter_attention",
+    "keep_heads",
+    "kept_heads",
+    "kept_mask",
+    "load_model",
+    "load_pruned",
+    "num_kept",
+    "remove_heads",
+    "save_pruned",
+    "supported_model_types",
+    "__version__",
+]

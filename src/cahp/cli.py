@@ -1,0 +1,67 @@
+"""Command-line interface: ``cahp <command> --help``.
+
+Each command lives in the module of its pipeline stage and registers itself
+here through a ``(name, module, help)`` entry; modules are imported only when
+their command runs, so ``cahp --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = [
+    ("info", "cahp.commands.info", "show a model's layers, kept heads and parameter count"),
+]
+
+
+class CahpError(Exception):
+    """An error the user can act on; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cahp",
+        description="Complementary Attention Head Pruning: make Transformer encoders smaller and faster.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        logging.getLogger("cahp").error(
+            "interrupted; finished stages are kept and a re-run resumes from them"
+        )
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, CahpError) as e:
+        # Our own errors (ModelLoadError, TaskError, HeadIndexError, ...) are ValueErrors
+        # with a message written for the user; show it without a traceback.
+        if args.verbose:
+            raise
+        print(f"cahp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

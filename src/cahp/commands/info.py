@@ -1,0 +1,34 @@
+"""``cahp info``: layers, kept heads and parameters of a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="short name (minilm-l6, mpnet-base), model folder or Hub id"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args) -> int:
+    import cahp
+
+    model, _ = cahp.load_model(args.model, with_tokenizer=False)
+    kept = cahp.kept_heads(model)
+    info = {
+        "model": args.model,
+        "model_type": model.config.model_type,
+        "layers": len(kept),
+        "heads_kept": sum(len(v) for v in kept.values()),
+        "heads_per_layer": [len(v) for v in kept.values()],
+        "parameters": cahp.count_parameters(model),
+    }
+    if args.json:
+        print(json.dumps({**info, "kept_heads": kept}, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k:16s} {v}")
+    return 0

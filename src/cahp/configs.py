@@ -1,0 +1,62 @@
+"""Dataclass configs with help text, turned into argparse options.
+
+Each field's ``metadata["help"]`` is its documentation; `add_dataclass_args`
+makes ``--field-name`` options from them so the CLI, the Python API and the
+JSON reports share one definition of every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+def field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with help text (and optional ``choices``)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **kw}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _base_type(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return _base_type(typing.get_args(tp)[0]), True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("help"):
+            continue
+        base = _base_type(hints[f.name])
+        tp, is_list = base if isinstance(base, tuple) else (base, False)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        opt = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": default,
+            "help": f.metadata["help"] + f" (default: {default})",
+        }
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            parser.add_argument(opt, action=argparse.BooleanOptionalAction, **kwargs)
+        elif is_list:
+            parser.add_argument(opt, nargs="+", type=tp, **kwargs)
+        else:
+            parser.add_argument(opt, type=tp, **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})

