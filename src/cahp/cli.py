@@ -14,6 +14,7 @@ import sys
 
 COMMANDS = [
     ("info", "cahp.commands.info", "show a model's layers, kept heads and parameter count"),
+    # issue 6 adds: ("bench", ...), ("export", ...)
 ]
 
 

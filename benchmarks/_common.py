@@ -1,0 +1,97 @@
+"""Shared benchmark plumbing: provenance metadata and atomic result files.
+
+Every benchmark writes ``benchmarks/results/<name>.json`` holding its figures
+and a ``meta`` block (command, date, machine, git revision, library versions).
+`make_results.py` renders RESULTS.md from those files alone: no number in it
+is typed by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=REPO).returncode != 0
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def metadata() -> dict:
+    import transformers
+
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
+        "machine": machine(),
+        "transformers": transformers.__version__,
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(name: str, data: dict, meta: dict | None = None) -> Path:
+    """Write ``results/<name>.json`` = data plus provenance (``meta``)."""
+    return write_json_atomic(RESULTS_DIR / f"{name}.json", {"meta": meta or metadata(), **data})
+
+
+def load_result(name: str) -> dict | None:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def meta_lines(meta: dict) -> str:
+    m = meta["machine"]
+    return (
+        f"- command: `{meta['command']}`\n"
+        f"- date: {meta['date']}, git revision: {meta['git_revision']}\n"
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+        f"torch {m['torch']}, transformers {meta.get('transformers', '?')}"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + "\n"
+    )
