@@ -13,8 +13,11 @@ import logging
 import sys
 
 COMMANDS = [
+    ("finetune", "cahp.commands.finetune", "fine-tune a dense or pruned model on a task"),
+    ("evaluate", "cahp.commands.evaluate", "score a dense or pruned model on a task split"),
     ("info", "cahp.commands.info", "show a model's layers, kept heads and parameter count"),
-    # issue 6 adds: ("bench", ...), ("export", ...)
+    ("bench", "cahp.commands.bench", "latency of a dense model, a pruned one and the attention-free floor"),
+    ("export", "cahp.commands.export", "export a dense or pruned model to ONNX and check it against PyTorch"),
 ]
 
 

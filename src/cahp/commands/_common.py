@@ -1,0 +1,43 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+def add_model_task_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument(
+        "--model", required=model_required,
+        help="short name (minilm-l6, mpnet-base), a model folder (dense or pruned by cahp) or a Hub id",
+    )
+    p.add_argument(
+        "--task", required=True,
+        help="sst5, sst2, mnli, mnli-small, rte, or a folder with train/dev/test .csv/.tsv/.jsonl files",
+    )
+    p.add_argument(
+        "--data-dir", default=None,
+        help="folder with the task data (default: $CAHP_DATA_DIR, else ../shared/data if present)",
+    )
+    p.add_argument("--text-column", default="text", help="user tasks: text column")
+    p.add_argument("--text-pair-column", default=None, help="user tasks: second text column, for pairs")
+    p.add_argument("--label-column", default="label", help="user tasks: label column")
+
+
+def load_task(args):
+    from cahp.tasks import available_tasks, get_task
+
+    if args.task in available_tasks():
+        return get_task(args.task, data_dir=args.data_dir)
+    return get_task(
+        args.task, data_dir=args.data_dir, text_column=args.text_column,
+        text_pair_column=args.text_pair_column, label_column=args.label_column,
+    )
+
+
+def default_output_dir(kind: str, model: str, task: str) -> Path:
+    def slug(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(s).name if Path(s).exists() else s).strip("-")
+
+    return Path("runs") / f"{kind}-{slug(model)}-{slug(task)}"

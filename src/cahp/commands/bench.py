@@ -1,0 +1,70 @@
+"""``cahp bench``: latency of a dense model, a pruned one and the attention-free floor."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("cahp.bench")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="dense model: short name (minilm-l6, mpnet-base), folder or Hub id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pruned", metavar="DIR", help="folder of a model pruned by cahp from --model")
+    src.add_argument(
+        "--remove-ratio",
+        type=float,
+        default=0.5,
+        help="without --pruned: remove this share of the heads, a seeded random uneven selection (default 0.5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random selection and the inputs")
+    p.add_argument(
+        "--shapes",
+        default="1x32,1x128,32x32,32x128",
+        help="BATCHxSEQUENCE list, comma separated (default 1x32,1x128,32x32,32x128)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and onnxruntime (default 2)")
+    p.add_argument(
+        "--kernel",
+        choices=["auto", "eager", "sdpa"],
+        default="auto",
+        help="attention kernel of every model; auto: the dense model's faster one per shape (default)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cpu plus cuda when present (default)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: as many as --budget allows)")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timing per shape when --reps is not given")
+    p.add_argument("--min-reps", type=int, default=10, help="at least this many repetitions (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each model first (default 2)")
+    p.add_argument("--onnx", action="store_true", help="also export to ONNX and time onnxruntime (CPU)")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+
+
+def run(args) -> int:
+    from cahp.bench import format_table, parse_shapes, run_bench
+
+    result = run_bench(
+        args.model,
+        pruned=args.pruned,
+        remove_ratio=args.remove_ratio,
+        seed=args.seed,
+        shapes=parse_shapes(args.shapes),
+        threads=args.threads,
+        kernel=args.kernel,
+        devices=args.device,
+        reps=args.reps,
+        warmup=args.warmup,
+        budget_s=args.budget,
+        min_reps=args.min_reps,
+        onnx=args.onnx,
+    )
+    if args.out is not None:
+        import sys
+
+        from cahp.bench import write_json
+
+        write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), **result})
+        log.info("wrote %s", args.out)
+    print(format_table(result))
+    return 0

@@ -1,0 +1,42 @@
+"""``cahp evaluate``: accuracy and macro-F1 with bootstrap 95% intervals, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ._common import add_model_task_args, load_task
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_task_args(p)
+    p.add_argument("--split", nargs="+", default=None,
+                   help="splits to score (default: the test split, plus MNLI's mismatched split)")
+    p.add_argument("--max-length", type=int, default=128, help="maximum tokens per example")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--output", default=None, help="also write the JSON to this file")
+
+
+def run(args) -> int:
+    import cahp
+    from cahp.evaluate import evaluate_task
+    from cahp.io import write_json
+
+    task = load_task(args)
+    model, tok = cahp.load_model(args.model, num_labels=task.num_labels)
+    result = {
+        "model": args.model,
+        "task": task.name,
+        "heads_kept": cahp.num_kept(model),
+        "parameters": cahp.count_parameters(model),
+        "splits": evaluate_task(model, tok, task, args.split, max_length=args.max_length,
+                                batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed),
+    }
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    if args.output:
+        write_json(args.output, result)
+    return 0

@@ -1,0 +1,56 @@
+"""``cahp finetune``: fine-tune a dense or pruned model on a task, keep the best dev epoch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from cahp.configs import add_dataclass_args, from_args
+from cahp.finetune import FinetuneConfig
+
+from ._common import add_model_task_args, default_output_dir, load_task
+
+log = logging.getLogger("cahp.finetune")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_task_args(p)
+    p.add_argument("--output-dir", default=None, help="where to write model/, finetune.json and log.txt "
+                   "(default: runs/finetune-MODEL-TASK)")
+    p.add_argument("--no-test", action="store_true", help="do not evaluate on the test split at the end")
+    add_dataclass_args(p, FinetuneConfig)
+
+
+def run(args) -> int:
+    import cahp
+    from cahp.evaluate import evaluate_task
+    from cahp.finetune import finetune
+    from cahp.io import add_log_file, write_json
+
+    cfg = from_args(FinetuneConfig, args)
+    out = Path(args.output_dir or default_output_dir("finetune", args.model, args.task))
+    out.mkdir(parents=True, exist_ok=True)
+    add_log_file(out / "log.txt")
+    task = load_task(args)
+    model, tok = cahp.load_model(args.model, num_labels=task.num_labels)
+    params = cahp.count_parameters(model)
+    t0 = time.perf_counter()
+    result = finetune(model, tok, task, cfg, output_dir=out / "model")
+    report = {
+        "model": args.model,
+        "task": task.name,
+        "parameters": params,
+        "heads_kept": cahp.num_kept(model),
+        "config": asdict(cfg),
+        "finetune": result.to_dict(),
+    }
+    if not args.no_test:
+        report["test"] = evaluate_task(model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
+                                       seed=cfg.seed)
+    report["seconds"] = time.perf_counter() - t0
+    write_json(out / "finetune.json", report)
+    log.info("wrote %s and %s", out / "model", out / "finetune.json")
+    return 0
