@@ -1,0 +1,41 @@
+"""``cahp prune``: the CAHP pipeline end to end (see cahp.pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cahp.configs import add_dataclass_args, from_args
+from cahp.finetune import FinetuneConfig
+from cahp.pipeline import PruneConfig
+
+from ._common import default_output_dir
+
+log = logging.getLogger("cahp.prune")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_args(p, PruneConfig)
+    g = p.add_argument_group("fine-tuning (the first one, if needed, and the single one after pruning)")
+    add_dataclass_args(g, FinetuneConfig, skip=("seed",))
+
+
+def run(args) -> int:
+    from cahp.pipeline import run_prune
+
+    cfg = from_args(PruneConfig, args)
+    if not cfg.output_dir:
+        cfg.output_dir = str(default_output_dir("prune", cfg.model, cfg.task))
+    ft = from_args(FinetuneConfig, args)
+    ft.seed = cfg.seed
+    result = run_prune(cfg, ft)
+    r = result.report
+    split = r["data"]["test_split"]
+    after = r["scores"]["after_finetune"] or r["scores"]["after_pruning"]
+    print(
+        f"{r['model']} / {r['task']}: kept {r['heads_kept']} of {r['heads_before']} heads (k* = {r['k_star']}), "
+        f"parameters {r['parameters']['before']:,} -> {r['parameters']['after']:,}; "
+        f"{split} accuracy {r['scores']['before_pruning'][split]['accuracy']:.4f} -> {after[split]['accuracy']:.4f}\n"
+        f"outputs in {result.output_dir}: model/, report.json, curve.png, heads.png, distances.png, log.txt"
+    )
+    return 0

@@ -1,0 +1,87 @@
+"""Stage 4 (and the Fisher baseline): gradients of the loss with respect to head gates.
+
+One backward pass per batch through `HeadGates` at 1 gives g = dL/dgate
+(layers, heads). `GateGradientAccumulator` keeps sum |g| (salience, Michel et
+al. 2019) and sum g^2 (the diagonal empirical Fisher of the gates that Kwon et
+al. 2022 use). The classification loss only reads the [CLS] position, and
+padded positions never reach real tokens, so these gradients come from real
+tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluate import model_inputs
+from .gates import head_gates
+from .heads import model_shape
+
+log = logging.getLogger(__name__)
+
+
+class GateGradientAccumulator:
+    """``add_batch(grad (L, H))``; ``result()`` -> {"salience": mean |g|, "fisher": mean g^2}."""
+
+    def __init__(self, n_layers: int, n_heads: int):
+        self.abs_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.sq_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.count = 0
+
+    def add_batch(self, grad: torch.Tensor) -> None:
+        g = grad.detach().double().cpu()
+        self.abs_sum += g.abs()
+        self.sq_sum += g.square()
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise ValueError("GateGradientAccumulator has seen no batch")
+        return {"salience": self.abs_sum / self.count, "fisher": self.sq_sum / self.count}
+
+
+def gate_gradients(
+    model: nn.Module,
+    batches: Iterable[dict],
+    mask: torch.Tensor | None = None,
+    progress: bool = True,
+    reduce=None,
+) -> dict[str, torch.Tensor]:
+    """Salience and Fisher of every head gate over ``batches`` (labelled).
+
+    Args:
+        mask: optional (layers, heads) gate values to hold the other heads at
+            (iterative baselines re-score with removed heads gated to 0).
+        reduce: optional all-reduce of the accumulator sums across processes.
+
+    Returns:
+        {"salience": (L, H), "fisher": (L, H)} float64; heads the model no
+        longer has get 0.
+    """
+    n_layers, n_heads = model_shape(model.config)
+    acc = GateGradientAccumulator(n_layers, n_heads)
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the deployed function
+    device = next(model.parameters()).device
+    init = mask.float() if mask is not None else 1.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)  # only the gates need gradients
+    try:
+        with head_gates(model, init=init, requires_grad=True) as gates:
+            for batch in tqdm(batches, desc="salience", disable=not progress, mininterval=2):
+                out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
+                (grad,) = torch.autograd.grad(out.loss, gates.values)
+                acc.add_batch(grad)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    if reduce is not None:
+        acc.abs_sum, acc.count = reduce(acc.abs_sum, acc.count)
+        acc.sq_sum, _ = reduce(acc.sq_sum, 0)
+    return acc.result()

