@@ -13,6 +13,7 @@ import logging
 import sys
 
 COMMANDS = [
+    ("prune", "cahp.commands.prune", "prune a model with CAHP: fine-tune, score heads, pick k*, remove, fine-tune once"),
     ("finetune", "cahp.commands.finetune", "fine-tune a dense or pruned model on a task"),
     ("evaluate", "cahp.commands.evaluate", "score a dense or pruned model on a task split"),
     ("info", "cahp.commands.info", "show a model's layers, kept heads and parameter count"),

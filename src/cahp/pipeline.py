@@ -177,8 +177,36 @@ def _check_identity(out: Path, identity: dict, overwrite: bool) -> None:
     write_json(path, identity)
 
 
-def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
-    t_total = time.perf_counter()
+@dataclass
+class PreparedRun:
+    """The stages every selection shares: data split, fine-tuned dense model, statistics.
+
+    `cahp prune` and `cahp compare` both start from it, so they share the cache.
+    """
+
+    cfg: PruneConfig
+    ft_cfg: FinetuneConfig
+    out: Path
+    task: object
+    identity: dict
+    stages: _Stages
+    model: object
+    tokenizer: object
+    train_examples: list
+    curve_examples: list
+    calibration_examples: list
+    calibration_batches: list
+    curve_batches: list
+    curve_labels: np.ndarray
+    signatures: Signatures
+    gate_stats: dict
+    dense_info: dict
+    stats: HeadStats
+    keys: dict
+
+
+def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PreparedRun:
+    """Stages 0-4: fine-tuned dense model, signatures, salience (cached under ``out/stages``)."""
     task = get_task(cfg.task, data_dir=cfg.data_dir or None)
     identity = {
         "model": cfg.model, "task": task.name, "data_dir": str(task.data_dir), "finetuned": cfg.finetuned,
@@ -197,8 +225,7 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     # --- 0. the fine-tuned dense model ------------------------------------------------------
     t = time.perf_counter()
     dense_dir = out / "stages" / "finetuned"
-    key0 = identity
-    cached = stages.json("finetune_dense", key0)
+    cached = stages.json("finetune_dense", identity)
     if cached is not None and (dense_dir / "config.json").is_file():
         model, tok = load_pruned(dense_dir)
         stages.timed("finetune_dense", time.perf_counter() - t, True)
@@ -208,13 +235,11 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         if not cfg.finetuned:
             ft = finetune(model, tok, task, ft_cfg, train_examples=train_ex, progress=progress)
             info["finetune"] = ft.to_dict()
-        info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed)
+        info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
+                                     keep_predictions=True)
         save_pruned(model, tok, dense_dir)
-        cached = stages.put_json("finetune_dense", key0, info)
+        cached = stages.put_json("finetune_dense", identity, info)
         stages.timed("finetune_dense", time.perf_counter() - t, False)
-    dense_info = cached
-    params_before = count_parameters(model)
-    heads_before = num_kept(model)
     pad = tok.pad_token_id or 0
 
     # --- 1-2. signatures and distances (calibration sample) ----------------------------------
@@ -241,18 +266,35 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     else:
         stages.timed("salience", time.perf_counter() - t, True)
 
+    curve_ds = encode(tok, curve_ex, ft_cfg.max_length)
+    curve_batches = make_batches(curve_ds, ft_cfg.eval_batch_size, shuffle=False, pad_token_id=pad)
     n_layers, n_heads = kept_mask(model).shape
     stats = HeadStats(
         head_ids=sig.head_ids, shape=(n_layers, n_heads), distances=sig.distances,
         salience=sal["salience"], fisher=sal["fisher"], entropy=sig.entropy,
     )
+    return PreparedRun(
+        cfg=cfg, ft_cfg=ft_cfg, out=out, task=task, identity=identity, stages=stages, model=model,
+        tokenizer=tok, train_examples=train_ex, curve_examples=curve_ex, calibration_examples=calib_ex,
+        calibration_batches=calib_batches, curve_batches=curve_batches, curve_labels=np.asarray(curve_ds.labels),
+        signatures=sig, gate_stats=sal, dense_info=cached, stats=stats, keys={"signatures": key1, "salience": key2},
+    )
+
+
+def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
+    t_total = time.perf_counter()
+    run = prepare_run(cfg, ft_cfg, out, progress)
+    task, stages, model, tok, stats, sig = run.task, run.stages, run.model, run.tokenizer, run.stats, run.signatures
+    identity, key1, key2 = run.identity, run.keys["signatures"], run.keys["salience"]
+    curve_batches, curve_labels, train_ex = run.curve_batches, run.curve_labels, run.train_examples
+    dense_info = run.dense_info
+    params_before = count_parameters(model)
+    heads_before = num_kept(model)
+    n_layers = stats.shape[0]
     selector = CAHPSelector(distance=cfg.distance, clustering=cfg.clustering, seed=cfg.seed, kernel=cfg.kernel)
 
     # --- 5-6. curve on held-out training data ---------------------------------------------------
     t = time.perf_counter()
-    curve_ds = encode(tok, curve_ex, ft_cfg.max_length)
-    curve_batches = make_batches(curve_ds, ft_cfg.eval_batch_size, shuffle=False, pad_token_id=pad)
-    curve_labels = np.asarray(curve_ds.labels)
     ks = default_grid(stats.n, cfg.grid_step, cfg.min_ratio)
     key3 = {**key1, **key2, "stage": "curve", "selector": selector.settings(), "ks": ks}
     curve = stages.json("curve", key3)
@@ -309,8 +351,9 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         "model": cfg.model,
         "task": task.name,
         "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg)},
-        "data": {"train": len(train_all), "finetune_examples": len(train_ex) if not cfg.finetuned else None,
-                 "curve_examples": len(curve_ex), "calibration_examples": len(calib_ex),
+        "data": {"train": len(train_ex) + len(run.curve_examples),
+                 "finetune_examples": len(train_ex) if not cfg.finetuned else None,
+                 "curve_examples": len(run.curve_examples), "calibration_examples": len(run.calibration_examples),
                  "calibration_rows": sig.rows, "test_split": test_split},
         "heads_before": heads_before,
         "k_star": knee.k,
@@ -322,7 +365,8 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         "heads_per_layer": head_mask.sum(1).tolist(),
         "mean_relative_depth": mean_relative_depth(head_mask),
         "scores": {
-            "before_pruning": dense_info["test"],
+            "before_pruning": {k: {m: v for m, v in r.items() if m != "predictions"}
+                               for k, r in dense_info["test"].items()},
             "after_pruning": final["test_after_pruning"],
             "after_finetune": final.get("test_after_finetune"),
             "heldout_accuracy_dense": points[0]["accuracy"] if points[0]["k"] == stats.n else None,
@@ -350,4 +394,4 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     return PruneResult(output_dir=out, report=report)
 
 
-__all__ = ["PruneConfig", "PruneResult", "RunConflictError", "run_prune", "split_train"]
+__all__ = ["PreparedRun", "PruneConfig", "PruneResult", "RunConflictError", "prepare_run", "run_prune", "split_train"]
