@@ -1,0 +1,126 @@
+"""Cost of signatures + pairwise distances against plain forward passes, and their memory (issue 4).
+
+    python benchmarks/bench_signatures.py            # minilm-l6, 1,024 SST-5 training sentences
+    python benchmarks/bench_signatures.py --quick    # smoke run
+
+Time: over the same length-bucketed batches (batch 32), interleaved, median of
+--reps: (a) the plain forward passes (no hooks); (b) `collect_signatures` with
+one distance (capture + per-head attention + divergences + entropy). Ratio b/a
+per distance.
+
+Memory: peak resident memory of a fresh process that loads the model and runs
+`collect_signatures` over N calibration examples, for N = 1,024 and 4,096 (each
+in its own subprocess, so the peaks do not mix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cahp  # noqa: E402
+from _common import meta_lines, metadata, write_result  # noqa: E402
+from cahp.batching import encode, make_batches  # noqa: E402
+from cahp.distances import DISTANCES  # noqa: E402
+from cahp.evaluate import model_inputs  # noqa: E402
+from cahp.signatures import collect_signatures  # noqa: E402
+from cahp.tasks import get_task  # noqa: E402
+
+log = logging.getLogger("bench_signatures")
+
+
+def _batches(n: int, data_dir=None):
+    task = get_task("sst5", data_dir=data_dir)
+    model, tok = cahp.load_model("minilm-l6", num_labels=task.num_labels)
+    rng = np.random.default_rng(0)
+    train = task.load("train")
+    examples = [train[i] for i in rng.permutation(len(train))[:n]]
+    ds = encode(tok, examples, 128)
+    return model, make_batches(ds, 32, shuffle=False, pad_token_id=tok.pad_token_id)
+
+
+def memory_child(n: int, kind: str) -> None:
+    """Runs in a subprocess: print the peak RSS after collect_signatures over n examples."""
+    model, batches = _batches(n)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sig = collect_signatures(model, batches, kinds=(kind,), progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": n, "rows": sig.rows, "peak_rss_mb": peak / 1024, "rss_before_mb": before / 1024}))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--memory-child", nargs=2, metavar=("N", "KIND"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return
+    if args.quick:
+        args.n, args.reps, args.memory_sizes = 64, 1, [64, 128]
+    model, batches = _batches(args.n)
+    times: dict[str, list[float]] = {"forward": [], **{k: [] for k in DISTANCES}}
+    rows = None
+    for rep in range(args.reps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                model(**model_inputs(b))
+        times["forward"].append(time.perf_counter() - t0)
+        for kind in DISTANCES:
+            t0 = time.perf_counter()
+            sig = collect_signatures(model, batches, kinds=(kind,), progress=False)
+            times[kind].append(time.perf_counter() - t0)
+            rows = sig.rows
+        log.info("rep %d: %s", rep, {k: round(v[-1], 2) for k, v in times.items()})
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    memory = []
+    for n in args.memory_sizes:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "js"], check=True,
+                             capture_output=True, text=True).stdout
+        memory.append(json.loads(out.strip().splitlines()[-1]))
+        log.info("memory: %s", memory[-1])
+    result = {
+        "model": "minilm-l6", "task": "sst5 (train sample)", "examples": args.n, "rows": rows, "batch_size": 32,
+        "reps": args.reps, "seconds": times, "median_seconds": med,
+        "ratio_to_forward": {k: med[k] / med["forward"] for k in DISTANCES},
+        "memory": memory,
+        "memory_growth": memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1,
+    }
+    write_result("signature_cost" + ("_quick" if args.quick else ""), result, metadata())
+    log.info("ratios %s, memory growth %.3f", result["ratio_to_forward"], result["memory_growth"])
+
+
+def render(result: dict) -> str:
+    med = result["median_seconds"]
+    out = [meta_lines(result["meta"]),
+           f"{result['examples']} SST-5 training sentences ({result['rows']} real query tokens), batch "
+           f"{result['batch_size']}, median of {result['reps']} interleaved repetitions.\n",
+           "| pass | seconds (median) | ratio to plain forward |", "|---|---|---|",
+           f"| plain forward | {med['forward']:.2f} | 1.00 |"]
+    for k, r in result["ratio_to_forward"].items():
+        out.append(f"| signatures + {k} distances | {med[k]:.2f} | {r:.2f} |")
+    out += ["", "| calibration examples | real query rows | peak RSS (MB) |", "|---|---|---|"]
+    for m in result["memory"]:
+        out.append(f"| {m['n']} | {m['rows']} | {m['peak_rss_mb']:.0f} |")
+    out.append(f"\nPeak memory grows by {result['memory_growth'] * 100:.1f}% from "
+               f"{result['memory'][0]['n']} to {result['memory'][-1]['n']} examples (JS distances).\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
