@@ -1,0 +1,69 @@
+"""The command line: help, clear errors without tracebacks, and real runs on a slice of real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cahp.cli import main
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("prune", "finetune", "evaluate", "info"):
+        assert cmd in out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "cahp", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "prune" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "--model", "./no/such/folder", "--task", "sst5"], "does not exist"),
+        (["evaluate", "--model", "minilm-l6", "--task", "nosuchtask-xyz"], "nosuchtask-xyz"),
+        (["finetune", "--model", "minilm-l6", "--task", "sst5", "--data-dir", "/nonexistent/dir"], "/nonexistent"),
+        (["prune", "--model", "minilm-l6", "--task", "sst5", "--keep", "3", "--keep-ratio", "0.5"], "not both"),
+    ],
+)
+def test_clear_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.integration
+def test_finetune_evaluate_prune_real_minilm(tmp_path):
+    """minilm-l6 on a slice of real SST-5: finetune, evaluate, prune with --finetuned."""
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--model", "minilm-l6", "--task", "sst5", "--data-dir", str(DATA),
+                 "--output-dir", str(ft), "--epochs", "1", "--max-train-examples", "128", "--no-test"]) == 0
+    report = json.loads((ft / "finetune.json").read_text())
+    assert report["finetune"]["history"][0]["dev"]["n"] == 1101
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(ft / "model"), "--task", "sst5", "--data-dir", str(DATA),
+                 "--split", "dev", "--bootstrap", "100", "--output", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["splits"]["dev"]["accuracy"] == pytest.approx(report["finetune"]["best_dev"]["accuracy"])
+    pr = tmp_path / "prune"
+    assert main(["prune", "--model", str(ft / "model"), "--task", "sst5", "--data-dir", str(DATA), "--finetuned",
+                 "--output-dir", str(pr), "--calibration-examples", "64", "--curve-examples", "128",
+                 "--grid-step", "12", "--keep-ratio", "0.5", "--skip-final-finetune"]) == 0
+    r = json.loads((pr / "report.json").read_text())
+    assert r["heads_kept"] == 36 and r["heads_before"] == 72
+    assert r["parameters"]["before"] - r["parameters"]["after"] == 36 * (3 * (32 * 384 + 32) + 384 * 32)
+    for name in ("curve.png", "heads.png", "distances.png", "log.txt"):
+        assert (pr / name).is_file()
