@@ -48,7 +48,7 @@ def run_accuracy(specs: list[str], data_dir: str | None) -> None:
                 log.info("skip %s/%s seed %d: already in results", model_name, task_name, seed)
                 continue
             task = get_task(task_name, data_dir=data_dir)
-            model, tok = cahp.load_model(model_name, num_labels=task.num_labels)
+            model, tok = cahp.load_model(model_name, num_labels=task.num_labels, seed=seed)
             cfg = FinetuneConfig(seed=seed)
             out = REPO / "runs" / "bench" / f"finetuned-{model_name}-{task_name}" if seed == 0 else None
             t0 = time.perf_counter()

@@ -10,15 +10,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = [
-    ("prune", "cahp.commands.prune", "prune a model with CAHP: fine-tune, score heads, pick k*, remove, fine-tune once"),
+    ("prune", "cahp.commands.prune",
+     "prune a model with CAHP: fine-tune, score heads, pick k*, remove, fine-tune once"),
     ("finetune", "cahp.commands.finetune", "fine-tune a dense or pruned model on a task"),
     ("evaluate", "cahp.commands.evaluate", "score a dense or pruned model on a task split"),
     ("info", "cahp.commands.info", "show a model's layers, kept heads and parameter count"),
     ("bench", "cahp.commands.bench", "latency of a dense model, a pruned one and the attention-free floor"),
     ("export", "cahp.commands.export", "export a dense or pruned model to ONNX and check it against PyTorch"),
+    ("compare", "cahp.commands.compare", "compare CAHP with baseline head selectors at the same budgets"),
 ]
 
 
@@ -43,17 +46,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under torchrun (WORLD_SIZE > 1) every process runs this; rank 0 logs and writes.
+    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    rank_tag = f"[rank {os.environ.get('RANK', '?')}] " if several else ""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {rank_tag}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if several:
+        from cahp import distributed
+
+        distributed.init()
     module = importlib.import_module(args._module)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        if several:
+            distributed.shutdown()
+        return code
     except KeyboardInterrupt:
         logging.getLogger("cahp").error(
             "interrupted; finished stages are kept and a re-run resumes from them"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .evaluate import predict
 from .gates import head_gates
 from .selector import HeadSelector, HeadStats, SelectionContext
@@ -34,7 +35,10 @@ def default_grid(n_heads: int, step: int = 0, min_ratio: float = 0.05) -> list[i
 
 
 def score_mask(model: nn.Module, mask: torch.Tensor, batches: Sequence[dict], labels: np.ndarray) -> float:
-    """Accuracy of ``model`` with only the heads in ``mask`` switched on (gates 0/1)."""
+    """Accuracy of ``model`` with only the heads in ``mask`` switched on (gates 0/1).
+
+    Collective under torchrun (`predict` shards the batches and gathers the logits).
+    """
     with head_gates(model, init=mask.float()):
         preds, _ = predict(model, batches, len(labels), progress=False)
     return float((preds == labels).mean())
@@ -50,10 +54,15 @@ def selection_curve(
     ctx: SelectionContext | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Score S(k) for every k in ``ks``: ``[{"k", "accuracy", "kept": {layer: [heads]}}]``."""
+    """Score S(k) for every k in ``ks``: ``[{"k", "accuracy", "kept": {layer: [heads]}}]``.
+
+    Under torchrun every rank selects (selectors may themselves pass over data) and
+    rank 0's mask is broadcast, so all ranks score the same heads; scoring is sharded.
+    """
     points = []
-    for k in tqdm(ks, desc=f"curve ({selector.name})", disable=not progress, mininterval=2):
-        mask = selector.select(int(k), stats, ctx)
+    for k in tqdm(ks, desc=f"curve ({selector.name})", disable=not distributed.show_progress(progress),
+                  mininterval=2):
+        mask = distributed.broadcast_object(selector.select(int(k), stats, ctx))
         acc = score_mask(model, mask, batches, labels)
         points.append({"k": int(k), "accuracy": acc,
                        "kept": {i: torch.nonzero(mask[i]).flatten().tolist() for i in range(mask.shape[0])}})

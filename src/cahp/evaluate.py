@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batching import EncodedDataset, encode, iter_batches
 from .tasks import Task
 
@@ -35,6 +36,10 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and argmax predictions, in dataset order.
 
+    Under torchrun each rank predicts its share of the batches (`cahp.distributed.shard`)
+    and the (index, logits) pairs are gathered, so every rank returns the full
+    arrays; every rank must call it (use ``cahp.distributed.local()`` for one rank alone).
+
     Args:
         model: a sequence-classification model.
         batches: batches with an ``index`` entry (positions in the dataset).
@@ -46,13 +51,21 @@ def predict(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    logits = None
-    for batch in tqdm(batches, desc=desc or "predict", disable=not progress, leave=False, mininterval=2):
-        out = model(**model_inputs(batch, device)).logits.float().cpu()
-        if logits is None:
-            logits = torch.full((n, out.shape[-1]), float("nan"))
-        logits[batch["index"]] = out
+    index, values = [], []
+    bar = tqdm(distributed.shard(batches), desc=desc or "predict", disable=not distributed.show_progress(progress),
+               leave=False, mininterval=2)
+    for batch in bar:
+        values.append(model(**model_inputs(batch, device)).logits.float().cpu())
+        index.append(batch["index"].cpu())
     model.train(was_training)
+    local = (torch.cat(index), torch.cat(values)) if values else None
+    logits = None
+    for part in distributed.all_gather_object(local):
+        if part is None:
+            continue
+        if logits is None:
+            logits = torch.full((n, part[1].shape[-1]), float("nan"))
+        logits[part[0]] = part[1]
     if logits is None:
         raise ValueError("no batches to predict")
     if torch.isnan(logits).any():

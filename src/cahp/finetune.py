@@ -4,6 +4,13 @@ AdamW, linear warm-up then linear decay, gradient clipping, length-bucketed
 batches, evaluation on the dev split after every epoch, early stopping, and the
 best epoch's weights restored at the end. Pruned models stay pruned: nothing
 here depends on the number of heads, and saving goes through `save_pruned`.
+
+Under torchrun the model is trained through `DistributedDataParallel`: every
+rank builds the same seeded batch order of the epoch (padded by repeating
+batches to a multiple of the process count) and takes every N-th batch, so one
+optimizer step sees N batches (``batch_size`` is per process; the global batch
+is N x ``batch_size``). Dev evaluation is sharded and gathered, so the best
+epoch and early stopping are the same on every rank; only rank 0 saves.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batching import encode, make_batches
 from .checkpoint import save_pruned
 from .configs import field as cfg_field
@@ -33,7 +41,7 @@ class FinetuneConfig:
 
     epochs: int = cfg_field(4, "maximum number of epochs")
     lr: float = cfg_field(1e-4, "peak learning rate (AdamW)")
-    batch_size: int = cfg_field(32, "training batch size")
+    batch_size: int = cfg_field(32, "training batch size (per process under torchrun)")
     eval_batch_size: int = cfg_field(128, "evaluation batch size")
     max_length: int = cfg_field(128, "maximum tokens per example (longer ones are truncated)")
     warmup_ratio: float = cfg_field(0.1, "share of the steps spent warming the learning rate up from 0")
@@ -111,11 +119,14 @@ def finetune(
     pad = tokenizer.pad_token_id or 0
     train_ds = encode(tokenizer, train_examples, cfg.max_length)
     dev_ds = encode(tokenizer, dev_examples, cfg.max_length)
-    steps_per_epoch = -(-len(train_ds) // cfg.batch_size)
+    n_proc = distributed.world_size() if distributed.is_active() else 1
+    n_batches = -(-len(train_ds) // cfg.batch_size)
+    steps_per_epoch = -(-n_batches // n_proc)  # every rank takes this many steps (batches padded)
     total = steps_per_epoch * cfg.epochs
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + distributed.rank())  # dropout differs between ranks' batches
     device = next(model.parameters()).device
+    train_model = distributed.wrap_ddp(model)  # the model itself with one process
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, int(cfg.warmup_ratio * total)))
     best_score, best_epoch, best_state, best_dev = -1.0, -1, None, {}
@@ -123,18 +134,21 @@ def finetune(
     bad_epochs = 0
     t_start = time.perf_counter()
     log.info(
-        "fine-tuning on %s: %d train / %d dev examples, %d epochs x %d steps, lr %g",
+        "fine-tuning on %s: %d train / %d dev examples, %d epochs x %d steps, lr %g%s",
         task.name, len(train_ds), len(dev_ds), cfg.epochs, steps_per_epoch, cfg.lr,
+        f", {n_proc} processes x batch {cfg.batch_size}" if n_proc > 1 else "",
     )
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         batches = make_batches(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, pad_token_id=pad)
+        batches = distributed.shard(distributed.pad_batches(batches))
         t_data = time.perf_counter() - t0
-        model.train()
+        train_model.train()
         losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not distributed.show_progress(progress),
+                   mininterval=2)
         for batch in bar:
-            out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
+            out = train_model(**model_inputs(batch, device), labels=batch["labels"].to(device))
             out.loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -144,6 +158,7 @@ def finetune(
             losses.append(out.loss.item())
             if len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        loss_sum, n_losses = distributed.all_reduce_sum(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
         t_train = time.perf_counter() - t0
         dev = evaluate_examples(
             model, tokenizer, dev_examples, task.num_labels, max_length=cfg.max_length,
@@ -153,7 +168,7 @@ def finetune(
         t_epoch = time.perf_counter() - t0
         record = {
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
+            "train_loss": float(loss_sum) / max(1, n_losses),
             "dev": dev,
             "lr_end": sched.get_last_lr()[0],
             "seconds": t_epoch,
@@ -173,6 +188,7 @@ def finetune(
             if cfg.patience and bad_epochs >= cfg.patience:
                 log.info("early stop: no better dev %s for %d epochs", cfg.metric, bad_epochs)
                 break
+    del train_model  # drops the DDP wrapper (and its gradient hooks); ``model`` keeps the weights
     model.load_state_dict(best_state)
     model.eval()
     result = FinetuneResult(
@@ -181,5 +197,5 @@ def finetune(
     )
     log.info("best epoch %d: dev %s %.4f", best_epoch, cfg.metric, best_score)
     if output_dir is not None:
-        save_pruned(model, tokenizer, Path(output_dir))
+        distributed.on_main(save_pruned, model, tokenizer, Path(output_dir))
     return result

@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import transformers
 
 from .arch import get_adapter
@@ -167,6 +168,7 @@ def load_model(
     num_labels: int | None = None,
     attn_implementation: str | None = None,
     with_tokenizer: bool = True,
+    seed: int | None = 0,
 ):
     """Load a sequence-classification model and its tokenizer.
 
@@ -176,6 +178,9 @@ def load_model(
         num_labels: number of classes; a new classification head is created
             when the checkpoint has none (or has a different number).
         attn_implementation: "eager", "sdpa" or None for transformers' default.
+        seed: seeds the initialisation of a new classification head (the only
+            random part of loading), so a run is reproducible; None leaves the
+            global torch RNG as it is.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -220,6 +225,8 @@ def load_model(
     tv = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        if seed is not None:
+            torch.manual_seed(seed)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     finally:
         transformers.logging.set_verbosity(tv)

@@ -12,6 +12,12 @@ Data: a fixed, seeded sample of the training split is held out for the curve
 (``curve_examples``, never used to fine-tune when cahp does the fine-tuning) and
 another for calibration (``calibration_examples``). The dev split selects the
 best fine-tuning epoch; the test split is only scored, never used for a choice.
+
+Under ``torchrun`` (see `cahp.distributed`) every rank runs this same code on its
+share of the batches; rank 0 alone reads and writes ``OUTPUT`` (caches, models,
+report, figures, log) and broadcasts what it read, models included (its weights
+are broadcast into the other ranks' copies), so the other ranks never touch the
+output folder and no shared file system is needed.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import plots
+from . import distributed, plots
 from .batching import encode, make_batches
 from .checkpoint import is_pruned_folder, load_pruned, save_pruned
 from .clustering import CLUSTERING_METHODS
@@ -91,14 +97,18 @@ def _fingerprint(obj) -> str:
 
 
 class _Stages:
-    """Cache of stage results under ``OUTPUT/stages`` keyed by a settings fingerprint."""
+    """Cache of stage results under ``OUTPUT/stages`` keyed by a settings fingerprint.
+
+    Under torchrun rank 0 alone reads and writes; every read and every put returns
+    rank 0's data on all ranks, so all ranks take the same branch with the same values.
+    """
 
     def __init__(self, root: Path):
         self.root = root / "stages"
-        self.root.mkdir(parents=True, exist_ok=True)
+        distributed.on_main(self.root.mkdir, parents=True, exist_ok=True)
         self.times: dict[str, dict] = {}
 
-    def json(self, name: str, key: dict):
+    def _read_json(self, name: str, key: dict):
         path = self.root / f"{name}.json"
         if path.is_file():
             data = read_json(path)
@@ -106,12 +116,15 @@ class _Stages:
                 return data
         return None
 
+    def json(self, name: str, key: dict):
+        return distributed.on_main(self._read_json, name, key)
+
     def put_json(self, name: str, key: dict, data: dict) -> dict:
-        data = {**data, "_key": _fingerprint(key)}
-        write_json(self.root / f"{name}.json", data)
+        data = distributed.broadcast_object({**data, "_key": _fingerprint(key)})
+        distributed.on_main(write_json, self.root / f"{name}.json", data)
         return data
 
-    def tensors(self, name: str, key: dict):
+    def _read_tensors(self, name: str, key: dict):
         path = self.root / f"{name}.pt"
         if path.is_file():
             data = torch.load(path, weights_only=False)
@@ -119,10 +132,17 @@ class _Stages:
                 return data
         return None
 
+    def tensors(self, name: str, key: dict):
+        return distributed.on_main(self._read_tensors, name, key)
+
     def put_tensors(self, name: str, key: dict, data: dict) -> dict:
-        data = {**data, "_key": _fingerprint(key)}
-        save_tensors(self.root / f"{name}.pt", data)
+        data = distributed.broadcast_object({**data, "_key": _fingerprint(key)})
+        distributed.on_main(save_tensors, self.root / f"{name}.pt", data)
         return data
+
+    def exists(self, path: Path, check=Path.is_file) -> bool:
+        """Whether rank 0 sees ``path`` (``check(path)`` on rank 0, broadcast)."""
+        return bool(distributed.on_main(check, path))
 
     def timed(self, name: str, seconds: float, cached: bool) -> None:
         self.times[name] = {"seconds": round(seconds, 2), "cached": cached}
@@ -145,20 +165,24 @@ def split_train(n: int, curve_examples: int, calibration_examples: int, seed: in
 
 
 def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: bool = True) -> PruneResult:
-    """Run the whole CAHP pipeline; see the module docstring. Returns the report."""
+    """Run the whole CAHP pipeline; see the module docstring. Returns the report (on every rank)."""
+    distributed.init()
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
     if cfg.keep and cfg.keep_ratio:
         raise ValueError("give --keep or --keep-ratio, not both")
     if cfg.keep_ratio and not 0 < cfg.keep_ratio <= 1:
         raise ValueError(f"--keep-ratio must be in (0, 1], got {cfg.keep_ratio}")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = add_log_file(out / "log.txt")
+    distributed.on_main(out.mkdir, parents=True, exist_ok=True)
+    handler = add_log_file(out / "log.txt") if distributed.is_main() else None
     try:
-        return _run(cfg, ft_cfg, out, progress)
+        result = _run(cfg, ft_cfg, out, progress)
+        distributed.barrier()
+        return result
     finally:
-        logging.getLogger("cahp").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("cahp").removeHandler(handler)
+            handler.close()
 
 
 def _check_identity(out: Path, identity: dict, overwrite: bool) -> None:
@@ -206,14 +230,19 @@ class PreparedRun:
 
 
 def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PreparedRun:
-    """Stages 0-4: fine-tuned dense model, signatures, salience (cached under ``out/stages``)."""
+    """Stages 0-4: fine-tuned dense model, signatures, salience (cached under ``out/stages``).
+
+    Collective under torchrun (joins the process group if needed); rank 0 creates ``out``.
+    """
+    distributed.init()
+    distributed.on_main(out.mkdir, parents=True, exist_ok=True)
     task = get_task(cfg.task, data_dir=cfg.data_dir or None)
     identity = {
         "model": cfg.model, "task": task.name, "data_dir": str(task.data_dir), "finetuned": cfg.finetuned,
         "curve_examples": cfg.curve_examples, "calibration_examples": cfg.calibration_examples,
         "seed": cfg.seed, "finetune": asdict(ft_cfg),
     }
-    _check_identity(out, identity, cfg.overwrite)
+    distributed.on_main(_check_identity, out, identity, cfg.overwrite)
     stages = _Stages(out)
     train_all = task.load(task.train_split)
     curve_idx, calib_idx, train_idx = split_train(len(train_all), cfg.curve_examples, cfg.calibration_examples,
@@ -226,18 +255,24 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
     t = time.perf_counter()
     dense_dir = out / "stages" / "finetuned"
     cached = stages.json("finetune_dense", identity)
-    if cached is not None and (dense_dir / "config.json").is_file():
-        model, tok = load_pruned(dense_dir)
+    device = distributed.device()
+    if cached is not None and stages.exists(dense_dir / "config.json"):
+        if distributed.is_main():
+            model, tok = load_pruned(dense_dir)
+        else:  # same architecture; rank 0's cached weights are broadcast below
+            model, tok = load_model(cfg.model, num_labels=task.num_labels, seed=cfg.seed)
+        distributed.sync_module(model.to(device))
         stages.timed("finetune_dense", time.perf_counter() - t, True)
     else:
-        model, tok = load_model(cfg.model, num_labels=task.num_labels)
+        model, tok = load_model(cfg.model, num_labels=task.num_labels, seed=cfg.seed)
+        distributed.sync_module(model.to(device))  # e.g. a new classifier: rank 0's on every rank
         info = {"finetuned_by_cahp": not cfg.finetuned}
         if not cfg.finetuned:
             ft = finetune(model, tok, task, ft_cfg, train_examples=train_ex, progress=progress)
             info["finetune"] = ft.to_dict()
         info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
                                      keep_predictions=True)
-        save_pruned(model, tok, dense_dir)
+        distributed.on_main(save_pruned, model, tok, dense_dir)
         cached = stages.put_json("finetune_dense", identity, info)
         stages.timed("finetune_dense", time.perf_counter() - t, False)
     pad = tok.pad_token_id or 0
@@ -250,7 +285,7 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
     sig_state = stages.tensors(f"signatures-{cfg.distance}", key1)
     if sig_state is None:
         sig = collect_signatures(model, calib_batches, kinds=(cfg.distance,), progress=progress)
-        stages.put_tensors(f"signatures-{cfg.distance}", key1, sig.state_dict())
+        sig = Signatures.from_state_dict(stages.put_tensors(f"signatures-{cfg.distance}", key1, sig.state_dict()))
         stages.timed("signatures", time.perf_counter() - t, False)
     else:
         sig = Signatures.from_state_dict(sig_state)
@@ -322,7 +357,7 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
 
     # --- 7-8. surgery and the single fine-tuning ------------------------------------------------
     t = time.perf_counter()
-    mask = selector.select(k_final, stats)
+    mask = distributed.broadcast_object(selector.select(k_final, stats))
     kept = {i: torch.nonzero(mask[i]).flatten().tolist() for i in range(n_layers)}
     held_pre = score_mask(model, mask, curve_batches, curve_labels)
     pruned = copy.deepcopy(model)
@@ -330,8 +365,11 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     key4 = {**identity, "stage": "final", "kept": kept, "skip_final_finetune": cfg.skip_final_finetune}
     final = stages.json("final", key4)
     model_dir = out / "model"
-    if final is not None and is_pruned_folder(model_dir):
-        pruned, tok = load_pruned(model_dir)
+    if final is not None and stages.exists(model_dir, is_pruned_folder):
+        if distributed.is_main():
+            pruned, tok = load_pruned(model_dir)
+        # the other ranks keep their surgery of the same heads and get rank 0's weights
+        distributed.sync_module(pruned.to(distributed.device()))
         stages.timed("surgery_and_finetune", time.perf_counter() - t, True)
     else:
         final = {"test_after_pruning": evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed)}
@@ -340,7 +378,7 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
             final["finetune"] = ft2.to_dict()
             final["test_after_finetune"] = evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length,
                                                          seed=cfg.seed)
-        save_pruned(pruned, tok, model_dir)
+        distributed.on_main(save_pruned, pruned, tok, model_dir)
         final = stages.put_json("final", key4, final)
         stages.timed("surgery_and_finetune", time.perf_counter() - t, False)
 
@@ -376,14 +414,19 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         "stage_seconds": stages.times,
         "total_seconds": round(time.perf_counter() - t_total, 1),
     }
-    write_json(out / "report.json", report)
+    report = distributed.broadcast_object(report)
     title = f"{cfg.model} / {task.name}"
-    plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title)
-    plots.plot_heads(head_mask.numpy(), out / "heads.png",
-                     title=f"{title}: {int(head_mask.sum())} of {heads_before} heads kept")
     per_layer = [sum(1 for layer, _ in sig.head_ids if layer == i) for i in range(n_layers)]
-    plots.plot_distances(sig.distances[cfg.distance].numpy(), per_layer, out / "distances.png",
-                         title=f"{cfg.distance} distance between heads")
+
+    def write_outputs():
+        write_json(out / "report.json", report)
+        plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title)
+        plots.plot_heads(head_mask.numpy(), out / "heads.png",
+                         title=f"{title}: {int(head_mask.sum())} of {heads_before} heads kept")
+        plots.plot_distances(sig.distances[cfg.distance].numpy(), per_layer, out / "distances.png",
+                             title=f"{cfg.distance} distance between heads")
+
+    distributed.on_main(write_outputs)
     b, a, f = (report["scores"][s] for s in ("before_pruning", "after_pruning", "after_finetune"))
     log.info(
         "done: %d -> %d heads, %d -> %d parameters; %s accuracy %.4f -> %.4f (pruned) -> %s (fine-tuned)",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .evaluate import model_inputs
 from .gates import head_gates
 from .heads import model_shape
@@ -57,11 +58,16 @@ def gate_gradients(
         mask: optional (layers, heads) gate values to hold the other heads at
             (iterative baselines re-score with removed heads gated to 0).
         reduce: optional all-reduce of the accumulator sums across processes.
+            None: under torchrun each rank takes its share of the batches
+            (`cahp.distributed.shard`) and the sums are all-reduced; with one
+            process, nothing. A callable: the caller has sharded ``batches``.
 
     Returns:
         {"salience": (L, H), "fisher": (L, H)} float64; heads the model no
         longer has get 0.
     """
+    if reduce is None:
+        batches, reduce = distributed.shard(batches), distributed.all_reduce_sum
     n_layers, n_heads = model_shape(model.config)
     acc = GateGradientAccumulator(n_layers, n_heads)
     was_training = model.training
@@ -73,7 +79,8 @@ def gate_gradients(
         p.requires_grad_(False)  # only the gates need gradients
     try:
         with head_gates(model, init=init, requires_grad=True) as gates:
-            for batch in tqdm(batches, desc="salience", disable=not progress, mininterval=2):
+            bar = tqdm(batches, desc="salience", disable=not distributed.show_progress(progress), mininterval=2)
+            for batch in bar:
                 out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
                 (grad,) = torch.autograd.grad(out.loss, gates.values)
                 acc.add_batch(grad)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .capture import iter_attention
 from .distances import DISTANCES, DistanceAccumulator
 from .heads import kept_heads
@@ -103,7 +104,11 @@ def collect_signatures(
         batches: padded batches (see `cahp.batching`), e.g. a calibration sample.
         kinds: distances to accumulate (subset of `cahp.distances.DISTANCES`).
         reduce: optional callable applied to every accumulator's (sums, count)
-            before the results are taken (all-reduce across processes).
+            before the results are taken (all-reduce across processes). None:
+            under torchrun each rank streams its share of the batches
+            (`cahp.distributed.shard`) and the sums are all-reduced
+            (`cahp.distributed.all_reduce_sum`); with one process, nothing.
+            A callable: the caller has sharded ``batches`` itself.
 
     Returns:
         `Signatures`; distances are symmetric with a zero diagonal.
@@ -111,6 +116,8 @@ def collect_signatures(
     unknown = [k for k in kinds if k not in DISTANCES]
     if unknown:
         raise ValueError(f"unknown distance {unknown}; choose from {', '.join(DISTANCES)}")
+    if reduce is None:
+        batches, reduce = distributed.shard(batches), distributed.all_reduce_sum
     kept = kept_heads(model.config)
     head_ids = [(layer, h) for layer, hs in sorted(kept.items()) for h in hs]
     n = len(head_ids)
@@ -120,7 +127,9 @@ def collect_signatures(
     seconds["forward"] = 0.0
     examples = 0
     t = time.perf_counter()
-    for att in tqdm(iter_attention(model, batches), desc="signatures", disable=not progress, mininterval=2):
+    bar = tqdm(iter_attention(model, batches), desc="signatures", disable=not distributed.show_progress(progress),
+               mininterval=2)
+    for att in bar:
         seconds["forward"] += time.perf_counter() - t
         P = att.real_rows()  # (R, H, K)
         examples += att.attention_mask.shape[0]

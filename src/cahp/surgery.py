@@ -33,6 +33,7 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
         if linear.bias is not None:
             b = linear.bias.detach()
             new.bias.copy_(b.index_select(0, index.to(b.device)) if dim == 0 else b)
+    new.train(linear.training)
     new.weight.requires_grad_(linear.weight.requires_grad)
     if new.bias is not None:
         new.bias.requires_grad_(linear.bias.requires_grad)

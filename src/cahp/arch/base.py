@@ -11,6 +11,93 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules import module as _module_mod
+
+ATTENTION_KERNELS = ("eager", "sdpa", "compact")
+
+
+def check_kernel(kernel: str) -> None:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(ATTENTION_KERNELS)}")
+
+
+_COMPACT_CLASSES: dict[type, type] = {}
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether a call of ``module`` could be observed or changed by a hook (its own or a global one)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module_mod._global_forward_hooks
+        or _module_mod._global_forward_pre_hooks
+    )
+
+
+def _fused_weights(owner: nn.Module, projections) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Concatenated weights and biases of q, k, v, cached on ``owner``; None without biases.
+
+    The cache is rebuilt when any of the six tensors is replaced, moved or
+    changed in place (its identity, storage or version counter differs).
+    Parameters are read from ``_parameters`` directly: this runs on every call.
+    """
+    tensors = [m._parameters["weight"] for m in projections] + [m._parameters["bias"] for m in projections]
+    if any(t is None for t in tensors):
+        return None
+    key = [(id(t), t.data_ptr(), t._version) for t in tensors]
+    cached = owner.__dict__.get("_cahp_fused_qkv")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            w = torch.cat(tensors[:3]).contiguous()
+            b = torch.cat(tensors[3:]).contiguous()
+        cached = (key, w, b)
+        owner.__dict__["_cahp_fused_qkv"] = cached  # a plain attribute: never saved, never a parameter
+    return cached[1], cached[2]
+
+
+def drop_fused_weights(model: nn.Module) -> None:
+    """Free the q/k/v weight copies `project_qkv` cached (they come back on the next compact call)."""
+    for m in model.modules():
+        m.__dict__.pop("_cahp_fused_qkv", None)
+
+
+def project_qkv(owner: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, x: torch.Tensor, head_dim: int):
+    """Query, key and value heads of ``x``, each (B, h, T, head_dim).
+
+    Without autograd and without hooks on the three projections (nothing can
+    tell the difference), one GEMM with their concatenated weights (cached on
+    ``owner``, rebuilt when a weight changes or moves) replaces three: fewer
+    calls, the same numbers up to rounding. Otherwise, three module calls.
+    """
+    b, t = x.shape[:2]
+    projections = (q, k, v)
+    if not torch.is_grad_enabled() and not (has_hooks(q) or has_hooks(k) or has_hooks(v)):
+        fused = _fused_weights(owner, projections)
+        if fused is not None:
+            return F.linear(x, *fused).view(b, t, 3, -1, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return tuple(m(x).view(b, t, -1, head_dim).transpose(1, 2) for m in projections)
+
+
+def set_compact(module: nn.Module, forward) -> None:
+    """Give ``module`` the compact ``forward`` (through a subclass), or restore its class (``None``).
+
+    The subclass only overrides ``forward``: state, parameters and hooks stay.
+    It is registered in this module under a stable name, so a pickled model
+    can find it once the family's adapter module is imported.
+    """
+    base = getattr(type(module), "_cahp_compact_base", type(module))
+    if forward is None:
+        module.__class__ = base
+        return
+    cls = _COMPACT_CLASSES.get(base)
+    if cls is None:
+        name = f"Compact{base.__name__}"
+        cls = type(name, (base,), {"forward": forward, "_cahp_compact_base": base, "__module__": __name__})
+        cls.__qualname__ = name
+        globals()[name] = cls
+        _COMPACT_CLASSES[base] = cls
+    module.__class__ = cls
 
 
 @dataclass
@@ -56,14 +143,15 @@ class ResidualOnlyAttention(nn.Module):
         self.dropout = nn.Dropout(dropout_p)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        bias = self._parameters["bias"]  # not Module.__getattr__: this runs on every call
         if self.training and self.dropout.p > 0:
             # Dropout acted element-wise on the broadcast bias in the original block.
-            added = self.dropout(self.bias.expand_as(hidden_states))
+            added = self.dropout(bias.expand_as(hidden_states))
         else:
-            added = self.bias
+            added = bias
         if self.style == "bias_only":
             return added.expand_as(hidden_states), None
-        out = self.LayerNorm(hidden_states + added)
+        out = self._modules["LayerNorm"](hidden_states + added)
         if self.style == "mpnet":
             return (out, None) if kwargs.get("output_attentions", False) else (out,)
         return out, None
@@ -119,6 +207,38 @@ class ArchAdapter:
         Only families with per-head tensors outside q/k/v/o (MPNet's shared
         relative position bias) need this; the default does nothing.
         """
+
+    # --- attention kernels ----------------------------------------------
+    def compact_block(self, layer: nn.Module) -> nn.Module | None:
+        """The module whose forward the "compact" kernel replaces (None: no heads left)."""
+        return None
+
+    compact_forward = None  # the replacing forward (a function of the block), per family
+
+    def set_attention_kernel(self, model: nn.Module, kernel: str) -> None:
+        """Run every attention block of ``model`` with ``kernel`` (see `ATTENTION_KERNELS`).
+
+        - "eager" / "sdpa": transformers' own attention implementations.
+        - "compact": one short forward per attention block that calls torch's
+          ``scaled_dot_product_attention`` directly, skipping transformers'
+          per-call dispatch (attention interface, kwargs handling); the same
+          weights and the same result. Falls back to the original forward for
+          what it does not cover (``output_attentions``, caches, cross-attention).
+
+        Applied alike to a dense and a pruned model, so latency comparisons
+        between them stay fair. Surgery, gates and capture keep working under
+        every kernel.
+        """
+        check_kernel(kernel)
+        implementation = "sdpa" if kernel == "compact" else kernel
+        if model.config._attn_implementation != implementation:
+            model.set_attn_implementation(implementation)
+        for layer in self.layers(model):
+            block = self.compact_block(layer)
+            if block is not None:
+                set_compact(block, type(self).compact_forward if kernel == "compact" else None)
+        if kernel != "compact":
+            drop_fused_weights(model)
 
     def extra_scores(self, model: nn.Module, seq_len: int) -> torch.Tensor | None:
         """Additive attention-score terms shared by all layers, if any.

@@ -7,13 +7,48 @@ encoder.layer[i].attention.output.{dense,LayerNorm}; post-norm residual.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn import functional as F
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention
+from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention, project_qkv
+
+
+def compact_bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """``XAttention.forward`` in a few tensor calls: q/k/v (one GEMM, see `project_qkv`), torch SDPA,
+    output projection, LayerNorm.
+
+    Same result as transformers' sdpa path for an encoder's self-attention;
+    anything else (cross-attention, caches, asked-for attention weights) goes
+    to the original forward. Submodules are read from ``_modules`` directly:
+    ``Module.__getattr__`` costs about a microsecond per access, on every call.
+    """
+    if (
+        args
+        or getattr(self, "is_cross_attention", False)
+        or kwargs.get("output_attentions")
+        or any(kwargs.get(k) is not None for k in _NOT_COMPACT)
+    ):
+        return super(type(self), self).forward(hidden_states, attention_mask, *args, **kwargs)
+    s = self._modules["self"]
+    out = self._modules["output"]
+    sm = s._modules
+    q, k, v = project_qkv(s, sm["query"], sm["key"], sm["value"], hidden_states, s.attention_head_size)
+    c = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attention_mask, dropout_p=s.dropout.p if self.training else 0.0, scale=s.scaling
+    )
+    om = out._modules
+    o = om["dense"](c.transpose(1, 2).flatten(2))
+    if self.training:
+        o = om["dropout"](o)
+    return om["LayerNorm"](o + hidden_states), None
+
+
+_NOT_COMPACT = ("encoder_hidden_states", "cache", "past_key_values", "past_key_value")
 
 
 class BertAdapter(ArchAdapter):
     name = "bert"
     model_types = ("bert", "roberta", "electra", "xlm-roberta", "camembert")
+    compact_forward = compact_bert_attention_forward
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(self.base_model(model).encoder.layer)
@@ -25,12 +60,17 @@ class BertAdapter(ArchAdapter):
         s = attn.self
         return LayerHeads(s, s.query, s.key, s.value, attn.output.dense)
 
+    def compact_block(self, layer: nn.Module) -> nn.Module | None:
+        return None if isinstance(layer.attention, ResidualOnlyAttention) else layer.attention
+
     def set_head_count(self, attention: nn.Module, n: int, head_dim: int) -> None:
         attention.num_attention_heads = n
         attention.all_head_size = n * head_dim
 
     def make_residual_only(self, layer: nn.Module, config) -> None:
-        out = layer.attention.output
+        old = layer.attention
+        out = old.output
+        # A new module starts in training mode: follow the block it replaces (no dropout in eval).
         layer.attention = ResidualOnlyAttention(
             out.dense.bias, out.LayerNorm, config.hidden_dropout_prob, style="post_norm"
-        )
+        ).train(old.training)

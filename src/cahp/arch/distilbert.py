@@ -7,13 +7,28 @@ attention module with no head left returns only the output bias.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn import functional as F
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention
+from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention, project_qkv
+
+
+def compact_distilbert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """``DistilBertSelfAttention.forward`` in a few tensor calls (q/k/v in one GEMM, torch SDPA);
+    asked-for weights go to the original forward."""
+    if args or kwargs.get("output_attentions"):
+        return super(type(self), self).forward(hidden_states, attention_mask, *args, **kwargs)
+    m = self._modules  # not Module.__getattr__: it costs about a microsecond per access
+    q, k, v = project_qkv(self, m["q_lin"], m["k_lin"], m["v_lin"], hidden_states, self.attention_head_size)
+    c = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0, scale=self.scaling
+    )
+    return m["out_lin"](c.transpose(1, 2).flatten(2)), None
 
 
 class DistilBertAdapter(ArchAdapter):
     name = "distilbert"
     model_types = ("distilbert",)
+    compact_forward = compact_distilbert_attention_forward
 
     def num_layers(self, config) -> int:
         return config.n_layers
@@ -33,8 +48,12 @@ class DistilBertAdapter(ArchAdapter):
             return LayerHeads(None, None, None, None, None)
         return LayerHeads(a, a.q_lin, a.k_lin, a.v_lin, a.out_lin)
 
+    def compact_block(self, layer: nn.Module) -> nn.Module | None:
+        return None if isinstance(layer.attention, ResidualOnlyAttention) else layer.attention
+
     def set_head_count(self, attention: nn.Module, n: int, head_dim: int) -> None:
         attention.n_heads = n
 
     def make_residual_only(self, layer: nn.Module, config) -> None:
-        layer.attention = ResidualOnlyAttention(layer.attention.out_lin.bias, None, 0.0, style="bias_only")
+        old = layer.attention
+        layer.attention = ResidualOnlyAttention(old.out_lin.bias, None, 0.0, style="bias_only").train(old.training)

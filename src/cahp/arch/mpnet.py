@@ -16,7 +16,15 @@ import torch
 from torch import nn
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention
+from .base import (
+    ArchAdapter,
+    LayerHeads,
+    ResidualOnlyAttention,
+    check_kernel,
+    drop_fused_weights,
+    project_qkv,
+    set_compact,
+)
 
 
 class PrunedMPNetSelfAttention(MPNetSelfAttention):
@@ -24,28 +32,87 @@ class PrunedMPNetSelfAttention(MPNetSelfAttention):
 
     ``head_index`` (non-persistent buffer, shape (h,)) holds the original
     indices of the heads this module keeps; they select the matching channels of
-    the shared position bias (B or 1, H_orig, T, T).
+    the shared position bias.
+
+    ``kernel`` is "sdpa" by default: torch's ``scaled_dot_product_attention``
+    with the sliced position bias (plus the padding mask, if any) as its
+    additive mask, one fused call instead of matmul, add, softmax and matmul.
+    "eager" spells those steps out; asking for ``output_attentions`` always
+    takes the eager path, since only it has the probabilities.
+
+    The encoder builds the bias as (1, H, T, T) expanded over the batch, so it
+    never differs between batch rows: the module slices its heads from one row
+    (h x T x T values) rather than from the expanded (B, H, T, T) copy.
+    `MPNetAdapter.set_attention_kernel` puts a dense model's modules into this
+    class too (all heads), so dense and pruned run the same kernel.
     """
 
-    def forward(
-        self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs
-    ):
+    kernel = "sdpa"
+
+    def _bias(self, position_bias):
+        if position_bias is None:
+            return None
+        bias = position_bias[:1]
+        index = self._buffers["head_index"]
+        if bias.shape[1] != index.shape[0]:
+            bias = bias.index_select(1, index)
+        return bias
+
+    def attend(self, hidden_states, attention_mask=None, position_bias=None, fuse_qkv=False):
+        """The SDPA path: output projection of the attention context, (B, T, hidden).
+
+        ``fuse_qkv``: q/k/v in one GEMM where nothing can tell (see `project_qkv`).
+        """
+        b, t = hidden_states.shape[:2]
+        d = self.attention_head_size
+        m = self._modules  # not Module.__getattr__: it costs about a microsecond per access
+        if fuse_qkv:
+            q, k, v = project_qkv(self, m["q"], m["k"], m["v"], hidden_states, d)
+        else:
+            q, k, v = (m[n](hidden_states).view(b, t, -1, d).transpose(1, 2) for n in ("q", "k", "v"))
+        mask = self._bias(position_bias)
+        if attention_mask is not None:
+            mask = attention_mask if mask is None else mask + attention_mask
+        c = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0, scale=d**-0.5
+        )
+        return m["o"](c.transpose(1, 2).flatten(2))
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+        if self.kernel == "sdpa" and not output_attentions:
+            return (self.attend(hidden_states, attention_mask, position_bias),)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
         q = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
         k = self.k(hidden_states).view(hidden_shape).transpose(1, 2)
         v = self.v(hidden_states).view(hidden_shape).transpose(1, 2)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-        if position_bias is not None:
-            if position_bias.shape[1] != self.head_index.numel():
-                position_bias = position_bias.index_select(1, self.head_index)
-            scores = scores + position_bias
+        bias = self._bias(position_bias)
+        if bias is not None:
+            scores = scores + bias
         if attention_mask is not None:
             scores = scores + attention_mask
         probs = self.dropout(nn.functional.softmax(scores, dim=-1))
-        c = torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(*input_shape, self.all_head_size)
+        c = torch.matmul(probs, v).transpose(1, 2).reshape(*input_shape, self.all_head_size)
         o = self.o(c)
         return (o, probs) if output_attentions else (o,)
+
+
+def compact_mpnet_attention_forward(
+    self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs
+):
+    """``MPNetAttention.forward`` in one step: q/k/v in one GEMM (see `project_qkv`), SDPA
+    self-attention, residual, LayerNorm."""
+    m = self._modules
+    a = m["attn"]
+    if output_attentions or not isinstance(a, PrunedMPNetSelfAttention):
+        return super(type(self), self).forward(
+            hidden_states, attention_mask, position_bias, output_attentions=output_attentions, **kwargs
+        )
+    o = a.attend(hidden_states, attention_mask, position_bias, fuse_qkv=True)
+    if self.training:
+        o = m["dropout"](o)
+    return (m["LayerNorm"](o + hidden_states),)
 
 
 class MPNetAdapter(ArchAdapter):
@@ -72,11 +139,36 @@ class MPNetAdapter(ArchAdapter):
         index = torch.tensor(kept, dtype=torch.long, device=attention.q.weight.device)
         attention.register_buffer("head_index", index, persistent=False)
 
+    def compact_block(self, layer: nn.Module) -> nn.Module | None:
+        return None if isinstance(layer.attention, ResidualOnlyAttention) else layer.attention
+
+    compact_forward = compact_mpnet_attention_forward
+
+    def set_attention_kernel(self, model: nn.Module, kernel: str) -> None:
+        """MPNet has no sdpa in transformers: here "sdpa" and "compact" put every
+        self-attention module into `PrunedMPNetSelfAttention` (all heads on a dense
+        layer) with torch's SDPA; "compact" also shortens the block around it.
+        "eager" runs the explicit softmax path."""
+        check_kernel(kernel)
+        for layer in self.layers(model):
+            block = self.compact_block(layer)
+            if block is None:
+                continue
+            attention = block.attn
+            if kernel != "eager" and not isinstance(attention, PrunedMPNetSelfAttention):
+                # Surgery always converts the class, so this module still has every head.
+                self.set_head_index(attention, list(range(attention.num_attention_heads)))
+            if isinstance(attention, PrunedMPNetSelfAttention):
+                attention.kernel = "eager" if kernel == "eager" else "sdpa"
+            set_compact(block, compact_mpnet_attention_forward if kernel == "compact" else None)
+        if kernel != "compact":
+            drop_fused_weights(model)
+
     def make_residual_only(self, layer: nn.Module, config) -> None:
         block = layer.attention
         layer.attention = ResidualOnlyAttention(
             block.attn.o.bias, block.LayerNorm, config.hidden_dropout_prob, style="mpnet"
-        )
+        ).train(block.training)
 
     def extra_scores(self, model: nn.Module, seq_len: int) -> torch.Tensor:
         enc = self.base_model(model).encoder

@@ -28,15 +28,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and onnxruntime (default 2)")
     p.add_argument(
         "--kernel",
-        choices=["auto", "eager", "sdpa"],
+        choices=["auto", "eager", "sdpa", "compact"],
         default="auto",
-        help="attention kernel of every model; auto: the dense model's faster one per shape (default)",
+        help="attention kernel of every model; auto: the dense model's fastest per shape (default)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cpu plus cuda when present (default)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: as many as --budget allows)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timing per shape when --reps is not given")
     p.add_argument("--min-reps", type=int, default=10, help="at least this many repetitions (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls of each model first (default 2)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: latency (default); cpu: process CPU time, for a busy machine (work, not latency)",
+    )
     p.add_argument("--onnx", action="store_true", help="also export to ONNX and time onnxruntime (CPU)")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
 
@@ -58,6 +64,7 @@ def run(args) -> int:
         budget_s=args.budget,
         min_reps=args.min_reps,
         onnx=args.onnx,
+        clock=args.clock,
     )
     if args.out is not None:
         import sys

@@ -22,11 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import cahp
+    from cahp import distributed
     from cahp.evaluate import evaluate_task
     from cahp.io import write_json
 
     task = load_task(args)
     model, tok = cahp.load_model(args.model, num_labels=task.num_labels)
+    distributed.sync_module(model.to(distributed.device()))  # under torchrun: rank 0's weights everywhere
     result = {
         "model": args.model,
         "task": task.name,
@@ -35,6 +37,8 @@ def run(args) -> int:
         "splits": evaluate_task(model, tok, task, args.split, max_length=args.max_length,
                                 batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed),
     }
+    if not distributed.is_main():  # under torchrun rank 0 prints and writes
+        return 0
     json.dump(result, sys.stdout, indent=1)
     print()
     if args.output:

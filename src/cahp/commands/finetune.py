@@ -26,16 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import cahp
+    from cahp import distributed
     from cahp.evaluate import evaluate_task
     from cahp.finetune import finetune
     from cahp.io import add_log_file, write_json
 
     cfg = from_args(FinetuneConfig, args)
     out = Path(args.output_dir or default_output_dir("finetune", args.model, args.task))
-    out.mkdir(parents=True, exist_ok=True)
-    add_log_file(out / "log.txt")
+    distributed.on_main(out.mkdir, parents=True, exist_ok=True)  # under torchrun only rank 0 writes
+    if distributed.is_main():
+        add_log_file(out / "log.txt")
     task = load_task(args)
-    model, tok = cahp.load_model(args.model, num_labels=task.num_labels)
+    model, tok = cahp.load_model(args.model, num_labels=task.num_labels, seed=cfg.seed)
+    distributed.sync_module(model.to(distributed.device()))
     params = cahp.count_parameters(model)
     t0 = time.perf_counter()
     result = finetune(model, tok, task, cfg, output_dir=out / "model")
@@ -51,6 +54,6 @@ def run(args) -> int:
         report["test"] = evaluate_task(model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size,
                                        seed=cfg.seed)
     report["seconds"] = time.perf_counter() - t0
-    write_json(out / "finetune.json", report)
+    distributed.on_main(write_json, out / "finetune.json", report)
     log.info("wrote %s and %s", out / "model", out / "finetune.json")
     return 0

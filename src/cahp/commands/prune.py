@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from cahp import distributed
     from cahp.pipeline import run_prune
 
     cfg = from_args(PruneConfig, args)
@@ -29,6 +30,8 @@ def run(args) -> int:
     ft = from_args(FinetuneConfig, args)
     ft.seed = cfg.seed
     result = run_prune(cfg, ft)
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return 0
     r = result.report
     split = r["data"]["test_split"]
     after = r["scores"]["after_finetune"] or r["scores"]["after_pruning"]

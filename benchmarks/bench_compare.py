@@ -1,0 +1,103 @@
+"""CAHP against the baselines (issue 7): `cahp compare` for a named configuration.
+
+    python benchmarks/bench_compare.py minilm_sst5                       # all defaults (long)
+    python benchmarks/bench_compare.py minilm_sst5 --seeds 1 --epochs 2  # cheaper
+    python benchmarks/bench_compare.py minilm_mnli_small --no-finetune   # part (a) only
+
+Runs `cahp.compare.run_compare` in the output folder of the prune benchmark
+for the same model and task (``runs/bench/prune-MODEL-TASK`` under the
+repository, as `bench_prune.py` writes it; or ``--output-dir``), with the same
+default settings, so it reuses that run's fine-tuned dense model, signatures,
+salience and CAHP curve, and every (method, budget, seed) result it has already
+computed: an interrupted benchmark resumes. Writes
+``results/compare_<configuration>.json`` (the compare report plus provenance);
+`render` turns it into tables and a plain-language verdict per method and
+budget (CAHP's win / tie / loss from the paired-bootstrap interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
+from cahp.baselines import SELECTORS  # noqa: E402
+from cahp.compare import DEFAULT_METHODS, CompareConfig, render_markdown, run_compare, verdict_lines  # noqa: E402
+from cahp.finetune import FinetuneConfig  # noqa: E402
+from cahp.pipeline import PruneConfig  # noqa: E402
+
+log = logging.getLogger("bench_compare")
+
+# configuration name -> (model, task); results/compare_<name>.json
+CONFIGS = {
+    "minilm_sst5": ("minilm-l6", "sst5"),
+    "minilm_mnli_small": ("minilm-l6", "mnli-small"),
+    "mpnet_sst5": ("mpnet-base", "sst5"),
+}
+
+
+def run(name: str, args) -> Path:
+    model, task = CONFIGS[name]
+    out = Path(args.output_dir) if args.output_dir else REPO / "runs" / "bench" / f"prune-{model}-{task}"
+    cfg = PruneConfig(model=model, task=task, output_dir=str(out), data_dir=args.data_dir or "",
+                      calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
+                      seed=args.seed)
+    ft = FinetuneConfig(seed=args.seed, epochs=args.epochs, max_train_examples=args.max_train_examples)
+    ccfg = CompareConfig(methods=args.methods, budgets=args.budgets, seeds=args.seeds, knee=not args.no_knee,
+                         finetune=not args.no_finetune, dense_control=not args.no_dense_control)
+    # the dense model is fine-tuned as `cahp prune` does by default, so the folder stays a prune folder
+    dense_ft = FinetuneConfig(seed=args.seed)
+    result = run_compare(cfg, ft, ccfg, progress=not args.quiet, dense_ft=dense_ft)
+    report = dict(result.report)
+    report["configuration"] = name
+    report["output_dir"] = str(out)
+    report["bench_settings"] = {"prune": asdict(cfg), "finetune": asdict(ft), "compare": asdict(ccfg)}
+    path = write_result(f"compare_{name}", report, metadata())
+    for line in verdict_lines(report):
+        log.info("%s", line)
+    return path
+
+
+def render(result: dict) -> str:
+    """Markdown from a results/compare_*.json file: settings, tables, verdicts (generated, never typed)."""
+    body = render_markdown(result).splitlines()
+    # drop the document title; nest the sections under make_results' section heading
+    body = [("#" + line if line.startswith("## ") else line) for line in body[1:]]
+    return meta_lines(result["meta"]) + "\n".join(body).strip("\n") + "\n"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", choices=list(CONFIGS), help="named configurations to run, in order")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(SELECTORS))
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125],
+                   help="shares of the heads kept, besides CAHP's k*")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (fine-tuning and the random selector)")
+    p.add_argument("--epochs", type=int, default=FinetuneConfig.epochs,
+                   help="maximum epochs of each fine-tuning after pruning (the dense model gets the defaults)")
+    p.add_argument("--max-train-examples", type=int, default=0,
+                   help="cap on examples of each fine-tuning after pruning (0: all)")
+    p.add_argument("--no-finetune", action="store_true", help="only part (a): no fine-tuning after pruning")
+    p.add_argument("--no-knee", action="store_true", help="do not add CAHP's k* to the budgets")
+    p.add_argument("--no-dense-control", action="store_true", help="skip the dense model's extra fine-tuning")
+    p.add_argument("--calibration-examples", type=int, default=PruneConfig.calibration_examples)
+    p.add_argument("--curve-examples", type=int, default=PruneConfig.curve_examples)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default=None, help="compare folder (default: runs/bench/prune-MODEL-TASK); "
+                                                      "only with a single configuration")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args()
+    if args.output_dir and len(args.configs) > 1:
+        p.error("--output-dir takes a single configuration")
+    for name in args.configs:
+        log.info("wrote %s", run(name, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Latency of pruned models (issue 6): are they really faster?
+
+    python benchmarks/bench_latency.py            # full run, on a quiet machine (about 15-25 min on 2 cores)
+    python benchmarks/bench_latency.py --quick    # smoke run: tiny shapes, few repetitions, seconds
+
+For each model (minilm-l6, mpnet-base) it times, interleaved round-robin, the
+dense model, three pruned copies and the attention-free floor, in PyTorch and
+in onnxruntime (same thread count):
+
+- ``50%`` and ``75%``: seeded random selections of half / three quarters of
+  all heads, drawn globally, so layers keep uneven head counts;
+- ``50% (empty layers)``: every head of every other layer removed.
+
+Every model runs the attention kernel that is fastest for the dense model at
+that shape (``cahp.bench``, kernel "auto"). The floor-relative figure is
+(dense - pruned) / ((dense - no attention) x share of heads removed): 1.0 means
+the pruned model sits on the straight line from dense to the floor. Results go
+to results/latency.json (``--quick`` writes to the temporary folder instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cahp  # noqa: E402
+from _common import meta_lines, metadata, write_json_atomic, write_result  # noqa: E402
+from cahp.bench import (  # noqa: E402
+    DENSE,
+    NO_ATTENTION,
+    ONNX_PREFIX,
+    bench_models,
+    emptied_layers_removal,
+    jsonable,
+    parse_shapes,
+    random_removal,
+)
+
+log = logging.getLogger("bench_latency")
+NAME = "latency"
+# Goals of issue 6: floor-relative figure at least this, per (batch, seq).
+GOALS = {(32, 128): 0.95, (1, 32): 0.85}
+
+
+def pruned_variants(dense, seed: int) -> dict:
+    """The pruned copies timed for each model (labels are the result keys)."""
+    plans = {
+        "50%": random_removal(dense, 0.5, seed=seed),
+        "75%": random_removal(dense, 0.75, seed=seed),
+        "50% (empty layers)": emptied_layers_removal(dense, every=2),
+    }
+    return {label: cahp.remove_heads(copy.deepcopy(dense), plan) for label, plan in plans.items()}
+
+
+def run(args) -> dict:
+    settings = {
+        "threads": args.threads,
+        "shapes": [list(s) for s in parse_shapes(args.shapes)],
+        "kernel": args.kernel,
+        "reps": args.reps,
+        "min_reps": args.min_reps,
+        "budget_s": args.budget,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "onnx": not args.no_onnx,
+        "clock": args.clock,
+        "quick": args.quick,
+    }
+    result = {"settings": settings, "models": {}}
+    name = args.name or NAME
+    for model_name in args.models:
+        log.info("loading %s", model_name)
+        dense, _ = cahp.load_model(model_name, attn_implementation="eager", with_tokenizer=False)
+        pruned = pruned_variants(dense, args.seed)
+        res = bench_models(
+            dense,
+            pruned,
+            shapes=settings["shapes"],
+            threads=args.threads,
+            kernel=args.kernel,
+            devices=args.device,
+            reps=args.reps,
+            warmup=args.warmup,
+            budget_s=args.budget,
+            min_reps=args.min_reps,
+            onnx=not args.no_onnx,
+            seed=args.seed,
+            clock=args.clock,
+        )
+        res["selection_seed"] = args.seed
+        result["models"][model_name] = jsonable(res)
+        if args.quick:  # a smoke run never touches results/
+            path = write_json_atomic(
+                Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": metadata(), **result}
+            )
+        else:  # after every model: a crash keeps what was done
+            path = write_result(name, result, metadata())
+        log.info("wrote %s", path)
+        del dense, pruned
+    return result
+
+
+def _f(x, digits=2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def render(result: dict) -> str:
+    s = result["settings"]
+    reps = (
+        f"{s['reps']} repetitions"
+        if s.get("reps")
+        else f"{s['min_reps']}+ repetitions ({s['budget_s']:.0f} s per shape)"
+    )
+    out = [
+        meta_lines(result["meta"]),
+        f"Settings: {s['threads']} threads (torch and onnxruntime), {reps}, {s['warmup']} warm-up calls, "
+        f"{s.get('clock', 'wall')}-clock time per call, models interleaved round-robin; inputs random ids, "
+        "no padding; every model runs the attention kernel fastest for the dense model at that shape "
+        f"(kernel policy `{s['kernel']}`). Pruned selections: seeded random (seed {s['seed']}) over all heads, "
+        'so layers keep uneven head counts; "empty layers": every head of every other layer removed.\n',
+        "**floor-rel** = (dense − pruned) / ((dense − no attention) × share of heads removed): 1.00 = on the "
+        "straight line from the dense model to the same model without attention.\n",
+    ]
+    summary = [
+        "| model | pruned | " + " | ".join(f"{b}x{q}" for b, q in s["shapes"]) + " | goal met |",
+        "|---|---|" + "---|" * len(s["shapes"]) + "---|",
+    ]
+    for model_name, res in result["models"].items():
+        out.append(f"\n### {model_name} ({res['layers']} layers x {res['heads_per_layer']} heads)\n")
+        out.append("| model | heads removed | heads per layer | parameters |")
+        out.append("|---|---|---|---|")
+        for label, v in res["variants"].items():
+            out.append(
+                f"| {label} | {100 * v['share_removed']:.0f}% | {' '.join(map(str, v['heads_per_layer']))} "
+                f"| {v['parameters'] / 1e6:.1f} M |"
+            )
+        if res.get("onnx"):
+            worst = max(o["max_abs_diff"] for o in res["onnx"].values())
+            out.append(f"\nONNX exports checked against PyTorch (padded inputs, two shapes): max |diff| {worst:.1e}.\n")
+        out.append(
+            "\n| device | batch x seq | kernel | model | PyTorch ms (median) | IQR | seq/s | GMAC | floor-rel "
+            "| ONNX ms (median) | IQR | floor-rel |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for run in res["runs"]:
+            t, fr = run["timings"], run["floor_relative"]
+            for label in res["variants"]:
+                pt = t[label]
+                ox = t.get(ONNX_PREFIX + label)
+                out.append(
+                    f"| {run['device']} | {run['batch']}x{run['seq']} | {run['kernel']} | {label} "
+                    f"| {pt['median_ms']:.2f} | {pt['iqr_ms']:.2f} | {pt['sequences_per_s']:.1f} "
+                    f"| {run['macs'][label] / 1e9:.2f} | {_f(fr.get(label))} "
+                    f"| {_f(ox['median_ms'] if ox else None)} | {_f(ox['iqr_ms'] if ox else None)} "
+                    f"| {_f(fr.get(ONNX_PREFIX + label))} |"
+                )
+        cpu_runs = [r for r in res["runs"] if r["device"] == "cpu"]
+        for label in res["variants"]:
+            if label in (DENSE, NO_ATTENTION):
+                continue
+            cells, met = [], []
+            for b, q in s["shapes"]:
+                run = next((r for r in cpu_runs if (r["batch"], r["seq"]) == (b, q)), None)
+                x = run["floor_relative"].get(label) if run else None
+                cells.append(_f(x))
+                goal = GOALS.get((b, q))
+                if goal is not None and x is not None:
+                    met.append(x >= goal)
+                if run and ONNX_PREFIX + label in run["timings"]:
+                    met.append(run["timings"][ONNX_PREFIX + label]["median_ms"] <= run["timings"][label]["median_ms"])
+            verdict = "–" if not met else ("yes" if all(met) else "no")
+            summary.append(f"| {model_name} | {label} | " + " | ".join(cells) + f" | {verdict} |")
+    out.append("\n### Floor-relative figure, PyTorch, CPU\n")
+    out.append(
+        "Goals: at least "
+        + ", ".join(f"{g} at {b}x{q}" for (b, q), g in GOALS.items())
+        + ", and the ONNX model at least as fast as the PyTorch one at every shape.\n"
+    )
+    out.extend(summary)
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
+    p.add_argument("--shapes", default="1x32,1x128,32x32,32x128", help="BATCHxSEQ list (default all four)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kernel", default="auto", choices=["auto", "eager", "sdpa", "compact"])
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu plus cuda when present)")
+    p.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: --budget seconds per shape)")
+    p.add_argument("--min-reps", type=int, default=15)
+    p.add_argument("--budget", type=float, default=30.0, help="seconds of timing per shape (at least --min-reps)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random selections and inputs")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--name", default=NAME, help="results file stem (default latency)")
+    p.add_argument("--quick", action="store_true", help="smoke run: shapes 1x8,2x16, 3 repetitions, minilm-l6 only")
+    args = p.parse_args()
+    if args.quick:
+        args.shapes, args.reps, args.min_reps, args.warmup = "1x8,2x16", 3, 1, 1
+        if args.models == p.get_default("models"):
+            args.models = ["minilm-l6"]
+    torch.set_num_threads(args.threads)
+    result = run(args)
+    print(render({"meta": metadata(), **result}))
+
+
+if __name__ == "__main__":
+    main()

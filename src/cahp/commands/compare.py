@@ -1,0 +1,55 @@
+"""``cahp compare``: CAHP against the baselines at the same budgets and fine-tuning (see cahp.compare)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cahp.configs import add_dataclass_args, from_args
+from cahp.finetune import FinetuneConfig
+from cahp.pipeline import PruneConfig
+
+from ._common import default_output_dir
+
+_NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cahp.baselines import SELECTORS
+    from cahp.compare import DEFAULT_METHODS, CompareConfig
+
+    p.epilog = (
+        "The output folder defaults to the one of `cahp prune` with the same --model and --task, so a compare "
+        "run there reuses its fine-tuned model, signatures, salience and curve. The fine-tuning options set the "
+        "single fine-tuning after pruning (and the dense control's); when the folder already holds a run, the "
+        "dense model keeps the fine-tuning settings recorded in its run.json."
+    )
+    add_dataclass_args(p, PruneConfig, skip=_NOT_FOR_COMPARE)
+    g = p.add_argument_group("fine-tuning (after pruning, the same for every method; and the dense model's)")
+    add_dataclass_args(g, FinetuneConfig, skip=("seed",))
+    c = p.add_argument_group("comparison")
+    # list options by hand: cahp.configs.add_dataclass_args mis-reads list[...] annotations
+    c.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(SELECTORS), metavar="METHOD",
+                   help=f"methods to compare, cahp always included; from {', '.join(SELECTORS)} "
+                        f"(default: {' '.join(DEFAULT_METHODS)})")
+    c.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125], metavar="RATIO",
+                   help="budgets besides CAHP's k*, as shares of the heads kept (default: 0.5 0.25 0.125)")
+    add_dataclass_args(c, CompareConfig, skip=("methods", "budgets"))
+
+
+def run(args) -> int:
+    from cahp.compare import CompareConfig, run_compare, verdict_lines
+
+    cfg = from_args(PruneConfig, args)
+    if not cfg.output_dir:
+        cfg.output_dir = str(default_output_dir("prune", cfg.model, cfg.task))
+    ft = from_args(FinetuneConfig, args)
+    ft.seed = cfg.seed
+    ccfg = from_args(CompareConfig, args)
+    result = run_compare(cfg, ft, ccfg)
+    r = result.report
+    print(f"{r['model']} / {r['task']}: k* = {r['k_star']} of {r['heads']} heads; budgets "
+          + ", ".join(f"{b['label']}={b['k']}" for b in r["budgets"]))
+    for line in verdict_lines(r):
+        print(f"  {line}")
+    print(f"outputs in {result.output_dir}: compare.json, compare.md, compare.png, compare_layers.png, compare/")
+    return 0

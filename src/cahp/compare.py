@@ -1,0 +1,743 @@
+"""`cahp compare`: CAHP against the baselines at the same budgets, with the same single fine-tuning.
+
+Starts from `prepare_run`, so it uses the output folder layout and stage cache of
+`cahp prune` (run in a prune folder, it reuses the fine-tuned dense model,
+signatures, salience and CAHP's curve). Budgets: CAHP's own k* (the knee of
+its curve, found as `cahp prune` finds it) and a grid of shares of the heads
+(default 50%, 25%, 12.5%).
+
+(a) No fine-tuning. Each method's curve over the whole k grid on the held-out
+    curve data (training examples never fine-tuned on), through gates; and at
+    each budget, its test score (through gates as well).
+(b) One fine-tuning after surgery, the same `FinetuneConfig` for every method
+    (early stopping on dev), for each seed; beside a dense control: the
+    fine-tuned dense model fine-tuned again with the same budget.
+
+Seeds: ``--seeds N`` runs seeds ``seed, seed+1, ..., seed+N-1``; a seed sets
+the fine-tuning and the random selector. Deterministic selectors (CAHP with its
+clustering seed fixed to ``--seed``, as in `cahp prune`) pick the same heads for
+every seed. Without fine-tuning only the random selector varies with the seed.
+
+Statistics (on the test split, paired on the same test examples):
+
+- pooled (the verdict): per-example correctness averaged over the seeds of
+  each method, then a paired bootstrap of method minus CAHP over the test
+  examples (`cahp.evaluate.paired_bootstrap`). Its ``diff`` equals the
+  difference of the mean accuracies over seeds; the interval covers the
+  test-set sampling of that difference (seed-to-seed variation enters through
+  the averaging, not as a separate variance term).
+- per seed: the same paired bootstrap for each seed (method seed s against CAHP
+  seed s), with a verdict each, and the count of wins, ties and losses.
+- verdict, CAHP's: "win" when the 95% interval of (method - CAHP) lies below 0
+  (CAHP better), "loss" when it lies above 0, else "tie" (the difference is
+  inside the confidence interval: no evidence either way).
+
+Every (method, budget, seed) result is cached in ``OUTPUT/compare/`` (atomic
+JSON files keyed by their settings), so an interrupted compare resumes and a
+re-run with more methods, budgets or seeds only computes what is new.
+
+Outputs: ``compare.json`` (all numbers, settings, timings), ``compare.md``
+(tables and verdicts), ``compare.png`` (score against heads kept without
+fine-tuning, one line per method), ``compare_layers.png`` (kept heads per
+layer per method at each budget, with the mean relative depth).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .baselines import SELECTORS, check_mask, fold_gates, make_selector, select_gates
+from .configs import field as cfg_field
+from .curve import default_grid, score_mask, selection_curve
+from .evaluate import evaluate_task, paired_bootstrap
+from .finetune import FinetuneConfig, finetune
+from .gates import head_gates
+from .heads import mask_to_heads, mean_relative_depth
+from .io import add_log_file, read_json, to_jsonable, write_atomic, write_json
+from .knee import find_knee
+from .pipeline import PruneConfig, prepare_run
+from .selector import SelectionContext
+from .surgery import count_parameters, keep_heads
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ["cahp", "random", "magnitude", "gradient", "gradient-layernorm", "gradient-iterative",
+                   "entropy", "fisher"]
+VERDICT_RULE = (
+    "verdicts are CAHP's: win = the 95% paired-bootstrap interval of (method - CAHP) is below 0, "
+    "loss = it is above 0, tie = it contains 0 (the difference is within the confidence interval)"
+)
+STATISTICS = (
+    "paired bootstrap over the test examples of per-example correctness averaged over seeds "
+    "(method minus CAHP); per-seed paired bootstraps are reported beside it"
+)
+
+
+@dataclass
+class CompareConfig:
+    """Settings of `cahp compare` beyond those of `cahp prune` and the fine-tuning."""
+
+    methods: list[str] = cfg_field(DEFAULT_METHODS, "methods to compare (cahp is always included)",
+                                   choices=list(SELECTORS))
+    budgets: list[float] = cfg_field([0.5, 0.25, 0.125], "budgets besides CAHP's k*, as shares of the heads kept")
+    seeds: int = cfg_field(3, "number of seeds (seed, seed+1, ...): fine-tuning and the random selector")
+    knee: bool = cfg_field(True, "also compare at CAHP's own k* (knee of its curve)")
+    finetune: bool = cfg_field(True, "fine-tune after pruning (part b); --no-finetune: only the comparison "
+                                     "without fine-tuning")
+    dense_control: bool = cfg_field(True, "fine-tune the dense model again with the same budget, as a control")
+    n_bootstrap: int = cfg_field(10000, "paired bootstrap resamples")
+
+
+@dataclass
+class CompareResult:
+    output_dir: Path
+    report: dict = field(default_factory=dict)
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _ResultCache:
+    """One atomic JSON file per result under ``OUTPUT/compare``, valid while its settings fingerprint matches."""
+
+    def __init__(self, root: Path, base: dict):
+        self.root = root / "compare"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.base = base
+        self.hits = 0
+        self.computed = 0
+
+    def get(self, name: str, key: dict, compute) -> dict:
+        path = self.root / f"{name}.json"
+        fp = _fingerprint({**self.base, **key})
+        if path.is_file():
+            try:
+                data = read_json(path)
+            except ValueError:
+                data = {}
+            if data.get("_key") == fp:
+                self.hits += 1
+                return data
+        # the JSON form, whether computed now or read later (e.g. layer keys are strings either way)
+        data = json.loads(json.dumps(to_jsonable({**compute(), "_key": fp})))
+        write_json(path, data)
+        self.computed += 1
+        return data
+
+
+def verdict(ci95) -> str:
+    """CAHP's verdict from the 95% interval of (method - CAHP): "win", "loss" or "tie"."""
+    lo, hi = ci95
+    if hi < 0:
+        return "win"
+    if lo > 0:
+        return "loss"
+    return "tie"
+
+
+def verdict_text(method: str, label: str, k: int, cmp: dict) -> str:
+    """One plain-language sentence for a pooled comparison."""
+    d, (lo, hi), p = cmp["diff"] * 100, (x * 100 for x in cmp["ci95"]), cmp["p_value"]
+    where = f"at {label} ({_heads(k)})"
+    stats = f"{method} minus CAHP = {d:+.2f} points, 95% CI [{lo:+.2f}, {hi:+.2f}], p = {_p(p)}"
+    if cmp["verdict"] == "win":
+        return f"{where}: CAHP beats {method} ({stats})."
+    if cmp["verdict"] == "loss":
+        return f"{where}: {method} beats CAHP ({stats})."
+    return f"{where}: tie, the difference is inside the confidence interval ({stats})."
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def compare_to_cahp(method: list[np.ndarray], cahp: list[np.ndarray], n_bootstrap: int, seed: int,
+                    seeds: list | None = None) -> dict:
+    """Pooled and per-seed paired bootstraps of a method against CAHP on the same test examples.
+
+    ``method`` / ``cahp``: per-seed boolean correctness arrays. Per-seed pairs
+    are taken index by index; a single CAHP (or method) array is paired with
+    every seed of the other.
+    """
+    pooled = paired_bootstrap(np.mean(method, 0), np.mean(cahp, 0), n_bootstrap=n_bootstrap, seed=seed)
+    pooled["verdict"] = verdict(pooled["ci95"])
+    per_seed = []
+    n = max(len(method), len(cahp))
+    for i in range(n):
+        m, c = method[min(i, len(method) - 1)], cahp[min(i, len(cahp) - 1)]
+        r = paired_bootstrap(m, c, n_bootstrap=n_bootstrap, seed=seed)
+        r["verdict"] = verdict(r["ci95"])
+        if seeds is not None:
+            r["seed"] = seeds[i]
+        per_seed.append(r)
+    counts = {v: sum(r["verdict"] == v for r in per_seed) for v in ("win", "tie", "loss")}
+    return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
+
+
+def _dense_finetune_config(out: Path, ft_cfg: FinetuneConfig, cfg: PruneConfig,
+                           dense_ft: FinetuneConfig | None = None) -> FinetuneConfig:
+    """The dense model's fine-tuning settings: those in OUTPUT/run.json, else ``dense_ft``, else ``ft_cfg``."""
+    path = out / "run.json"
+    base = dataclasses.replace(dense_ft or ft_cfg, seed=cfg.seed)
+    if not path.is_file():
+        return base
+    stored = read_json(path).get("finetune")
+    if not isinstance(stored, dict):
+        return base
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    dense = FinetuneConfig(**{k: v for k, v in stored.items() if k in names})
+    if asdict(dataclasses.replace(dense, seed=0)) != asdict(dataclasses.replace(ft_cfg, seed=0)):
+        log.info("the dense model's fine-tuning settings come from %s; the fine-tuning options given apply "
+                 "to the fine-tuning after pruning and to the dense control", path)
+    return dense
+
+
+def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: CompareConfig | None = None,
+                progress: bool = True, dense_ft: FinetuneConfig | None = None) -> CompareResult:
+    """Compare CAHP with the baselines (see the module docstring); writes the outputs and returns the report.
+
+    Args:
+        cfg: the settings shared with `cahp prune` (model, task, output folder, data split, CAHP's
+            distance / clustering / grid / knee rule, seed).
+        ft_cfg: the single fine-tuning after pruning (and the dense control's extra fine-tuning);
+            its seed is replaced by each compare seed.
+        ccfg: methods, budgets, seeds, parts.
+        dense_ft: the dense model's fine-tuning when the output folder holds no run yet (default:
+            ``ft_cfg``); a folder that holds a run keeps the settings in its run.json.
+    """
+    ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
+    ccfg = ccfg or CompareConfig()
+    unknown = [m for m in ccfg.methods if m not in SELECTORS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown}; choose from {', '.join(SELECTORS)}")
+    if any(not 0 < r <= 1 for r in ccfg.budgets):
+        raise ValueError(f"budgets are shares of the heads in (0, 1], got {ccfg.budgets}")
+    if ccfg.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if not ccfg.budgets and not ccfg.knee:
+        raise ValueError("no budget: give --budgets or keep --knee")
+    if not cfg.output_dir:
+        raise ValueError("an output folder is needed")
+    if distributed.world_size() > 1:
+        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = add_log_file(out / "log.txt")
+    try:
+        return _Compare(cfg, ft_cfg, ccfg, out, progress, dense_ft).run()
+    finally:
+        logging.getLogger("cahp").removeHandler(handler)
+        handler.close()
+
+
+class _Compare:
+    def __init__(self, cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg: CompareConfig, out: Path, progress: bool,
+                 dense_ft: FinetuneConfig | None = None):
+        self.cfg, self.ft_cfg, self.ccfg, self.out, self.progress = cfg, ft_cfg, ccfg, out, progress
+        self.dense_ft_given = dense_ft
+        self.seconds: dict[str, float] = {}
+
+    # --- setup --------------------------------------------------------------------------------
+    def run(self) -> CompareResult:
+        t_total = time.perf_counter()
+        cfg, ccfg = self.cfg, self.ccfg
+        self.dense_ft = _dense_finetune_config(self.out, self.ft_cfg, cfg, self.dense_ft_given)
+        run = self.prep = prepare_run(cfg, self.dense_ft, self.out, self.progress)
+        self.model, self.tok, self.task, self.stats = run.model, run.tokenizer, run.task, run.stats
+        self.split = self.task.test_split
+        self.labels = np.asarray([ex.label for ex in self.task.load(self.split)])
+        self.ctx = SelectionContext(model=self.model, batches=run.calibration_batches, seed=cfg.seed)
+        n = self.stats.n
+        self.methods = ["cahp", *dict.fromkeys(m for m in ccfg.methods if m != "cahp")]
+        self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
+        self.cache = _ResultCache(self.out, {"signatures": run.keys["signatures"], "salience": run.keys["salience"]})
+
+        # CAHP's curve and knee, exactly as `cahp prune` computes and caches them
+        t = time.perf_counter()
+        self.cahp_kw = {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel}
+        cahp_sel = make_selector("cahp", cfg.seed, **self.cahp_kw)
+        self.ks = default_grid(n, cfg.grid_step, cfg.min_ratio)
+        key3 = {**run.keys["signatures"], **run.keys["salience"], "stage": "curve",
+                "selector": cahp_sel.settings(), "ks": self.ks}
+        curve = run.stages.json("curve", key3)
+        if curve is None:
+            points = selection_curve(self.model, cahp_sel, self.stats, self.ks, run.curve_batches,
+                                     run.curve_labels, progress=self.progress)
+            curve = run.stages.put_json("curve", key3, {"points": points})
+        self.cahp_points = {p["k"]: p for p in curve["points"]}
+        self.knee = find_knee([p["k"] for p in curve["points"]], [p["accuracy"] for p in curve["points"]],
+                              degree=cfg.degree or None, method=cfg.knee_method)
+        self.seconds["cahp_curve_and_knee"] = time.perf_counter() - t
+        budgets = [{"label": "k*", "k": self.knee.k, "ratio": self.knee.k / n}] if ccfg.knee else []
+        budgets += [{"label": f"{r * 100:g}%", "k": max(1, round(r * n)), "ratio": r} for r in ccfg.budgets]
+        self.budgets = budgets
+        self.budget_ks = sorted({b["k"] for b in budgets}, reverse=True)
+        log.info("compare %s on %s: k* = %d; budgets %s; methods %s; seeds %s", cfg.model, self.task.name,
+                 self.knee.k, ", ".join(f"{b['label']}={b['k']}" for b in budgets), ", ".join(self.methods),
+                 self.seeds)
+
+        self.selectors: dict[tuple[str, int | None], object] = {}
+        curves, pre = self.part_a()
+        self.write(self.report(curves, pre, None, None, t_total, partial=ccfg.finetune))
+        fine, dense = self.part_b(pre) if ccfg.finetune else (None, None)
+        report = self.report(curves, pre, fine, dense, t_total, partial=False)
+        self.write(report)
+        return CompareResult(output_dir=self.out, report=report)
+
+    def seeded(self, method: str) -> bool:
+        return method == "random"
+
+    def sel_seeds(self, method: str) -> list[int | None]:
+        return list(self.seeds) if self.seeded(method) else [None]
+
+    def selector(self, method: str, seed: int | None):
+        key = (method, seed)
+        if key not in self.selectors:
+            kw = self.cahp_kw if method == "cahp" else {}
+            self.selectors[key] = make_selector(method, self.cfg.seed if seed is None else seed, **kw)
+        return self.selectors[key]
+
+    @staticmethod
+    def tag(seed: int | None) -> str:
+        return "all" if seed is None else f"s{seed}"
+
+    def method_key(self, method: str, seed: int | None) -> dict:
+        sel = self.selector(method, seed)
+        return {"method": method, "selector": sel.settings()}
+
+    def select(self, method: str, seed: int | None, k: int):
+        sel = self.selector(method, seed)
+        t = time.perf_counter()
+        mask, gates = select_gates(sel, k, self.stats, self.ctx)
+        check_mask(mask, k, self.stats)
+        info = {k2: v for k2, v in getattr(sel, "last", {}).items() if k2.startswith("objective") or k2 == "tuning"}
+        return mask, gates, info, time.perf_counter() - t
+
+    # --- (a) no fine-tuning -------------------------------------------------------------------
+    def part_a(self):
+        run = self.prep
+        curves: dict[str, dict] = {}
+        pre: dict[tuple[str, int | None, int], dict] = {}
+        eval_key = {"max_length": self.dense_ft.max_length, "split": self.split}
+        for method in self.methods:
+            for sseed in self.sel_seeds(method):
+                mk = self.method_key(method, sseed)
+
+                def compute_curve(method=method, sseed=sseed):
+                    t0 = time.perf_counter()
+                    points, select_s = [], 0.0
+                    for k in self.ks:
+                        if method == "cahp" and k in self.cahp_points:
+                            p = self.cahp_points[k]
+                            points.append({"k": k, "accuracy": p["accuracy"], "kept": p["kept"]})
+                            continue
+                        mask, gates, _, s = self.select(method, sseed, k)
+                        select_s += s
+                        points.append({"k": k, "accuracy": score_mask(self.model, gates, run.curve_batches,
+                                                                      run.curve_labels),
+                                       "kept": mask_to_heads(mask)})
+                    return {"points": points, "seconds": {"select": select_s, "total": time.perf_counter() - t0}}
+
+                curves[(method, sseed)] = self.cache.get(f"curve-{method}-{self.tag(sseed)}",
+                                                         {"part": "curve", **mk, "ks": self.ks}, compute_curve)
+                for k in self.budget_ks:
+
+                    def compute_pre(method=method, sseed=sseed, k=k):
+                        mask, gates, info, s = self.select(method, sseed, k)
+                        t0 = time.perf_counter()
+                        heldout = score_mask(self.model, gates, run.curve_batches, run.curve_labels)
+                        with head_gates(self.model, init=gates):
+                            test = evaluate_task(self.model, self.tok, self.task, max_length=self.dense_ft.max_length,
+                                                 seed=self.cfg.seed, keep_predictions=True)
+                        rec = {"k": k, "kept": mask_to_heads(mask), "heldout_accuracy": heldout, "test": test,
+                               "selection": info, "seconds": {"select": s, "evaluate": time.perf_counter() - t0}}
+                        if not torch.equal(gates, mask.float()):
+                            rec["gates"] = gates.tolist()
+                        log.info("no fine-tuning: %s k=%d%s: %s accuracy %.4f", method, k,
+                                 "" if sseed is None else f" seed {sseed}", self.split,
+                                 test[self.split]["accuracy"])
+                        return rec
+
+                    pre[(method, sseed, k)] = self.cache.get(
+                        f"pre-{method}-k{k}-{self.tag(sseed)}", {"part": "no_finetune", **mk, "k": k, **eval_key},
+                        compute_pre)
+        return curves, pre
+
+    # --- (b) one fine-tuning ------------------------------------------------------------------
+    def part_b(self, pre):
+        fine: dict[tuple[str, int, int], dict] = {}
+        dense: dict[int, dict] = {}
+        for seed in self.seeds:
+            ft = dataclasses.replace(self.ft_cfg, seed=seed)
+            ft_key = {"finetune_after": asdict(ft), "split": self.split}
+            if self.ccfg.dense_control:
+                dense[seed] = self.cache.get(f"ft-dense-s{seed}", {"part": "dense_control", **ft_key},
+                                             lambda ft=ft: self.finetune_eval(None, None, ft, "dense control"))
+            for k in self.budget_ks:
+                for method in self.methods:
+                    sseed = seed if self.seeded(method) else None
+                    p = pre[(method, sseed, k)]
+                    key = {"part": "finetune", **self.method_key(method, sseed), "k": k, "kept": p["kept"],
+                           "gates": p.get("gates"), **ft_key}
+                    fine[(method, seed, k)] = self.cache.get(
+                        f"ft-{method}-k{k}-s{seed}", key,
+                        lambda p=p, ft=ft, method=method: self.finetune_eval(p["kept"], p.get("gates"), ft, method))
+        return fine, dense
+
+    def finetune_eval(self, kept, gates, ft: FinetuneConfig, what: str) -> dict:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(self.model)
+        if kept is not None:
+            keep_heads(model, {int(layer): hs for layer, hs in kept.items()})
+            if gates is not None:
+                fold_gates(model, torch.tensor(gates))
+        res = finetune(model, self.tok, self.task, ft, train_examples=self.prep.train_examples,
+                       progress=self.progress)
+        t1 = time.perf_counter()
+        test = evaluate_task(model, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
+                             keep_predictions=True)
+        log.info("fine-tuned %s (%s heads, seed %d): %s accuracy %.4f", what,
+                 "all" if kept is None else sum(len(v) for v in kept.values()), ft.seed, self.split,
+                 test[self.split]["accuracy"])
+        return {"test": test, "finetune": {"best_epoch": res.best_epoch, "epochs_run": len(res.history),
+                                           "best_dev": res.best_dev},
+                "parameters": count_parameters(model),
+                "seconds": {"finetune": t1 - t0, "evaluate": time.perf_counter() - t1}}
+
+    # --- report -------------------------------------------------------------------------------
+    def correct(self, rec: dict) -> np.ndarray:
+        return np.asarray(rec["test"][self.split]["predictions"]) == self.labels
+
+    def summary(self, recs: list[dict], seeds: list, cahp_recs: list[dict] | None, masks: list[dict]) -> dict:
+        split = self.split
+        acc = np.array([r["test"][split]["accuracy"] for r in recs])
+        out = {
+            "seeds": seeds,
+            "accuracy": float(acc.mean()),
+            "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "accuracy_per_seed": acc.tolist(),
+            "macro_f1": float(np.mean([r["test"][split]["macro_f1"] for r in recs])),
+            "other_splits": {s: float(np.mean([r["test"][s]["accuracy"] for r in recs]))
+                             for s in recs[0]["test"] if s != split},
+        }
+        if masks:
+            per_layer = [[len(m.get(str(i), m.get(i, []))) for i in range(self.stats.shape[0])] for m in masks]
+            bool_masks = [self._bool(m) for m in masks]
+            out["heads_per_layer"] = per_layer[0]
+            out["heads_per_layer_mean"] = np.mean(per_layer, 0).tolist()
+            out["mean_relative_depth"] = float(np.mean([mean_relative_depth(b) for b in bool_masks]))
+            out["kept"] = masks[0]
+        if cahp_recs is not None:
+            out["vs_cahp"] = compare_to_cahp([self.correct(r) for r in recs], [self.correct(r) for r in cahp_recs],
+                                             self.ccfg.n_bootstrap, self.cfg.seed,
+                                             seeds if len(seeds) >= len(cahp_recs) else None)
+        return out
+
+    def _bool(self, kept: dict) -> torch.Tensor:
+        mask = torch.zeros(self.stats.shape, dtype=torch.bool)
+        for layer, hs in kept.items():
+            mask[int(layer), hs] = True
+        return mask
+
+    def report(self, curves, pre, fine, dense, t_total: float, partial: bool) -> dict:
+        cfg, run = self.cfg, self.prep
+        n = self.stats.n
+        curve_out = {}
+        for method in self.methods:
+            sseeds = self.sel_seeds(method)
+            accs = np.array([[p["accuracy"] for p in curves[(method, s)]["points"]] for s in sseeds])
+            curve_out[method] = {
+                "ks": self.ks, "accuracy": accs.mean(0).tolist(),
+                "accuracy_std": (accs.std(0, ddof=1) if len(accs) > 1 else np.zeros(len(self.ks))).tolist(),
+                "per_seed": {str(s): a.tolist() for s, a in zip(sseeds, accs)} if sseeds != [None] else None,
+                "select_seconds": float(sum(curves[(method, s)]["seconds"]["select"] for s in sseeds)),
+            }
+        no_ft, ft_out = {}, {}
+        for b in self.budgets:
+            k, label = b["k"], b["label"]
+            cahp_pre = [pre[("cahp", None, k)]]
+            no_ft[label] = {}
+            for method in self.methods:
+                sseeds = self.sel_seeds(method)
+                recs = [pre[(method, s, k)] for s in sseeds]
+                s = self.summary(recs, [s for s in sseeds if s is not None], None if method == "cahp" else cahp_pre,
+                                 [r["kept"] for r in recs])
+                s["k"] = k
+                s["heldout_accuracy"] = float(np.mean([r["heldout_accuracy"] for r in recs]))
+                s["selection"] = recs[0].get("selection") or None
+                if "gates" in recs[0]:
+                    s["gates"] = recs[0]["gates"]
+                if "vs_cahp" in s:
+                    s["vs_cahp"]["pooled"]["text"] = verdict_text(method, label, k, s["vs_cahp"]["pooled"])
+                no_ft[label][method] = s
+            if fine is not None:
+                ft_out[label] = {}
+                cahp_ft = [fine[("cahp", seed, k)] for seed in self.seeds]
+                for method in self.methods:
+                    recs = [fine[(method, seed, k)] for seed in self.seeds]
+                    masks = [pre[(method, seed if self.seeded(method) else None, k)]["kept"] for seed in self.seeds]
+                    s = self.summary(recs, self.seeds, None if method == "cahp" else cahp_ft, masks)
+                    s["k"] = k
+                    s["best_epochs"] = [r["finetune"]["best_epoch"] for r in recs]
+                    s["parameters"] = recs[0]["parameters"]
+                    s["finetune_seconds"] = float(np.mean([r["seconds"]["finetune"] for r in recs]))
+                    if "vs_cahp" in s:
+                        s["vs_cahp"]["pooled"]["text"] = verdict_text(method, label, k, s["vs_cahp"]["pooled"])
+                    ft_out[label][method] = s
+        dense_out = None
+        if dense:
+            recs = [dense[s] for s in self.seeds]
+            dense_out = self.summary(recs, self.seeds, None, [])
+            dense_out["best_epochs"] = [r["finetune"]["best_epoch"] for r in recs]
+            dense_out["parameters"] = recs[0]["parameters"]
+            dense_out["vs_cahp"] = {
+                b["label"]: compare_to_cahp([self.correct(r) for r in recs],
+                                            [self.correct(fine[("cahp", s, b["k"])]) for s in self.seeds],
+                                            self.ccfg.n_bootstrap, cfg.seed, self.seeds)
+                for b in self.budgets
+            }
+        dense_test = {s: {m: v for m, v in r.items() if m != "predictions"}
+                      for s, r in run.dense_info["test"].items()}
+        timings = {"total_seconds": round(time.perf_counter() - t_total, 1), "stages": run.stages.times,
+                   **{k: round(v, 2) for k, v in self.seconds.items()},
+                   "results_cached": self.cache.hits, "results_computed": self.cache.computed}
+        # compute time of every result, whether computed in this call or read from the cache
+        timings["no_finetune_seconds"] = round(sum(c["seconds"]["total"] for c in curves.values())
+                                               + sum(sum(r["seconds"].values()) for r in pre.values()), 1)
+        if fine is not None:
+            timings["finetune_seconds"] = round(sum(sum(r["seconds"].values()) for r in fine.values())
+                                                + sum(sum(r["seconds"].values()) for r in dense.values()), 1)
+        return {
+            "model": cfg.model,
+            "task": self.task.name,
+            "test_split": self.split,
+            "heads": n,
+            "partial": partial,
+            "settings": {
+                "prune": asdict(cfg), "finetune_dense": asdict(self.dense_ft),
+                "finetune_after": {k: v for k, v in asdict(self.ft_cfg).items() if k != "seed"},
+                "compare": asdict(self.ccfg), "seeds": self.seeds,
+                "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
+            },
+            "data": {"finetune_examples": len(run.train_examples), "curve_examples": len(run.curve_examples),
+                     "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels)},
+            "statistics": STATISTICS,
+            "verdict_rule": VERDICT_RULE,
+            "k_star": self.knee.k,
+            "knee": self.knee.to_dict(),
+            "budgets": self.budgets,
+            "dense": {"test": dense_test, "heldout_accuracy": self.cahp_points.get(n, {}).get("accuracy")},
+            "no_finetune": {"curves": curve_out, "results": no_ft},
+            "finetuned": {"results": ft_out, "dense_control": dense_out} if fine is not None else None,
+            "timings": timings,
+        }
+
+    def write(self, report: dict) -> None:
+        write_json(self.out / "compare.json", report)
+        write_atomic(self.out / "compare.md", render_markdown(report))
+        plot_curves(report, self.out / "compare.png")
+        plot_layers(report, self.out / "compare_layers.png")
+        if not report["partial"]:
+            for line in verdict_lines(report):
+                log.info("%s", line)
+
+
+# --------------------------------------------------------------------------------------------
+# rendering (also used by benchmarks/bench_compare.py, from the JSON alone)
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.2f}"
+
+
+def _cell(s: dict) -> str:
+    acc = f"{s['accuracy'] * 100:.2f}"
+    if len(s.get("seeds") or []) > 1:
+        acc += f" ± {s['accuracy_std'] * 100:.2f}"
+    v = s.get("vs_cahp")
+    if v:
+        acc += f" ({v['pooled']['diff'] * 100:+.2f}, {v['pooled']['verdict']})"
+    return acc
+
+
+def _heads(k: int) -> str:
+    return f"{k} head" + ("" if k == 1 else "s")
+
+
+def _budget_head(report: dict) -> list[str]:
+    return [f"{b['label']} ({_heads(b['k'])})" for b in report["budgets"]]
+
+
+def _detail_table(report: dict, results: dict, finetuned: bool) -> list[str]:
+    lines = []
+    for b in report["budgets"]:
+        label, k = b["label"], b["k"]
+        lines.append(f"\n**{label}: {k} of {report['heads']} heads**\n")
+        head = ("| method | accuracy (mean ± std) | per seed | diff vs CAHP | 95% CI | p | verdict "
+                "| per-seed verdicts (win/tie/loss) |")
+        if not finetuned:
+            head += " held-out (curve data) |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for method, s in results[label].items():
+            v = s.get("vs_cahp")
+            std = f" ± {s['accuracy_std'] * 100:.2f}" if len(s.get("seeds") or []) > 1 else ""
+            per_seed = ", ".join(f"{a * 100:.2f}" for a in s["accuracy_per_seed"])
+            if v:
+                p = v["pooled"]
+                cmp = (f"{p['diff'] * 100:+.2f} | [{p['ci95'][0] * 100:+.2f}, {p['ci95'][1] * 100:+.2f}] | "
+                       f"{_p(p['p_value'])} | {p['verdict']} | "
+                       f"{v['per_seed_verdicts']['win']}/{v['per_seed_verdicts']['tie']}/{v['per_seed_verdicts']['loss']}")
+            else:
+                cmp = "(reference) | | | | "
+            row = f"| {method} | {s['accuracy'] * 100:.2f}{std} | {per_seed} | {cmp} |"
+            if not finetuned:
+                row += f" {_pct(s.get('heldout_accuracy'))} |"
+            lines.append(row)
+    return lines
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """Plain-language verdicts, one per method and budget (after fine-tuning when it ran, else without)."""
+    part = report["finetuned"]["results"] if report.get("finetuned") else report["no_finetune"]["results"]
+    when = "after fine-tuning" if report.get("finetuned") else "without fine-tuning"
+    out = []
+    for b in report["budgets"]:
+        for method, s in part[b["label"]].items():
+            if s.get("vs_cahp"):
+                out.append(f"{method}, {when}, {s['vs_cahp']['pooled']['text']}")
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    """Markdown tables and verdicts of a compare report."""
+    split = report["test_split"]
+    st = report["settings"]
+    fa = st["finetune_after"]
+    dense_acc = report["dense"]["test"].get(split, {}).get("accuracy")
+    lines = [
+        f"# CAHP against the baselines: {report['model']} / {report['task']}\n",
+        f"- test split `{split}` ({report['data']['test_examples']} examples); dense fine-tuned model: "
+        f"{_pct(dense_acc)} accuracy",
+        "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['heads']} heads" for b in report["budgets"])
+        + f" (CAHP's knee k* = {report['k_star']})",
+        f"- seeds: {st['seeds']}; fine-tuning after pruning: {fa['epochs']} epochs max, lr {fa['lr']}, "
+        f"batch {fa['batch_size']}, patience {fa['patience']} (early stopping on dev {fa['metric']})",
+        f"- statistics: {report['statistics']}; {report['verdict_rule']}",
+    ]
+    if report.get("partial"):
+        lines.append("- **partial**: the fine-tuning part has not finished yet")
+    if report.get("finetuned"):
+        res = report["finetuned"]["results"]
+        lines += ["\n## After one fine-tuning (test accuracy, %; cell: mean ± std over seeds (diff vs CAHP, "
+                  "CAHP's verdict))\n",
+                  "| method | " + " | ".join(_budget_head(report)) + " |",
+                  "|---|" + "---|" * len(report["budgets"])]
+        for method in res[report["budgets"][0]["label"]]:
+            lines.append(f"| {method} | " + " | ".join(_cell(res[b["label"]][method]) for b in report["budgets"])
+                         + " |")
+        dc = report["finetuned"].get("dense_control")
+        if dc:
+            std = f" ± {dc['accuracy_std'] * 100:.2f}" if len(dc["seeds"]) > 1 else ""
+            cells = []
+            for b in report["budgets"]:
+                p = dc["vs_cahp"][b["label"]]["pooled"]
+                cells.append(f"{dc['accuracy'] * 100:.2f}{std} ({p['diff'] * 100:+.2f}, {p['verdict']})")
+            lines.append(f"| dense control ({report['heads']} heads, same extra fine-tuning) | "
+                         + " | ".join(cells) + " |")
+        lines += _detail_table(report, res, True)
+    nf = report["no_finetune"]["results"]
+    lines += ["\n## Right after pruning, no fine-tuning (test accuracy through gates, %)\n",
+              "| method | " + " | ".join(_budget_head(report)) + " |",
+              "|---|" + "---|" * len(report["budgets"])]
+    for method in nf[report["budgets"][0]["label"]]:
+        lines.append(f"| {method} | " + " | ".join(_cell(nf[b["label"]][method]) for b in report["budgets"]) + " |")
+    lines.append(f"| dense ({_heads(report['heads'])}, for reference) | "
+                 + " | ".join(_pct(dense_acc) for _ in report["budgets"]) + " |")
+    lines += _detail_table(report, nf, False)
+    lines += ["\n## Kept heads per layer (layer 0 first) and mean relative depth (0 = first layer, 1 = last; "
+              "the proximity-bias measure)\n",
+              "| method | " + " | ".join(_budget_head(report)) + " |",
+              "|---|" + "---|" * len(report["budgets"])]
+    for method in nf[report["budgets"][0]["label"]]:
+        cells = []
+        for b in report["budgets"]:
+            s = nf[b["label"]][method]
+            per_layer = s["heads_per_layer_mean"] if len(s.get("seeds") or []) > 1 else s["heads_per_layer"]
+            cells.append(" ".join(f"{x:g}" for x in per_layer) + f" (depth {s['mean_relative_depth']:.2f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    curves = report["no_finetune"]["curves"]
+    lines += ["\n## Curves without fine-tuning (held-out accuracy on the curve data, %)\n",
+              "| heads | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    ks = next(iter(curves.values()))["ks"]
+    for i, k in enumerate(ks):
+        lines.append(f"| {k} | " + " | ".join(f"{c['accuracy'][i] * 100:.2f}" for c in curves.values()) + " |")
+    verdicts = verdict_lines(report)
+    if verdicts:
+        lines += ["\n## Verdicts\n", *[f"- {v}" for v in verdicts]]
+    t = report["timings"]
+    spent = f"{t['no_finetune_seconds']:.0f} s without fine-tuning"
+    if t.get("finetune_seconds") is not None:
+        spent += f", {t['finetune_seconds']:.0f} s fine-tuning and evaluating"
+    lines.append(f"\nCompute time of the results (cached ones included): {spent}; this call took "
+                 f"{t['total_seconds']:.0f} s ({t['results_computed']} results computed, {t['results_cached']} "
+                 f"from the cache).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    from .plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (method, c) in enumerate(report["no_finetune"]["curves"].items()):
+        acc = np.array(c["accuracy"]) * 100
+        style = {"lw": 2.5, "color": "C3", "zorder": 5} if method == "cahp" else {"lw": 1.2, "color": f"C{i % 10}"}
+        ax.plot(c["ks"], acc, "o-", ms=3, label=method, **style)
+        if c.get("per_seed"):
+            std = np.array(c["accuracy_std"]) * 100
+            ax.fill_between(c["ks"], acc - std, acc + std, alpha=0.15, color=style["color"])
+    for b in report["budgets"]:
+        ax.axvline(b["k"], color="grey", ls=":", lw=0.8)
+        ax.text(b["k"], ax.get_ylim()[1], f" {b['label']}", rotation=90, va="top", fontsize=7, color="grey")
+    ax.set_xlabel("heads kept")
+    ax.set_ylabel("held-out accuracy (%), no fine-tuning")
+    ax.set_title(f"{report['model']} / {report['task']}: head selection without fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_layers(report: dict, path: Path) -> None:
+    from .plots import _save, plt
+
+    budgets = report["budgets"]
+    res = report["no_finetune"]["results"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for i, (method, s) in enumerate(res[b["label"]].items()):
+            per_layer = s["heads_per_layer_mean"] if len(s.get("seeds") or []) > 1 else s["heads_per_layer"]
+            style = {"lw": 2.5, "color": "C3"} if method == "cahp" else {"lw": 1.0, "color": f"C{i % 10}"}
+            ax.plot(range(len(per_layer)), per_layer, "o-", ms=3,
+                    label=f"{method} ({s['mean_relative_depth']:.2f})", **style)
+        ax.set_title(f"{b['label']}: {b['k']} heads", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("heads kept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, title="method (mean rel. depth)", title_fontsize=6)
+    _save(fig, path)
+
+
+__all__ = ["CompareConfig", "CompareResult", "DEFAULT_METHODS", "compare_to_cahp", "render_markdown", "run_compare",
+           "verdict", "verdict_lines", "verdict_text"]

@@ -1,0 +1,330 @@
+"""Latency benchmark: multiply-adds, the floor-relative figure, the attention-free floor, kernels."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import cahp
+from cahp.arch import ResidualOnlyAttention, get_adapter
+from cahp.arch.base import ATTENTION_KERNELS
+from cahp.bench import (
+    BenchError,
+    bench_models,
+    count_macs,
+    emptied_layers_removal,
+    floor_relative,
+    format_table,
+    no_attention_model,
+    parse_shapes,
+    prepare_for_inference,
+    random_removal,
+    run_bench,
+    summarize,
+)
+from cahp.cli import main as cli_main
+from cahp.heads import HeadIndexError
+
+from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
+
+PATTERN = {0: [1], 1: [0, 1, 2, 3], 2: [0, 3]}  # heads left per layer: 3, 0, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle-waiting threads cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def with_random_biases(model, seed=0):
+    """HF init zeroes biases; real checkpoints do not (an empty layer keeps its output bias)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
+
+
+# --- multiply-adds -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_count_macs_hand_count(family):
+    model = cahp.remove_heads(tiny_model(family), PATTERN)
+    batch, seq = 2, 10
+    n, hidden, ffn, d = batch * seq, N_HEADS * HEAD_DIM, 64, HEAD_DIM
+    heads = [3, 0, 2]
+    # per head: q, k, v, o projections (4 N hidden d) + q k^T and probs v (2 batch seq^2 d)
+    per_head = 4 * n * hidden * d + 2 * batch * seq * seq * d
+    layers = sum(h * per_head for h in heads) + N_LAYERS * 2 * n * hidden * ffn
+    # every tiny family's head: hidden x hidden then hidden x 3 labels, on one token per sequence
+    head = batch * (hidden * hidden + hidden * 3)
+    macs = count_macs(model, batch, seq)
+    assert [x["heads"] for x in macs["layers"]] == heads
+    assert macs["total"] == layers + head == 366400
+    assert macs["attention"] == 5 * per_head
+    assert macs["head"] == head and macs["embeddings"] == 0
+    dense = count_macs(tiny_model(family), batch, seq)
+    assert dense["total"] - macs["total"] == 7 * per_head
+
+
+# --- the floor-relative figure ------------------------------------------------
+
+
+def test_floor_relative_synthetic():
+    assert floor_relative(10.0, 7.0, 4.0, 0.5) == pytest.approx(1.0)  # on the line
+    assert floor_relative(10.0, 8.0, 4.0, 0.5) == pytest.approx(2 / 3)  # 2 of the 3 ms saved
+    assert floor_relative(10.0, 5.5, 4.0, 0.75) == pytest.approx(1.0)
+    assert floor_relative(10.0, 10.5, 4.0, 0.5) < 0  # slower than dense
+    assert math.isnan(floor_relative(10.0, 9.0, 4.0, 0.0))  # nothing removed
+    assert math.isnan(floor_relative(10.0, 9.0, 10.0, 0.5))  # attention costs nothing measurable
+
+
+def test_summarize_median_iqr():
+    s = summarize([0.001, 0.002, 0.003, 0.004, 0.005], batch=4, seq=8)
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert s["iqr_ms"] == pytest.approx(2.0)
+    assert s["sequences_per_s"] == pytest.approx(4 / 0.003)
+    assert s["n"] == 5
+
+
+# --- selections and the attention-free floor ----------------------------------
+
+
+def test_random_removal_is_seeded_uneven_and_exact():
+    model = tiny_model("bert")
+    a = random_removal(model, 0.5, seed=3)
+    assert a == random_removal(model, 0.5, seed=3)
+    assert sum(len(v) for v in a.values()) == N_LAYERS * N_HEADS // 2
+    assert a != random_removal(model, 0.5, seed=4)
+    cahp.remove_heads(model, a)  # valid selection
+    # on a pruned model it draws among the heads still there
+    b = random_removal(model, 0.5, seed=0)
+    kept = cahp.kept_heads(model)
+    assert all(h in kept[layer] for layer, hs in b.items() for h in hs)
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1, "a", None, 0.01])
+def test_random_removal_bad_ratio(ratio):
+    with pytest.raises(BenchError, match="ratio"):
+        random_removal(tiny_model("bert"), ratio)
+
+
+def test_emptied_layers_removal():
+    plan = emptied_layers_removal(tiny_model("bert"), every=2)
+    assert plan == {1: list(range(N_HEADS))}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_attention_model_has_no_attention(family):
+    model = tiny_model(family)
+    floor = no_attention_model(model)
+    adapter = get_adapter(floor)
+    for layer in adapter.layers(floor):
+        assert isinstance(layer.attention, ResidualOnlyAttention)
+        assert adapter.heads(layer) == type(adapter.heads(layer))(None, None, None, None, None)
+        weights = [n for n, p in layer.attention.named_parameters() if p.dim() > 1]
+        assert weights == []  # only the output bias (and LayerNorm) remain
+    assert count_macs(floor, 2, 10)["attention"] == 0
+    assert cahp.num_kept(floor) == 0
+    # the source model is untouched and the public refusal still holds
+    assert cahp.num_kept(model) == N_LAYERS * N_HEADS
+    with pytest.raises(HeadIndexError, match="every attention head"):
+        cahp.remove_heads(model, {layer: list(range(N_HEADS)) for layer in range(N_LAYERS)})
+    # every layer then is LayerNorm(h + output bias) followed by the feed-forward block
+    batch = tiny_batch()
+    with cahp.head_gates(model, init=torch.zeros(N_LAYERS, N_HEADS)):
+        ref = logits(model, batch)
+    torch.testing.assert_close(logits(floor, batch), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_layer_in_eval_mode_has_no_dropout(family):
+    """An emptied layer of an eval model must not apply dropout to its output bias."""
+    model = with_random_biases(tiny_model(family)).eval()
+    cahp.remove_heads(model, {1: list(range(N_HEADS))})
+    layer = get_adapter(model).layers(model)[1]
+    assert not layer.attention.training
+    batch = tiny_batch()
+    torch.testing.assert_close(logits(model, batch), logits(model, batch), atol=0, rtol=0)
+    floor = no_attention_model(model)
+    assert not any(m.training for m in floor.modules())
+
+
+# --- attention kernels --------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_agree_dense_and_pruned(family):
+    batch = tiny_batch()
+    for pattern in (None, PATTERN):
+        model = with_random_biases(tiny_model(family))
+        if pattern:
+            cahp.remove_heads(model, pattern)
+        get_adapter(model).set_attention_kernel(model, "eager")
+        ref = logits(model, batch)
+        for kernel in (*ATTENTION_KERNELS, "eager"):
+            get_adapter(model).set_attention_kernel(model, kernel)
+            torch.testing.assert_close(logits(model, batch), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "distilbert"])
+def test_compact_kernel_keeps_gates_capture_and_surgery(family):
+    model = tiny_model(family)
+    get_adapter(model).set_attention_kernel(model, "compact")
+    batch = tiny_batch()
+    g = torch.ones(N_LAYERS, N_HEADS)
+    g[0, 1] = 0
+    with cahp.head_gates(model, init=g):
+        gated = logits(model, batch)
+    att = next(cahp.iter_attention(model, [batch]))
+    assert att.probs[0].shape[1] == N_HEADS
+    cahp.remove_heads(model, {0: [1]})
+    torch.testing.assert_close(logits(model, batch), gated, atol=1e-5, rtol=0)
+    # a copy keeps the kernel
+    torch.testing.assert_close(logits(copy.deepcopy(model), batch), gated, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "distilbert"])
+def test_compact_fused_weights_follow_changes(family):
+    """The cached q/k/v concatenation is rebuilt when a weight changes, and dropped with the kernel."""
+    model = with_random_biases(tiny_model(family))
+    adapter = get_adapter(model)
+    batch = tiny_batch()
+    adapter.set_attention_kernel(model, "compact")
+    logits(model, batch)
+    assert any("_cahp_fused_qkv" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        adapter.heads(adapter.layers(model)[0]).q.weight.mul_(2.0)
+    changed = logits(model, batch)
+    adapter.set_attention_kernel(model, "eager")
+    assert not any("_cahp_fused_qkv" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(changed, logits(model, batch), atol=1e-5, rtol=0)
+    # and with autograd on, the three projections run as modules (gradients reach them)
+    adapter.set_attention_kernel(model, "compact")
+    model(**batch).logits.sum().backward()
+    assert adapter.heads(adapter.layers(model)[0]).q.weight.grad is not None
+
+
+def test_unknown_kernel():
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        get_adapter(model).set_attention_kernel(model, "flash")
+    with pytest.raises(BenchError, match="unknown kernel"):
+        bench_models(model, {"p": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, kernel="flash")
+
+
+def test_prepare_refuses_hooks():
+    model = tiny_model("bert")
+    with cahp.head_gates(model), pytest.raises(BenchError, match="hooks"):
+        prepare_for_inference(model)
+    prepare_for_inference(model, kernel="compact")
+    assert all(p.is_contiguous() and not p.requires_grad for p in model.parameters())
+
+
+# --- the benchmark itself (tiny, seconds) -------------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_bench_models_smoke(family):
+    dense = tiny_model(family)
+    pruned = {"half": cahp.remove_heads(copy.deepcopy(dense), random_removal(dense, 0.5, seed=0))}
+    result = bench_models(
+        dense, pruned, shapes=[(1, 8), (2, 16)], threads=1, kernel="auto", reps=3, warmup=1, onnx=family == "bert"
+    )
+    assert result["threads"] == 1
+    assert set(result["variants"]) == {"dense", "half", "no_attention"}
+    assert result["variants"]["half"]["share_removed"] == 0.5
+    assert len(result["runs"]) == 2
+    for run in result["runs"]:
+        assert run["kernel"] in ATTENTION_KERNELS
+        assert set(run["kernel_calibration_ms"]) == set(ATTENTION_KERNELS)
+        expected = {"dense", "half", "no_attention"}
+        if family == "bert":
+            expected |= {"onnx:" + k for k in expected}
+        assert set(run["timings"]) == expected
+        assert all(t["n"] == 3 and t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in run["timings"].values())
+        assert run["macs"]["dense"] > run["macs"]["half"] > run["macs"]["no_attention"]
+        assert "half" in run["floor_relative"]
+    if family == "bert":
+        assert max(o["max_abs_diff"] for o in result["onnx"].values()) < 1e-4
+    text = format_table(result)
+    assert "floor-rel" in text and "no_attention" in text
+    # the dense model handed in is not changed
+    assert cahp.num_kept(dense) == N_LAYERS * N_HEADS and not isinstance(
+        get_adapter(dense).layers(dense)[0].attention, ResidualOnlyAttention
+    )
+
+
+def test_bench_rejects_mismatched_and_unpruned():
+    dense = tiny_model("bert")
+    with pytest.raises(BenchError, match="longer than the model allows"):
+        bench_models(dense, {"p": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, shapes=[(1, 65)], reps=1)
+    with pytest.raises(BenchError, match="architecture"):
+        bench_models(dense, {"p": tiny_model("mpnet")}, shapes=[(1, 8)], reps=1)
+    with pytest.raises(BenchError, match="nothing was removed"):
+        bench_models(dense, {"p": tiny_model("bert")}, shapes=[(1, 8)], reps=1)
+    with pytest.raises(BenchError, match="reserved"):
+        bench_models(dense, {"dense": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, shapes=[(1, 8)], reps=1)
+
+
+@pytest.mark.parametrize("text, message", [("3", "BATCHxSEQUENCE"), ("0x8", "positive"), ("2xa", "BATCHxSEQUENCE")])
+def test_parse_shapes_errors(text, message):
+    with pytest.raises(BenchError, match=message):
+        parse_shapes(text)
+    assert parse_shapes("1x32, 32X128") == [(1, 32), (32, 128)]
+
+
+def test_run_bench_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BenchError, match="ratio"):
+        run_bench("minilm-l6", remove_ratio=1.0)
+    with pytest.raises(cahp.ModelLoadError):
+        run_bench(str(tmp_path / "no-such-model"))
+    with pytest.raises(BenchError, match="not a folder written by cahp"):
+        run_bench("minilm-l6", pruned=str(tmp_path))
+
+
+def test_cli_bench_errors(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli_main(["bench", "--model", "minilm-l6", "--remove-ratio", "1.5"]) == 2
+    assert "ratio" in capsys.readouterr().err
+    assert cli_main(["bench", "--model", "./no/such/model"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["bench", "--model", "minilm-l6", "--shapes", "32"]) == 2
+    assert "BATCHxSEQUENCE" in capsys.readouterr().err
+
+
+def test_cli_bench_pruned_folder(tmp_path, capsys):
+    dense = tiny_model("bert")
+    dense.save_pretrained(tmp_path / "dense")
+    pruned = cahp.remove_heads(copy.deepcopy(dense), PATTERN)
+    cahp.save_pruned(pruned, None, tmp_path / "pruned")
+    out = tmp_path / "bench.json"
+    rc = cli_main(
+        [
+            "bench", "--model", str(tmp_path / "dense"), "--pruned", str(tmp_path / "pruned"),
+            "--shapes", "1x8", "--threads", "1", "--reps", "2", "--warmup", "1", "--kernel", "compact",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "pruned" in printed and "floor-rel" in printed
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["variants"]["pruned"]["heads_per_layer"] == [3, 0, 2]
+    assert data["runs"][0]["kernel"] == "compact"

@@ -1,0 +1,170 @@
+"""`cahp compare` end to end on the tiny BERT + synthetic task of test_pipeline (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cahp import compare, pipeline
+from cahp.cli import main as cli_main
+from cahp.compare import CompareConfig, compare_to_cahp, render_markdown, run_compare, verdict
+from cahp.finetune import FinetuneConfig
+from cahp.pipeline import PruneConfig, run_prune
+
+from .test_pipeline import tiny_setup  # noqa: F401  (module fixture: tiny model folder and task)
+
+
+def _cfgs(root, out, epochs=1):
+    cfg = PruneConfig(model=str(root / "model"), task=str(root / "task"), output_dir=str(out),
+                      calibration_examples=64, curve_examples=80, stats_batch_size=16, grid_step=2)
+    ft = FinetuneConfig(epochs=epochs, lr=2e-3, batch_size=16, seed=0, max_train_examples=96)
+    return cfg, ft
+
+
+def _check_verdicts(cmp: dict) -> None:
+    for r in [cmp["pooled"], *cmp["per_seed"]]:
+        lo, hi = r["ci95"]
+        assert lo <= hi
+        assert r["verdict"] == ("win" if hi < 0 else "loss" if lo > 0 else "tie")
+    if "text" in cmp["pooled"]:
+        assert ("tie" in cmp["pooled"]["text"]) == (cmp["pooled"]["verdict"] == "tie")
+
+
+def test_verdict_rule_and_paired_comparison():
+    assert verdict([-0.05, -0.01]) == "win"
+    assert verdict([0.01, 0.05]) == "loss"
+    assert verdict([-0.01, 0.02]) == "tie"
+    assert verdict([0.0, 0.02]) == "tie"  # an interval touching 0 does not exclude it
+    rng = np.random.default_rng(0)
+    labels_ok = rng.random(500) < 0.8
+    worse = labels_ok & (rng.random(500) < 0.7)  # strictly fewer correct examples
+    r = compare_to_cahp([worse], [labels_ok], n_bootstrap=2000, seed=0)
+    assert r["pooled"]["verdict"] == "win" and r["pooled"]["diff"] < 0
+    r = compare_to_cahp([labels_ok], [labels_ok], n_bootstrap=2000, seed=0)
+    assert r["pooled"]["verdict"] == "tie" and r["pooled"]["diff"] == 0
+    # several seeds against one CAHP: pooled diff = mean accuracy difference; one per-seed test each
+    seeds = [labels_ok, worse, labels_ok]
+    r = compare_to_cahp(seeds, [labels_ok], n_bootstrap=2000, seed=0, seeds=[0, 1, 2])
+    assert r["pooled"]["diff"] == pytest.approx(np.mean([s.mean() for s in seeds]) - labels_ok.mean())
+    assert [p["seed"] for p in r["per_seed"]] == [0, 1, 2]
+    assert r["per_seed_verdicts"] == {"win": 1, "tie": 2, "loss": 0}
+    _check_verdicts(r)
+
+
+def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "cmp"
+    cfg, ft = _cfgs(tiny_setup, out)
+    ccfg = CompareConfig(methods=["cahp", "gradient"], budgets=[0.5], seeds=1, knee=False, n_bootstrap=500)
+    calls = {"finetune": 0}
+    real_ft = compare.finetune
+
+    def counting_ft(*a, **k):
+        calls["finetune"] += 1
+        return real_ft(*a, **k)
+
+    monkeypatch.setattr(compare, "finetune", counting_ft)
+    r = run_compare(cfg, ft, ccfg, progress=False).report
+    for name in ("compare.json", "compare.md", "compare.png", "compare_layers.png", "run.json", "log.txt"):
+        assert (out / name).is_file(), name
+    assert calls["finetune"] == 3  # cahp, gradient, dense control (dense fine-tuning is pipeline's)
+    assert [b["k"] for b in r["budgets"]] == [6] and r["heads"] == 12
+    assert not r["partial"]
+    ft_res = r["finetuned"]["results"]["50%"]
+    nf_res = r["no_finetune"]["results"]["50%"]
+    assert set(ft_res) == set(nf_res) == {"cahp", "gradient"}
+    for part in (ft_res, nf_res):
+        for method, s in part.items():
+            assert sum(s["heads_per_layer"]) == 6 and 0 <= s["mean_relative_depth"] <= 1
+            assert 0 <= s["accuracy"] <= 1
+            assert ("vs_cahp" in s) == (method != "cahp")
+        _check_verdicts(part["gradient"]["vs_cahp"])
+    for label, cmp in r["finetuned"]["dense_control"]["vs_cahp"].items():
+        assert label == "50%"
+        _check_verdicts(cmp)
+    # the no-fine-tuning curve covers the whole k grid for every method, CAHP's = the stage curve
+    curves = r["no_finetune"]["curves"]
+    stage = json.loads((out / "stages" / "curve.json").read_text())["points"]
+    assert curves["cahp"]["ks"] == [p["k"] for p in stage] == curves["gradient"]["ks"]
+    assert curves["cahp"]["accuracy"] == [p["accuracy"] for p in stage]
+    md = (out / "compare.md").read_text()
+    assert "| gradient |" in md and "Verdicts" in md and ("tie" in md or "win" in md or "loss" in md)
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["finetuned"]["results"]["50%"]["gradient"]["accuracy"] == ft_res["gradient"]["accuracy"]
+    assert render_markdown(saved) == md  # the markdown is generated from the JSON alone
+    assert saved["timings"]["finetune_seconds"] > 0 and saved["timings"]["no_finetune_seconds"] > 0
+
+    # a re-run computes nothing: every (method, budget, seed) result comes from OUTPUT/compare
+    def boom(*a, **k):
+        raise AssertionError("should come from the cache")
+
+    for name in ("finetune", "evaluate_task", "score_mask", "select_gates", "selection_curve"):
+        monkeypatch.setattr(compare, name, boom)
+    for name in ("finetune", "collect_signatures", "gate_gradients"):
+        monkeypatch.setattr(pipeline, name, boom)
+    r2 = run_compare(cfg, ft, ccfg, progress=False).report
+    assert r2["timings"]["results_computed"] == 0 and r2["timings"]["results_cached"] > 0
+    assert r2["finetuned"] == r["finetuned"] and r2["no_finetune"] == r["no_finetune"]
+
+
+def test_compare_resumes_after_interruption(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "cmp"
+    cfg, ft = _cfgs(tiny_setup, out)
+    ccfg = CompareConfig(methods=["cahp", "random"], budgets=[0.25], seeds=2, knee=False, dense_control=False,
+                         n_bootstrap=200)
+    real_ft = compare.finetune
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_ft(*a, **k)
+
+    monkeypatch.setattr(compare, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, ft, ccfg, progress=False)
+    assert json.loads((out / "compare.json").read_text())["partial"]  # part (a) was written
+    done = sorted(p.name for p in (out / "compare").glob("ft-*.json"))
+    assert len(done) == 2
+    calls["n"] = 0
+    monkeypatch.setattr(compare, "finetune", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
+                                                              real_ft(*a, **k))[1])
+    r = run_compare(cfg, ft, ccfg, progress=False).report
+    assert calls["n"] == 2  # only the two missing fine-tunings (2 methods x 2 seeds in all)
+    res = r["finetuned"]["results"]["25%"]
+    assert res["random"]["seeds"] == [0, 1] and len(res["random"]["accuracy_per_seed"]) == 2
+    assert len(res["random"]["vs_cahp"]["per_seed"]) == 2
+    # random differs across seeds without fine-tuning, one curve per seed
+    per_seed = r["no_finetune"]["curves"]["random"]["per_seed"]
+    assert set(per_seed) == {"0", "1"}
+    assert r["no_finetune"]["results"]["25%"]["random"]["kept"] is not None
+
+
+def test_compare_in_prune_folder_via_cli(tiny_setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    cfg, ft = _cfgs(tiny_setup, out, epochs=2)
+    cfg.skip_final_finetune = True
+    run_prune(cfg, ft, progress=False)
+
+    def boom(*a, **k):
+        raise AssertionError("should come from the prune run's stages")
+
+    for name in ("finetune", "collect_signatures", "gate_gradients"):
+        monkeypatch.setattr(pipeline, name, boom)
+    monkeypatch.setattr(compare, "selection_curve", boom)
+    # the fine-tuning after pruning uses --epochs 1; the dense model keeps run.json's 2 epochs
+    code = cli_main(["compare", "--model", cfg.model, "--task", cfg.task, "--output-dir", str(out),
+                     "--calibration-examples", "64", "--curve-examples", "80", "--stats-batch-size", "16",
+                     "--grid-step", "2", "--epochs", "1", "--lr", "2e-3", "--batch-size", "16",
+                     "--methods", "entropy", "magnitude", "--budgets", "0.25", "--no-finetune", "--seeds", "1",
+                     "--n-bootstrap", "200"])
+    assert code == 0
+    r = json.loads((out / "compare.json").read_text())
+    assert r["settings"]["finetune_dense"]["epochs"] == 2 and r["settings"]["finetune_after"]["epochs"] == 1
+    assert r["finetuned"] is None
+    assert [b["label"] for b in r["budgets"]] == ["k*", "25%"]
+    assert r["k_star"] == json.loads((out / "report.json").read_text())["k_star"]
+    assert set(r["no_finetune"]["results"]["25%"]) == {"cahp", "entropy", "magnitude"}
+    assert "CAHP" in capsys.readouterr().out
