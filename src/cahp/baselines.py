@@ -4,7 +4,8 @@ Every selector takes a global budget k (heads kept over all layers) and returns
 a bool (layers, heads) mask with exactly k True entries, on heads the model
 still has; layers may end up uneven or empty. Ties are broken by flat head
 index (layer-major), so each selector is deterministic for its settings and
-seed.
+seed. A selector whose choice depends on its seed has ``seeded = True``
+(`RandomSelector`; CAHP's clustering seed is a setting, fixed per run).
 
 - `RandomSelector`: a seeded random permutation of the heads; S(k) is its first
   k heads, so random selections are nested in k.

@@ -279,6 +279,8 @@ class _Compare:
         self.cahp_points = {p["k"]: p for p in curve["points"]}
         self.knee = find_knee([p["k"] for p in curve["points"]], [p["accuracy"] for p in curve["points"]],
                               degree=cfg.degree or None, method=cfg.knee_method)
+        if self.knee.warning:
+            log.warning("knee: %s", self.knee.warning)
         self.seconds["cahp_curve_and_knee"] = time.perf_counter() - t
         budgets = [{"label": "k*", "k": self.knee.k, "ratio": self.knee.k / n}] if ccfg.knee else []
         budgets += [{"label": f"{r * 100:g}%", "k": max(1, round(r * n)), "ratio": r} for r in ccfg.budgets]
@@ -296,8 +298,10 @@ class _Compare:
         self.write(report)
         return CompareResult(output_dir=self.out, report=report)
 
-    def seeded(self, method: str) -> bool:
-        return method == "random"
+    @staticmethod
+    def seeded(method: str) -> bool:
+        """Whether the method's selection depends on the compare seed (the random selector)."""
+        return bool(getattr(SELECTORS[method][0], "seeded", False))
 
     def sel_seeds(self, method: str) -> list[int | None]:
         return list(self.seeds) if self.seeded(method) else [None]
