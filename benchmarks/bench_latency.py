@@ -1,6 +1,6 @@
 """Latency of pruned models (issue 6): are they really faster?
 
-    python benchmarks/bench_latency.py            # full run, on a quiet machine (about 15-25 min on 2 cores)
+    python benchmarks/bench_latency.py            # full run, on a quiet machine (about 25-30 min on 2 cores)
     python benchmarks/bench_latency.py --quick    # smoke run: tiny shapes, few repetitions, seconds
 
 For each model (minilm-l6, mpnet-base) it times, interleaved round-robin, the
@@ -112,6 +112,10 @@ def _f(x, digits=2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _verdict(checks: list[bool]) -> str:
+    return "–" if not checks else ("yes" if all(checks) else "no")
+
+
 def render(result: dict) -> str:
     s = result["settings"]
     reps = (
@@ -126,12 +130,15 @@ def render(result: dict) -> str:
         "no padding; every model runs the attention kernel fastest for the dense model at that shape "
         f"(kernel policy `{s['kernel']}`). Pruned selections: seeded random (seed {s['seed']}) over all heads, "
         'so layers keep uneven head counts; "empty layers": every head of every other layer removed.\n',
-        "**floor-rel** = (dense − pruned) / ((dense − no attention) × share of heads removed): 1.00 = on the "
-        "straight line from the dense model to the same model without attention.\n",
+        "**floor-rel** = (dense − pruned) / ((dense − no attention) × share of heads removed), from the medians: "
+        "1.00 = on the straight line from the dense model to the same model without attention. **(paired)**: the "
+        "same figure from per-repetition differences (models interleaved), less sensitive to a drifting machine.\n",
     ]
     summary = [
-        "| model | pruned | " + " | ".join(f"{b}x{q}" for b, q in s["shapes"]) + " | goal met |",
-        "|---|---|" + "---|" * len(s["shapes"]) + "---|",
+        "| model | pruned | "
+        + " | ".join(f"{b}x{q}" for b, q in s["shapes"])
+        + " | floor-rel goals met | ONNX at least as fast |",
+        "|---|---|" + "---|" * len(s["shapes"]) + "---|---|",
     ]
     for model_name, res in result["models"].items():
         out.append(f"\n### {model_name} ({res['layers']} layers x {res['heads_per_layer']} heads)\n")
@@ -147,26 +154,26 @@ def render(result: dict) -> str:
             out.append(f"\nONNX exports checked against PyTorch (padded inputs, two shapes): max |diff| {worst:.1e}.\n")
         out.append(
             "\n| device | batch x seq | kernel | model | PyTorch ms (median) | IQR | seq/s | GMAC | floor-rel "
-            "| ONNX ms (median) | IQR | floor-rel |"
+            "| (paired) | ONNX ms (median) | IQR | floor-rel | (paired) |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for run in res["runs"]:
-            t, fr = run["timings"], run["floor_relative"]
+            t, fr, frp = run["timings"], run["floor_relative"], run.get("floor_relative_paired", {})
             for label in res["variants"]:
                 pt = t[label]
                 ox = t.get(ONNX_PREFIX + label)
                 out.append(
                     f"| {run['device']} | {run['batch']}x{run['seq']} | {run['kernel']} | {label} "
                     f"| {pt['median_ms']:.2f} | {pt['iqr_ms']:.2f} | {pt['sequences_per_s']:.1f} "
-                    f"| {run['macs'][label] / 1e9:.2f} | {_f(fr.get(label))} "
+                    f"| {run['macs'][label] / 1e9:.2f} | {_f(fr.get(label))} | {_f(frp.get(label))} "
                     f"| {_f(ox['median_ms'] if ox else None)} | {_f(ox['iqr_ms'] if ox else None)} "
-                    f"| {_f(fr.get(ONNX_PREFIX + label))} |"
+                    f"| {_f(fr.get(ONNX_PREFIX + label))} | {_f(frp.get(ONNX_PREFIX + label))} |"
                 )
         cpu_runs = [r for r in res["runs"] if r["device"] == "cpu"]
         for label in res["variants"]:
             if label in (DENSE, NO_ATTENTION):
                 continue
-            cells, met = [], []
+            cells, met, faster = [], [], []
             for b, q in s["shapes"]:
                 run = next((r for r in cpu_runs if (r["batch"], r["seq"]) == (b, q)), None)
                 x = run["floor_relative"].get(label) if run else None
@@ -175,9 +182,11 @@ def render(result: dict) -> str:
                 if goal is not None and x is not None:
                     met.append(x >= goal)
                 if run and ONNX_PREFIX + label in run["timings"]:
-                    met.append(run["timings"][ONNX_PREFIX + label]["median_ms"] <= run["timings"][label]["median_ms"])
-            verdict = "–" if not met else ("yes" if all(met) else "no")
-            summary.append(f"| {model_name} | {label} | " + " | ".join(cells) + f" | {verdict} |")
+                    onnx_ms = run["timings"][ONNX_PREFIX + label]["median_ms"]
+                    faster.append(onnx_ms <= run["timings"][label]["median_ms"])
+            summary.append(
+                f"| {model_name} | {label} | " + " | ".join(cells) + f" | {_verdict(met)} | {_verdict(faster)} |"
+            )
     out.append("\n### Floor-relative figure, PyTorch, CPU\n")
     out.append(
         "Goals: at least "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import pytest
@@ -18,7 +19,9 @@ from cahp.bench import (
     emptied_layers_removal,
     floor_relative,
     format_table,
+    jsonable,
     no_attention_model,
+    paired_floor_relative,
     parse_shapes,
     prepare_for_inference,
     random_removal,
@@ -90,6 +93,12 @@ def test_floor_relative_synthetic():
     assert floor_relative(10.0, 10.5, 4.0, 0.5) < 0  # slower than dense
     assert math.isnan(floor_relative(10.0, 9.0, 4.0, 0.0))  # nothing removed
     assert math.isnan(floor_relative(10.0, 9.0, 10.0, 0.5))  # attention costs nothing measurable
+
+
+def test_paired_floor_relative():
+    dense, floor = [10.0, 20.0, 10.0], [4.0, 14.0, 4.0]
+    assert paired_floor_relative(dense, [7.0, 17.0, 7.0], floor, 0.5) == pytest.approx(1.0)  # drift cancels
+    assert math.isnan(paired_floor_relative([], [], [], 0.5))
 
 
 def test_summarize_median_iqr():
@@ -193,8 +202,14 @@ def test_compact_kernel_keeps_gates_capture_and_surgery(family):
     assert att.probs[0].shape[1] == N_HEADS
     cahp.remove_heads(model, {0: [1]})
     torch.testing.assert_close(logits(model, batch), gated, atol=1e-5, rtol=0)
-    # a copy keeps the kernel
+    # a copy, or a pickled model, keeps the kernel
     torch.testing.assert_close(logits(copy.deepcopy(model), batch), gated, atol=1e-5, rtol=0)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(get_adapter(loaded).layers(loaded)[0].attention).__name__.startswith("Compact")
+    torch.testing.assert_close(logits(loaded, batch), gated, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["bert", "mpnet", "distilbert"])
@@ -257,7 +272,7 @@ def test_bench_models_smoke(family):
         assert set(run["timings"]) == expected
         assert all(t["n"] == 3 and t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in run["timings"].values())
         assert run["macs"]["dense"] > run["macs"]["half"] > run["macs"]["no_attention"]
-        assert "half" in run["floor_relative"]
+        assert "half" in run["floor_relative"] and "half" in run["floor_relative_paired"]
     if family == "bert":
         assert max(o["max_abs_diff"] for o in result["onnx"].values()) < 1e-4
     text = format_table(result)
@@ -328,3 +343,28 @@ def test_cli_bench_pruned_folder(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["variants"]["pruned"]["heads_per_layer"] == [3, 0, 2]
     assert data["runs"][0]["kernel"] == "compact"
+
+
+def test_benchmark_render_on_a_tiny_result():
+    """benchmarks/bench_latency.py renders what bench_models returns (RESULTS.md is generated from it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_latency", bench_dir / "bench_latency.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        from _common import metadata
+    finally:
+        sys.path.remove(str(bench_dir))
+    dense = tiny_model("bert")
+    res = bench_models(dense, module.pruned_variants(dense, seed=0), shapes=[(1, 32)], threads=1, reps=2, warmup=1)
+    settings = {
+        "threads": 1, "shapes": [[1, 32]], "kernel": "auto", "reps": 2, "min_reps": 1, "budget_s": 1.0,
+        "warmup": 1, "seed": 0, "onnx": False, "clock": "wall", "quick": True,
+    }  # fmt: skip
+    text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": jsonable(res)}})
+    assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text

@@ -44,7 +44,7 @@ from .arch import get_adapter
 from .evaluate import model_inputs
 from .gates import head_gates
 from .heads import kept_heads, model_shape
-from .salience import gate_gradients
+from .salience import gate_gradients, iter_gate_gradients
 from .selector import CAHPSelector, HeadStats, SelectionContext, check_budget
 
 log = logging.getLogger(__name__)
@@ -358,25 +358,9 @@ def collect_gate_gradients(model: nn.Module, batches: Sequence[dict], mask: torc
     gates need gradients), keeping each batch's gradient vector (Kwon et al.'s
     ``collect_mask_grads``).
     """
-    from tqdm.auto import tqdm
-
     acc = BatchGateGradients()
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with head_gates(model, init=mask.float() if mask is not None else 1.0, requires_grad=True) as gates:
-            for batch in tqdm(batches, desc="gate gradients", disable=not progress, mininterval=2):
-                out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
-                (grad,) = torch.autograd.grad(out.loss, gates.values)
-                acc.add_batch(grad)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
+    for grad in iter_gate_gradients(model, batches, mask=mask, progress=progress, desc="gate gradients"):
+        acc.add_batch(grad)
     return acc.result()
 
 

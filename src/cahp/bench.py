@@ -17,7 +17,9 @@ realised: 1.0 on the line, below 1 when per-call overhead eats the saving.
 Timing: fixed thread count (``torch.set_num_threads``), warm-up, then models
 interleaved round-robin within every repetition (the starting model rotates),
 median and inter-quartile range of the per-call latencies, under
-``torch.inference_mode``. Inputs are random token ids with every token real (no
+``torch.inference_mode``; onnxruntime models (``onnx=True``) are interleaved
+among themselves after the PyTorch ones, so two thread pools never take turns
+inside one repetition. Inputs are random token ids with every token real (no
 padding). Every model runs with the same attention kernel; ``kernel="auto"``
 times the dense model with each kernel first (eager, sdpa, compact: see
 `ArchAdapter.set_attention_kernel`) and keeps its fastest for all. The
@@ -211,6 +213,22 @@ def floor_relative(dense: float, pruned: float, no_attention: float, share_remov
     if not share_removed or span <= 0 or not all(map(math.isfinite, (dense, pruned, no_attention))):
         return float("nan")
     return (dense - pruned) / span
+
+
+def paired_floor_relative(
+    dense: Sequence[float], pruned: Sequence[float], no_attention: Sequence[float], share_removed: float
+) -> float:
+    """`floor_relative` from per-repetition differences: median(dense - pruned) / median(dense - floor) / share.
+
+    The three lists are aligned by repetition (round-robin), so slow drifts of
+    the machine cancel in each difference; a check on the figure from medians.
+    """
+    n = min(len(dense), len(pruned), len(no_attention))
+    if n == 0:
+        return float("nan")
+    saved = statistics.median(d - p for d, p in zip(dense[:n], pruned[:n]))
+    span = statistics.median(d - f for d, f in zip(dense[:n], no_attention[:n]))
+    return floor_relative(span, span - saved, 0.0, share_removed)
 
 
 def summarize(times_s: Sequence[float], batch: int, seq: int) -> dict:
@@ -522,18 +540,18 @@ def bench_models(
                 )
             run["timings"] = {k: summarize(t, batch, seq) for k, t in times.items()}
             run["macs"] = {v.label: count_macs(v.model, batch, seq)["total"] for v in variants}
-            run["floor_relative"] = {}
+            run["floor_relative"], run["floor_relative_paired"] = {}, {}
             med = {k: s["median_ms"] for k, s in run["timings"].items()}
             for v in variants:
                 if v.label in (DENSE, NO_ATTENTION):
                     continue
-                run["floor_relative"][v.label] = floor_relative(
-                    med[DENSE], med[v.label], med[NO_ATTENTION], v.share_removed
-                )
-                o = ONNX_PREFIX
-                if o + v.label in med:
-                    run["floor_relative"][o + v.label] = floor_relative(
-                        med[o + DENSE], med[o + v.label], med[o + NO_ATTENTION], v.share_removed
+                for prefix in ("", ONNX_PREFIX):
+                    if prefix + v.label not in med:
+                        continue
+                    d, p, n = (prefix + x for x in (DENSE, v.label, NO_ATTENTION))
+                    run["floor_relative"][p] = floor_relative(med[d], med[p], med[n], v.share_removed)
+                    run["floor_relative_paired"][p] = paired_floor_relative(
+                        times[d], times[p], times[n], v.share_removed
                     )
             result["runs"].append(run)
             log.info(
@@ -619,8 +637,10 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
         else ""
     )
     rows = [
-        f"{'model':28s} {'removed':>7s} {'median ms':>10s} {'IQR ms':>8s} {'seq/s':>9s} {'GMAC':>8s} {'floor-rel':>9s}"
+        f"{'model':28s} {'removed':>7s} {'median ms':>10s} {'IQR ms':>8s} {'seq/s':>9s} {'GMAC':>8s} "
+        f"{'floor-rel':>9s} {'paired':>7s}"
     ]
+    paired = run.get("floor_relative_paired", {})
     for label, t in run["timings"].items():
         base = label[len(ONNX_PREFIX) :] if label.startswith(ONNX_PREFIX) else label
         var = variants.get(base, {})
@@ -628,7 +648,8 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
         rows.append(
             f"{label:28s} {_fmt(100 * var.get('share_removed', float('nan')), 0) + '%':>7s} "
             f"{t['median_ms']:10.2f} {t['iqr_ms']:8.2f} {t['sequences_per_s']:9.1f} "
-            f"{_fmt(macs / 1e9 if macs else None, 2):>8s} {_fmt(run['floor_relative'].get(label)):>9s}"
+            f"{_fmt(macs / 1e9 if macs else None, 2):>8s} {_fmt(run['floor_relative'].get(label)):>9s} "
+            f"{_fmt(paired.get(label)):>7s}"
         )
     return head + "\n" + "\n".join(rows)
 
@@ -649,8 +670,9 @@ def format_table(result: dict) -> str:
         lines.append(format_run(run, result["variants"]))
     lines.append("")
     lines.append(
-        "floor-rel = (dense - pruned) / ((dense - no_attention) x share of heads removed); "
-        "1.0 = on the line from dense to the attention-free floor"
+        "floor-rel = (dense - pruned) / ((dense - no_attention) x share of heads removed), from medians; "
+        "1.0 = on the line from dense to the attention-free floor. paired: the same from per-repetition "
+        "differences (less sensitive to a drifting machine)"
     )
     return "\n".join(lines)
 

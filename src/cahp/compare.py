@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -66,7 +65,7 @@ from .gates import head_gates
 from .heads import mask_to_heads, mean_relative_depth
 from .io import add_log_file, read_json, to_jsonable, write_atomic, write_json
 from .knee import find_knee
-from .pipeline import PruneConfig, prepare_run
+from .pipeline import PruneConfig, _fingerprint, prepare_run
 from .selector import SelectionContext
 from .surgery import count_parameters, keep_heads
 
@@ -103,10 +102,6 @@ class CompareConfig:
 class CompareResult:
     output_dir: Path
     report: dict = field(default_factory=dict)
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _ResultCache:

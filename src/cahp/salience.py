@@ -11,7 +11,7 @@ tokens only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -45,6 +45,34 @@ class GateGradientAccumulator:
         return {"salience": self.abs_sum / self.count, "fisher": self.sq_sum / self.count}
 
 
+def iter_gate_gradients(
+    model: nn.Module, batches: Iterable[dict], mask: torch.Tensor | None = None, progress: bool = True,
+    desc: str = "salience",
+) -> Iterator[torch.Tensor]:
+    """Yield dL/dgate, shape (L, H), for each labelled batch (gates at 1, or at ``mask``).
+
+    Eval mode (no dropout: the gradient of the deployed function); only the
+    gates need gradients, so the weights' ``requires_grad`` is switched off
+    for the passes and restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with head_gates(model, init=mask.float() if mask is not None else 1.0, requires_grad=True) as gates:
+            for batch in tqdm(batches, desc=desc, disable=not progress, mininterval=2):
+                out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
+                (grad,) = torch.autograd.grad(out.loss, gates.values)
+                yield grad
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def gate_gradients(
     model: nn.Module,
     batches: Iterable[dict],
@@ -70,24 +98,8 @@ def gate_gradients(
         batches, reduce = distributed.shard(batches), distributed.all_reduce_sum
     n_layers, n_heads = model_shape(model.config)
     acc = GateGradientAccumulator(n_layers, n_heads)
-    was_training = model.training
-    model.eval()  # no dropout: the gradient of the deployed function
-    device = next(model.parameters()).device
-    init = mask.float() if mask is not None else 1.0
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)  # only the gates need gradients
-    try:
-        with head_gates(model, init=init, requires_grad=True) as gates:
-            bar = tqdm(batches, desc="salience", disable=not distributed.show_progress(progress), mininterval=2)
-            for batch in bar:
-                out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
-                (grad,) = torch.autograd.grad(out.loss, gates.values)
-                acc.add_batch(grad)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
+    for grad in iter_gate_gradients(model, batches, mask=mask, progress=distributed.show_progress(progress)):
+        acc.add_batch(grad)
     if reduce is not None:
         acc.abs_sum, acc.count = reduce(acc.abs_sum, acc.count)
         acc.sq_sum, _ = reduce(acc.sq_sum, 0)

@@ -22,7 +22,7 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(ATTENTION_KERNELS)}")
 
 
-_COMPACT_CLASSES: dict[type, type] = {}
+_COMPACT_CLASSES: dict[tuple, type] = {}
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -83,21 +83,35 @@ def set_compact(module: nn.Module, forward) -> None:
     """Give ``module`` the compact ``forward`` (through a subclass), or restore its class (``None``).
 
     The subclass only overrides ``forward``: state, parameters and hooks stay.
-    It is registered in this module under a stable name, so a pickled model
-    can find it once the family's adapter module is imported.
+    It pickles as its base class plus the forward to put back (`_rebuild_compact`),
+    so ``torch.save``/``copy.deepcopy`` of a model work in any process.
     """
     base = getattr(type(module), "_cahp_compact_base", type(module))
     if forward is None:
         module.__class__ = base
         return
-    cls = _COMPACT_CLASSES.get(base)
+    cls = _COMPACT_CLASSES.get((base, forward))
     if cls is None:
         name = f"Compact{base.__name__}"
-        cls = type(name, (base,), {"forward": forward, "_cahp_compact_base": base, "__module__": __name__})
+        cls = type(
+            name,
+            (base,),
+            {"forward": forward, "_cahp_compact_base": base, "__reduce_ex__": _reduce_compact, "__module__": __name__},
+        )
         cls.__qualname__ = name
-        globals()[name] = cls
-        _COMPACT_CLASSES[base] = cls
+        _COMPACT_CLASSES[(base, forward)] = cls
     module.__class__ = cls
+
+
+def _reduce_compact(self, protocol):
+    cls = type(self)
+    return _rebuild_compact, (cls._cahp_compact_base, cls.forward), self.__dict__
+
+
+def _rebuild_compact(base: type, forward) -> nn.Module:
+    module = base.__new__(base)
+    set_compact(module, forward)
+    return module  # pickle then restores __dict__ (parameters, submodules, hooks)
 
 
 @dataclass
