@@ -23,13 +23,14 @@ def field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argpars
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-def _base_type(tp):
+def _base_type(tp) -> tuple[type, bool]:
+    """(element type, is_list) of a field annotation: ``int | None`` -> (int, False), ``list[str]`` -> (str, True)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     if origin in (list, tuple):
-        return _base_type(typing.get_args(tp)[0]), True
+        return _base_type(typing.get_args(tp)[0])[0], True
     return tp, False
 
 
@@ -38,8 +39,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("help"):
             continue
-        base = _base_type(hints[f.name])
-        tp, is_list = base if isinstance(base, tuple) else (base, False)
+        tp, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         opt = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {

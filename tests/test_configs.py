@@ -1,0 +1,28 @@
+"""Dataclass configs -> argparse options."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from cahp.configs import add_dataclass_args, field, from_args
+
+
+@dataclass
+class Example:
+    methods: list[str] = field(["a", "b"], "methods to run")
+    budgets: list[float] = field([0.5, 0.25], "budgets")
+    epochs: int = field(3, "epochs")
+    lr: float | None = field(None, "learning rate")
+    flag: bool = field(False, "a switch")
+    mode: str = field("x", "mode", choices=["x", "y"])
+
+
+def test_dataclass_args_round_trip():
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, Example)
+    assert from_args(Example, p.parse_args([])) == Example()
+    got = from_args(Example, p.parse_args(["--budgets", "0.1", "0.2", "--methods", "c", "--epochs", "5",
+                                           "--lr", "0.01", "--flag", "--mode", "y"]))
+    assert got == Example(methods=["c"], budgets=[0.1, 0.2], epochs=5, lr=0.01, flag=True, mode="y")
+    assert Example().methods is not Example().methods  # list defaults are not shared
