@@ -36,6 +36,7 @@ from cahp.tasks import get_task  # noqa: E402
 
 log = logging.getLogger("bench_finetune")
 NAME = "finetune_dense"
+SPEED_NAME = "finetune_speed"
 
 
 def run_accuracy(specs: list[str], data_dir: str | None) -> None:
@@ -110,14 +111,14 @@ def run_speed(data_dir: str | None, reps: int) -> None:
         "ratio_epoch_vs_train_step": med["finetune_epoch"] / med["train_step"],
         "ratio_train_step_vs_fwd_bwd": med["train_step"] / med["fwd_bwd"],
     }
-    result = load_result(NAME) or {"runs": []}
-    result["speed"] = speed
-    result["speed_meta"] = metadata()
-    write_result(NAME, {k: v for k, v in result.items() if k != "meta"}, result.get("meta") or metadata())
+    # Its own file: the accuracy runs rewrite finetune_dense.json while they go on.
+    write_result(SPEED_NAME, {"speed": speed}, metadata())
     log.info("speed: %s", {k: round(v, 3) for k, v in speed.items() if k.startswith("ratio")})
 
 
 def render(result: dict) -> str:
+    if "runs" not in result:  # finetune_speed.json
+        return render_speed(result["speed"], result["meta"])
     out = [meta_lines(result["meta"])]
     groups: dict[tuple, list] = {}
     for r in result.get("runs", []):
@@ -139,13 +140,16 @@ def render(result: dict) -> str:
             )
     cfg = result["runs"][0]["config"] if result.get("runs") else {}
     out.append(f"\nSettings (library defaults): {', '.join(f'{k}={v}' for k, v in cfg.items() if k != 'seed')}.\n")
-    sp = result.get("speed")
+    return "\n".join(out) + "\n"
+
+
+def render_speed(sp: dict, meta: dict) -> str:
+    out = []
     if sp:
         med = sp["median_seconds"]
-        out.append(f"\n### Data-handling overhead ({sp['model']} / {sp['task']}, {sp['batches']} batches of "
+        out.append(f"Data-handling overhead ({sp['model']} / {sp['task']}, {sp['batches']} batches of "
                    f"{sp['batch_size']}, median of {sp['reps']} interleaved repetitions)\n")
-        if result.get("speed_meta"):
-            out.append(meta_lines(result["speed_meta"]))
+        out.append(meta_lines(meta))
         out.append("| measured | seconds (median) | ratio to bare forward+backward |")
         out.append("|---|---|---|")
         for key, label in [("fwd_bwd", "bare forward+backward"), ("train_step", "bare training step (+ clip, AdamW)"),

@@ -20,6 +20,7 @@ sys.path.insert(0, str(HERE))
 # (results file stem, benchmark module, section title)
 SECTIONS = [
     ("finetune_dense", "bench_finetune", "Dense fine-tuning (issue 3)"),
+    ("finetune_speed", "bench_finetune", "Fine-tuning speed: data handling against bare forward+backward (issue 3)"),
     ("prune_minilm_sst5", "bench_prune", "CAHP end to end: `cahp prune` on minilm-l6 / SST-5 (issue 4)"),
     ("signature_cost", "bench_signatures", "Signature and distance cost, memory (issue 4)"),
     ("latency", "bench_latency", "Latency of pruned models (issue 6)"),
