@@ -40,6 +40,7 @@ SPEED_NAME = "finetune_speed"
 
 
 def run_accuracy(specs: list[str], data_dir: str | None) -> None:
+    meta = metadata()  # the code that runs is the code at start
     result = load_result(NAME) or {"runs": [], "speed": None}
     done = {(r["model"], r["task"], r["seed"]) for r in result["runs"]}
     for spec in specs:
@@ -62,14 +63,15 @@ def run_accuracy(specs: list[str], data_dir: str | None) -> None:
                 "history": ft.history,
             }
             result["runs"].append(run)
-            result["meta"] = metadata()
-            write_result(NAME, {k: v for k, v in result.items() if k != "meta"}, result["meta"])
+            result["meta"] = meta
+            write_result(NAME, {k: v for k, v in result.items() if k != "meta"}, meta)
             log.info("%s/%s seed %d: test %s", model_name, task_name, seed,
                      {s: round(v["accuracy"], 4) for s, v in test.items()})
 
 
 def run_speed(data_dir: str | None, reps: int) -> None:
     """Epoch of cahp.finetune vs bare forward+backward over the same batches."""
+    meta = metadata()
     task = get_task("sst5", data_dir=data_dir)
     cfg = FinetuneConfig(epochs=1, seed=0, patience=0)
     model, tok = cahp.load_model("minilm-l6", num_labels=task.num_labels)
@@ -112,7 +114,7 @@ def run_speed(data_dir: str | None, reps: int) -> None:
         "ratio_train_step_vs_fwd_bwd": med["train_step"] / med["fwd_bwd"],
     }
     # Its own file: the accuracy runs rewrite finetune_dense.json while they go on.
-    write_result(SPEED_NAME, {"speed": speed}, metadata())
+    write_result(SPEED_NAME, {"speed": speed}, meta)
     log.info("speed: %s", {k: round(v, 3) for k, v in speed.items() if k.startswith("ratio")})
 
 

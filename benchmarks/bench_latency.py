@@ -61,6 +61,7 @@ def pruned_variants(dense, seed: int) -> dict:
 
 
 def run(args) -> dict:
+    meta = metadata()  # stamped at start: the code that runs
     settings = {
         "threads": args.threads,
         "shapes": [list(s) for s in parse_shapes(args.shapes)],
@@ -99,10 +100,10 @@ def run(args) -> dict:
         result["models"][model_name] = jsonable(res)
         if args.quick:  # a smoke run never touches results/
             path = write_json_atomic(
-                Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": metadata(), **result}
+                Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": meta, **result}
             )
         else:  # after every model: a crash keeps what was done
-            path = write_result(name, result, metadata())
+            path = write_result(name, result, meta)
         log.info("wrote %s", path)
         del dense, pruned
     return result

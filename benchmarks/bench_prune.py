@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--task", default="sst5")
     args = p.parse_args()
+    meta = metadata()
     cfg = PruneConfig(model=args.model, task=args.task, output_dir=args.output_dir)
     res = run_prune(cfg, FinetuneConfig(seed=cfg.seed))
     r = res.report
@@ -39,7 +40,7 @@ def main() -> None:
     keep = ("model", "task", "settings", "data", "heads_before", "k_star", "heads_kept", "k_source", "knee",
             "curve", "kept_heads", "heads_per_layer", "mean_relative_depth", "scores", "parameters",
             "stage_seconds", "total_seconds")
-    write_result(f"prune_{args.model.split('-')[0]}_{args.task}", {k: r[k] for k in keep}, metadata())
+    write_result(f"prune_{args.model.split('-')[0]}_{args.task}", {k: r[k] for k in keep}, meta)
 
 
 def render(result: dict) -> str:

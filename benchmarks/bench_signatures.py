@@ -70,6 +70,7 @@ def main() -> None:
     if args.memory_child:
         memory_child(int(args.memory_child[0]), args.memory_child[1])
         return
+    meta = metadata()
     if args.quick:
         args.n, args.reps, args.memory_sizes = 64, 1, [64, 128]
     model, batches = _batches(args.n)
@@ -101,7 +102,7 @@ def main() -> None:
         "memory": memory,
         "memory_growth": memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1,
     }
-    write_result("signature_cost" + ("_quick" if args.quick else ""), result, metadata())
+    write_result("signature_cost" + ("_quick" if args.quick else ""), result, meta)
     log.info("ratios %s, memory growth %.3f", result["ratio_to_forward"], result["memory_growth"])
 
 
