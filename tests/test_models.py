@@ -96,3 +96,32 @@ def test_minilm_prune_half_save_load(tmp_path):
             **tok2(["a gorgeous, witty film", "it drags."], padding=True, return_tensors="pt")
         ).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+@pytest.mark.integration
+def test_mpnet_prune_half_gate_equals_surgery_save_load(tmp_path):
+    """The real mpnet-base: shared relative position bias sliced per layer after uneven pruning."""
+    model, tok = cahp.load_model("mpnet-base", num_labels=3)
+    n0 = cahp.count_parameters(model)
+    assert n0 == 109_490_309 - 2 * (768 + 1)  # the 5-label head of the reference count, minus two classes
+    rng = random.Random(1)
+    flat = rng.sample([(l, h) for l in range(12) for h in range(12)], 72)
+    pattern: dict[int, list[int]] = {}
+    for l, h in flat:
+        pattern.setdefault(l, []).append(h)
+    batch = tok(["a gorgeous, witty film", "it drags on and on, and the ending is a letdown."], padding=True,
+                return_tensors="pt")
+    gates = torch.ones(12, 12)
+    for l, hs in pattern.items():
+        gates[l, hs] = 0
+    with cahp.head_gates(model, init=gates), torch.no_grad():
+        gated = model(**batch).logits
+    cahp.remove_heads(model, pattern)
+    with torch.no_grad():
+        pruned = model(**batch).logits
+    torch.testing.assert_close(pruned, gated, atol=1e-5, rtol=0)
+    assert n0 - cahp.count_parameters(model) == 72 * (3 * (64 * 768 + 64) + 768 * 64)
+    cahp.save_pruned(model, tok, tmp_path / "p")
+    loaded, _ = cahp.load_pruned(tmp_path / "p", with_tokenizer=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, pruned, atol=0, rtol=0)
