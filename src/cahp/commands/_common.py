@@ -41,3 +41,17 @@ def default_output_dir(kind: str, model: str, task: str) -> Path:
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(s).name if Path(s).exists() else s).strip("-")
 
     return Path("runs") / f"{kind}-{slug(model)}-{slug(task)}"
+
+
+def prune_configs(args):
+    """(PruneConfig, FinetuneConfig) from parsed options; the fine-tuning seed follows --seed."""
+    from cahp.configs import from_args
+    from cahp.finetune import FinetuneConfig
+    from cahp.pipeline import PruneConfig
+
+    cfg = from_args(PruneConfig, args)
+    if not cfg.output_dir:
+        cfg.output_dir = str(default_output_dir("prune", cfg.model, cfg.task))
+    ft = from_args(FinetuneConfig, args)
+    ft.seed = cfg.seed
+    return cfg, ft

@@ -8,7 +8,7 @@ from cahp.configs import add_dataclass_args, from_args
 from cahp.finetune import FinetuneConfig
 from cahp.pipeline import PruneConfig
 
-from ._common import default_output_dir
+from ._common import prune_configs
 
 _NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")
 
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (after pruning, the same for every method; and the dense model's)")
     add_dataclass_args(g, FinetuneConfig, skip=("seed",))
     c = p.add_argument_group("comparison")
-    # list options by hand: cahp.configs.add_dataclass_args mis-reads list[...] annotations
+    # list options by hand, for their choices and metavars
     c.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(SELECTORS), metavar="METHOD",
                    help=f"methods to compare, cahp always included; from {', '.join(SELECTORS)} "
                         f"(default: {' '.join(DEFAULT_METHODS)})")
@@ -39,11 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from cahp.compare import CompareConfig, run_compare, verdict_lines
 
-    cfg = from_args(PruneConfig, args)
-    if not cfg.output_dir:
-        cfg.output_dir = str(default_output_dir("prune", cfg.model, cfg.task))
-    ft = from_args(FinetuneConfig, args)
-    ft.seed = cfg.seed
+    cfg, ft = prune_configs(args)
     ccfg = from_args(CompareConfig, args)
     result = run_compare(cfg, ft, ccfg)
     r = result.report

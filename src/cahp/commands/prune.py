@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cahp.configs import add_dataclass_args, from_args
+from cahp.configs import add_dataclass_args
 from cahp.finetune import FinetuneConfig
 from cahp.pipeline import PruneConfig
 
-from ._common import default_output_dir
+from ._common import prune_configs
 
 log = logging.getLogger("cahp.prune")
 
@@ -24,11 +24,7 @@ def run(args) -> int:
     from cahp import distributed
     from cahp.pipeline import run_prune
 
-    cfg = from_args(PruneConfig, args)
-    if not cfg.output_dir:
-        cfg.output_dir = str(default_output_dir("prune", cfg.model, cfg.task))
-    ft = from_args(FinetuneConfig, args)
-    ft.seed = cfg.seed
+    cfg, ft = prune_configs(args)
     result = run_prune(cfg, ft)
     if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
