@@ -272,3 +272,26 @@ def test_bucketing_reduces_padding_on_sst5(tokenizer) -> None:
     for b in evaluation:
         preds[b["index"]] = b["labels"]
     assert preds.tolist() == ds.labels
+
+
+def test_split_batches_cover_every_example_within_budget() -> None:
+    from cahp.batching import split_batches
+
+    rng = random.Random(3)
+    feats = [{"input_ids": list(range(1, rng.randint(1, 20) + 1))} for _ in range(37)]
+    batches = make_batches(EncodedDataset(feats, [i % 3 for i in range(37)]), 16, shuffle=True, seed=1)
+    pieces = list(split_batches(batches, 600))
+    assert len(pieces) > len(batches)
+    seen = torch.cat([p["index"] for p in pieces]).sort().values
+    assert torch.equal(seen, torch.arange(37))
+    for p in pieces:
+        n, w = p["attention_mask"].shape
+        assert n * w * w <= 600 or n == 1
+        assert p["input_ids"].shape == (n, w) and p["labels"].shape == (n,)
+        assert p["attention_mask"][:, -1].any()  # trimmed to its own longest example
+        for row, i in zip(p["input_ids"].tolist(), p["index"].tolist()):
+            assert row[: len(feats[i]["input_ids"])] == feats[i]["input_ids"]
+    # a batch within budget passes through as it is
+    assert next(split_batches(batches[:1], 10**9)) is batches[0]
+    with pytest.raises(ValueError, match="max_cells"):
+        next(split_batches(batches, 0))

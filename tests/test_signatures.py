@@ -96,3 +96,26 @@ def test_salience_matches_finite_differences():
         assert abs(abs(fd) - res["salience"][layer, head].item()) < 1e-6
         assert abs(fd**2 - res["fisher"][layer, head].item()) < 1e-8
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_split_batches_bound_the_pass_and_keep_the_statistics(monkeypatch):
+    model = tiny_model("bert", attn="sdpa")
+    seqs = _sentences(1, n=12)
+    whole = [_pad(seqs, 16)]
+    a = collect_signatures(model, whole, kinds=("js", "skl"), progress=False, max_attention_cells=None)
+    seen = []
+    real_split = cahp.signatures.split_batches
+
+    def spy(batches, max_cells):
+        for b in real_split(batches, max_cells):
+            seen.append(b["attention_mask"].shape)
+            yield b
+
+    monkeypatch.setattr(cahp.signatures, "split_batches", spy)
+    # 12 heads; 12 * 3 * 8**2 cells: at most three 8-token sentences per piece
+    b = collect_signatures(model, whole, kinds=("js", "skl"), progress=False, max_attention_cells=12 * 3 * 8 * 8)
+    assert len(seen) >= 4 and all(n * w * w <= 3 * 64 for n, w in seen)
+    assert a.rows == b.rows and a.examples == b.examples == 12
+    for kind in ("js", "skl"):
+        torch.testing.assert_close(a.distances[kind], b.distances[kind], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.entropy, b.entropy, atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from cahp.tasks import Example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodedDataset", "collate", "encode", "iter_batches", "make_batches", "padding_fraction"]
+__all__ = ["EncodedDataset", "collate", "encode", "iter_batches", "make_batches", "padding_fraction", "split_batches"]
 
 #: Keys kept from the tokenizer output.
 FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -244,6 +244,51 @@ def make_batches(
             drop_last=drop_last,
         )
     )
+
+
+def split_batches(batches: Iterable[dict[str, torch.Tensor]], max_cells: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield ``batches``, each cut along its examples so that ``examples x width**2 <= max_cells``.
+
+    Attention over one batch holds ``examples x width x width`` cells per head, so
+    this bounds the working set of anything that materialises attention (the
+    signature pass) whatever sample the batches came from. Each piece is trimmed
+    to its own longest sequence (right padding), which changes no real token's
+    attention. A single example wider than the budget still forms a piece.
+
+    Args:
+        batches: Collated batches (see :func:`collate`): every tensor has the examples on dim 0;
+            2-d tensors as wide as ``attention_mask`` are token-aligned.
+        max_cells: Budget of ``examples x width**2`` per piece (>= 1).
+
+    Yields:
+        Batches (unchanged ones are passed through as they are).
+    """
+    if max_cells < 1:
+        raise ValueError(f"max_cells must be >= 1, got {max_cells}")
+    for batch in batches:
+        mask = batch["attention_mask"]
+        n, width = mask.shape
+        if n * width * width <= max_cells:
+            yield batch
+            continue
+        lengths = mask.sum(1).tolist()
+        start = 0
+        while start < n:
+            # grow the piece while the budget holds for its (so far) longest example
+            end, longest = start + 1, max(lengths[start], 1)
+            while end < n:
+                wider = max(longest, lengths[end])
+                if (end + 1 - start) * wider * wider > max_cells:
+                    break
+                end, longest = end + 1, wider
+            piece = {}
+            for key, v in batch.items():
+                v = v[start:end]
+                if v.dim() == 2 and v.shape[1] == width:
+                    v = v[:, :longest]
+                piece[key] = v
+            yield piece
+            start = end
 
 
 def padding_fraction(batches: Sequence[dict[str, torch.Tensor]]) -> float:

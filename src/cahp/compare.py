@@ -359,7 +359,7 @@ class _Compare:
                         heldout = score_mask(self.model, gates, run.curve_batches, run.curve_labels)
                         with head_gates(self.model, init=gates):
                             test = evaluate_task(self.model, self.tok, self.task, max_length=self.dense_ft.max_length,
-                                                 seed=self.cfg.seed, keep_predictions=True)
+                                                 seed=self.cfg.seed, keep_predictions=True, progress=self.progress)
                         rec = {"k": k, "kept": mask_to_heads(mask), "heldout_accuracy": heldout, "test": test,
                                "selection": info, "seconds": {"select": s, "evaluate": time.perf_counter() - t0}}
                         if not torch.equal(gates, mask.float()):
@@ -406,7 +406,7 @@ class _Compare:
                        progress=self.progress)
         t1 = time.perf_counter()
         test = evaluate_task(model, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
-                             keep_predictions=True)
+                             keep_predictions=True, progress=self.progress)
         log.info("fine-tuned %s (%s heads, seed %d): %s accuracy %.4f", what,
                  "all" if kept is None else sum(len(v) for v in kept.values()), ft.seed, self.split,
                  test[self.split]["accuracy"])

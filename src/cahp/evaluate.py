@@ -154,11 +154,12 @@ def evaluate_examples(
     seed: int = 0,
     desc: str | None = None,
     encoded: EncodedDataset | None = None,
+    progress: bool = True,
 ) -> dict:
     """Score ``model`` on a list of examples; adds ``predictions`` (dataset order)."""
     ds = encoded if encoded is not None else encode(tokenizer, examples, max_length)
     batches = iter_batches(ds, batch_size, shuffle=False, pad_token_id=tokenizer.pad_token_id or 0)
-    preds, _ = predict(model, batches, len(ds), desc=desc)
+    preds, _ = predict(model, batches, len(ds), desc=desc, progress=progress)
     result = score(preds, np.asarray(ds.labels), num_labels, n_bootstrap=n_bootstrap, seed=seed)
     result["predictions"] = preds.tolist()
     return result
@@ -175,6 +176,7 @@ def evaluate_task(
     n_bootstrap: int = 1000,
     seed: int = 0,
     keep_predictions: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Score ``model`` on task splits (default: the test split and any extra evaluation splits).
 
@@ -188,7 +190,7 @@ def evaluate_task(
         examples = task.load(split)
         res = evaluate_examples(
             model, tokenizer, examples, task.num_labels, max_length=max_length, batch_size=batch_size,
-            n_bootstrap=n_bootstrap, seed=seed, desc=f"evaluate {task.name}/{split}",
+            n_bootstrap=n_bootstrap, seed=seed, desc=f"evaluate {task.name}/{split}", progress=progress,
         )
         if not keep_predictions:
             res.pop("predictions")

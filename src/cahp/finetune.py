@@ -162,7 +162,7 @@ def finetune(
         t_train = time.perf_counter() - t0
         dev = evaluate_examples(
             model, tokenizer, dev_examples, task.num_labels, max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size, n_bootstrap=0, encoded=dev_ds, desc="dev",
+            batch_size=cfg.eval_batch_size, n_bootstrap=0, encoded=dev_ds, desc="dev", progress=progress,
         )
         dev.pop("predictions")
         t_epoch = time.perf_counter() - t0

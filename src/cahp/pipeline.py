@@ -271,7 +271,7 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
             ft = finetune(model, tok, task, ft_cfg, train_examples=train_ex, progress=progress)
             info["finetune"] = ft.to_dict()
         info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
-                                     keep_predictions=True)
+                                     keep_predictions=True, progress=progress)
         distributed.on_main(save_pruned, model, tok, dense_dir)
         cached = stages.put_json("finetune_dense", identity, info)
         stages.timed("finetune_dense", time.perf_counter() - t, False)
@@ -372,12 +372,13 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         distributed.sync_module(pruned.to(distributed.device()))
         stages.timed("surgery_and_finetune", time.perf_counter() - t, True)
     else:
-        final = {"test_after_pruning": evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed)}
+        final = {"test_after_pruning": evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
+                                                     progress=progress)}
         if not cfg.skip_final_finetune:
             ft2 = finetune(pruned, tok, task, ft_cfg, train_examples=train_ex, progress=progress)
             final["finetune"] = ft2.to_dict()
             final["test_after_finetune"] = evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length,
-                                                         seed=cfg.seed)
+                                                         seed=cfg.seed, progress=progress)
         distributed.on_main(save_pruned, pruned, tok, model_dir)
         final = stages.put_json("final", key4, final)
         stages.timed("surgery_and_finetune", time.perf_counter() - t, False)

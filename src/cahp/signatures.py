@@ -21,11 +21,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .batching import split_batches
 from .capture import iter_attention
 from .distances import DISTANCES, DistanceAccumulator
 from .heads import kept_heads
 
 log = logging.getLogger(__name__)
+
+#: Default bound on the attention one forward pass of the signature pass holds:
+#: examples x width**2 x heads <= this many float32 cells (16 MiB). Larger
+#: batches are cut (`cahp.batching.split_batches`); the statistics are sums over
+#: real query rows, so the cut changes them by rounding only, and peak memory
+#: no longer depends on how long the longest sentence of the sample is.
+MAX_ATTENTION_CELLS = 2**22
 
 
 class EntropyAccumulator:
@@ -96,6 +104,7 @@ def collect_signatures(
     kinds: Sequence[str] = ("js",),
     progress: bool = True,
     reduce=None,
+    max_attention_cells: int | None = MAX_ATTENTION_CELLS,
 ) -> Signatures:
     """Stream ``batches`` through ``model`` and accumulate head signatures.
 
@@ -109,6 +118,8 @@ def collect_signatures(
             (`cahp.distributed.shard`) and the sums are all-reduced
             (`cahp.distributed.all_reduce_sum`); with one process, nothing.
             A callable: the caller has sharded ``batches`` itself.
+        max_attention_cells: batches whose attention (examples x width**2 x heads)
+            exceeds this are cut into smaller ones; None: batches as given.
 
     Returns:
         `Signatures`; distances are symmetric with a zero diagonal.
@@ -121,6 +132,8 @@ def collect_signatures(
     kept = kept_heads(model.config)
     head_ids = [(layer, h) for layer, hs in sorted(kept.items()) for h in hs]
     n = len(head_ids)
+    if max_attention_cells is not None:
+        batches = split_batches(batches, max(1, max_attention_cells // max(n, 1)))
     accs = {k: DistanceAccumulator(n, k) for k in kinds}
     ent = EntropyAccumulator(n)
     seconds = {k: 0.0 for k in kinds}
