@@ -10,7 +10,7 @@ repository, as `bench_prune.py` writes it; or ``--output-dir``), with the same
 default settings, so it reuses that run's fine-tuned dense model, signatures,
 salience and CAHP curve, and every (method, budget, seed) result it has already
 computed: an interrupted benchmark resumes. Writes
-``results/compare_<configuration>.json`` (the compare report plus provenance);
+``results/compare_<configuration>.json`` (or ``--result-name``) (the compare report plus provenance);
 `render` turns it into tables and a plain-language verdict per method and
 budget (CAHP's win / tie / loss from the paired-bootstrap interval).
 """
@@ -56,7 +56,7 @@ def run(name: str, args) -> Path:
     report["configuration"] = name
     report["output_dir"] = str(out)
     report["bench_settings"] = {"prune": asdict(cfg), "finetune": asdict(ft), "compare": asdict(ccfg)}
-    path = write_result(f"compare_{name}", report, metadata())
+    path = write_result(args.result_name or f"compare_{name}", report, metadata())
     for line in verdict_lines(report):
         log.info("%s", line)
     return path
@@ -91,10 +91,13 @@ def main() -> None:
     p.add_argument("--output-dir", default=None, help="compare folder (default: runs/bench/prune-MODEL-TASK); "
                                                       "only with a single configuration")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--result-name", default=None,
+                   help="results/NAME.json instead of results/compare_CONFIGURATION.json (e.g. one file for "
+                        "the no-fine-tuning part over 3 seeds, another for a fine-tuned subset); one configuration")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args()
-    if args.output_dir and len(args.configs) > 1:
-        p.error("--output-dir takes a single configuration")
+    if (args.output_dir or args.result_name) and len(args.configs) > 1:
+        p.error("--output-dir and --result-name take a single configuration")
     for name in args.configs:
         log.info("wrote %s", run(name, args))
 

@@ -90,6 +90,10 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     assert curves["cahp"]["accuracy"] == [p["accuracy"] for p in stage]
     md = (out / "compare.md").read_text()
     assert "| gradient |" in md and "Verdicts" in md and ("tie" in md or "win" in md or "loss" in md)
+    labels = [json.loads(line)["label"] for line in (tiny_setup / "task" / "test.jsonl").read_text().splitlines()]
+    majority = max(labels.count(c) for c in set(labels)) / len(labels)
+    assert r["data"]["test_majority_share"] == pytest.approx(majority)
+    assert f"most frequent test label scores {100 * majority:.2f}%" in md
     saved = json.loads((out / "compare.json").read_text())
     assert saved["finetuned"]["results"]["50%"]["gradient"]["accuracy"] == ft_res["gradient"]["accuracy"]
     assert render_markdown(saved) == md  # the markdown is generated from the JSON alone

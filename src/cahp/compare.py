@@ -531,7 +531,9 @@ class _Compare:
                 "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
             },
             "data": {"finetune_examples": len(run.train_examples), "curve_examples": len(run.curve_examples),
-                     "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels)},
+                     "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels),
+                     # accuracy of always predicting the most frequent test label: the floor a collapsed model hits
+                     "test_majority_share": float(np.bincount(self.labels).max() / len(self.labels))},
             "statistics": STATISTICS,
             "verdict_rule": VERDICT_RULE,
             "k_star": self.knee.k,
@@ -629,7 +631,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# CAHP against the baselines: {report['model']} / {report['task']}\n",
         f"- test split `{split}` ({report['data']['test_examples']} examples); dense fine-tuned model: "
-        f"{_pct(dense_acc)} accuracy",
+        f"{_pct(dense_acc)} accuracy"
+        + (f"; always predicting the most frequent test label scores {_pct(report['data']['test_majority_share'])}%"
+           if "test_majority_share" in report["data"] else ""),
         "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['heads']} heads" for b in report["budgets"])
         + f" (CAHP's knee k* = {report['k_star']})",
         f"- seeds: {st['seeds']}; fine-tuning after pruning: {fa['epochs']} epochs max, lr {fa['lr']}, "
