@@ -113,6 +113,13 @@ def _f(x, digits=2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _goal_verdict(x: float, ci: list | None, goal: float) -> str:
+    """met / missed, or undecided when the 95% interval of the figure contains the goal."""
+    if ci and not any(math.isnan(c) for c in ci):
+        return "met" if ci[0] >= goal else "missed" if ci[1] < goal else "undecided"
+    return "met" if x >= goal else "missed"
+
+
 def _verdict(checks: list[bool]) -> str:
     return "–" if not checks else ("yes" if all(checks) else "no")
 
@@ -138,7 +145,7 @@ def render(result: dict) -> str:
     summary = [
         "| model | pruned | "
         + " | ".join(f"{b}x{q}" for b, q in s["shapes"])
-        + " | floor-rel goals met | ONNX at least as fast |",
+        + " | goal per shape | ONNX at least as fast |",
         "|---|---|" + "---|" * len(s["shapes"]) + "---|---|",
     ]
     for model_name, res in result["models"].items():
@@ -178,21 +185,25 @@ def render(result: dict) -> str:
             for b, q in s["shapes"]:
                 run = next((r for r in cpu_runs if (r["batch"], r["seq"]) == (b, q)), None)
                 x = run["floor_relative"].get(label) if run else None
-                cells.append(_f(x))
+                ci = (run.get("floor_relative_ci95") or {}).get(label) if run else None
+                cells.append(_f(x) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""))
                 goal = GOALS.get((b, q))
                 if goal is not None and x is not None:
-                    met.append(x >= goal)
+                    met.append(_goal_verdict(x, ci, goal))
                 if run and ONNX_PREFIX + label in run["timings"]:
                     onnx_ms = run["timings"][ONNX_PREFIX + label]["median_ms"]
                     faster.append(onnx_ms <= run["timings"][label]["median_ms"])
             summary.append(
-                f"| {model_name} | {label} | " + " | ".join(cells) + f" | {_verdict(met)} | {_verdict(faster)} |"
+                f"| {model_name} | {label} | " + " | ".join(cells) + f" | {', '.join(met) or '–'} "
+                f"| {_verdict(faster)} |"
             )
     out.append("\n### Floor-relative figure, PyTorch, CPU\n")
     out.append(
         "Goals: at least "
         + ", ".join(f"{g} at {b}x{q}" for (b, q), g in GOALS.items())
-        + ", and the ONNX model at least as fast as the PyTorch one at every shape.\n"
+        + ", and the ONNX model at least as fast as the PyTorch one at every shape. Brackets: 95% bootstrap "
+        "interval of the figure over repetitions (runs that kept per-repetition times); a goal is *undecided* "
+        "when that interval contains it: these runs cannot tell.\n"
     )
     out.extend(summary)
     return "\n".join(out) + "\n"

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from cahp.bench import (
     count_macs,
     emptied_layers_removal,
     floor_relative,
+    floor_relative_ci,
     format_table,
     jsonable,
     no_attention_model,
@@ -99,6 +101,25 @@ def test_paired_floor_relative():
     dense, floor = [10.0, 20.0, 10.0], [4.0, 14.0, 4.0]
     assert paired_floor_relative(dense, [7.0, 17.0, 7.0], floor, 0.5) == pytest.approx(1.0)  # drift cancels
     assert math.isnan(paired_floor_relative([], [], [], 0.5))
+
+
+def test_floor_relative_ci():
+    rng = np.random.default_rng(1)
+    n = 60
+    # a pruned model exactly on the line, with independent noise on every call
+    dense, floor = 10 + rng.normal(0, 0.3, n), 4 + rng.normal(0, 0.3, n)
+    pruned = 7 + rng.normal(0, 0.3, n)
+    lo, hi = floor_relative_ci(dense, pruned, floor, 0.5)
+    assert lo < 1.0 < hi and hi - lo < 0.5
+    point = floor_relative(np.median(dense), np.median(pruned), np.median(floor), 0.5)
+    assert lo <= point <= hi
+    # more noise: a wider interval; a pruned model no faster than dense: an interval far below the line
+    lo2, hi2 = floor_relative_ci(10 + rng.normal(0, 1.5, n), pruned, floor, 0.5)
+    assert hi2 - lo2 > hi - lo
+    lo3, hi3 = floor_relative_ci(dense, dense + 0.01, floor, 0.5)
+    assert hi3 < 0.2
+    assert floor_relative_ci(dense, pruned, floor, 0.5, seed=3) == floor_relative_ci(dense, pruned, floor, 0.5, seed=3)
+    assert all(math.isnan(x) for x in floor_relative_ci([1.0], [1.0], [1.0], 0.5))
 
 
 def test_summarize_median_iqr():
@@ -273,6 +294,9 @@ def test_bench_models_smoke(family):
         assert all(t["n"] == 3 and t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in run["timings"].values())
         assert run["macs"]["dense"] > run["macs"]["half"] > run["macs"]["no_attention"]
         assert "half" in run["floor_relative"] and "half" in run["floor_relative_paired"]
+        lo, hi = run["floor_relative_ci95"]["half"]
+        assert (math.isnan(lo) and math.isnan(hi)) or lo <= hi
+        assert all(len(t) == 3 for t in run["times_ms"].values())
     if family == "bert":
         assert max(o["max_abs_diff"] for o in result["onnx"].values()) < 1e-4
     text = format_table(result)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -229,6 +230,37 @@ def paired_floor_relative(
     saved = statistics.median(d - p for d, p in zip(dense[:n], pruned[:n]))
     span = statistics.median(d - f for d, f in zip(dense[:n], no_attention[:n]))
     return floor_relative(span, span - saved, 0.0, share_removed)
+
+
+def floor_relative_ci(
+    dense: Sequence[float],
+    pruned: Sequence[float],
+    no_attention: Sequence[float],
+    share_removed: float,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[float]:
+    """95% bootstrap interval of the median-based `floor_relative` figure.
+
+    Repetitions are resampled with replacement, the same indices for the three
+    lists (they are aligned by round-robin repetition), and the figure is
+    recomputed from the resampled medians. On a noisy machine the interval says
+    whether a goal is met, missed, or cannot be told from these runs.
+    """
+    n = min(len(dense), len(pruned), len(no_attention))
+    if n < 2:
+        return [float("nan"), float("nan")]
+    d, p, f = (np.asarray(x[:n], dtype=np.float64) for x in (dense, pruned, no_attention))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    md, mp, mf = (np.median(x[idx], axis=1) for x in (d, p, f))
+    span = (md - mf) * share_removed
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fig = np.where(span > 0, (md - mp) / span, np.nan)
+    fig = fig[np.isfinite(fig)]
+    if fig.size < n_boot // 2:  # undefined in most resamples: no usable interval
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(fig, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def summarize(times_s: Sequence[float], batch: int, seq: int) -> dict:
@@ -539,8 +571,10 @@ def bench_models(
                     )
                 )
             run["timings"] = {k: summarize(t, batch, seq) for k, t in times.items()}
+            # every repetition, aligned by round (kept so the figures can be re-derived)
+            run["times_ms"] = {k: [x * 1e3 for x in t] for k, t in times.items()}
             run["macs"] = {v.label: count_macs(v.model, batch, seq)["total"] for v in variants}
-            run["floor_relative"], run["floor_relative_paired"] = {}, {}
+            run["floor_relative"], run["floor_relative_paired"], run["floor_relative_ci95"] = {}, {}, {}
             med = {k: s["median_ms"] for k, s in run["timings"].items()}
             for v in variants:
                 if v.label in (DENSE, NO_ATTENTION):
@@ -552,6 +586,9 @@ def bench_models(
                     run["floor_relative"][p] = floor_relative(med[d], med[p], med[n], v.share_removed)
                     run["floor_relative_paired"][p] = paired_floor_relative(
                         times[d], times[p], times[n], v.share_removed
+                    )
+                    run["floor_relative_ci95"][p] = floor_relative_ci(
+                        times[d], times[p], times[n], v.share_removed, seed=seed
                     )
             result["runs"].append(run)
             log.info(
