@@ -94,6 +94,7 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     majority = max(labels.count(c) for c in set(labels)) / len(labels)
     assert r["data"]["test_majority_share"] == pytest.approx(majority)
     assert f"most frequent test label scores {100 * majority:.2f}%" in md
+    assert "**one seed**" in md  # seeds=1 with fine-tuning: the caveat is printed
     saved = json.loads((out / "compare.json").read_text())
     assert saved["finetuned"]["results"]["50%"]["gradient"]["accuracy"] == ft_res["gradient"]["accuracy"]
     assert render_markdown(saved) == md  # the markdown is generated from the JSON alone

@@ -532,7 +532,8 @@ class _Compare:
             },
             "data": {"finetune_examples": len(run.train_examples), "curve_examples": len(run.curve_examples),
                      "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels),
-                     # accuracy of always predicting the most frequent test label: the floor a collapsed model hits
+                     # accuracy of always predicting the most frequent test label (a model that predicts one
+                     # class for everything scores that class's share, at most this)
                      "test_majority_share": float(np.bincount(self.labels).max() / len(self.labels))},
             "statistics": STATISTICS,
             "verdict_rule": VERDICT_RULE,
@@ -640,6 +641,9 @@ def render_markdown(report: dict) -> str:
         f"batch {fa['batch_size']}, patience {fa['patience']} (early stopping on dev {fa['metric']})",
         f"- statistics: {report['statistics']}; {report['verdict_rule']}",
     ]
+    if report.get("finetuned") and len(st["seeds"]) == 1:
+        lines.append("- **one seed**: after fine-tuning, the intervals cover the sampling of test examples only, "
+                     "not the spread between fine-tuning runs; a verdict from one seed is weaker than it reads")
     if report.get("partial"):
         lines.append("- **partial**: the fine-tuning part has not finished yet")
     if report.get("finetuned"):
