@@ -632,7 +632,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# CAHP against the baselines: {report['model']} / {report['task']}\n",
         f"- test split `{split}` ({report['data']['test_examples']} examples); dense fine-tuned model: "
-        f"{_pct(dense_acc)} accuracy"
+        f"{_pct(dense_acc)}% accuracy"
         + (f"; always predicting the most frequent test label scores {_pct(report['data']['test_majority_share'])}%"
            if "test_majority_share" in report["data"] else ""),
         "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['heads']} heads" for b in report["budgets"])
