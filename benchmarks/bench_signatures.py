@@ -78,8 +78,9 @@ def memory_child(n: int, kind: str) -> None:
     sig = collect_signatures(model, batches, kinds=(kind,), progress=False)
     stop.set()
     th.join()
-    print(json.dumps({"n": n, "rows": sig.rows, "rss_before_mb": before, "peak_rss_mb": max(peak[0], _rss_mb()),
-                      "pass_growth_mb": max(peak[0], _rss_mb()) - before,
+    top = max(peak[0], _rss_mb())
+    print(json.dumps({"n": n, "rows": sig.rows, "rss_before_mb": before, "peak_rss_mb": top,
+                      "pass_growth_mb": top - before,
                       "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -102,11 +103,9 @@ def main() -> None:
     name = "signature_cost" + ("_quick" if args.quick else "")
     if args.memory_only:
         result = load_result(name)
-        result.pop("meta")
-        result["memory"] = measure_memory(args.memory_sizes)
-        result["memory_growth"] = result["memory"][-1]["peak_rss_mb"] / result["memory"][0]["peak_rss_mb"] - 1
-        result["memory_meta"] = meta
-        write_result(name, result, load_result(name)["meta"])
+        timing_meta = result.pop("meta")
+        result.update(measure_memory(args.memory_sizes), memory_meta=meta)
+        write_result(name, result, timing_meta)
         log.info("memory growth %.3f", result["memory_growth"])
         return
     model, batches = _batches(args.n)
@@ -125,26 +124,25 @@ def main() -> None:
             rows = sig.rows
         log.info("rep %d: %s", rep, {k: round(v[-1], 2) for k, v in times.items()})
     med = {k: float(np.median(v)) for k, v in times.items()}
-    memory = measure_memory(args.memory_sizes)
     result = {
         "model": "minilm-l6", "task": "sst5 (train sample)", "examples": args.n, "rows": rows, "batch_size": 32,
         "reps": args.reps, "seconds": times, "median_seconds": med,
         "ratio_to_forward": {k: med[k] / med["forward"] for k in DISTANCES},
-        "memory": memory,
-        "memory_growth": memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1,
+        **measure_memory(args.memory_sizes),
     }
     write_result(name, result, meta)
     log.info("ratios %s, memory growth %.3f", result["ratio_to_forward"], result["memory_growth"])
 
 
-def measure_memory(sizes) -> list[dict]:
+def measure_memory(sizes) -> dict:
+    """``{"memory": one child's figures per size, "memory_growth": last peak / first peak - 1}``."""
     memory = []
     for n in sizes:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "js"], check=True,
                              capture_output=True, text=True).stdout
         memory.append(json.loads(out.strip().splitlines()[-1]))
         log.info("memory: %s", memory[-1])
-    return memory
+    return {"memory": memory, "memory_growth": memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1}
 
 
 def render(result: dict) -> str:

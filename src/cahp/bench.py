@@ -253,9 +253,7 @@ def floor_relative_ci(
     d, p, f = (np.asarray(x[:n], dtype=np.float64) for x in (dense, pruned, no_attention))
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     md, mp, mf = (np.median(x[idx], axis=1) for x in (d, p, f))
-    span = (md - mf) * share_removed
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fig = np.where(span > 0, (md - mp) / span, np.nan)
+    fig = np.array([floor_relative(a, b, c, share_removed) for a, b, c in zip(md, mp, mf)])
     fig = fig[np.isfinite(fig)]
     if fig.size < n_boot // 2:  # undefined in most resamples: no usable interval
         return [float("nan"), float("nan")]

@@ -12,7 +12,6 @@ same statistics.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -40,8 +39,7 @@ MAX_ATTENTION_CELLS = 2**20
 
 def _load_malloc_trim():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return ctypes.CDLL(None).malloc_trim  # the symbols already loaded into this process
     except (OSError, AttributeError):  # not glibc: nothing to do
         return None
 
