@@ -1,7 +1,7 @@
 """Cost of signatures + pairwise distances against plain forward passes, and their memory (issue 4).
 
     python benchmarks/bench_signatures.py            # minilm-l6, 1,024 SST-5 training sentences
-    python benchmarks/bench_signatures.py --quick    # smoke run
+    python benchmarks/bench_signatures.py --quick    # smoke run (writes to the temporary folder, not results/)
 
 Time: over the same length-bucketed batches (batch 32), interleaved, median of
 --reps: (a) the plain forward passes (no hooks); (b) `collect_signatures` with
@@ -21,6 +21,7 @@ import logging
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahp  # noqa: E402
-from _common import load_result, meta_lines, metadata, write_result  # noqa: E402
+from _common import RESULTS_DIR, meta_lines, metadata, write_json_atomic  # noqa: E402
 from cahp.batching import encode, make_batches  # noqa: E402
 from cahp.distances import DISTANCES  # noqa: E402
 from cahp.evaluate import model_inputs  # noqa: E402
@@ -37,6 +38,7 @@ from cahp.signatures import collect_signatures  # noqa: E402
 from cahp.tasks import get_task  # noqa: E402
 
 log = logging.getLogger("bench_signatures")
+NAME = "signature_cost"
 
 
 def _batches(n: int, data_dir=None):
@@ -100,12 +102,15 @@ def main() -> None:
     meta = metadata()
     if args.quick:
         args.n, args.reps, args.memory_sizes = 64, 1, [64, 128]
-    name = "signature_cost" + ("_quick" if args.quick else "")
+    # a smoke run never touches results/
+    path = Path(tempfile.gettempdir()) / f"cahp-{NAME}-quick.json" if args.quick else RESULTS_DIR / f"{NAME}.json"
     if args.memory_only:
-        result = load_result(name)
+        if not path.is_file():
+            p.error(f"--memory-only keeps the timing results of {path}, which does not exist: run without it first")
+        result = json.loads(path.read_text())
         timing_meta = result.pop("meta")
         result.update(measure_memory(args.memory_sizes), memory_meta=meta)
-        write_result(name, result, timing_meta)
+        write_json_atomic(path, {"meta": timing_meta, **result})
         log.info("memory growth %.3f", result["memory_growth"])
         return
     model, batches = _batches(args.n)
@@ -130,7 +135,8 @@ def main() -> None:
         "ratio_to_forward": {k: med[k] / med["forward"] for k in DISTANCES},
         **measure_memory(args.memory_sizes),
     }
-    write_result(name, result, meta)
+    write_json_atomic(path, {"meta": meta, **result})
+    log.info("wrote %s", path)
     log.info("ratios %s, memory growth %.3f", result["ratio_to_forward"], result["memory_growth"])
 
 

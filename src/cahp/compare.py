@@ -637,8 +637,10 @@ def render_markdown(report: dict) -> str:
            if "test_majority_share" in report["data"] else ""),
         "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['heads']} heads" for b in report["budgets"])
         + f" (CAHP's knee k* = {report['k_star']})",
-        f"- seeds: {st['seeds']}; fine-tuning after pruning: {fa['epochs']} epochs max, lr {fa['lr']}, "
-        f"batch {fa['batch_size']}, patience {fa['patience']} (early stopping on dev {fa['metric']})",
+        f"- seeds: {st['seeds']}; "
+        + (f"fine-tuning after pruning: {fa['epochs']} epochs max, lr {fa['lr']}, batch {fa['batch_size']}, "
+           f"patience {fa['patience']} (early stopping on dev {fa['metric']})"
+           if report.get("finetuned") else "no fine-tuning after pruning (part (a) only)"),
         f"- statistics: {report['statistics']}; {report['verdict_rule']}",
     ]
     if report.get("finetuned") and len(st["seeds"]) == 1:
