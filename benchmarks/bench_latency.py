@@ -2,6 +2,7 @@
 
     python benchmarks/bench_latency.py            # full run, on a quiet machine (about 25-30 min on 2 cores)
     python benchmarks/bench_latency.py --quick    # smoke run: tiny shapes, few repetitions, seconds
+    python benchmarks/bench_latency.py --sweep --threads 1 --shapes 1x32   # where the line is lost
 
 For each model (minilm-l6, mpnet-base) it times, interleaved round-robin, the
 dense model, three pruned copies and the attention-free floor, in PyTorch and
@@ -16,6 +17,14 @@ that shape (``cahp.bench``, kernel "auto"). The floor-relative figure is
 (dense - pruned) / ((dense - no attention) x share of heads removed): 1.0 means
 the pruned model sits on the straight line from dense to the floor. Results go
 to results/latency.json (``--quick`` writes to the temporary folder instead).
+
+``--sweep`` times instead each model with h heads in every layer (h = all
+heads down to 1) and the floor, and fits the cost one attention block adds
+above the floor as ``fixed + per_head * h`` (`cahp.bench.head_count_sweep`):
+the fixed part, paid by any block that keeps a head, is what keeps pruned
+models below the line (uniform pruning realises at most ``heads * per_head /
+(fixed + heads * per_head)`` of the ideal saving). Results go to
+results/latency_sweep.json.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from cahp.bench import (  # noqa: E402
     ONNX_PREFIX,
     bench_models,
     emptied_layers_removal,
+    head_count_sweep,
     jsonable,
     parse_shapes,
     random_removal,
@@ -46,6 +56,7 @@ from cahp.bench import (  # noqa: E402
 
 log = logging.getLogger("bench_latency")
 NAME = "latency"
+SWEEP_NAME = "latency_sweep"
 # Goals of issue 6: floor-relative figure at least this, per (batch, seq).
 GOALS = {(32, 128): 0.95, (1, 32): 0.85}
 
@@ -75,11 +86,23 @@ def run(args) -> dict:
         "clock": args.clock,
         "quick": args.quick,
     }
+    settings["sweep"] = args.sweep
     result = {"settings": settings, "models": {}}
-    name = args.name or NAME
+    name = args.name or (SWEEP_NAME if args.sweep else NAME)
     for model_name in args.models:
         log.info("loading %s", model_name)
         dense, _ = cahp.load_model(model_name, attn_implementation="eager", with_tokenizer=False)
+        if args.sweep:
+            result["models"][model_name] = [
+                jsonable(head_count_sweep(
+                    dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps,
+                    warmup=args.warmup, budget_s=args.budget, min_reps=args.min_reps, seed=args.seed,
+                    clock=args.clock,
+                ))
+                for b, q in settings["shapes"]
+            ]
+            _write(args, name, meta, result)
+            continue
         pruned = pruned_variants(dense, args.seed)
         res = bench_models(
             dense,
@@ -98,15 +121,18 @@ def run(args) -> dict:
         )
         res["selection_seed"] = args.seed
         result["models"][model_name] = jsonable(res)
-        if args.quick:  # a smoke run never touches results/
-            path = write_json_atomic(
-                Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": meta, **result}
-            )
-        else:  # after every model: a crash keeps what was done
-            path = write_result(name, result, meta)
-        log.info("wrote %s", path)
+        _write(args, name, meta, result)
         del dense, pruned
     return result
+
+
+def _write(args, name: str, meta: dict, result: dict) -> None:
+    """After every model: a crash keeps what was done. A smoke run never touches results/."""
+    if args.quick:
+        path = write_json_atomic(Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": meta, **result})
+    else:
+        path = write_result(name, result, meta)
+    log.info("wrote %s", path)
 
 
 def _f(x, digits=2) -> str:
@@ -124,8 +150,46 @@ def _verdict(checks: list[bool]) -> str:
     return "–" if not checks else ("yes" if all(checks) else "no")
 
 
+def render_sweep(result: dict) -> str:
+    s = result["settings"]
+    out = [
+        meta_lines(result["meta"]),
+        f"Settings: {s['threads']} threads, {s.get('clock', 'wall')}-clock time per call, models interleaved "
+        "round-robin, inputs random ids without padding, the dense model's fastest attention kernel for all. "
+        "Each model keeps the same number h of heads in every layer; **per block** = (model − no attention) / "
+        "layers, the time one attention block with h heads adds above the attention-free floor. The line "
+        "`fixed + per_head × h` is a least-squares fit over h ≥ 1: with fixed = 0, every pruned model would sit "
+        "on the dense-to-floor line; with fixed > 0, uniform pruning realises at most **ceiling** = heads × "
+        "per_head / (fixed + heads × per_head) of the ideal saving at any budget (95% bootstrap interval over "
+        "repetitions in brackets).\n",
+        "| model | batch x seq | kernel | reps | fixed (ms per block) | per head (ms) | fixed share of a dense block "
+        "| ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    detail = []
+    for model_name, runs in result["models"].items():
+        for r in runs:
+            f, ci = r["fit"], r["uniform_ceiling_ci95"]
+            out.append(
+                f"| {model_name} | {r['batch']}x{r['seq']} | {r['kernel']} | {r['reps']} | {_f(f['fixed_ms'], 3)} "
+                f"| {_f(f['per_head_ms'], 3)} | {_f(100 * f['fixed_share'], 1)}% | {_f(f['uniform_ceiling'])} "
+                f"[{_f(ci[0])}, {_f(ci[1])}] |"
+            )
+            counts = list(r["per_block_ms"])
+            detail += [
+                f"\n{model_name}, {r['batch']}x{r['seq']}: ms per call (median) and per block above the floor\n",
+                "| heads per layer | " + " | ".join(counts) + " | 0 (floor) |",
+                "|---|" + "---|" * (len(counts) + 1),
+                "| ms per call | " + " | ".join(_f(r["median_ms"][h]) for h in [*counts, "0"]) + " |",
+                "| ms per block | " + " | ".join(_f(r["per_block_ms"][h], 3) for h in counts) + " | 0 |",
+            ]
+    return "\n".join(out + detail) + "\n"
+
+
 def render(result: dict) -> str:
     s = result["settings"]
+    if s.get("sweep"):
+        return render_sweep(result)
     reps = (
         f"{s['reps']} repetitions"
         if s.get("reps")
@@ -224,6 +288,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random selections and inputs")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--sweep", action="store_true",
+                   help="time h heads in every layer (all..1) and fit one block's cost: results/latency_sweep.json")
     p.add_argument("--name", default=NAME, help="results file stem (default latency)")
     p.add_argument("--quick", action="store_true", help="smoke run: shapes 1x8,2x16, 3 repetitions, minilm-l6 only")
     args = p.parse_args()

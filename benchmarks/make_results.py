@@ -24,6 +24,8 @@ SECTIONS = [
     ("prune_minilm_sst5", "bench_prune", "CAHP end to end: `cahp prune` on minilm-l6 / SST-5 (issue 4)"),
     ("signature_cost", "bench_signatures", "Signature and distance cost, memory (issue 4)"),
     ("latency", "bench_latency", "Latency of pruned models (issue 6)"),
+    ("latency_sweep", "bench_latency",
+     "Where the line is lost: one attention block's cost against its head count (issue 6)"),
     ("latency_2threads", "bench_latency",
      "Latency of pruned models with 2 threads on this 2-vCPU machine: too noisy to judge (issue 6)"),
     ("compare_minilm_sst5", "bench_compare",

@@ -18,9 +18,11 @@ from cahp.bench import (
     bench_models,
     count_macs,
     emptied_layers_removal,
+    fit_block_cost,
     floor_relative,
     floor_relative_ci,
     format_table,
+    head_count_sweep,
     jsonable,
     no_attention_model,
     paired_floor_relative,
@@ -29,6 +31,7 @@ from cahp.bench import (
     random_removal,
     run_bench,
     summarize,
+    uniform_removal,
 )
 from cahp.cli import main as cli_main
 from cahp.heads import HeadIndexError
@@ -392,3 +395,47 @@ def test_benchmark_render_on_a_tiny_result():
     }  # fmt: skip
     text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": jsonable(res)}})
     assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text
+    # the head-count sweep renders through the same entry point
+    sweep = head_count_sweep(dense, batch=1, seq=8, threads=1, reps=3, warmup=1, n_boot=100)
+    text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True}, "models": {"tiny": [sweep]}})
+    assert "| tiny | 1x8 |" in text and "ceiling" in text and "| heads per layer | 4 | 3 | 2 | 1 | 0 (floor) |" in text
+
+
+# --- the head-count sweep: where the line is lost -----------------------------
+
+
+def test_fit_block_cost_recovers_a_line():
+    # cost(h) = 0.1 + 0.05 h per block: the fixed part is 0.1 / (0.1 + 12 * 0.05) = 1/7 of a dense block
+    counts = list(range(1, 13))
+    fit = fit_block_cost(counts, [0.1 + 0.05 * h for h in counts], heads=12)
+    assert fit["fixed_ms"] == pytest.approx(0.1) and fit["per_head_ms"] == pytest.approx(0.05)
+    assert fit["fixed_share"] == pytest.approx(1 / 7) and fit["uniform_ceiling"] == pytest.approx(6 / 7)
+    # proportional cost: on the line
+    assert fit_block_cost([1, 4, 8], [0.2, 0.8, 1.6], heads=8)["uniform_ceiling"] == pytest.approx(1.0)
+    # one count cannot fix a line
+    assert math.isnan(fit_block_cost([3], [0.5], heads=8)["uniform_ceiling"])
+
+
+def test_uniform_removal():
+    dense = tiny_model("bert")
+    plan = uniform_removal(dense, 1)
+    assert plan == {layer: list(range(1, N_HEADS)) for layer in range(N_LAYERS)}
+    assert uniform_removal(dense, N_HEADS) == {}
+    with pytest.raises(BenchError, match="cannot keep"):
+        uniform_removal(dense, N_HEADS + 1)
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_head_count_sweep_smoke(family):
+    dense = tiny_model(family)
+    r = head_count_sweep(dense, batch=1, seq=8, threads=1, kernel="auto", reps=4, warmup=1, n_boot=200)
+    assert r["kernel"] in ATTENTION_KERNELS and r["reps"] == 4
+    assert set(r["median_ms"]) == {str(h) for h in range(N_HEADS + 1)}
+    assert set(r["per_block_ms"]) == {str(h) for h in range(1, N_HEADS + 1)}
+    assert all(len(t) == 4 for t in r["times_ms"].values())
+    assert set(r["fit"]) == {"fixed_ms", "per_head_ms", "fixed_share", "uniform_ceiling"}
+    lo, hi = r["uniform_ceiling_ci95"]
+    assert (math.isnan(lo) and math.isnan(hi)) or lo <= hi
+    assert cahp.num_kept(dense) == N_LAYERS * N_HEADS  # the model handed in is not changed
+    with pytest.raises(BenchError, match="between 1 and"):
+        head_count_sweep(dense, counts=[0], reps=1)

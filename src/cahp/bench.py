@@ -48,6 +48,7 @@ from torch import nn
 from .arch import get_adapter
 from .arch.base import ATTENTION_KERNELS
 from .heads import KEPT_HEADS_KEY, kept_heads, model_shape
+from .surgery import remove_heads
 
 log = logging.getLogger(__name__)
 
@@ -626,6 +627,133 @@ def _choose_kernel(variants, kernel, inputs, sync, warmup, candidates, clock="wa
     for v in variants:
         get_adapter(v.model).set_attention_kernel(v.model, chosen)
     return chosen, calib
+
+
+# ---------------------------------------------------------------------------
+# Where the line is lost: the cost of one attention block against its head count
+# ---------------------------------------------------------------------------
+
+
+def uniform_removal(model_or_config, keep: int) -> dict[int, list[int]]:
+    """Every layer keeps its first ``keep`` heads: ``{layer: [heads to remove]}`` (original numbering)."""
+    kept = kept_heads(model_or_config)
+    if not 0 < keep <= min(len(hs) for hs in kept.values()):
+        raise BenchError(f"cannot keep {keep} heads in every layer: layers hold {[len(h) for h in kept.values()]}")
+    return {layer: list(hs[keep:]) for layer, hs in kept.items() if hs[keep:]}
+
+
+def fit_block_cost(counts: Sequence[int], per_block_ms: Sequence[float], heads: int) -> dict:
+    """Least-squares line ``cost(h) = fixed + per_head * h`` of one attention block over ``h >= 1`` heads.
+
+    ``per_block_ms[i]`` is the time one block adds above the attention-free
+    floor with ``counts[i]`` heads (``(model - floor) / layers``). If the cost
+    were proportional to the heads (``fixed`` = 0) every pruned model would sit
+    on the dense-to-floor line. A fixed part is paid by any block that keeps a
+    head, so uniform pruning realises at most ``ceiling = heads * per_head /
+    (fixed + heads * per_head)`` of the ideal saving, whatever the budget.
+    """
+    pts = [(h, c) for h, c in zip(counts, per_block_ms) if h >= 1 and math.isfinite(c)]
+    if len({h for h, _ in pts}) < 2:
+        nan = float("nan")
+        return {"fixed_ms": nan, "per_head_ms": nan, "fixed_share": nan, "uniform_ceiling": nan}
+    hs, cs = (np.asarray(x, dtype=np.float64) for x in zip(*pts))
+    per_head, fixed = np.polyfit(hs, cs, 1)
+    full = fixed + heads * per_head
+    return {
+        "fixed_ms": float(fixed),
+        "per_head_ms": float(per_head),
+        "fixed_share": float(fixed / full) if full > 0 else float("nan"),
+        "uniform_ceiling": float(heads * per_head / full) if full > 0 else float("nan"),
+    }
+
+
+def _sweep_fit(times: Mapping[int, Sequence[float]], n_layers: int, heads: int) -> dict:
+    counts = sorted(h for h in times if h > 0)
+    med = {h: statistics.median(t) for h, t in times.items()}
+    return fit_block_cost(counts, [(med[h] - med[0]) / n_layers for h in counts], heads)
+
+
+def head_count_sweep(
+    dense: nn.Module,
+    batch: int = 1,
+    seq: int = 32,
+    counts: Sequence[int] | None = None,
+    threads: int | None = None,
+    kernel: str = "auto",
+    reps: int | None = None,
+    warmup: int = 2,
+    budget_s: float = 60.0,
+    min_reps: int = 10,
+    seed: int = 0,
+    clock: str = "wall",
+    n_boot: int = 2000,
+) -> dict:
+    """Time the model with ``h`` heads in every layer, for each ``h`` of ``counts``, and the floor.
+
+    All interleaved round-robin (see `time_round_robin`). The per-block cost
+    above the floor, ``(t_h - t_floor) / layers``, is fitted by
+    `fit_block_cost`: its fixed part is what keeps pruned models off the line.
+    The fit's ``uniform_ceiling`` gets a 95% bootstrap interval over
+    repetitions (resampled together, as in `floor_relative_ci`).
+
+    Args:
+        counts: heads per layer to time (default: every count from all heads down to 1).
+        kernel: as in `bench_models`; "auto" takes the dense model's fastest.
+
+    Returns:
+        A JSON-ready dict: settings, per-count medians and per-block costs, the
+        fit, its interval, and the per-repetition times.
+    """
+    if kernel not in (*ATTENTION_KERNELS, "auto"):
+        raise BenchError(f"unknown kernel {kernel!r}; choose auto or one of {', '.join(ATTENTION_KERNELS)}")
+    n_layers, n_heads = model_shape(dense.config)
+    counts = sorted(set(counts if counts is not None else range(1, n_heads + 1)), reverse=True)
+    if not counts or any(not 1 <= h <= n_heads for h in counts):
+        raise BenchError(f"head counts must lie between 1 and {n_heads}, got {list(counts)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    models = {
+        h: copy.deepcopy(dense) if h == n_heads else remove_heads(copy.deepcopy(dense), uniform_removal(dense, h))
+        for h in counts
+    }
+    models[0] = no_attention_model(dense)
+    variants = [_variant(DENSE if h == n_heads else f"{h} heads", m) for h, m in models.items()]
+    if n_heads not in models:  # "auto" calibrates on the dense model
+        variants.insert(0, _variant(DENSE, copy.deepcopy(dense)))
+    for v in variants:
+        prepare_for_inference(v.model)
+    inputs = make_inputs(dense, batch, seq, seed=seed)
+    chosen, calib = _choose_kernel(variants, kernel, inputs, None, warmup, {}, clock)
+    times = time_round_robin(
+        {h: _torch_runner(m, inputs) for h, m in models.items()},
+        reps=reps, warmup=warmup, budget_s=budget_s, min_reps=min_reps, clock=clock,
+    )
+    med = {h: statistics.median(t) * 1e3 for h, t in times.items()}
+    fit = _sweep_fit({h: [x * 1e3 for x in t] for h, t in times.items()}, n_layers, n_heads)
+    n = min(len(t) for t in times.values())
+    rng = np.random.default_rng(seed)
+    arr = {h: np.asarray(t[:n]) * 1e3 for h, t in times.items()}
+    ceilings = []
+    for _ in range(n_boot if n >= 2 else 0):
+        idx = rng.integers(0, n, size=n)
+        c = _sweep_fit({h: a[idx] for h, a in arr.items()}, n_layers, n_heads)["uniform_ceiling"]
+        if math.isfinite(c):
+            ceilings.append(c)
+    ci = [float("nan"), float("nan")]
+    if ceilings and len(ceilings) >= n_boot // 2:
+        ci = [float(x) for x in np.percentile(ceilings, [2.5, 97.5])]
+    log.info("sweep batch %d seq %d (%s): fixed %.3f ms + %.3f ms/head per block; uniform ceiling %.2f [%.2f, %.2f]",
+             batch, seq, chosen, fit["fixed_ms"], fit["per_head_ms"], fit["uniform_ceiling"], *ci)
+    return {
+        "model_type": dense.config.model_type, "layers": n_layers, "heads_per_layer": n_heads,
+        "batch": batch, "seq": seq, "threads": torch.get_num_threads(), "kernel": chosen,
+        "kernel_calibration_ms": calib, "clock": clock, "reps": len(times[0]),
+        "inputs": "random token ids, no padding",
+        "median_ms": {str(h): med[h] for h in sorted(med, reverse=True)},
+        "per_block_ms": {str(h): (med[h] - med[0]) / n_layers for h in sorted(med, reverse=True) if h},
+        "fit": fit, "uniform_ceiling_ci95": ci,
+        "times_ms": {str(h): [x * 1e3 for x in t] for h, t in times.items()},
+    }
 
 
 # ---------------------------------------------------------------------------
