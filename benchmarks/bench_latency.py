@@ -46,8 +46,10 @@ from cahp.bench import (  # noqa: E402
     DENSE,
     NO_ATTENTION,
     ONNX_PREFIX,
+    SWEEP_EXPLAINED,
     bench_models,
     emptied_layers_removal,
+    format_sweep,
     head_count_sweep,
     jsonable,
     parse_shapes,
@@ -152,38 +154,13 @@ def _verdict(checks: list[bool]) -> str:
 
 def render_sweep(result: dict) -> str:
     s = result["settings"]
-    out = [
+    return "\n".join([
         meta_lines(result["meta"]),
         f"Settings: {s['threads']} threads, {s.get('clock', 'wall')}-clock time per call, models interleaved "
-        "round-robin, inputs random ids without padding, the dense model's fastest attention kernel for all. "
-        "Each model keeps the same number h of heads in every layer; **per block** = (model − no attention) / "
-        "layers, the time one attention block with h heads adds above the attention-free floor. The line "
-        "`fixed + per_head × h` is a least-squares fit over h ≥ 1: with fixed = 0, every pruned model would sit "
-        "on the dense-to-floor line; with fixed > 0, uniform pruning realises at most **ceiling** = heads × "
-        "per_head / (fixed + heads × per_head) of the ideal saving at any budget (95% bootstrap interval over "
-        "repetitions in brackets).\n",
-        "| model | batch x seq | kernel | reps | fixed (ms per block) | per head (ms) | fixed share of a dense block "
-        "| ceiling |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    detail = []
-    for model_name, runs in result["models"].items():
-        for r in runs:
-            f, ci = r["fit"], r["uniform_ceiling_ci95"]
-            out.append(
-                f"| {model_name} | {r['batch']}x{r['seq']} | {r['kernel']} | {r['reps']} | {_f(f['fixed_ms'], 3)} "
-                f"| {_f(f['per_head_ms'], 3)} | {_f(100 * f['fixed_share'], 1)}% | {_f(f['uniform_ceiling'])} "
-                f"[{_f(ci[0])}, {_f(ci[1])}] |"
-            )
-            counts = list(r["per_block_ms"])
-            detail += [
-                f"\n{model_name}, {r['batch']}x{r['seq']}: ms per call (median) and per block above the floor\n",
-                "| heads per layer | " + " | ".join(counts) + " | 0 (floor) |",
-                "|---|" + "---|" * (len(counts) + 1),
-                "| ms per call | " + " | ".join(_f(r["median_ms"][h]) for h in [*counts, "0"]) + " |",
-                "| ms per block | " + " | ".join(_f(r["per_block_ms"][h], 3) for h in counts) + " | 0 |",
-            ]
-    return "\n".join(out + detail) + "\n"
+        "round-robin, inputs random ids without padding, the dense model's fastest attention kernel for all.\n",
+        SWEEP_EXPLAINED.replace("per block =", "**Per block** =").replace("ceiling =", "**ceiling** =") + "\n",
+        format_sweep(result["models"]),
+    ]) + "\n"
 
 
 def render(result: dict) -> str:
@@ -290,7 +267,7 @@ def main() -> None:
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--sweep", action="store_true",
                    help="time h heads in every layer (all..1) and fit one block's cost: results/latency_sweep.json")
-    p.add_argument("--name", default=NAME, help="results file stem (default latency)")
+    p.add_argument("--name", default=None, help="results file stem (default latency, or latency_sweep with --sweep)")
     p.add_argument("--quick", action="store_true", help="smoke run: shapes 1x8,2x16, 3 repetitions, minilm-l6 only")
     args = p.parse_args()
     if args.quick:

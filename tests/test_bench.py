@@ -372,6 +372,24 @@ def test_cli_bench_pruned_folder(tmp_path, capsys):
     assert data["runs"][0]["kernel"] == "compact"
 
 
+def test_cli_bench_sweep(tmp_path, capsys):
+    dense = tiny_model("bert")
+    dense.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "sweep.json"
+    args = ["bench", "--model", str(tmp_path / "dense"), "--sweep", "--shapes", "1x8", "--threads", "1",
+            "--reps", "3", "--warmup", "1", "--out", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ceiling" in printed and "| heads per layer | 4 | 3 | 2 | 1 | 0 (floor) |" in printed
+    import json
+
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["sweeps"]] == [1] and "fit" in data["sweeps"][0]
+    # a sweep times --model itself: a pruned folder makes no sense with it
+    assert cli_main(["bench", "--model", str(tmp_path / "dense"), "--sweep", "--pruned", str(tmp_path)]) == 2
+    assert "--sweep" in capsys.readouterr().err
+
+
 def test_benchmark_render_on_a_tiny_result():
     """benchmarks/bench_latency.py renders what bench_models returns (RESULTS.md is generated from it)."""
     import importlib.util
@@ -399,6 +417,11 @@ def test_benchmark_render_on_a_tiny_result():
     sweep = head_count_sweep(dense, batch=1, seq=8, threads=1, reps=3, warmup=1, n_boot=100)
     text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True}, "models": {"tiny": [sweep]}})
     assert "| tiny | 1x8 |" in text and "ceiling" in text and "| heads per layer | 4 | 3 | 2 | 1 | 0 (floor) |" in text
+    # undefined figures (NaN, None once in JSON) render as a dash
+    nan_fit = {k: None for k in sweep["fit"]}
+    text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True},
+                          "models": {"tiny": [{**sweep, "fit": nan_fit, "uniform_ceiling_ci95": [None, None]}]}})
+    assert "| – | –% | – [–, –] |" in text or "| - | -% | - [-, -] |" in text
 
 
 # --- the head-count sweep: where the line is lost -----------------------------

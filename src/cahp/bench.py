@@ -840,6 +840,45 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+SWEEP_EXPLAINED = (
+    "per block = (model - no attention) / layers: the time one attention block with h heads (h in every layer) "
+    "adds above the attention-free floor. fixed + per_head x h: least-squares line over h >= 1; with fixed > 0, "
+    "uniform pruning realises at most ceiling = heads x per_head / (fixed + heads x per_head) of the ideal "
+    "saving at any budget (95% bootstrap interval over repetitions in brackets)."
+)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def format_sweep(runs: Mapping[str, Sequence[dict]]) -> str:
+    """Markdown tables of `head_count_sweep` results, ``{model name: [one result per shape]}``."""
+    out = [
+        "| model | batch x seq | kernel | reps | fixed (ms per block) | per head (ms) | fixed share of a dense block "
+        "| ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    detail = []
+    for name, results in runs.items():
+        for r in results:
+            f, ci = r["fit"], r["uniform_ceiling_ci95"]
+            out.append(
+                f"| {name} | {r['batch']}x{r['seq']} | {r['kernel']} | {r['reps']} | {_fmt(f['fixed_ms'], 3)} "
+                f"| {_fmt(f['per_head_ms'], 3)} | {_fmt(_pct(f['fixed_share']), 1)}% | {_fmt(f['uniform_ceiling'])} "
+                f"[{_fmt(ci[0])}, {_fmt(ci[1])}] |"
+            )
+            counts = list(r["per_block_ms"])
+            detail += [
+                f"\n{name}, {r['batch']}x{r['seq']}: ms per call (median) and per block above the floor\n",
+                "| heads per layer | " + " | ".join(counts) + " | 0 (floor) |",
+                "|---|" + "---|" * (len(counts) + 1),
+                "| ms per call | " + " | ".join(_fmt(r["median_ms"][h]) for h in [*counts, "0"]) + " |",
+                "| ms per block | " + " | ".join(_fmt(r["per_block_ms"][h], 3) for h in counts) + " | 0 |",
+            ]
+    return "\n".join(out + detail)
+
+
 def run_bench(
     model: str,
     pruned: str | None = None,

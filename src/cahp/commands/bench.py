@@ -44,12 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="wall: latency (default); cpu: process CPU time, for a busy machine (work, not latency)",
     )
     p.add_argument("--onnx", action="store_true", help="also export to ONNX and time onnxruntime (CPU)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: time the model with h heads in every layer (all..1) and the floor, and fit one attention "
+        "block's cost as fixed + per_head*h: the fixed part is what keeps pruned models off the line",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
 
 
 def run(args) -> int:
     from cahp.bench import format_table, parse_shapes, run_bench
 
+    if args.sweep:
+        return _sweep(args)
     result = run_bench(
         args.model,
         pruned=args.pruned,
@@ -74,4 +82,29 @@ def run(args) -> int:
         write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), **result})
         log.info("wrote %s", args.out)
     print(format_table(result))
+    return 0
+
+
+def _sweep(args) -> int:
+    import sys
+
+    from cahp.bench import SWEEP_EXPLAINED, format_sweep, head_count_sweep, jsonable, parse_shapes, write_json
+    from cahp.models import load_model
+
+    if args.pruned is not None or args.onnx:
+        raise ValueError("--sweep times uniform head counts of --model itself: drop --pruned and --onnx")
+    shapes = parse_shapes(args.shapes)  # validated before the model loads
+    dense, _ = load_model(args.model, attn_implementation="eager", with_tokenizer=False)
+    runs = [
+        jsonable(head_count_sweep(
+            dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps, warmup=args.warmup,
+            budget_s=args.budget, min_reps=args.min_reps, seed=args.seed, clock=args.clock,
+        ))
+        for b, q in shapes
+    ]  # fmt: skip
+    if args.out is not None:
+        write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), "model": args.model, "sweeps": runs})
+        log.info("wrote %s", args.out)
+    print(format_sweep({args.model: runs}))
+    print("\n" + SWEEP_EXPLAINED)
     return 0
