@@ -86,6 +86,7 @@ def run(args) -> dict:
         "seed": args.seed,
         "onnx": not args.no_onnx,
         "clock": args.clock,
+        "hold_memory": not args.malloc_default,
         "quick": args.quick,
     }
     settings["sweep"] = args.sweep
@@ -99,7 +100,7 @@ def run(args) -> dict:
                 jsonable(head_count_sweep(
                     dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps,
                     warmup=args.warmup, budget_s=args.budget, min_reps=args.min_reps, seed=args.seed,
-                    clock=args.clock,
+                    clock=args.clock, hold_memory=not args.malloc_default,
                 ))
                 for b, q in settings["shapes"]
             ]
@@ -120,6 +121,7 @@ def run(args) -> dict:
             onnx=not args.no_onnx,
             seed=args.seed,
             clock=args.clock,
+            hold_memory=not args.malloc_default,
         )
         res["selection_seed"] = args.seed
         result["models"][model_name] = jsonable(res)
@@ -152,12 +154,21 @@ def _verdict(checks: list[bool]) -> str:
     return "–" if not checks else ("yes" if all(checks) else "no")
 
 
+def _allocator_line(result: dict) -> str:
+    """What the C allocator did with freed memory (results before the setting existed: glibc's default)."""
+    runs = result["models"].values()
+    first = next(iter(runs), None)
+    first = first[0] if isinstance(first, list) and first else first
+    return "Allocator: " + ((first or {}).get("allocator") or "C library default (run before cahp held freed memory)")
+
+
 def render_sweep(result: dict) -> str:
     s = result["settings"]
     return "\n".join([
         meta_lines(result["meta"]),
         f"Settings: {s['threads']} threads, {s.get('clock', 'wall')}-clock time per call, models interleaved "
-        "round-robin, inputs random ids without padding, the dense model's fastest attention kernel for all.\n",
+        "round-robin, inputs random ids without padding, the dense model's fastest attention kernel for all. "
+        + _allocator_line(result) + ".\n",
         SWEEP_EXPLAINED.replace("per block =", "**Per block** =").replace("ceiling =", "**ceiling** =") + "\n",
         format_sweep(result["models"]),
     ]) + "\n"
@@ -178,7 +189,8 @@ def render(result: dict) -> str:
         f"{s.get('clock', 'wall')}-clock time per call, models interleaved round-robin; inputs random ids, "
         "no padding; every model runs the attention kernel fastest for the dense model at that shape "
         f"(kernel policy `{s['kernel']}`). Pruned selections: seeded random (seed {s['seed']}) over all heads, "
-        'so layers keep uneven head counts; "empty layers": every head of every other layer removed.\n',
+        'so layers keep uneven head counts; "empty layers": every head of every other layer removed. '
+        + _allocator_line(result) + ".\n",
         "**floor-rel** = (dense − pruned) / ((dense − no attention) × share of heads removed), from the medians: "
         "1.00 = on the straight line from the dense model to the same model without attention. **(paired)**: the "
         "same figure from per-repetition differences (models interleaved), less sensitive to a drifting machine.\n",
@@ -265,6 +277,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random selections and inputs")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave the C allocator as it is (default: freed memory held, no page faults per call)")
     p.add_argument("--sweep", action="store_true",
                    help="time h heads in every layer (all..1) and fit one block's cost: results/latency_sweep.json")
     p.add_argument("--name", default=None, help="results file stem (default latency, or latency_sweep with --sweep)")

@@ -284,6 +284,7 @@ def test_bench_models_smoke(family):
         dense, pruned, shapes=[(1, 8), (2, 16)], threads=1, kernel="auto", reps=3, warmup=1, onnx=family == "bert"
     )
     assert result["threads"] == 1
+    assert result["allocator"].startswith("glibc, freed memory held") or "default" in result["allocator"]
     assert set(result["variants"]) == {"dense", "half", "no_attention"}
     assert result["variants"]["half"]["share_removed"] == 0.5
     assert len(result["runs"]) == 2
@@ -413,6 +414,7 @@ def test_benchmark_render_on_a_tiny_result():
     }  # fmt: skip
     text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": jsonable(res)}})
     assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text
+    assert "Allocator: " + res["allocator"] in text
     # the head-count sweep renders through the same entry point
     sweep = head_count_sweep(dense, batch=1, seq=8, threads=1, reps=3, warmup=1, n_boot=100)
     text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True}, "models": {"tiny": [sweep]}})

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocator import hold_freed_memory, memory_held
 from .arch import get_adapter
 from .arch.base import ATTENTION_KERNELS
 from .heads import KEPT_HEADS_KEY, kept_heads, model_shape
@@ -439,6 +440,7 @@ def bench_models(
     onnx_dir: str | os.PathLike | None = None,
     seed: int = 0,
     clock: str = "wall",
+    hold_memory: bool = True,
 ) -> dict:
     """Time ``dense``, each model of ``pruned`` and the attention-free floor.
 
@@ -457,6 +459,8 @@ def bench_models(
         onnx: also export every model to ONNX and time it with onnxruntime
             (CPU, same thread count); the export is checked against PyTorch.
         clock: "wall" (latency) or "cpu" (process CPU time; see `time_round_robin`).
+        hold_memory: keep freed memory in the process first (`cahp.allocator.hold_freed_memory`),
+            so no model page-faults its activations in again on every call. Process-wide.
 
     Returns:
         A JSON-ready dict (see `format_table` for what it holds).
@@ -485,6 +489,7 @@ def bench_models(
         if label in (DENSE, NO_ATTENTION) or label.startswith(ONNX_PREFIX):
             raise BenchError(f"label {label!r} is reserved")
 
+    allocator = _allocator(hold_memory)
     dense = copy.deepcopy(dense)
     variants = [_variant(DENSE, dense), *(_variant(k, copy.deepcopy(v)) for k, v in pruned.items())]
     variants.append(_variant(NO_ATTENTION, no_attention_model(dense)))
@@ -504,6 +509,7 @@ def bench_models(
         "warmup": warmup,
         "budget_s": None if reps is not None else budget_s,
         "clock": clock,
+        "allocator": allocator,
         "inputs": "random token ids, no padding",
         "variants": {
             v.label: {
@@ -607,6 +613,15 @@ def bench_models(
     return result
 
 
+def _allocator(hold_memory: bool) -> str:
+    """Apply the allocator policy; say what holds in this process (for the result)."""
+    if hold_memory:
+        hold_freed_memory()
+    if memory_held():  # process-wide and permanent, whatever this call asked
+        return "glibc, freed memory held (cahp.allocator.hold_freed_memory)"
+    return "C library default" + (" (holding freed memory is glibc-only)" if hold_memory else "")
+
+
 def _choose_kernel(variants, kernel, inputs, sync, warmup, candidates, clock="wall") -> tuple[str, dict | None]:
     """The kernel every model runs with; for "auto", the dense model's fastest one at this shape.
 
@@ -687,6 +702,7 @@ def head_count_sweep(
     seed: int = 0,
     clock: str = "wall",
     n_boot: int = 2000,
+    hold_memory: bool = True,
 ) -> dict:
     """Time the model with ``h`` heads in every layer, for each ``h`` of ``counts``, and the floor.
 
@@ -698,7 +714,7 @@ def head_count_sweep(
 
     Args:
         counts: heads per layer to time (default: every count from all heads down to 1).
-        kernel: as in `bench_models`; "auto" takes the dense model's fastest.
+        kernel, hold_memory: as in `bench_models`; kernel "auto" takes the dense model's fastest.
 
     Returns:
         A JSON-ready dict: settings, per-count medians and per-block costs, the
@@ -712,6 +728,7 @@ def head_count_sweep(
         raise BenchError(f"head counts must lie between 1 and {n_heads}, got {list(counts)}")
     if threads is not None:
         torch.set_num_threads(threads)
+    allocator = _allocator(hold_memory)
     models = {
         h: copy.deepcopy(dense) if h == n_heads else remove_heads(copy.deepcopy(dense), uniform_removal(dense, h))
         for h in counts
@@ -747,7 +764,7 @@ def head_count_sweep(
     return {
         "model_type": dense.config.model_type, "layers": n_layers, "heads_per_layer": n_heads,
         "batch": batch, "seq": seq, "threads": torch.get_num_threads(), "kernel": chosen,
-        "kernel_calibration_ms": calib, "clock": clock, "reps": len(times[0]),
+        "kernel_calibration_ms": calib, "clock": clock, "allocator": allocator, "reps": len(times[0]),
         "inputs": "random token ids, no padding",
         "median_ms": {str(h): med[h] for h in sorted(med, reverse=True)},
         "per_block_ms": {str(h): (med[h] - med[0]) / n_layers for h in sorted(med, reverse=True) if h},

@@ -11,7 +11,6 @@ same statistics.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocator import release_freed_memory
 from .batching import split_batches
 from .capture import iter_attention
 from .distances import DISTANCES, DistanceAccumulator
@@ -35,32 +35,6 @@ log = logging.getLogger(__name__)
 #: real query rows, so the cut changes them by rounding only, and peak memory
 #: no longer depends on how long the longest sentence of the sample is.
 MAX_ATTENTION_CELLS = 2**20
-
-
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # the symbols already loaded into this process
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the C allocator back to the system (glibc ``malloc_trim``; elsewhere a no-op).
-
-    Every batch of the signature pass allocates attention tensors of a new
-    shape. glibc raises its mmap threshold each time a large block is freed, so
-    later blocks of that size come from the heap, where freed space stays in
-    the process: without a trim, resident memory creeps up with the number of
-    batches although nothing is kept between batches. Measured on minilm-l6
-    (`benchmarks/bench_signatures.py --memory-child`): the pass grew resident
-    memory by 175 MB over 1,024 SST-5 sentences and 225 MB over 4,096 without
-    the trim, 158 and 159 MB with it.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class EntropyAccumulator:

@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="wall",
         help="wall: latency (default); cpu: process CPU time, for a busy machine (work, not latency)",
     )
+    p.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave the C allocator as it is; by default freed memory is held in the process (glibc), so large "
+        "activations are not page-faulted in again on every call",
+    )
     p.add_argument("--onnx", action="store_true", help="also export to ONNX and time onnxruntime (CPU)")
     p.add_argument(
         "--sweep",
@@ -73,6 +79,7 @@ def run(args) -> int:
         min_reps=args.min_reps,
         onnx=args.onnx,
         clock=args.clock,
+        hold_memory=not args.malloc_default,
     )
     if args.out is not None:
         import sys
@@ -99,6 +106,7 @@ def _sweep(args) -> int:
         jsonable(head_count_sweep(
             dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps, warmup=args.warmup,
             budget_s=args.budget, min_reps=args.min_reps, seed=args.seed, clock=args.clock,
+            hold_memory=not args.malloc_default,
         ))
         for b, q in shapes
     ]  # fmt: skip
