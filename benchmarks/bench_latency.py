@@ -88,8 +88,8 @@ def run(args) -> dict:
         "clock": args.clock,
         "hold_memory": not args.malloc_default,
         "quick": args.quick,
+        "sweep": args.sweep,
     }
-    settings["sweep"] = args.sweep
     result = {"settings": settings, "models": {}}
     name = args.name or (SWEEP_NAME if args.sweep else NAME)
     for model_name in args.models:

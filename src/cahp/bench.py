@@ -682,10 +682,14 @@ def fit_block_cost(counts: Sequence[int], per_block_ms: Sequence[float], heads: 
     }
 
 
-def _sweep_fit(times: Mapping[int, Sequence[float]], n_layers: int, heads: int) -> dict:
-    counts = sorted(h for h in times if h > 0)
-    med = {h: statistics.median(t) for h, t in times.items()}
-    return fit_block_cost(counts, [(med[h] - med[0]) / n_layers for h in counts], heads)
+def _per_block(med: Mapping[int, float], n_layers: int) -> dict[int, float]:
+    """Time one block with ``h`` heads adds above the floor (``med[0]``), from per-count medians."""
+    return {h: (med[h] - med[0]) / n_layers for h in sorted(med, reverse=True) if h}
+
+
+def _sweep_fit(med: Mapping[int, float], n_layers: int, heads: int) -> dict:
+    per_block = _per_block(med, n_layers)
+    return fit_block_cost(list(per_block), list(per_block.values()), heads)
 
 
 def head_count_sweep(
@@ -746,14 +750,14 @@ def head_count_sweep(
         reps=reps, warmup=warmup, budget_s=budget_s, min_reps=min_reps, clock=clock,
     )
     med = {h: statistics.median(t) * 1e3 for h, t in times.items()}
-    fit = _sweep_fit({h: [x * 1e3 for x in t] for h, t in times.items()}, n_layers, n_heads)
+    fit = _sweep_fit(med, n_layers, n_heads)
     n = min(len(t) for t in times.values())
     rng = np.random.default_rng(seed)
     arr = {h: np.asarray(t[:n]) * 1e3 for h, t in times.items()}
     ceilings = []
     for _ in range(n_boot if n >= 2 else 0):
         idx = rng.integers(0, n, size=n)
-        c = _sweep_fit({h: a[idx] for h, a in arr.items()}, n_layers, n_heads)["uniform_ceiling"]
+        c = _sweep_fit({h: statistics.median(a[idx]) for h, a in arr.items()}, n_layers, n_heads)["uniform_ceiling"]
         if math.isfinite(c):
             ceilings.append(c)
     ci = [float("nan"), float("nan")]
@@ -767,7 +771,7 @@ def head_count_sweep(
         "kernel_calibration_ms": calib, "clock": clock, "allocator": allocator, "reps": len(times[0]),
         "inputs": "random token ids, no padding",
         "median_ms": {str(h): med[h] for h in sorted(med, reverse=True)},
-        "per_block_ms": {str(h): (med[h] - med[0]) / n_layers for h in sorted(med, reverse=True) if h},
+        "per_block_ms": {str(h): c for h, c in _per_block(med, n_layers).items()},
         "fit": fit, "uniform_ceiling_ci95": ci,
         "times_ms": {str(h): [x * 1e3 for x in t] for h, t in times.items()},
     }
