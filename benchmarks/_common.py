@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_revision() -> str:
+    """Short revision of the checkout (+dirty when src/ differs from it).
+
+    A copy of the tree without ``.git`` (a lent GPU machine gets one) says which
+    revision it is through ``CAHP_GIT_REVISION``.
+    """
+    if os.environ.get("CAHP_GIT_REVISION"):
+        return os.environ["CAHP_GIT_REVISION"]
     try:
         rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=REPO).returncode != 0

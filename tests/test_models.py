@@ -69,9 +69,20 @@ def test_mpnet_pieces_unpack_once_and_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["all-mpnet-base-v2"]
 
 
-def test_mpnet_missing_package_falls_back_to_hub_id(monkeypatch):
+def test_mpnet_missing_package_falls_back_to_hub_id(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_mpnet_parts", lambda: None)
+    monkeypatch.setenv("CAHP_CACHE_DIR", str(tmp_path / "cache"))
     assert models.resolve_model("mpnet-base") == "sentence-transformers/all-mpnet-base-v2"
+
+
+def test_mpnet_unpacked_copy_in_cache_needs_no_packages(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_mpnet_parts", lambda: None)
+    monkeypatch.setenv("CAHP_CACHE_DIR", str(tmp_path / "cache"))
+    target = tmp_path / "cache" / "models" / "all-mpnet-base-v2"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"x")
+    assert models.resolve_model("mpnet-base") == str(target)
 
 
 @pytest.mark.integration

