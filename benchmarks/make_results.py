@@ -33,7 +33,10 @@ SECTIONS = [
     ("compare_minilm_sst5_finetuned", "bench_compare",
      "CAHP against the baselines: minilm-l6 / SST-5, after one fine-tuning (issue 7)"),
     ("compare_minilm_mnli_small", "bench_compare", "CAHP against the baselines: minilm-l6 / mnli-small (issue 7)"),
-    ("compare_mpnet_sst5", "bench_compare", "CAHP against the baselines: mpnet-base / SST-5 (issue 7)"),
+    ("compare_mpnet_sst5", "bench_compare",
+     "CAHP against the baselines: mpnet-base / SST-5, right after pruning (issue 7)"),
+    ("compare_mpnet_sst5_finetuned", "bench_compare",
+     "CAHP against the baselines: mpnet-base / SST-5, after one fine-tuning (issue 7)"),
     ("distributed", "bench_distributed", "One process against torchrun (issue 5)"),
 ]
 

@@ -148,6 +148,9 @@ def test_compare_resumes_after_interruption(tiny_setup, tmp_path, monkeypatch): 
     per_seed = r["no_finetune"]["curves"]["random"]["per_seed"]
     assert set(per_seed) == {"0", "1"}
     assert r["no_finetune"]["results"]["25%"]["random"]["kept"] is not None
+    # the layer distribution of a seeded method is a mean over seeds, shown to one decimal
+    r["no_finetune"]["results"]["25%"]["random"]["heads_per_layer_mean"] = [2 / 3, 1.0, 4 / 3]
+    assert "| random | 0.7 1 1.3 (depth" in render_markdown(r)
 
 
 def test_compare_in_prune_folder_via_cli(tiny_setup, tmp_path, monkeypatch, capsys):  # noqa: F811

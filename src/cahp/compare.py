@@ -685,7 +685,8 @@ def render_markdown(report: dict) -> str:
         for b in report["budgets"]:
             s = nf[b["label"]][method]
             per_layer = s["heads_per_layer_mean"] if len(s.get("seeds") or []) > 1 else s["heads_per_layer"]
-            cells.append(" ".join(f"{x:g}" for x in per_layer) + f" (depth {s['mean_relative_depth']:.2f})")
+            # a mean over seeds is shown to one decimal (2.3, not 2.33333)
+            cells.append(" ".join(f"{round(x, 1):g}" for x in per_layer) + f" (depth {s['mean_relative_depth']:.2f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     curves = report["no_finetune"]["curves"]
     lines += ["\n## Curves without fine-tuning (held-out accuracy on the curve data, %)\n",
