@@ -371,6 +371,7 @@ def test_cli_bench_pruned_folder(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["variants"]["pruned"]["heads_per_layer"] == [3, 0, 2]
     assert data["runs"][0]["kernel"] == "compact"
+    assert data["environment"]["torch_threads"] == 1 and data["environment"]["cahp"] == cahp.__version__
 
 
 def test_cli_bench_sweep(tmp_path, capsys):
@@ -386,6 +387,7 @@ def test_cli_bench_sweep(tmp_path, capsys):
 
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["sweeps"]] == [1] and "fit" in data["sweeps"][0]
+    assert data["environment"]["torch"] == torch.__version__
     # a sweep times --model itself: a pruned folder makes no sense with it
     assert cli_main(["bench", "--model", str(tmp_path / "dense"), "--sweep", "--pruned", str(tmp_path)]) == 2
     assert "--sweep" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,6 +99,7 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     saved = json.loads((out / "compare.json").read_text())
     assert saved["finetuned"]["results"]["50%"]["gradient"]["accuracy"] == ft_res["gradient"]["accuracy"]
     assert render_markdown(saved) == md  # the markdown is generated from the JSON alone
+    assert saved["environment"]["cores"] == os.cpu_count()
     assert "epochs max" in md
     part_a = render_markdown({k: v for k, v in saved.items() if k != "finetuned"})
     assert "epochs max" not in part_a and "no fine-tuning after pruning" in part_a  # no settings of what never ran

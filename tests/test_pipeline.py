@@ -65,7 +65,9 @@ def test_prune_end_to_end(tiny_setup, tmp_path):
     assert set(r["stage_seconds"]) == {"finetune_dense", "signatures", "salience", "curve", "surgery_and_finetune"}
     model, _ = cahp.load_pruned(tmp_path / "run" / "model")
     assert cahp.num_kept(model) == r["heads_kept"]
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["k_star"] == r["k_star"]
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["k_star"] == r["k_star"]
+    assert saved["environment"]["torch"] == torch.__version__ and saved["environment"]["date"].endswith("+00:00")
     # a re-run with --keep reuses fine-tuning, signatures, salience and the curve
     cfg2, ft2 = _cfgs(tiny_setup, tmp_path / "run", keep=5)
     r2 = run_prune(cfg2, ft2, progress=False).report

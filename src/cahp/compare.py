@@ -63,7 +63,7 @@ from .evaluate import evaluate_task, paired_bootstrap
 from .finetune import FinetuneConfig, finetune
 from .gates import head_gates
 from .heads import mask_to_heads, mean_relative_depth
-from .io import add_log_file, read_json, to_jsonable, write_atomic, write_json
+from .io import add_log_file, environment, read_json, to_jsonable, write_atomic, write_json
 from .knee import find_knee
 from .pipeline import PruneConfig, _fingerprint, prepare_run
 from .selector import SelectionContext
@@ -544,6 +544,7 @@ class _Compare:
             "no_finetune": {"curves": curve_out, "results": no_ft},
             "finetuned": {"results": ft_out, "dense_control": dense_out} if fine is not None else None,
             "timings": timings,
+            "environment": environment(),
         }
 
     def write(self, report: dict) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,38 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and (obj != obj):  # NaN is not JSON
         return None
     return obj
+
+
+def environment() -> dict:
+    """When and where a result is made: UTC date, versions, processor, cores, threads, GPU.
+
+    Written into every report (``report.json``, ``compare.json``, ``cahp bench --out``)
+    so that an output folder says what produced it.
+    """
+    import transformers
+
+    import cahp
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cahp": cahp.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:

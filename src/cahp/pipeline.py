@@ -44,7 +44,7 @@ from .distances import DISTANCES
 from .evaluate import evaluate_task
 from .finetune import FinetuneConfig, finetune
 from .heads import kept_heads, kept_mask, mean_relative_depth, num_kept
-from .io import add_log_file, read_json, save_tensors, write_json
+from .io import add_log_file, environment, read_json, save_tensors, write_json
 from .knee import KNEE_METHODS, find_knee
 from .models import load_model
 from .salience import gate_gradients
@@ -414,6 +414,7 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         "parameters": {"before": params_before, "after": count_parameters(pruned)},
         "stage_seconds": stages.times,
         "total_seconds": round(time.perf_counter() - t_total, 1),
+        "environment": environment(),
     }
     report = distributed.broadcast_object(report)
     title = f"{cfg.model} / {task.name}"

@@ -85,8 +85,9 @@ def run(args) -> int:
         import sys
 
         from cahp.bench import write_json
+        from cahp.io import environment
 
-        write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), **result})
+        write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), "environment": environment(), **result})
         log.info("wrote %s", args.out)
     print(format_table(result))
     return 0
@@ -96,6 +97,7 @@ def _sweep(args) -> int:
     import sys
 
     from cahp.bench import SWEEP_EXPLAINED, format_sweep, head_count_sweep, jsonable, parse_shapes, write_json
+    from cahp.io import environment
     from cahp.models import load_model
 
     if args.pruned is not None or args.onnx:
@@ -111,7 +113,8 @@ def _sweep(args) -> int:
         for b, q in shapes
     ]  # fmt: skip
     if args.out is not None:
-        write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), "model": args.model, "sweeps": runs})
+        write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), "environment": environment(),
+                              "model": args.model, "sweeps": runs})
         log.info("wrote %s", args.out)
     print(format_sweep({args.model: runs}))
     print("\n" + SWEEP_EXPLAINED)
