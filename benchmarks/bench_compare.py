@@ -70,6 +70,47 @@ def render(result: dict) -> str:
     return meta_lines(result["meta"]) + "\n".join(body).strip("\n") + "\n"
 
 
+def render_overview(results: dict[str, dict]) -> str:
+    """One table over several compare results: CAHP's verdict against each baseline, per budget.
+
+    ``results``: results-file stem -> its JSON. Part (a) rows come from files run without fine-tuning
+    (a fine-tuned file's own part (a) repeats them with fewer seeds and is left out).
+    """
+    rows, methods = [], []
+    for r in results.values():
+        ft = r.get("finetuned")
+        part, res = (("after one fine-tuning", ft["results"]) if ft
+                     else ("right after pruning", r["no_finetune"]["results"]))
+        n_seeds = len(r["settings"]["seeds"])
+        for b in r["budgets"]:
+            per = res[b["label"]]
+            methods += [m for m in per if m != "cahp" and m not in methods]
+            seeds = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
+            name = f"{r['model']} / {r['task']}, {part} ({seeds if ft else 'random over ' + seeds})"
+            rows.append((name, f"{b['label']} ({b['k']} of {r['heads']})", per))
+    lines = [
+        "CAHP's verdict against each baseline (win: the 95% paired-bootstrap interval of baseline minus CAHP "
+        "lies below 0; loss: above 0; tie: it contains 0), with the difference in accuracy points (baseline minus "
+        "CAHP). The sections below hold the same figures with their intervals, settings and provenance.\n",
+        "| comparison | budget | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    totals = {m: {"win": 0, "tie": 0, "loss": 0} for m in methods}
+    for name, budget, per in rows:
+        cells = []
+        for m in methods:
+            v = per.get(m, {}).get("vs_cahp", {}).get("pooled") if m in per else None
+            if v is None:
+                cells.append("–")
+                continue
+            totals[m][v["verdict"]] += 1
+            cells.append(f"{v['verdict']} ({100 * v['diff']:+.1f})")
+        lines.append(f"| {name} | {budget} | " + " | ".join(cells) + " |")
+    lines.append("| **CAHP wins / ties / losses** | | "
+                 + " | ".join(f"{t['win']} / {t['tie']} / {t['loss']}" for t in totals.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +29,7 @@ SECTIONS = [
      "Where the line is lost: one attention block's cost against its head count (issue 6)"),
     ("latency_2threads", "bench_latency",
      "Latency of pruned models with 2 threads on this 2-vCPU machine: too noisy to judge (issue 6)"),
+    ("compare_*", "bench_compare", "CAHP against the baselines: overview (issue 7)"),
     ("compare_minilm_sst5", "bench_compare",
      "CAHP against the baselines: minilm-l6 / SST-5, right after pruning (issue 7)"),
     ("compare_minilm_sst5_finetuned", "bench_compare",
@@ -49,14 +51,20 @@ def main() -> None:
         "Do not edit by hand.\n",
     ]
     for stem, module_name, title in SECTIONS:
-        path = HERE / "results" / f"{stem}.json"
-        if not path.is_file():
+        # a stem with "*" is an overview: the module's render_overview gets every matching file, in
+        # SECTIONS order
+        paths = [HERE / "results" / f"{s}.json" for s, _, _ in SECTIONS if "*" not in s and fnmatch(s, stem)]
+        paths = [p for p in paths if p.is_file()]
+        if not paths:
             continue
         spec = importlib.util.spec_from_file_location(module_name, HERE / f"{module_name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         out.append(f"\n## {title}\n")
-        out.append(module.render(json.loads(path.read_text())))
+        if "*" in stem:
+            out.append(module.render_overview({p.stem: json.loads(p.read_text()) for p in paths}))
+        else:
+            out.append(module.render(json.loads(paths[0].read_text())))
     (HERE.parent / "RESULTS.md").write_text("\n".join(out).rstrip() + "\n")
     print(f"wrote {HERE.parent / 'RESULTS.md'}")
     update_readme()

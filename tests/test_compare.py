@@ -54,6 +54,23 @@ def test_verdict_rule_and_paired_comparison():
     _check_verdicts(r)
 
 
+def _bench_compare():
+    """benchmarks/bench_compare.py as a module (it renders RESULTS.md's compare sections)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_compare", bench_dir / "bench_compare.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench_dir))
+    return module
+
+
 def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "cmp"
     cfg, ft = _cfgs(tiny_setup, out)
@@ -103,6 +120,15 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     assert "epochs max" in md
     part_a = render_markdown({k: v for k, v in saved.items() if k != "finetuned"})
     assert "epochs max" not in part_a and "no fine-tuning after pruning" in part_a  # no settings of what never ran
+    # RESULTS.md's overview: one row per (result, budget), CAHP's pooled verdict per baseline
+    v = ft_res["gradient"]["vs_cahp"]["pooled"]
+    overview = _bench_compare().render_overview(
+        {"a": {key: val for key, val in saved.items() if key != "finetuned"}, "b": saved})
+    name = f"{saved['model']} / {saved['task']}"
+    assert f"| {name}, after one fine-tuning (1 seed) | 50% (6 of 12) | {v['verdict']} ({100 * v['diff']:+.1f}) |" \
+        in overview
+    assert f"| {name}, right after pruning (random over 1 seed) | 50% (6 of 12) |" in overview
+    assert overview.splitlines()[-1].startswith("| **CAHP wins / ties / losses** | | ")
     assert saved["timings"]["finetune_seconds"] > 0 and saved["timings"]["no_finetune_seconds"] > 0
 
     # a re-run computes nothing: every (method, budget, seed) result comes from OUTPUT/compare
