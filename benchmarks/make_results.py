@@ -25,6 +25,7 @@ SECTIONS = [
     ("prune_minilm_sst5", "bench_prune", "CAHP end to end: `cahp prune` on minilm-l6 / SST-5 (issue 4)"),
     ("signature_cost", "bench_signatures", "Signature and distance cost, memory (issue 4)"),
     ("latency", "bench_latency", "Latency of pruned models (issue 6)"),
+    ("latency_1x32", "bench_latency", "Latency at batch 1 x 32 tokens, more repetitions (issue 6)"),
     ("latency_sweep", "bench_latency",
      "Where the line is lost: one attention block's cost against its head count (issue 6)"),
     ("latency_2threads", "bench_latency",
