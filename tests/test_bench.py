@@ -36,6 +36,7 @@ from cahp.bench import (
 from cahp.cli import main as cli_main
 from cahp.heads import HeadIndexError
 
+from .benchmarks_module import load_benchmark
 from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
 
 PATTERN = {0: [1], 1: [0, 1, 2, 3], 2: [0, 3]}  # heads left per layer: 3, 0, 2
@@ -395,19 +396,8 @@ def test_cli_bench_sweep(tmp_path, capsys):
 
 def test_benchmark_render_on_a_tiny_result():
     """benchmarks/bench_latency.py renders what bench_models returns (RESULTS.md is generated from it)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_latency", bench_dir / "bench_latency.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        from _common import metadata
-    finally:
-        sys.path.remove(str(bench_dir))
+    module = load_benchmark("bench_latency")
+    metadata = module.metadata
     dense = tiny_model("bert")
     res = bench_models(dense, module.pruned_variants(dense, seed=0), shapes=[(1, 32)], threads=1, reps=2, warmup=1)
     settings = {

@@ -14,6 +14,7 @@ from cahp.compare import CompareConfig, compare_to_cahp, render_markdown, run_co
 from cahp.finetune import FinetuneConfig
 from cahp.pipeline import PruneConfig, run_prune
 
+from .benchmarks_module import load_benchmark
 from .test_pipeline import tiny_setup  # noqa: F401  (module fixture: tiny model folder and task)
 
 
@@ -52,23 +53,6 @@ def test_verdict_rule_and_paired_comparison():
     assert [p["seed"] for p in r["per_seed"]] == [0, 1, 2]
     assert r["per_seed_verdicts"] == {"win": 1, "tie": 2, "loss": 0}
     _check_verdicts(r)
-
-
-def _bench_compare():
-    """benchmarks/bench_compare.py as a module (it renders RESULTS.md's compare sections)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_compare", bench_dir / "bench_compare.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench_dir))
-    return module
 
 
 def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
@@ -122,7 +106,7 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     assert "epochs max" not in part_a and "no fine-tuning after pruning" in part_a  # no settings of what never ran
     # RESULTS.md's overview: one row per (result, budget), CAHP's pooled verdict per baseline
     v = ft_res["gradient"]["vs_cahp"]["pooled"]
-    overview = _bench_compare().render_overview(
+    overview = load_benchmark("bench_compare").render_overview(
         {"a": {key: val for key, val in saved.items() if key != "finetuned"}, "b": saved})
     name = f"{saved['model']} / {saved['task']}"
     assert f"| {name}, after one fine-tuning (1 seed) | 50% (6 of 12) | {v['verdict']} ({100 * v['diff']:+.1f}) |" \
