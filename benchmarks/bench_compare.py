@@ -99,7 +99,7 @@ def render_overview(results: dict[str, dict]) -> str:
     for name, budget, per in rows:
         cells = []
         for m in methods:
-            v = per.get(m, {}).get("vs_cahp", {}).get("pooled") if m in per else None
+            v = per[m]["vs_cahp"]["pooled"] if m in per else None
             if v is None:
                 cells.append("–")
                 continue
