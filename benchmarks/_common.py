@@ -8,7 +8,6 @@ is typed by hand.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import subprocess
@@ -36,22 +35,19 @@ def git_revision() -> str:
         return "unknown"
 
 
-def machine() -> dict:
-    from cahp.io import environment
-
-    env = environment()
-    return {k: env[k] for k in ("cpu", "cores", "torch_threads", "gpu", "python", "torch", "platform")}
+MACHINE_KEYS = ("cpu", "cores", "torch_threads", "gpu", "python", "torch", "platform")
 
 
 def metadata() -> dict:
-    import transformers
+    from cahp.io import environment
 
+    env = environment()  # one probe: the date, versions and machine of the result
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": env["date"],
         "git_revision": git_revision(),
-        "machine": machine(),
-        "transformers": transformers.__version__,
+        "machine": {k: env[k] for k in MACHINE_KEYS},
+        "transformers": env["transformers"],
     }
 
 
