@@ -54,6 +54,7 @@ from cahp.bench import (  # noqa: E402
     jsonable,
     parse_shapes,
     random_removal,
+    ratio_ci,
 )
 
 log = logging.getLogger("bench_latency")
@@ -63,14 +64,17 @@ SWEEP_NAME = "latency_sweep"
 GOALS = {(32, 128): 0.95, (1, 32): 0.85}
 
 
-def pruned_variants(dense, seed: int) -> dict:
-    """The pruned copies timed for each model (labels are the result keys)."""
+VARIANTS = {"50": "50%", "75": "75%", "empty": "50% (empty layers)"}
+
+
+def pruned_variants(dense, seed: int, only=tuple(VARIANTS)) -> dict:
+    """The pruned copies timed for each model (labels are the result keys); ``only``: keys of `VARIANTS`."""
     plans = {
-        "50%": random_removal(dense, 0.5, seed=seed),
-        "75%": random_removal(dense, 0.75, seed=seed),
-        "50% (empty layers)": emptied_layers_removal(dense, every=2),
+        "50": lambda: random_removal(dense, 0.5, seed=seed),
+        "75": lambda: random_removal(dense, 0.75, seed=seed),
+        "empty": lambda: emptied_layers_removal(dense, every=2),
     }
-    return {label: cahp.remove_heads(copy.deepcopy(dense), plan) for label, plan in plans.items()}
+    return {VARIANTS[k]: cahp.remove_heads(copy.deepcopy(dense), plans[k]()) for k in VARIANTS if k in only}
 
 
 def run(args) -> dict:
@@ -89,6 +93,7 @@ def run(args) -> dict:
         "hold_memory": not args.malloc_default,
         "quick": args.quick,
         "sweep": args.sweep,
+        "variants": [VARIANTS[k] for k in args.variants],
     }
     result = {"settings": settings, "models": {}}
     name = args.name or (SWEEP_NAME if args.sweep else NAME)
@@ -106,7 +111,7 @@ def run(args) -> dict:
             ]
             _write(args, name, meta, result)
             continue
-        pruned = pruned_variants(dense, args.seed)
+        pruned = pruned_variants(dense, args.seed, only=args.variants)
         res = bench_models(
             dense,
             pruned,
@@ -150,8 +155,26 @@ def _goal_verdict(x: float, ci: list | None, goal: float) -> str:
     return "met" if x >= goal else "missed"
 
 
-def _verdict(checks: list[bool]) -> str:
-    return "–" if not checks else ("yes" if all(checks) else "no")
+def _ratio_verdict(ratio: float, ci: list | None) -> str:
+    """ONNX at least as fast (ratio at most 1): met / missed, or undecided when the 95% interval contains 1."""
+    if ci:
+        return "met" if ci[1] <= 1.0 else "missed" if ci[0] > 1.0 else "undecided"
+    return "met" if ratio <= 1.0 else "missed"
+
+
+def _onnx_ratio(run: dict, label: str) -> tuple[float, list | None] | None:
+    """ONNX / PyTorch median latency of one model in one run, and its 95% interval where times were kept."""
+    onnx = ONNX_PREFIX + label
+    if onnx not in run["timings"]:
+        return None
+    ratio = run.get("onnx_ratio", {}).get(label)
+    if ratio is None:  # results written before the ratio was stored
+        ratio = run["timings"][onnx]["median_ms"] / run["timings"][label]["median_ms"]
+    ci = run.get("onnx_ratio_ci95", {}).get(label)
+    times = run.get("times_ms", {})
+    if ci is None and onnx in times and label in times:
+        ci = ratio_ci(times[onnx], times[label])
+    return ratio, (None if not ci or any(math.isnan(c) for c in ci) else ci)
 
 
 def _allocator_line(result: dict) -> str:
@@ -198,8 +221,8 @@ def render(result: dict) -> str:
     summary = [
         "| model | pruned | "
         + " | ".join(f"{b}x{q}" for b, q in s["shapes"])
-        + " | goal per shape | ONNX at least as fast |",
-        "|---|---|" + "---|" * len(s["shapes"]) + "---|---|",
+        + " | goal per shape | ONNX / PyTorch latency per shape | ONNX at least as fast |",
+        "|---|---|" + "---|" * len(s["shapes"]) + "---|---|---|",
     ]
     for model_name, res in result["models"].items():
         out.append(f"\n### {model_name} ({res['layers']} layers x {res['heads_per_layer']} heads)\n")
@@ -234,7 +257,7 @@ def render(result: dict) -> str:
         for label in res["variants"]:
             if label in (DENSE, NO_ATTENTION):
                 continue
-            cells, met, faster = [], [], []
+            cells, met, ratios, faster = [], [], [], []
             for b, q in s["shapes"]:
                 run = next((r for r in cpu_runs if (r["batch"], r["seq"]) == (b, q)), None)
                 x = run["floor_relative"].get(label) if run else None
@@ -243,20 +266,24 @@ def render(result: dict) -> str:
                 goal = GOALS.get((b, q))
                 if goal is not None and x is not None:
                     met.append(_goal_verdict(x, ci, goal))
-                if run and ONNX_PREFIX + label in run["timings"]:
-                    onnx_ms = run["timings"][ONNX_PREFIX + label]["median_ms"]
-                    faster.append(onnx_ms <= run["timings"][label]["median_ms"])
+                r = _onnx_ratio(run, label) if run else None
+                if r is not None:
+                    ratio, ci = r
+                    ratios.append(_f(ratio) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""))
+                    faster.append(_ratio_verdict(ratio, ci))
             summary.append(
                 f"| {model_name} | {label} | " + " | ".join(cells) + f" | {', '.join(met) or '–'} "
-                f"| {_verdict(faster)} |"
+                f"| {', '.join(ratios) or '–'} | {', '.join(faster) or '–'} |"
             )
     out.append("\n### Floor-relative figure, PyTorch, CPU\n")
     out.append(
         "Goals: at least "
         + ", ".join(f"{g} at {b}x{q}" for (b, q), g in GOALS.items())
-        + ", and the ONNX model at least as fast as the PyTorch one at every shape. Brackets: 95% bootstrap "
-        "interval of the figure over repetitions (runs that kept per-repetition times); a goal is *undecided* "
-        "when that interval contains it: these runs cannot tell.\n"
+        + ", and the ONNX model at least as fast as the PyTorch one (ONNX / PyTorch latency at most 1, "
+        "from the medians) at every shape. Brackets: 95% bootstrap interval over repetitions (runs that kept "
+        "per-repetition times); a goal is *undecided* when that interval contains it: these runs cannot tell. "
+        "The ONNX / PyTorch ratio is paired only where both runtimes were interleaved (1 thread, runs from "
+        "this version on); before, the ONNX models were timed after the PyTorch ones.\n"
     )
     out.extend(summary)
     return "\n".join(out) + "\n"
@@ -277,6 +304,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random selections and inputs")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="pruned copies to time: 50 and 75 (%% of heads removed at random), empty (every other "
+                   "layer emptied); default all three")
     p.add_argument("--malloc-default", action="store_true",
                    help="leave the C allocator as it is (default: freed memory held, no page faults per call)")
     p.add_argument("--sweep", action="store_true",

@@ -29,6 +29,7 @@ from cahp.bench import (
     parse_shapes,
     prepare_for_inference,
     random_removal,
+    ratio_ci,
     run_bench,
     summarize,
     uniform_removal,
@@ -124,6 +125,20 @@ def test_floor_relative_ci():
     assert hi3 < 0.2
     assert floor_relative_ci(dense, pruned, floor, 0.5, seed=3) == floor_relative_ci(dense, pruned, floor, 0.5, seed=3)
     assert all(math.isnan(x) for x in floor_relative_ci([1.0], [1.0], [1.0], 0.5))
+
+
+def test_ratio_ci():
+    rng = np.random.default_rng(2)
+    torch_ms = 10 + rng.normal(0, 0.5, 80)
+    # a runtime 10% slower on every call, plus its own noise: the interval holds 1.1, not 1.0
+    onnx_ms = 1.1 * torch_ms + rng.normal(0, 0.2, 80)
+    lo, hi = ratio_ci(onnx_ms, torch_ms)
+    assert 1.0 < lo < 1.1 < hi < 1.2
+    # the same calls twice: exactly 1
+    assert ratio_ci(torch_ms, torch_ms) == [1.0, 1.0]
+    assert ratio_ci(onnx_ms, torch_ms, seed=4) == ratio_ci(onnx_ms, torch_ms, seed=4)
+    assert all(math.isnan(x) for x in ratio_ci([1.0], [1.0]))
+    assert all(math.isnan(x) for x in ratio_ci([1.0, 1.0], [0.0, 0.0]))
 
 
 def test_summarize_median_iqr():
@@ -302,10 +317,20 @@ def test_bench_models_smoke(family):
         lo, hi = run["floor_relative_ci95"]["half"]
         assert (math.isnan(lo) and math.isnan(hi)) or lo <= hi
         assert all(len(t) == 3 for t in run["times_ms"].values())
+        if family == "bert":
+            # one thread: no thread pools, so PyTorch and onnxruntime calls are interleaved and paired
+            assert run["runtimes_interleaved"] is True
+            assert set(run["onnx_ratio"]) == {"dense", "half", "no_attention"}
+            assert all(r > 0 for r in run["onnx_ratio"].values())
+            lo, hi = run["onnx_ratio_ci95"]["half"]
+            assert 0 < lo <= hi
+        else:
+            assert run["onnx_ratio"] == {} and "runtimes_interleaved" not in run
     if family == "bert":
         assert max(o["max_abs_diff"] for o in result["onnx"].values()) < 1e-4
     text = format_table(result)
     assert "floor-rel" in text and "no_attention" in text
+    assert ("onnx / pytorch latency: dense" in text) == (family == "bert")
     # the dense model handed in is not changed
     assert cahp.num_kept(dense) == N_LAYERS * N_HEADS and not isinstance(
         get_adapter(dense).layers(dense)[0].attention, ResidualOnlyAttention
@@ -416,6 +441,23 @@ def test_benchmark_render_on_a_tiny_result():
     text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True},
                           "models": {"tiny": [{**sweep, "fit": nan_fit, "uniform_ceiling_ci95": [None, None]}]}})
     assert "| – | –% | – [–, –] |" in text or "| - | -% | - [-, -] |" in text
+
+
+def test_benchmark_onnx_verdict_uses_the_interval():
+    """ONNX at least as fast: met / missed only when the ratio's 95% interval is on one side of 1."""
+    module = load_benchmark("bench_latency")
+    assert module._ratio_verdict(0.9, [0.85, 0.95]) == "met"
+    assert module._ratio_verdict(1.1, [1.02, 1.2]) == "missed"
+    assert module._ratio_verdict(1.03, [0.99, 1.07]) == "undecided"
+    assert module._ratio_verdict(1.03, None) == "missed"
+    # a run written before the ratio was stored: from the medians, its interval from the kept times
+    run = {
+        "timings": {"half": {"median_ms": 10.0}, "onnx:half": {"median_ms": 12.0}},
+        "times_ms": {"half": [10.0, 10.1, 9.9, 10.0], "onnx:half": [12.0, 12.2, 11.8, 12.1]},
+    }
+    ratio, ci = module._onnx_ratio(run, "half")
+    assert ratio == pytest.approx(1.2) and 1.15 < ci[0] <= ci[1] < 1.25
+    assert module._onnx_ratio({"timings": {"half": {"median_ms": 1.0}}}, "half") is None
 
 
 # --- the head-count sweep: where the line is lost -----------------------------

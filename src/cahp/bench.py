@@ -263,6 +263,28 @@ def floor_relative_ci(
     return [float(lo), float(hi)]
 
 
+def ratio_ci(
+    numer: Sequence[float], denom: Sequence[float], n_boot: int = 2000, seed: int = 0
+) -> list[float]:
+    """95% bootstrap interval of ``median(numer) / median(denom)``, repetitions resampled jointly.
+
+    The two lists are aligned by round-robin repetition (the same indices are
+    drawn for both). Used for the ONNX / PyTorch latency ratio of one model.
+    """
+    n = min(len(numer), len(denom))
+    if n < 2:
+        return [float("nan"), float("nan")]
+    a, b = (np.asarray(x[:n], dtype=np.float64) for x in (numer, denom))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    r = r[np.isfinite(r)]
+    if r.size < n_boot // 2:
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(r, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def summarize(times_s: Sequence[float], batch: int, seq: int) -> dict:
     """Median, quartiles and IQR in ms; throughput from the median."""
     ms = sorted(t * 1e3 for t in times_s)
@@ -549,11 +571,17 @@ def bench_models(
             run["kernel"], run["kernel_calibration_ms"] = _choose_kernel(
                 variants, kernel, inputs, sync, warmup, candidates, clock
             )
-            # PyTorch models interleaved with each other, then the ONNX models with each other:
-            # two runtimes' thread pools taking turns would disturb each other's timings.
+            # With several threads: PyTorch models interleaved with each other, then the ONNX models
+            # with each other (two runtimes' thread pools taking turns would disturb each other's
+            # timings). With one thread there is no pool: all interleaved, so ONNX / PyTorch is paired.
             groups = [{v.label: _torch_runner(v.model, inputs) for v in variants}]
             if device == "cpu" and sessions:
-                groups.append({ONNX_PREFIX + k: _onnx_runner(sess, inputs) for k, sess in sessions.items()})
+                onnx_runners = {ONNX_PREFIX + k: _onnx_runner(sess, inputs) for k, sess in sessions.items()}
+                if threads == 1:
+                    groups[0].update(onnx_runners)
+                else:
+                    groups.append(onnx_runners)
+                run["runtimes_interleaved"] = threads == 1
             times = {}
             for runners in groups:
                 log.info(
@@ -595,6 +623,12 @@ def bench_models(
                     run["floor_relative_ci95"][p] = floor_relative_ci(
                         times[d], times[p], times[n], v.share_removed, seed=seed
                     )
+            # ONNX latency relative to PyTorch, per model: below 1 = onnxruntime faster.
+            run["onnx_ratio"], run["onnx_ratio_ci95"] = {}, {}
+            for v in variants:
+                if ONNX_PREFIX + v.label in med:
+                    run["onnx_ratio"][v.label] = med[ONNX_PREFIX + v.label] / med[v.label]
+                    run["onnx_ratio_ci95"][v.label] = ratio_ci(times[ONNX_PREFIX + v.label], times[v.label], seed=seed)
             result["runs"].append(run)
             log.info(
                 "%s batch %d seq %d: %s",
@@ -834,6 +868,18 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
             f"{t['median_ms']:10.2f} {t['iqr_ms']:8.2f} {t['sequences_per_s']:9.1f} "
             f"{_fmt(macs / 1e9 if macs else None, 2):>8s} {_fmt(run['floor_relative'].get(label)):>9s} "
             f"{_fmt(paired.get(label)):>7s}"
+        )
+    ratios = run.get("onnx_ratio") or {}
+    if ratios:
+        ci = run.get("onnx_ratio_ci95") or {}
+        rows.append(
+            "onnx / pytorch latency"
+            + ("" if run.get("runtimes_interleaved") else " (runtimes timed one after the other)")
+            + ": "
+            + ", ".join(
+                f"{k} {_fmt(r)}" + (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if k in ci else "")
+                for k, r in ratios.items()
+            )
         )
     return head + "\n" + "\n".join(rows)
 
