@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,20 +50,11 @@ def metadata() -> dict:
     }
 
 
-def write_json_atomic(path: Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_result(name: str, data: dict, meta: dict | None = None) -> Path:
     """Write ``results/<name>.json`` = data plus provenance (``meta``)."""
-    return write_json_atomic(RESULTS_DIR / f"{name}.json", {"meta": meta or metadata(), **data})
+    from cahp.io import write_json
+
+    return write_json(RESULTS_DIR / f"{name}.json", {"meta": meta or metadata(), **data})
 
 
 def load_result(name: str) -> dict | None:

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahp  # noqa: E402
-from _common import meta_lines, metadata, write_json_atomic, write_result  # noqa: E402
+from _common import meta_lines, metadata, write_result  # noqa: E402
 from cahp.bench import (  # noqa: E402
     DENSE,
     NO_ATTENTION,
@@ -51,11 +51,11 @@ from cahp.bench import (  # noqa: E402
     emptied_layers_removal,
     format_sweep,
     head_count_sweep,
-    jsonable,
     parse_shapes,
     random_removal,
     ratio_ci,
 )
+from cahp.io import to_jsonable, write_json  # noqa: E402
 
 log = logging.getLogger("bench_latency")
 NAME = "latency"
@@ -102,7 +102,7 @@ def run(args) -> dict:
         dense, _ = cahp.load_model(model_name, attn_implementation="eager", with_tokenizer=False)
         if args.sweep:
             result["models"][model_name] = [
-                jsonable(head_count_sweep(
+                to_jsonable(head_count_sweep(
                     dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps,
                     warmup=args.warmup, budget_s=args.budget, min_reps=args.min_reps, seed=args.seed,
                     clock=args.clock, hold_memory=not args.malloc_default,
@@ -129,7 +129,7 @@ def run(args) -> dict:
             hold_memory=not args.malloc_default,
         )
         res["selection_seed"] = args.seed
-        result["models"][model_name] = jsonable(res)
+        result["models"][model_name] = to_jsonable(res)
         _write(args, name, meta, result)
         del dense, pruned
     return result
@@ -138,7 +138,7 @@ def run(args) -> dict:
 def _write(args, name: str, meta: dict, result: dict) -> None:
     """After every model: a crash keeps what was done. A smoke run never touches results/."""
     if args.quick:
-        path = write_json_atomic(Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": meta, **result})
+        path = write_json(Path(tempfile.gettempdir()) / f"cahp-{name}-quick.json", {"meta": meta, **result})
     else:
         path = write_result(name, result, meta)
     log.info("wrote %s", path)

@@ -30,10 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahp  # noqa: E402
-from _common import RESULTS_DIR, meta_lines, metadata, write_json_atomic  # noqa: E402
+from _common import RESULTS_DIR, meta_lines, metadata  # noqa: E402
 from cahp.batching import encode, make_batches  # noqa: E402
 from cahp.distances import DISTANCES  # noqa: E402
 from cahp.evaluate import model_inputs  # noqa: E402
+from cahp.io import write_json  # noqa: E402
 from cahp.signatures import collect_signatures  # noqa: E402
 from cahp.tasks import get_task  # noqa: E402
 
@@ -110,7 +111,7 @@ def main() -> None:
         result = json.loads(path.read_text())
         timing_meta = result.pop("meta")
         result.update(measure_memory(args.memory_sizes), memory_meta=meta)
-        write_json_atomic(path, {"meta": timing_meta, **result})
+        write_json(path, {"meta": timing_meta, **result})
         log.info("memory growth %.3f", result["memory_growth"])
         return
     model, batches = _batches(args.n)
@@ -135,7 +136,7 @@ def main() -> None:
         "ratio_to_forward": {k: med[k] / med["forward"] for k in DISTANCES},
         **measure_memory(args.memory_sizes),
     }
-    write_json_atomic(path, {"meta": meta, **result})
+    write_json(path, {"meta": meta, **result})
     log.info("wrote %s", path)
     log.info("ratios %s, memory growth %.3f", result["ratio_to_forward"], result["memory_growth"])
 

@@ -23,7 +23,6 @@ from cahp.bench import (
     floor_relative_ci,
     format_table,
     head_count_sweep,
-    jsonable,
     no_attention_model,
     paired_floor_relative,
     parse_shapes,
@@ -36,6 +35,7 @@ from cahp.bench import (
 )
 from cahp.cli import main as cli_main
 from cahp.heads import HeadIndexError
+from cahp.io import to_jsonable
 
 from .benchmarks_module import load_benchmark
 from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
@@ -429,7 +429,7 @@ def test_benchmark_render_on_a_tiny_result():
         "threads": 1, "shapes": [[1, 32]], "kernel": "auto", "reps": 2, "min_reps": 1, "budget_s": 1.0,
         "warmup": 1, "seed": 0, "onnx": False, "clock": "wall", "quick": True,
     }  # fmt: skip
-    text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": jsonable(res)}})
+    text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": to_jsonable(res)}})
     assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text
     assert "Allocator: " + res["allocator"] in text
     # the head-count sweep renders through the same entry point

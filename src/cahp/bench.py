@@ -29,7 +29,6 @@ multiply-add counts (`count_macs`) are analytic.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -814,33 +813,6 @@ def head_count_sweep(
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
-
-
-def jsonable(obj):
-    """``obj`` with NaN and infinities replaced by None (they are not JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # NaN/inf are not JSON
-    return obj
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write ``data`` as JSON atomically (NaN becomes null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(jsonable(data), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt(x: float, digits: int = 2) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -16,7 +17,7 @@ import torch
 
 
 def to_jsonable(obj: Any) -> Any:
-    """numpy / torch scalars and arrays, Paths and tuples -> plain JSON types."""
+    """numpy / torch scalars and arrays, Paths and tuples -> plain JSON types; NaN and infinities -> None."""
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -27,7 +28,7 @@ def to_jsonable(obj: Any) -> Any:
         return to_jsonable(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, float) and (obj != obj):  # NaN is not JSON
+    if isinstance(obj, float) and not math.isfinite(obj):  # NaN and infinities are not JSON
         return None
     return obj
 

@@ -84,8 +84,7 @@ def run(args) -> int:
     if args.out is not None:
         import sys
 
-        from cahp.bench import write_json
-        from cahp.io import environment
+        from cahp.io import environment, write_json
 
         write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), "environment": environment(), **result})
         log.info("wrote %s", args.out)
@@ -96,8 +95,8 @@ def run(args) -> int:
 def _sweep(args) -> int:
     import sys
 
-    from cahp.bench import SWEEP_EXPLAINED, format_sweep, head_count_sweep, jsonable, parse_shapes, write_json
-    from cahp.io import environment
+    from cahp.bench import SWEEP_EXPLAINED, format_sweep, head_count_sweep, parse_shapes
+    from cahp.io import environment, to_jsonable, write_json
     from cahp.models import load_model
 
     if args.pruned is not None or args.onnx:
@@ -105,7 +104,7 @@ def _sweep(args) -> int:
     shapes = parse_shapes(args.shapes)  # validated before the model loads
     dense, _ = load_model(args.model, attn_implementation="eager", with_tokenizer=False)
     runs = [
-        jsonable(head_count_sweep(
+        to_jsonable(head_count_sweep(
             dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps, warmup=args.warmup,
             budget_s=args.budget, min_reps=args.min_reps, seed=args.seed, clock=args.clock,
             hold_memory=not args.malloc_default,
