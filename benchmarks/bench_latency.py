@@ -55,6 +55,7 @@ from cahp.bench import (  # noqa: E402
     random_removal,
     ratio_ci,
 )
+from cahp.commands.bench import add_timing_arguments, timing_kwargs  # noqa: E402
 from cahp.io import to_jsonable, write_json  # noqa: E402
 
 log = logging.getLogger("bench_latency")
@@ -102,11 +103,7 @@ def run(args) -> dict:
         dense, _ = cahp.load_model(model_name, attn_implementation="eager", with_tokenizer=False)
         if args.sweep:
             result["models"][model_name] = [
-                to_jsonable(head_count_sweep(
-                    dense, batch=b, seq=q, threads=args.threads, kernel=args.kernel, reps=args.reps,
-                    warmup=args.warmup, budget_s=args.budget, min_reps=args.min_reps, seed=args.seed,
-                    clock=args.clock, hold_memory=not args.malloc_default,
-                ))
+                to_jsonable(head_count_sweep(dense, batch=b, seq=q, **timing_kwargs(args)))
                 for b, q in settings["shapes"]
             ]
             _write(args, name, meta, result)
@@ -116,17 +113,9 @@ def run(args) -> dict:
             dense,
             pruned,
             shapes=settings["shapes"],
-            threads=args.threads,
-            kernel=args.kernel,
             devices=args.device,
-            reps=args.reps,
-            warmup=args.warmup,
-            budget_s=args.budget,
-            min_reps=args.min_reps,
             onnx=not args.no_onnx,
-            seed=args.seed,
-            clock=args.clock,
-            hold_memory=not args.malloc_default,
+            **timing_kwargs(args),
         )
         res["selection_seed"] = args.seed
         result["models"][model_name] = to_jsonable(res)
@@ -294,21 +283,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
     p.add_argument("--shapes", default="1x32,1x128,32x32,32x128", help="BATCHxSEQ list (default all four)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--kernel", default="auto", choices=["auto", "eager", "sdpa", "compact"])
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu plus cuda when present)")
-    p.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: --budget seconds per shape)")
-    p.add_argument("--min-reps", type=int, default=15)
-    p.add_argument("--budget", type=float, default=30.0, help="seconds of timing per shape (at least --min-reps)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random selections and inputs")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    add_timing_arguments(p, threads=2, budget=30.0, min_reps=15)
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="pruned copies to time: 50 and 75 (%% of heads removed at random), empty (every other "
                    "layer emptied); default all three")
-    p.add_argument("--malloc-default", action="store_true",
-                   help="leave the C allocator as it is (default: freed memory held, no page faults per call)")
     p.add_argument("--sweep", action="store_true",
                    help="time h heads in every layer (all..1) and fit one block's cost: results/latency_sweep.json")
     p.add_argument("--name", default=None, help="results file stem (default latency, or latency_sweep with --sweep)")
