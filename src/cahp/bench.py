@@ -19,7 +19,9 @@ interleaved round-robin within every repetition (the starting model rotates),
 median and inter-quartile range of the per-call latencies, under
 ``torch.inference_mode``; onnxruntime models (``onnx=True``) are interleaved
 among themselves after the PyTorch ones, so two thread pools never take turns
-inside one repetition. Inputs are random token ids with every token real (no
+inside one repetition, except with one thread (no pools), where every model of
+both runtimes is interleaved and the ONNX / PyTorch latency ratio of each model
+(`ratio_ci`) is paired. Inputs are random token ids with every token real (no
 padding). Every model runs with the same attention kernel; ``kernel="auto"``
 times the dense model with each kernel first (eager, sdpa, compact: see
 `ArchAdapter.set_attention_kernel`) and keeps its fastest for all. The
