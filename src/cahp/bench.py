@@ -235,6 +235,29 @@ def paired_floor_relative(
     return floor_relative(span, span - saved, 0.0, share_removed)
 
 
+def _bootstrap_medians_ci(series: Sequence[Sequence[float]], statistic, n_boot: int = 2000, seed: int = 0):
+    """95% percentile interval of ``statistic(*medians)`` over bootstrap resamples of aligned repetitions.
+
+    Every list of ``series`` is cut to the shortest and resampled with the same
+    indices (they are aligned by round-robin repetition); ``statistic`` gets one
+    array of ``n_boot`` resampled medians per list and returns ``n_boot`` values.
+    Non-finite values are dropped; fewer than 2 repetitions, or a statistic
+    undefined in most resamples, give ``[nan, nan]``.
+    """
+    n = min(len(x) for x in series)
+    if n < 2:
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    medians = [np.median(np.asarray(x[:n], dtype=np.float64)[idx], axis=1) for x in series]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(statistic(*medians), dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size < n_boot // 2:  # undefined in most resamples: no usable interval
+        return [float("nan"), float("nan")]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def floor_relative_ci(
     dense: Sequence[float],
     pruned: Sequence[float],
@@ -250,18 +273,11 @@ def floor_relative_ci(
     recomputed from the resampled medians. On a noisy machine the interval says
     whether a goal is met, missed, or cannot be told from these runs.
     """
-    n = min(len(dense), len(pruned), len(no_attention))
-    if n < 2:
-        return [float("nan"), float("nan")]
-    d, p, f = (np.asarray(x[:n], dtype=np.float64) for x in (dense, pruned, no_attention))
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    md, mp, mf = (np.median(x[idx], axis=1) for x in (d, p, f))
-    fig = np.array([floor_relative(a, b, c, share_removed) for a, b, c in zip(md, mp, mf)])
-    fig = fig[np.isfinite(fig)]
-    if fig.size < n_boot // 2:  # undefined in most resamples: no usable interval
-        return [float("nan"), float("nan")]
-    lo, hi = np.percentile(fig, [2.5, 97.5])
-    return [float(lo), float(hi)]
+
+    def figure(md, mp, mf):
+        return [floor_relative(a, b, c, share_removed) for a, b, c in zip(md, mp, mf)]
+
+    return _bootstrap_medians_ci((dense, pruned, no_attention), figure, n_boot, seed)
 
 
 def ratio_ci(
@@ -272,18 +288,7 @@ def ratio_ci(
     The two lists are aligned by round-robin repetition (the same indices are
     drawn for both). Used for the ONNX / PyTorch latency ratio of one model.
     """
-    n = min(len(numer), len(denom))
-    if n < 2:
-        return [float("nan"), float("nan")]
-    a, b = (np.asarray(x[:n], dtype=np.float64) for x in (numer, denom))
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
-    r = r[np.isfinite(r)]
-    if r.size < n_boot // 2:
-        return [float("nan"), float("nan")]
-    lo, hi = np.percentile(r, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    return _bootstrap_medians_ci((numer, denom), lambda a, b: a / b, n_boot, seed)
 
 
 def summarize(times_s: Sequence[float], batch: int, seq: int) -> dict:
@@ -786,18 +791,15 @@ def head_count_sweep(
     )
     med = {h: statistics.median(t) * 1e3 for h, t in times.items()}
     fit = _sweep_fit(med, n_layers, n_heads)
-    n = min(len(t) for t in times.values())
-    rng = np.random.default_rng(seed)
-    arr = {h: np.asarray(t[:n]) * 1e3 for h, t in times.items()}
-    ceilings = []
-    for _ in range(n_boot if n >= 2 else 0):
-        idx = rng.integers(0, n, size=n)
-        c = _sweep_fit({h: statistics.median(a[idx]) for h, a in arr.items()}, n_layers, n_heads)["uniform_ceiling"]
-        if math.isfinite(c):
-            ceilings.append(c)
-    ci = [float("nan"), float("nan")]
-    if ceilings and len(ceilings) >= n_boot // 2:
-        ci = [float(x) for x in np.percentile(ceilings, [2.5, 97.5])]
+    heads = list(times)
+
+    def ceilings(*medians):  # per resample: the fit's ceiling from that resample's medians (ms)
+        return [
+            _sweep_fit({h: 1e3 * m[i] for h, m in zip(heads, medians)}, n_layers, n_heads)["uniform_ceiling"]
+            for i in range(n_boot)
+        ]
+
+    ci = _bootstrap_medians_ci([times[h] for h in heads], ceilings, n_boot, seed)
     log.info("sweep batch %d seq %d (%s): fixed %.3f ms + %.3f ms/head per block; uniform ceiling %.2f [%.2f, %.2f]",
              batch, seq, chosen, fit["fixed_ms"], fit["per_head_ms"], fit["uniform_ceiling"], *ci)
     return {
