@@ -137,15 +137,24 @@ def _f(x, digits=2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _interval(ci: list | None) -> list | None:
+    """A 95% interval with two finite bounds, else None (undefined bounds are NaN, or null once in JSON)."""
+    if not ci or any(c is None or not math.isfinite(c) for c in ci):
+        return None
+    return ci
+
+
 def _goal_verdict(x: float, ci: list | None, goal: float) -> str:
     """met / missed, or undecided when the 95% interval of the figure contains the goal."""
-    if ci and not any(math.isnan(c) for c in ci):
+    ci = _interval(ci)
+    if ci:
         return "met" if ci[0] >= goal else "missed" if ci[1] < goal else "undecided"
     return "met" if x >= goal else "missed"
 
 
 def _ratio_verdict(ratio: float, ci: list | None) -> str:
     """ONNX at least as fast (ratio at most 1): met / missed, or undecided when the 95% interval contains 1."""
+    ci = _interval(ci)
     if ci:
         return "met" if ci[1] <= 1.0 else "missed" if ci[0] > 1.0 else "undecided"
     return "met" if ratio <= 1.0 else "missed"
@@ -163,7 +172,7 @@ def _onnx_ratio(run: dict, label: str) -> tuple[float, list | None] | None:
     times = run.get("times_ms", {})
     if ci is None and onnx in times and label in times:
         ci = ratio_ci(times[onnx], times[label])
-    return ratio, (None if not ci or any(math.isnan(c) for c in ci) else ci)
+    return ratio, _interval(ci)
 
 
 def _allocator_line(result: dict) -> str:

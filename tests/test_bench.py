@@ -458,6 +458,12 @@ def test_benchmark_onnx_verdict_uses_the_interval():
     ratio, ci = module._onnx_ratio(run, "half")
     assert ratio == pytest.approx(1.2) and 1.15 < ci[0] <= ci[1] < 1.25
     assert module._onnx_ratio({"timings": {"half": {"median_ms": 1.0}}}, "half") is None
+    # undefined intervals (NaN, null once in JSON, e.g. from a single repetition) fall back to the point figure
+    assert module._goal_verdict(0.9, [None, None], 0.85) == "met"
+    assert module._goal_verdict(0.8, [float("nan"), float("nan")], 0.85) == "missed"
+    assert module._ratio_verdict(0.9, [None, None]) == "met"
+    run = {"timings": run["timings"], "onnx_ratio": {"half": 1.2}, "onnx_ratio_ci95": {"half": [None, None]}}
+    assert module._onnx_ratio(run, "half") == (1.2, None)
 
 
 # --- the head-count sweep: where the line is lost -----------------------------
