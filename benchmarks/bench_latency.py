@@ -49,6 +49,7 @@ from cahp.bench import (  # noqa: E402
     SWEEP_EXPLAINED,
     bench_models,
     emptied_layers_removal,
+    fmt_number,
     format_sweep,
     head_count_sweep,
     parse_shapes,
@@ -134,7 +135,7 @@ def _write(args, name: str, meta: dict, result: dict) -> None:
 
 
 def _f(x, digits=2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return fmt_number(x, digits, missing="–")
 
 
 def _interval(ci: list | None) -> list | None:

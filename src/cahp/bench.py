@@ -819,8 +819,9 @@ def head_count_sweep(
 # ---------------------------------------------------------------------------
 
 
-def _fmt(x: float, digits: int = 2) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def fmt_number(x: float | None, digits: int = 2, missing: str = "-") -> str:
+    """``x`` with ``digits`` decimals, or ``missing`` for None/NaN (an undefined figure, e.g. no floor gap)."""
+    return missing if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def format_run(run: dict, variants: Mapping[str, dict]) -> str:
@@ -840,10 +841,10 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
         var = variants.get(base, {})
         macs = run["macs"].get(base)
         rows.append(
-            f"{label:28s} {_fmt(100 * var.get('share_removed', float('nan')), 0) + '%':>7s} "
+            f"{label:28s} {fmt_number(100 * var.get('share_removed', float('nan')), 0) + '%':>7s} "
             f"{t['median_ms']:10.2f} {t['iqr_ms']:8.2f} {t['sequences_per_s']:9.1f} "
-            f"{_fmt(macs / 1e9 if macs else None, 2):>8s} {_fmt(run['floor_relative'].get(label)):>9s} "
-            f"{_fmt(paired.get(label)):>7s}"
+            f"{fmt_number(macs / 1e9 if macs else None, 2):>8s} {fmt_number(run['floor_relative'].get(label)):>9s} "
+            f"{fmt_number(paired.get(label)):>7s}"
         )
     ratios = run.get("onnx_ratio") or {}
     if ratios:
@@ -853,7 +854,7 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
             + ("" if run.get("runtimes_interleaved") else " (runtimes timed one after the other)")
             + ": "
             + ", ".join(
-                f"{k} {_fmt(r)}" + (f" [{_fmt(ci[k][0])}, {_fmt(ci[k][1])}]" if k in ci else "")
+                f"{k} {fmt_number(r)}" + (f" [{fmt_number(ci[k][0])}, {fmt_number(ci[k][1])}]" if k in ci else "")
                 for k, r in ratios.items()
             )
         )
@@ -907,17 +908,18 @@ def format_sweep(runs: Mapping[str, Sequence[dict]]) -> str:
         for r in results:
             f, ci = r["fit"], r["uniform_ceiling_ci95"]
             out.append(
-                f"| {name} | {r['batch']}x{r['seq']} | {r['kernel']} | {r['reps']} | {_fmt(f['fixed_ms'], 3)} "
-                f"| {_fmt(f['per_head_ms'], 3)} | {_fmt(_pct(f['fixed_share']), 1)}% | {_fmt(f['uniform_ceiling'])} "
-                f"[{_fmt(ci[0])}, {_fmt(ci[1])}] |"
+                f"| {name} | {r['batch']}x{r['seq']} | {r['kernel']} | {r['reps']} | {fmt_number(f['fixed_ms'], 3)} "
+                f"| {fmt_number(f['per_head_ms'], 3)} | {fmt_number(_pct(f['fixed_share']), 1)}% "
+                f"| {fmt_number(f['uniform_ceiling'])} "
+                f"[{fmt_number(ci[0])}, {fmt_number(ci[1])}] |"
             )
             counts = list(r["per_block_ms"])
             detail += [
                 f"\n{name}, {r['batch']}x{r['seq']}: ms per call (median) and per block above the floor\n",
                 "| heads per layer | " + " | ".join(counts) + " | 0 (floor) |",
                 "|---|" + "---|" * (len(counts) + 1),
-                "| ms per call | " + " | ".join(_fmt(r["median_ms"][h]) for h in [*counts, "0"]) + " |",
-                "| ms per block | " + " | ".join(_fmt(r["per_block_ms"][h], 3) for h in counts) + " | 0 |",
+                "| ms per call | " + " | ".join(fmt_number(r["median_ms"][h]) for h in [*counts, "0"]) + " |",
+                "| ms per block | " + " | ".join(fmt_number(r["per_block_ms"][h], 3) for h in counts) + " | 0 |",
             ]
     return "\n".join(out + detail)
 
