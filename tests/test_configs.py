@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import pytest
+
 from cahp.configs import add_dataclass_args, field, from_args
 
 
@@ -26,3 +28,20 @@ def test_dataclass_args_round_trip():
                                            "--lr", "0.01", "--flag", "--mode", "y"]))
     assert got == Example(methods=["c"], budgets=[0.1, 0.2], epochs=5, lr=0.01, flag=True, mode="y")
     assert Example().methods is not Example().methods  # list defaults are not shared
+
+
+@dataclass
+class Listed:
+    methods: list[str] = field(["a", "b"], "methods to run", choices=["a", "b", "c"], metavar="METHOD")
+
+
+def test_list_option_with_metavar_names_its_choices_and_rejects_others(capsys):
+    p = argparse.ArgumentParser(prog="x")
+    add_dataclass_args(p, Listed)
+    help_text = " ".join(p.format_help().split())
+    assert "--methods METHOD [METHOD ...]" in help_text
+    assert "from a, b, c (default: a b)" in help_text
+    assert from_args(Listed, p.parse_args(["--methods", "c", "a"])).methods == ["c", "a"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--methods", "d"])
+    assert "invalid choice: 'd'" in capsys.readouterr().err

@@ -88,8 +88,9 @@ class CompareConfig:
     """Settings of `cahp compare` beyond those of `cahp prune` and the fine-tuning."""
 
     methods: list[str] = cfg_field(DEFAULT_METHODS, "methods to compare (cahp is always included)",
-                                   choices=list(SELECTORS))
-    budgets: list[float] = cfg_field([0.5, 0.25, 0.125], "budgets besides CAHP's k*, as shares of the heads kept")
+                                   choices=list(SELECTORS), metavar="METHOD")
+    budgets: list[float] = cfg_field([0.5, 0.25, 0.125], "budgets besides CAHP's k*, as shares of the heads kept",
+                                     metavar="RATIO")
     seeds: int = cfg_field(3, "number of seeds (seed, seed+1, ...): fine-tuning and the random selector")
     knee: bool = cfg_field(True, "also compare at CAHP's own k* (knee of its curve)")
     finetune: bool = cfg_field(True, "fine-tune after pruning (part b); --no-finetune: only the comparison "

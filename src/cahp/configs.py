@@ -15,7 +15,7 @@ from typing import Any
 
 
 def field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with help text (and optional ``choices``)."""
+    """A dataclass field with help text (and optional ``choices`` and ``metavar`` for its option)."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(
             default_factory=lambda: type(default)(default), metadata={"help": help, **kw}
@@ -42,13 +42,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         tp, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         opt = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {
-            "dest": f.name,
-            "default": default,
-            "help": f.metadata["help"] + f" (default: {default})",
-        }
+        shown = " ".join(map(str, default)) if is_list else default
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+            if "metavar" in f.metadata:  # argparse then no longer lists the choices itself
+                kwargs["help"] += "; from " + ", ".join(map(str, f.metadata["choices"]))
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        kwargs["help"] += f" (default: {shown})"
         if tp is bool:
             parser.add_argument(opt, action=argparse.BooleanOptionalAction, **kwargs)
         elif is_list:

@@ -14,8 +14,7 @@ _NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cahp.baselines import SELECTORS
-    from cahp.compare import DEFAULT_METHODS, CompareConfig
+    from cahp.compare import CompareConfig
 
     p.epilog = (
         "The output folder defaults to the one of `cahp prune` with the same --model and --task, so a compare "
@@ -27,13 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (after pruning, the same for every method; and the dense model's)")
     add_dataclass_args(g, FinetuneConfig, skip=("seed",))
     c = p.add_argument_group("comparison")
-    # list options by hand, for their choices and metavars
-    c.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(SELECTORS), metavar="METHOD",
-                   help=f"methods to compare, cahp always included; from {', '.join(SELECTORS)} "
-                        f"(default: {' '.join(DEFAULT_METHODS)})")
-    c.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125], metavar="RATIO",
-                   help="budgets besides CAHP's k*, as shares of the heads kept (default: 0.5 0.25 0.125)")
-    add_dataclass_args(c, CompareConfig, skip=("methods", "budgets"))
+    add_dataclass_args(c, CompareConfig)
 
 
 def run(args) -> int:
