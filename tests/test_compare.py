@@ -12,6 +12,7 @@ from cahp import compare, pipeline
 from cahp.cli import main as cli_main
 from cahp.compare import CompareConfig, compare_to_cahp, render_markdown, run_compare, verdict
 from cahp.finetune import FinetuneConfig
+from cahp.io import machine_label
 from cahp.pipeline import PruneConfig, run_prune
 
 from .benchmarks_module import load_benchmark
@@ -113,7 +114,12 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
         in overview
     assert f"| {name}, right after pruning (random over 1 seed) | 50% (6 of 12) |" in overview
     assert overview.splitlines()[-1].startswith("| **CAHP wins / ties / losses** | | ")
-    assert saved["timings"]["finetune_seconds"] > 0 and saved["timings"]["no_finetune_seconds"] > 0
+    t = saved["timings"]
+    assert t["finetune_seconds"] > 0 and t["no_finetune_seconds"] > 0
+    here = machine_label()
+    assert list(t["seconds_by_machine"]) == [here]
+    assert t["seconds_by_machine"][here] == pytest.approx(t["finetune_seconds"] + t["no_finetune_seconds"], abs=0.5)
+    assert f"Computed on: {here}:" in md
 
     # a re-run computes nothing: every (method, budget, seed) result comes from OUTPUT/compare
     def boom(*a, **k):
@@ -123,8 +129,11 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
         monkeypatch.setattr(compare, name, boom)
     for name in ("finetune", "collect_signatures", "gate_gradients"):
         monkeypatch.setattr(pipeline, name, boom)
+    monkeypatch.setattr(compare, "machine_label", lambda: "another machine")
     r2 = run_compare(cfg, ft, ccfg, progress=False).report
     assert r2["timings"]["results_computed"] == 0 and r2["timings"]["results_cached"] > 0
+    # cached results keep the machine that computed them, not the one assembling the report
+    assert r2["timings"]["seconds_by_machine"] == t["seconds_by_machine"]
     assert r2["finetuned"] == r["finetuned"] and r2["no_finetune"] == r["no_finetune"]
 
 

@@ -63,7 +63,7 @@ from .evaluate import evaluate_task, paired_bootstrap
 from .finetune import FinetuneConfig, finetune
 from .gates import head_gates
 from .heads import mask_to_heads, mean_relative_depth
-from .io import add_log_file, environment, read_json, to_jsonable, write_atomic, write_json
+from .io import add_log_file, environment, machine_label, read_json, to_jsonable, write_atomic, write_json
 from .knee import find_knee
 from .pipeline import PruneConfig, _fingerprint, prepare_run
 from .selector import SelectionContext
@@ -114,6 +114,7 @@ class _ResultCache:
         self.base = base
         self.hits = 0
         self.computed = 0
+        self.machine = machine_label()
 
     def get(self, name: str, key: dict, compute) -> dict:
         path = self.root / f"{name}.json"
@@ -127,10 +128,23 @@ class _ResultCache:
                 self.hits += 1
                 return data
         # the JSON form, whether computed now or read later (e.g. layer keys are strings either way)
-        data = json.loads(json.dumps(to_jsonable({**compute(), "_key": fp})))
+        # "_machine": where it was computed, which may not be where the report is written (a cache filled on a
+        # GPU machine, assembled on a laptop)
+        data = json.loads(json.dumps(to_jsonable({**compute(), "_key": fp, "_machine": self.machine})))
         write_json(path, data)
         self.computed += 1
         return data
+
+
+def seconds_by_machine(records: list[dict]) -> dict[str, float]:
+    """Compute seconds of cached results summed per machine that computed them ("unrecorded" for old caches)."""
+    out: dict[str, float] = {}
+    for r in records:
+        secs = r["seconds"].get("total", None)
+        secs = secs if secs is not None else sum(r["seconds"].values())
+        where = r.get("_machine", "unrecorded")
+        out[where] = round(out.get(where, 0.0) + float(secs), 1)
+    return out
 
 
 def verdict(ci95) -> str:
@@ -519,6 +533,8 @@ class _Compare:
         if fine is not None:
             timings["finetune_seconds"] = round(sum(sum(r["seconds"].values()) for r in fine.values())
                                                 + sum(sum(r["seconds"].values()) for r in dense.values()), 1)
+        timings["seconds_by_machine"] = seconds_by_machine(
+            [*curves.values(), *pre.values(), *(fine or {}).values(), *(dense or {}).values()])
         return {
             "model": cfg.model,
             "task": self.task.name,
@@ -706,6 +722,9 @@ def render_markdown(report: dict) -> str:
     lines.append(f"\nCompute time of the results (cached ones included): {spent}; this call took "
                  f"{t['total_seconds']:.0f} s ({t['results_computed']} results computed, {t['results_cached']} "
                  f"from the cache).")
+    by_machine = t.get("seconds_by_machine")
+    if by_machine and list(by_machine) != ["unrecorded"]:
+        lines.append("Computed on: " + "; ".join(f"{m}: {v:.0f} s" for m, v in by_machine.items()) + ".")
     return "\n".join(lines) + "\n"
 
 

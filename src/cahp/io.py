@@ -65,6 +65,13 @@ def environment() -> dict:
     }
 
 
+def machine_label(env: dict | None = None) -> str:
+    """One line naming the hardware of an `environment` (GPU if any, else CPU and cores) and its threads."""
+    env = env or environment()
+    where = f"GPU {env['gpu']}" if env.get("gpu") else f"{env['cpu']}, {env['cores']} cores"
+    return f"{where}, torch threads {env['torch_threads']}"
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write a file via a temporary sibling and rename: readers never see half a file."""
     path = Path(path)
