@@ -70,8 +70,9 @@ def render(result: dict) -> str:
     return meta_lines(result["meta"]) + "\n".join(body).strip("\n") + "\n"
 
 
-def render_overview(results: dict[str, dict]) -> str:
-    """One table over several compare results: CAHP's verdict against each baseline, per budget.
+def overview_rows(results: dict[str, dict]) -> tuple[list[tuple[str, str, str, dict]], list[str]]:
+    """(rows, baselines) over several compare results: one row per budget, (part, comparison, budget, per-method
+    results), part "right after pruning" or "after one fine-tuning".
 
     ``results``: results-file stem -> its JSON. Part (a) rows come from files run without fine-tuning
     (a fine-tuned file's own part (a) repeats them with fewer seeds and is left out).
@@ -87,7 +88,31 @@ def render_overview(results: dict[str, dict]) -> str:
             methods += [m for m in per if m != "cahp" and m not in methods]
             seeds = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
             name = f"{r['model']} / {r['task']}, {part} ({seeds if ft else 'random over ' + seeds})"
-            rows.append((name, f"{b['label']} ({b['k']} of {r['heads']})", per))
+            rows.append((part, name, f"{b['label']} ({b['k']} of {r['heads']})", per))
+    return rows, methods
+
+
+def _pooled(per: dict, method: str) -> dict | None:
+    return per[method]["vs_cahp"]["pooled"] if method in per else None
+
+
+def verdict_totals(results: dict[str, dict], part: str | None = None) -> dict[str, dict[str, int]]:
+    """Baseline -> CAHP's pooled verdict counts ({"win", "tie", "loss"}) over the rows of `overview_rows`
+    (those of one ``part`` if given)."""
+    rows, methods = overview_rows(results)
+    totals = {m: {"win": 0, "tie": 0, "loss": 0} for m in methods}
+    for row_part, _, _, per in rows:
+        if part is not None and row_part != part:
+            continue
+        for m in methods:
+            if (v := _pooled(per, m)) is not None:
+                totals[m][v["verdict"]] += 1
+    return totals
+
+
+def render_overview(results: dict[str, dict]) -> str:
+    """One table over several compare results: CAHP's verdict against each baseline, per budget."""
+    rows, methods = overview_rows(results)
     lines = [
         "CAHP's verdict against each baseline (win: the 95% paired-bootstrap interval of baseline minus CAHP "
         "lies below 0; loss: above 0; tie: it contains 0), with the difference in accuracy points (baseline minus "
@@ -95,19 +120,12 @@ def render_overview(results: dict[str, dict]) -> str:
         "| comparison | budget | " + " | ".join(methods) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
-    totals = {m: {"win": 0, "tie": 0, "loss": 0} for m in methods}
-    for name, budget, per in rows:
-        cells = []
-        for m in methods:
-            v = per[m]["vs_cahp"]["pooled"] if m in per else None
-            if v is None:
-                cells.append("–")
-                continue
-            totals[m][v["verdict"]] += 1
-            cells.append(f"{v['verdict']} ({100 * v['diff']:+.1f})")
+    for _, name, budget, per in rows:
+        cells = [f"{v['verdict']} ({100 * v['diff']:+.1f})" if (v := _pooled(per, m)) else "–" for m in methods]
         lines.append(f"| {name} | {budget} | " + " | ".join(cells) + " |")
     lines.append("| **CAHP wins / ties / losses** | | "
-                 + " | ".join(f"{t['win']} / {t['tie']} / {t['loss']}" for t in totals.values()) + " |")
+                 + " | ".join(f"{t['win']} / {t['tie']} / {t['loss']}" for t in verdict_totals(results).values())
+                 + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,8 +107,13 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     assert "epochs max" not in part_a and "no fine-tuning after pruning" in part_a  # no settings of what never ran
     # RESULTS.md's overview: one row per (result, budget), CAHP's pooled verdict per baseline
     v = ft_res["gradient"]["vs_cahp"]["pooled"]
-    overview = load_benchmark("bench_compare").render_overview(
-        {"a": {key: val for key, val in saved.items() if key != "finetuned"}, "b": saved})
+    bench = load_benchmark("bench_compare")
+    both = {"a": {key: val for key, val in saved.items() if key != "finetuned"}, "b": saved}
+    overview = bench.render_overview(both)
+    for part in ("right after pruning", "after one fine-tuning"):  # the README's counts, one part at a time
+        totals = bench.verdict_totals(both, part)
+        assert all(sum(t.values()) == len(saved["budgets"]) for t in totals.values())
+    assert bench.verdict_totals(both, "after one fine-tuning")["gradient"][v["verdict"]] >= 1
     name = f"{saved['model']} / {saved['task']}"
     assert f"| {name}, after one fine-tuning (1 seed) | 50% (6 of 12) | {v['verdict']} ({100 * v['diff']:+.1f}) |" \
         in overview
