@@ -15,7 +15,7 @@ from cahp.finetune import FinetuneConfig
 from cahp.io import machine_label
 from cahp.pipeline import PruneConfig, run_prune
 
-from .benchmarks_module import load_benchmark
+from .benchmarks_module import BENCH_DIR, load_benchmark
 from .test_pipeline import tiny_setup  # noqa: F401  (module fixture: tiny model folder and task)
 
 
@@ -205,3 +205,14 @@ def test_compare_in_prune_folder_via_cli(tiny_setup, tmp_path, monkeypatch, caps
     assert r["k_star"] == json.loads((out / "report.json").read_text())["k_star"]
     assert set(r["no_finetune"]["results"]["25%"]) == {"cahp", "entropy", "magnitude"}
     assert "CAHP" in capsys.readouterr().out
+
+
+def test_readme_results_sections_match_the_results_files():
+    """The README's generated sections are what make_results.py makes from the committed results (never typed)."""
+    make_results = load_benchmark("make_results")
+    readme = (BENCH_DIR.parent / "README.md").read_text()
+    for name, make in make_results.README_SECTIONS:
+        start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+        body = make()
+        assert body is not None and start in readme, name
+        assert readme.split(start, 1)[1].split(end, 1)[0] == "\n".join(body), f"README section {name} is stale"
