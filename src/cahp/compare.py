@@ -136,14 +136,18 @@ class _ResultCache:
         return data
 
 
+def _compute_seconds(record: dict) -> float:
+    """Compute time of one cached result: its "total" (curves, whose parts overlap), else the sum of its parts."""
+    secs = record["seconds"]
+    return float(secs["total"] if "total" in secs else sum(secs.values()))
+
+
 def seconds_by_machine(records: list[dict]) -> dict[str, float]:
     """Compute seconds of cached results summed per machine that computed them ("unrecorded" for old caches)."""
     out: dict[str, float] = {}
     for r in records:
-        secs = r["seconds"].get("total", None)
-        secs = secs if secs is not None else sum(r["seconds"].values())
         where = r.get("_machine", "unrecorded")
-        out[where] = round(out.get(where, 0.0) + float(secs), 1)
+        out[where] = round(out.get(where, 0.0) + _compute_seconds(r), 1)
     return out
 
 
@@ -528,11 +532,9 @@ class _Compare:
                    **{k: round(v, 2) for k, v in self.seconds.items()},
                    "results_cached": self.cache.hits, "results_computed": self.cache.computed}
         # compute time of every result, whether computed in this call or read from the cache
-        timings["no_finetune_seconds"] = round(sum(c["seconds"]["total"] for c in curves.values())
-                                               + sum(sum(r["seconds"].values()) for r in pre.values()), 1)
+        timings["no_finetune_seconds"] = round(sum(map(_compute_seconds, [*curves.values(), *pre.values()])), 1)
         if fine is not None:
-            timings["finetune_seconds"] = round(sum(sum(r["seconds"].values()) for r in fine.values())
-                                                + sum(sum(r["seconds"].values()) for r in dense.values()), 1)
+            timings["finetune_seconds"] = round(sum(map(_compute_seconds, [*fine.values(), *dense.values()])), 1)
         timings["seconds_by_machine"] = seconds_by_machine(
             [*curves.values(), *pre.values(), *(fine or {}).values(), *(dense or {}).values()])
         return {
