@@ -109,7 +109,8 @@ def _compare_section() -> list[str] | None:
     bench = _load("bench_compare")
     parts = ("right after pruning", "after one fine-tuning")
     totals = {part: bench.verdict_totals(results, part) for part in parts}
-    n = {part: sum(1 for row in bench.overview_rows(results)[0] if row[0] == part) for part in parts}
+    rows, _ = bench.overview_rows(results)
+    n = {part: sum(1 for row in rows if row[0] == part) for part in parts}
     runs = sorted({f"{r['model']} / {r['task']}" for r in results.values()})
     lines = [
         "",
