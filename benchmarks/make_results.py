@@ -35,6 +35,8 @@ SECTIONS = [
      "ONNX against PyTorch at batch 32 x 128 tokens, both runtimes interleaved call by call (issue 6)"),
     ("latency_sweep", "bench_latency",
      "Where the line is lost: one attention block's cost against its head count (issue 6)"),
+    ("latency_sweep_32x128", "bench_latency",
+     "Where the line is lost at batch 32 x 128 tokens: minilm-l6's attention block against its head count (issue 6)"),
     ("latency_2threads", "bench_latency",
      "Latency of pruned models with 2 threads on this 2-vCPU machine: too noisy to judge (issue 6)"),
     ("compare_*", "bench_compare", "CAHP against the baselines: overview (issue 7)"),
