@@ -12,7 +12,7 @@ import torch
 
 import cahp
 from cahp.arch import ResidualOnlyAttention, get_adapter
-from cahp.arch.base import ATTENTION_KERNELS
+from cahp.arch.base import ATTENTION_KERNELS, project_out_residual
 from cahp.bench import (
     BenchError,
     bench_models,
@@ -271,6 +271,51 @@ def test_compact_fused_weights_follow_changes(family):
     adapter.set_attention_kernel(model, "compact")
     model(**batch).logits.sum().backward()
     assert adapter.heads(adapter.layers(model)[0]).q.weight.grad is not None
+
+
+def test_project_out_residual_matches_the_module_and_reads_its_residual_only():
+    torch.manual_seed(0)
+    o = torch.nn.Linear(6, 4)
+    context = torch.randn(2, 6, 3).transpose(1, 2)  # (2, 3, 6), not contiguous
+    residual = torch.randn(2, 4, 3).transpose(1, 2)  # (2, 3, 4), not contiguous
+    kept = residual.clone()
+    expected = o(context) + residual
+    with torch.inference_mode():
+        got = project_out_residual(o, context, residual)
+    torch.testing.assert_close(got, expected.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(residual, kept, atol=0, rtol=0)
+    # with autograd on, the module runs: gradients reach its weight
+    project_out_residual(o, context, residual).sum().backward()
+    assert o.weight.grad is not None
+    # a hook on the projection sees its call
+    seen = []
+    o.register_forward_hook(lambda *args: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(project_out_residual(o, context, residual), expected.detach(), atol=1e-6, rtol=0)
+    assert seen == [1]
+    # under autocast the context comes in bfloat16: the module casts, as it would without the fold
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = project_out_residual(o, context.bfloat16(), residual)
+    torch.testing.assert_close(mixed.float(), expected.detach(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_compact_block_leaves_its_input_alone(family):
+    """The compact forward adds the residual inside a GEMM: into a new tensor, never the block's input."""
+    model = with_random_biases(tiny_model(family)).eval()
+    cahp.remove_heads(model, {0: [1]})
+    adapter = get_adapter(model)
+    block = adapter.layers(model)[0].attention
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    kept = hidden.clone()
+    adapter.set_attention_kernel(model, "eager")
+    with torch.inference_mode():
+        ref = block(hidden)[0]
+    adapter.set_attention_kernel(model, "compact")
+    with torch.inference_mode():
+        got = block(hidden)[0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden, kept, atol=0, rtol=0)
 
 
 def test_unknown_kernel():

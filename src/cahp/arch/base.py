@@ -79,6 +79,32 @@ def project_qkv(owner: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, x: t
     return tuple(m(x).view(b, t, -1, head_dim).transpose(1, 2) for m in projections)
 
 
+def project_out_residual(o: nn.Linear, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + o(context)``, (B, T, hidden), for the output projection of an attention block.
+
+    Without autograd and without hooks on ``o``, the bias and the residual go
+    into the GEMM's accumulator: one pass ``residual + bias`` into a new
+    tensor, then ``addmm_`` adds ``context @ W^T`` to it. ``o(context) +
+    residual`` makes two more full-width passes (the broadcast bias written
+    into the GEMM output, then a separate add), a cost every block with at
+    least one head pays whatever its head count: about 0.6 ms per block of
+    minilm-l6 at batch 32 x 128 on one thread, a tenth of a head's cost.
+    ``residual`` is only read. Otherwise (autograd, hooks, no bias, mixed
+    dtypes), the module call and an add.
+    """
+    weight, bias = o._parameters["weight"], o._parameters["bias"]
+    if (
+        torch.is_grad_enabled()
+        or bias is None
+        or has_hooks(o)
+        or not context.dtype == residual.dtype == weight.dtype  # autocast or mixed precision: let the module cast
+    ):
+        return o(context) + residual
+    out = torch.add(residual, bias).contiguous()  # contiguous: a no-op for a contiguous residual
+    out.view(-1, out.shape[-1]).addmm_(context.reshape(-1, context.shape[-1]), weight.t())
+    return out
+
+
 def set_compact(module: nn.Module, forward) -> None:
     """Give ``module`` the compact ``forward`` (through a subclass), or restore its class (``None``).
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention, project_qkv
+from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention, project_out_residual, project_qkv
 
 
 def compact_bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     """``XAttention.forward`` in a few tensor calls: q/k/v (one GEMM, see `project_qkv`), torch SDPA,
-    output projection, LayerNorm.
+    output projection with bias and residual in its GEMM (see `project_out_residual`), LayerNorm.
 
     Same result as transformers' sdpa path for an encoder's self-attention;
     anything else (cross-attention, caches, asked-for attention weights) goes
@@ -36,10 +36,10 @@ def compact_bert_attention_forward(self, hidden_states, attention_mask=None, *ar
         q, k, v, attn_mask=attention_mask, dropout_p=s.dropout.p if self.training else 0.0, scale=s.scaling
     )
     om = out._modules
-    o = om["dense"](c.transpose(1, 2).flatten(2))
+    c = c.transpose(1, 2).flatten(2)
     if self.training:
-        o = om["dropout"](o)
-    return om["LayerNorm"](o + hidden_states), None
+        return om["LayerNorm"](om["dropout"](om["dense"](c)) + hidden_states), None
+    return om["LayerNorm"](project_out_residual(om["dense"], c, hidden_states)), None
 
 
 _NOT_COMPACT = ("encoder_hidden_states", "cache", "past_key_values", "past_key_value")

@@ -22,6 +22,7 @@ from .base import (
     ResidualOnlyAttention,
     check_kernel,
     drop_fused_weights,
+    project_out_residual,
     project_qkv,
     set_compact,
 )
@@ -58,10 +59,12 @@ class PrunedMPNetSelfAttention(MPNetSelfAttention):
             bias = bias.index_select(1, index)
         return bias
 
-    def attend(self, hidden_states, attention_mask=None, position_bias=None, fuse_qkv=False):
+    def attend(self, hidden_states, attention_mask=None, position_bias=None, fuse_qkv=False, residual=None):
         """The SDPA path: output projection of the attention context, (B, T, hidden).
 
         ``fuse_qkv``: q/k/v in one GEMM where nothing can tell (see `project_qkv`).
+        ``residual``: returns ``residual + output`` instead, added inside the
+        projection's GEMM where nothing can tell (see `project_out_residual`).
         """
         b, t = hidden_states.shape[:2]
         d = self.attention_head_size
@@ -76,7 +79,10 @@ class PrunedMPNetSelfAttention(MPNetSelfAttention):
         c = nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.0, scale=d**-0.5
         )
-        return m["o"](c.transpose(1, 2).flatten(2))
+        c = c.transpose(1, 2).flatten(2)
+        if residual is not None:
+            return project_out_residual(m["o"], c, residual)
+        return m["o"](c)
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
         if self.kernel == "sdpa" and not output_attentions:
@@ -102,17 +108,18 @@ def compact_mpnet_attention_forward(
     self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs
 ):
     """``MPNetAttention.forward`` in one step: q/k/v in one GEMM (see `project_qkv`), SDPA
-    self-attention, residual, LayerNorm."""
+    self-attention, residual added in the output projection's GEMM (see `project_out_residual`), LayerNorm."""
     m = self._modules
     a = m["attn"]
     if output_attentions or not isinstance(a, PrunedMPNetSelfAttention):
         return super(type(self), self).forward(
             hidden_states, attention_mask, position_bias, output_attentions=output_attentions, **kwargs
         )
-    o = a.attend(hidden_states, attention_mask, position_bias, fuse_qkv=True)
-    if self.training:
-        o = m["dropout"](o)
-    return (m["LayerNorm"](o + hidden_states),)
+    if self.training:  # dropout sits between the projection and the residual
+        o = m["dropout"](a.attend(hidden_states, attention_mask, position_bias, fuse_qkv=True))
+        return (m["LayerNorm"](o + hidden_states),)
+    o = a.attend(hidden_states, attention_mask, position_bias, fuse_qkv=True, residual=hidden_states)
+    return (m["LayerNorm"](o),)
 
 
 class MPNetAdapter(ArchAdapter):
