@@ -55,6 +55,8 @@ from cahp.bench import (  # noqa: E402
     parse_shapes,
     random_removal,
     ratio_ci,
+    ratio_floor_relative,
+    ratio_floor_relative_ci,
 )
 from cahp.commands.bench import add_timing_arguments, timing_kwargs  # noqa: E402
 from cahp.io import to_jsonable, write_json  # noqa: E402
@@ -87,6 +89,7 @@ def run(args) -> dict:
         "kernel": args.kernel,
         "reps": args.reps,
         "min_reps": args.min_reps,
+        "max_reps": args.max_reps,
         "budget_s": args.budget,
         "warmup": args.warmup,
         "seed": args.seed,
@@ -176,6 +179,18 @@ def _onnx_ratio(run: dict, label: str) -> tuple[float, list | None] | None:
     return ratio, _interval(ci)
 
 
+def _ratio_figure(run: dict, label: str, share: float) -> tuple[float, list | None] | None:
+    """The floor-relative figure from per-repetition ratios and its 95% interval (None without per-repetition
+    times); derived from ``times_ms`` for results written before it was stored."""
+    x = (run.get("floor_relative_ratio") or {}).get(label)
+    ci = (run.get("floor_relative_ratio_ci95") or {}).get(label)
+    times = run.get("times_ms") or {}
+    if x is None and all(k in times for k in (DENSE, label, NO_ATTENTION)):
+        series = (times[DENSE], times[label], times[NO_ATTENTION])
+        x, ci = ratio_floor_relative(*series, share), ratio_floor_relative_ci(*series, share)
+    return None if x is None else (x, _interval(ci))
+
+
 def _allocator_line(result: dict) -> str:
     """What the C allocator did with freed memory (results before the setting existed: glibc's default)."""
     runs = result["models"].values()
@@ -261,10 +276,18 @@ def render(result: dict) -> str:
                 run = next((r for r in cpu_runs if (r["batch"], r["seq"]) == (b, q)), None)
                 x = run["floor_relative"].get(label) if run else None
                 ci = (run.get("floor_relative_ci95") or {}).get(label) if run else None
-                cells.append(_f(x) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""))
+                cell = _f(x) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
                 goal = GOALS.get((b, q))
-                if goal is not None and x is not None:
-                    met.append(_goal_verdict(x, ci, goal))
+                verdict = _goal_verdict(x, ci, goal) if goal is not None and x is not None else None
+                by_ratio = _ratio_figure(run, label, res["variants"][label]["share_removed"]) if run else None
+                if by_ratio is not None:
+                    rx, rci = by_ratio
+                    cell += f"; ratios {_f(rx)}" + (f" [{_f(rci[0])}, {_f(rci[1])}]" if rci else "")
+                    if verdict is not None:
+                        verdict += f" (ratios: {_goal_verdict(rx, rci, goal)})"
+                cells.append(cell)
+                if verdict is not None:
+                    met.append(verdict)
                 r = _onnx_ratio(run, label) if run else None
                 if r is not None:
                     ratio, ci = r
@@ -281,6 +304,11 @@ def render(result: dict) -> str:
         + ", and the ONNX model at least as fast as the PyTorch one (ONNX / PyTorch latency at most 1, "
         "from the medians) at every shape. Brackets: 95% bootstrap interval over repetitions (runs that kept "
         "per-repetition times); a goal is *undecided* when that interval contains it: these runs cannot tell. "
+        "**ratios**: the same figure from per-repetition ratios to the dense call, (1 − median(pruned / dense)) / "
+        "((1 − median(no attention / dense)) × share). On this machine the noise is mostly a slowdown of "
+        "whatever runs in the same seconds (at one thread, CPU time moved with wall time: not preemption); it "
+        "cancels in those ratios, so their interval is usually the narrower. The verdict in parentheses is "
+        "this estimate's. "
         "The ONNX / PyTorch ratio is paired only where both runtimes were interleaved (1 thread, runs from "
         "this version on); before, the ONNX models were timed after the PyTorch ones.\n"
     )

@@ -29,6 +29,8 @@ from cahp.bench import (
     prepare_for_inference,
     random_removal,
     ratio_ci,
+    ratio_floor_relative,
+    ratio_floor_relative_ci,
     run_bench,
     summarize,
     uniform_removal,
@@ -125,6 +127,29 @@ def test_floor_relative_ci():
     assert hi3 < 0.2
     assert floor_relative_ci(dense, pruned, floor, 0.5, seed=3) == floor_relative_ci(dense, pruned, floor, 0.5, seed=3)
     assert all(math.isnan(x) for x in floor_relative_ci([1.0], [1.0], [1.0], 0.5))
+
+
+def test_ratio_floor_relative_cancels_a_slowdown_shared_by_a_repetition():
+    rng = np.random.default_rng(5)
+    n = 80
+    # every call of one repetition slowed by the same factor (0.8x-1.6x), plus 1% noise of its own
+    speed = rng.uniform(0.8, 1.6, n)
+
+    def calls(base):
+        return base * speed * (1 + rng.normal(0, 0.01, n))
+
+    dense, pruned, floor = calls(10.0), calls(7.3), calls(4.0)  # true figure: 2.7 / 3 = 0.9
+    assert ratio_floor_relative(dense, pruned, floor, 0.5) == pytest.approx(0.9, abs=0.02)
+    lo, hi = ratio_floor_relative_ci(dense, pruned, floor, 0.5)
+    assert lo < 0.9 < hi and hi - lo < 0.05
+    # the figure from medians sees the slowdown as noise: a much wider interval
+    mlo, mhi = floor_relative_ci(dense, pruned, floor, 0.5)
+    assert mhi - mlo > 4 * (hi - lo)
+    # without noise the two estimates agree exactly
+    exact = ratio_floor_relative([10.0, 20.0], [7.0, 14.0], [4.0, 8.0], 0.5)
+    assert exact == pytest.approx(floor_relative(10.0, 7.0, 4.0, 0.5))
+    assert math.isnan(ratio_floor_relative([], [], [], 0.5))
+    assert all(math.isnan(x) for x in ratio_floor_relative_ci([1.0], [1.0], [1.0], 0.5))
 
 
 def test_ratio_ci():
@@ -359,6 +384,7 @@ def test_bench_models_smoke(family):
         assert all(t["n"] == 3 and t["median_ms"] > 0 and t["iqr_ms"] >= 0 for t in run["timings"].values())
         assert run["macs"]["dense"] > run["macs"]["half"] > run["macs"]["no_attention"]
         assert "half" in run["floor_relative"] and "half" in run["floor_relative_paired"]
+        assert "half" in run["floor_relative_ratio"] and len(run["floor_relative_ratio_ci95"]["half"]) == 2
         lo, hi = run["floor_relative_ci95"]["half"]
         assert (math.isnan(lo) and math.isnan(hi)) or lo <= hi
         assert all(len(t) == 3 for t in run["times_ms"].values())
@@ -450,7 +476,7 @@ def test_cli_bench_sweep(tmp_path, capsys):
     dense.save_pretrained(tmp_path / "dense")
     out = tmp_path / "sweep.json"
     args = ["bench", "--model", str(tmp_path / "dense"), "--sweep", "--shapes", "1x8", "--threads", "1",
-            "--reps", "3", "--warmup", "1", "--out", str(out)]  # fmt: skip
+            "--budget", "600", "--min-reps", "1", "--max-reps", "3", "--warmup", "1", "--out", str(out)]  # fmt: skip
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     assert "ceiling" in printed and "| heads per layer | 4 | 3 | 2 | 1 | 0 (floor) |" in printed
@@ -458,6 +484,8 @@ def test_cli_bench_sweep(tmp_path, capsys):
 
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["sweeps"]] == [1] and "fit" in data["sweeps"][0]
+    # --max-reps ends the timing long before the budget
+    assert {len(t) for t in data["sweeps"][0]["times_ms"].values()} == {3}
     assert data["environment"]["torch"] == torch.__version__
     # a sweep times --model itself: a pruned folder makes no sense with it
     assert cli_main(["bench", "--model", str(tmp_path / "dense"), "--sweep", "--pruned", str(tmp_path)]) == 2
@@ -476,6 +504,7 @@ def test_benchmark_render_on_a_tiny_result():
     }  # fmt: skip
     text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": to_jsonable(res)}})
     assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text
+    assert "; ratios " in text and "(ratios: " in text
     assert "Allocator: " + res["allocator"] in text
     # the head-count sweep renders through the same entry point
     sweep = head_count_sweep(dense, batch=1, seq=8, threads=1, reps=3, warmup=1, n_boot=100)
@@ -509,6 +538,17 @@ def test_benchmark_onnx_verdict_uses_the_interval():
     assert module._ratio_verdict(0.9, [None, None]) == "met"
     run = {"timings": run["timings"], "onnx_ratio": {"half": 1.2}, "onnx_ratio_ci95": {"half": [None, None]}}
     assert module._onnx_ratio(run, "half") == (1.2, None)
+
+
+def test_benchmark_ratio_figure_of_an_older_result():
+    """Results written before the ratio-based figure was stored get it from their per-repetition times."""
+    module = load_benchmark("bench_latency")
+    times = {"dense": [10.0, 20.0, 10.5, 15.0], "half": [7.0, 14.0, 7.35, 10.5], "no_attention": [4.0, 8.0, 4.2, 6.0]}
+    x, ci = module._ratio_figure({"times_ms": times}, "half", 0.5)
+    assert x == pytest.approx(1.0) and ci == pytest.approx([1.0, 1.0])
+    stored = {"floor_relative_ratio": {"half": 0.9}, "floor_relative_ratio_ci95": {"half": [0.8, 1.0]}}
+    assert module._ratio_figure(stored, "half", 0.5) == (0.9, [0.8, 1.0])
+    assert module._ratio_figure({"times_ms": {"dense": [1.0]}}, "half", 0.5) is None
 
 
 # --- the head-count sweep: where the line is lost -----------------------------

@@ -235,6 +235,29 @@ def paired_floor_relative(
     return floor_relative(span, span - saved, 0.0, share_removed)
 
 
+def _ratios(numer: Sequence[float], denom: Sequence[float]) -> list[float]:
+    n = min(len(numer), len(denom))
+    return [a / b for a, b in zip(numer[:n], denom[:n])]
+
+
+def ratio_floor_relative(
+    dense: Sequence[float], pruned: Sequence[float], no_attention: Sequence[float], share_removed: float
+) -> float:
+    """`floor_relative` from per-repetition ratios to the dense call: (1 - median(p/d)) / ((1 - median(f/d)) * share).
+
+    On this kind of machine the noise is a slowdown of everything running for
+    a while (process CPU time moves with wall time: not preemption), so it
+    multiplies the calls of one repetition alike and cancels in their ratios.
+    The same quantity as the figure from medians (the algebra is identical),
+    estimated with less of the machine's drift in it.
+    """
+    if min(len(dense), len(pruned), len(no_attention)) == 0:
+        return float("nan")
+    rp = statistics.median(_ratios(pruned, dense))
+    rf = statistics.median(_ratios(no_attention, dense))
+    return floor_relative(1.0, rp, rf, share_removed)
+
+
 def _bootstrap_medians_ci(series: Sequence[Sequence[float]], statistic, n_boot: int = 2000, seed: int = 0):
     """95% percentile interval of ``statistic(*medians)`` over bootstrap resamples of aligned repetitions.
 
@@ -278,6 +301,22 @@ def floor_relative_ci(
         return [floor_relative(a, b, c, share_removed) for a, b, c in zip(md, mp, mf)]
 
     return _bootstrap_medians_ci((dense, pruned, no_attention), figure, n_boot, seed)
+
+
+def ratio_floor_relative_ci(
+    dense: Sequence[float],
+    pruned: Sequence[float],
+    no_attention: Sequence[float],
+    share_removed: float,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> list[float]:
+    """95% bootstrap interval of `ratio_floor_relative` (repetitions resampled, as in `floor_relative_ci`)."""
+
+    def figure(mp, mf):
+        return [floor_relative(1.0, a, b, share_removed) for a, b in zip(mp, mf)]
+
+    return _bootstrap_medians_ci((_ratios(pruned, dense), _ratios(no_attention, dense)), figure, n_boot, seed)
 
 
 def ratio_ci(
@@ -464,6 +503,7 @@ def bench_models(
     warmup: int = 2,
     budget_s: float = 20.0,
     min_reps: int = 10,
+    max_reps: int = 200,
     onnx: bool = False,
     onnx_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -483,7 +523,7 @@ def bench_models(
             the dense model's fastest, then used by every model.
         devices: "cpu", "cuda", or "auto" (cpu, plus cuda when present).
         reps: timed repetitions; None: as many as ``budget_s`` allows per
-            shape (at least ``min_reps``).
+            shape (at least ``min_reps``, at most ``max_reps``).
         onnx: also export every model to ONNX and time it with onnxruntime
             (CPU, same thread count); the export is checked against PyTorch.
         clock: "wall" (latency) or "cpu" (process CPU time; see `time_round_robin`).
@@ -605,6 +645,7 @@ def bench_models(
                         warmup=warmup,
                         budget_s=budget_s,
                         min_reps=min_reps,
+                        max_reps=max_reps,
                         sync=sync,
                         clock=clock,
                     )
@@ -613,7 +654,9 @@ def bench_models(
             # every repetition, aligned by round (kept so the figures can be re-derived)
             run["times_ms"] = {k: [x * 1e3 for x in t] for k, t in times.items()}
             run["macs"] = {v.label: count_macs(v.model, batch, seq)["total"] for v in variants}
-            run["floor_relative"], run["floor_relative_paired"], run["floor_relative_ci95"] = {}, {}, {}
+            for key in ("floor_relative", "floor_relative_paired", "floor_relative_ci95", "floor_relative_ratio",
+                        "floor_relative_ratio_ci95"):
+                run[key] = {}
             med = {k: s["median_ms"] for k, s in run["timings"].items()}
             for v in variants:
                 if v.label in (DENSE, NO_ATTENTION):
@@ -627,6 +670,12 @@ def bench_models(
                         times[d], times[p], times[n], v.share_removed
                     )
                     run["floor_relative_ci95"][p] = floor_relative_ci(
+                        times[d], times[p], times[n], v.share_removed, seed=seed
+                    )
+                    run["floor_relative_ratio"][p] = ratio_floor_relative(
+                        times[d], times[p], times[n], v.share_removed
+                    )
+                    run["floor_relative_ratio_ci95"][p] = ratio_floor_relative_ci(
                         times[d], times[p], times[n], v.share_removed, seed=seed
                     )
             # ONNX latency relative to PyTorch, per model: below 1 = onnxruntime faster.
@@ -743,6 +792,7 @@ def head_count_sweep(
     warmup: int = 2,
     budget_s: float = 60.0,
     min_reps: int = 10,
+    max_reps: int = 200,
     seed: int = 0,
     clock: str = "wall",
     n_boot: int = 2000,
@@ -787,7 +837,7 @@ def head_count_sweep(
     chosen, calib = _choose_kernel(variants, kernel, inputs, None, warmup, {}, clock)
     times = time_round_robin(
         {h: _torch_runner(m, inputs) for h, m in models.items()},
-        reps=reps, warmup=warmup, budget_s=budget_s, min_reps=min_reps, clock=clock,
+        reps=reps, warmup=warmup, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps, clock=clock,
     )
     med = {h: statistics.median(t) * 1e3 for h, t in times.items()}
     fit = _sweep_fit(med, n_layers, n_heads)
@@ -833,9 +883,10 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
     )
     rows = [
         f"{'model':28s} {'removed':>7s} {'median ms':>10s} {'IQR ms':>8s} {'seq/s':>9s} {'GMAC':>8s} "
-        f"{'floor-rel':>9s} {'paired':>7s}"
+        f"{'floor-rel':>9s} {'paired':>7s} {'ratios':>7s}"
     ]
     paired = run.get("floor_relative_paired", {})
+    by_ratio = run.get("floor_relative_ratio", {})
     for label, t in run["timings"].items():
         base = label[len(ONNX_PREFIX) :] if label.startswith(ONNX_PREFIX) else label
         var = variants.get(base, {})
@@ -844,7 +895,7 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
             f"{label:28s} {fmt_number(100 * var.get('share_removed', float('nan')), 0) + '%':>7s} "
             f"{t['median_ms']:10.2f} {t['iqr_ms']:8.2f} {t['sequences_per_s']:9.1f} "
             f"{fmt_number(macs / 1e9 if macs else None, 2):>8s} {fmt_number(run['floor_relative'].get(label)):>9s} "
-            f"{fmt_number(paired.get(label)):>7s}"
+            f"{fmt_number(paired.get(label)):>7s} {fmt_number(by_ratio.get(label)):>7s}"
         )
     ratios = run.get("onnx_ratio") or {}
     if ratios:
@@ -879,7 +930,8 @@ def format_table(result: dict) -> str:
     lines.append(
         "floor-rel = (dense - pruned) / ((dense - no_attention) x share of heads removed), from medians; "
         "1.0 = on the line from dense to the attention-free floor. paired: the same from per-repetition "
-        "differences (less sensitive to a drifting machine)"
+        "differences; ratios: from per-repetition ratios to the dense call (both less sensitive to a drifting "
+        "machine)"
     )
     return "\n".join(lines)
 

@@ -60,6 +60,9 @@ def add_timing_arguments(
     p.add_argument(
         "--min-reps", type=int, default=min_reps, help=f"at least this many repetitions (default {min_reps})"
     )
+    p.add_argument(
+        "--max-reps", type=int, default=200, help="at most this many repetitions within --budget (default 200)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls of each model first (default 2)")
     p.add_argument(
         "--clock",
@@ -84,6 +87,7 @@ def timing_kwargs(args: argparse.Namespace) -> dict:
         "reps": args.reps,
         "budget_s": args.budget,
         "min_reps": args.min_reps,
+        "max_reps": args.max_reps,
         "warmup": args.warmup,
         "clock": args.clock,
         "hold_memory": not args.malloc_default,
