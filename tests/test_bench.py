@@ -149,6 +149,8 @@ def test_ratio_floor_relative_cancels_a_slowdown_shared_by_a_repetition():
     exact = ratio_floor_relative([10.0, 20.0], [7.0, 14.0], [4.0, 8.0], 0.5)
     assert exact == pytest.approx(floor_relative(10.0, 7.0, 4.0, 0.5))
     assert math.isnan(ratio_floor_relative([], [], [], 0.5))
+    # a call the clock read as 0 ms is left out, not divided by
+    assert ratio_floor_relative([0.0, 10.0], [5.0, 7.0], [1.0, 4.0], 0.5) == pytest.approx(1.0)
     assert all(math.isnan(x) for x in ratio_floor_relative_ci([1.0], [1.0], [1.0], 0.5))
 
 

@@ -236,8 +236,9 @@ def paired_floor_relative(
 
 
 def _ratios(numer: Sequence[float], denom: Sequence[float]) -> list[float]:
+    """Aligned ``numer / denom``; NaN where ``denom`` is not positive (a coarse CPU clock can read 0)."""
     n = min(len(numer), len(denom))
-    return [a / b for a, b in zip(numer[:n], denom[:n])]
+    return [a / b if b > 0 else float("nan") for a, b in zip(numer[:n], denom[:n])]
 
 
 def ratio_floor_relative(
@@ -251,11 +252,11 @@ def ratio_floor_relative(
     The same quantity as the figure from medians (the algebra is identical),
     estimated with less of the machine's drift in it.
     """
-    if min(len(dense), len(pruned), len(no_attention)) == 0:
+    rp = [x for x in _ratios(pruned, dense) if math.isfinite(x)]
+    rf = [x for x in _ratios(no_attention, dense) if math.isfinite(x)]
+    if not rp or not rf:
         return float("nan")
-    rp = statistics.median(_ratios(pruned, dense))
-    rf = statistics.median(_ratios(no_attention, dense))
-    return floor_relative(1.0, rp, rf, share_removed)
+    return floor_relative(1.0, statistics.median(rp), statistics.median(rf), share_removed)
 
 
 def _bootstrap_medians_ci(series: Sequence[Sequence[float]], statistic, n_boot: int = 2000, seed: int = 0):
