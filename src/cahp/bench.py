@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .allocator import hold_freed_memory, memory_held
 from .arch import get_adapter
@@ -380,6 +381,8 @@ def time_round_robin(
             runners[name]()
     sync()
     times: dict[str, list[float]] = {n: [] for n in names}
+    # outside the timed calls; the budget usually ends the loop before max_reps
+    bar = tqdm(total=reps or max(min_reps, max_reps), desc="timing", unit="rep", mininterval=10, leave=False)
     start = time.perf_counter()
     r = 0
     while True:
@@ -395,6 +398,8 @@ def time_round_robin(
             sync()
             times[name].append(timer() - t0)
         r += 1
+        bar.update()
+    bar.close()
     return times
 
 
