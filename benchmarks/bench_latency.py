@@ -49,6 +49,7 @@ from cahp.bench import (  # noqa: E402
     SWEEP_EXPLAINED,
     bench_models,
     emptied_layers_removal,
+    floor_relative_ci,
     fmt_number,
     format_sweep,
     head_count_sweep,
@@ -56,7 +57,6 @@ from cahp.bench import (  # noqa: E402
     random_removal,
     ratio_ci,
     ratio_floor_relative,
-    ratio_floor_relative_ci,
 )
 from cahp.commands.bench import add_timing_arguments, timing_kwargs  # noqa: E402
 from cahp.io import to_jsonable, write_json  # noqa: E402
@@ -187,7 +187,7 @@ def _ratio_figure(run: dict, label: str, share: float) -> tuple[float, list | No
     times = run.get("times_ms") or {}
     if x is None and all(k in times for k in (DENSE, label, NO_ATTENTION)):
         series = (times[DENSE], times[label], times[NO_ATTENTION])
-        x, ci = ratio_floor_relative(*series, share), ratio_floor_relative_ci(*series, share)
+        x, ci = ratio_floor_relative(*series, share), floor_relative_ci(*series, share, from_ratios=True)
     return None if x is None else (x, _interval(ci))
 
 

@@ -290,35 +290,28 @@ def floor_relative_ci(
     share_removed: float,
     n_boot: int = 2000,
     seed: int = 0,
+    from_ratios: bool = False,
 ) -> list[float]:
-    """95% bootstrap interval of the median-based `floor_relative` figure.
+    """95% bootstrap interval of the median-based `floor_relative` figure (``from_ratios``: of `ratio_floor_relative`).
 
     Repetitions are resampled with replacement, the same indices for the three
     lists (they are aligned by round-robin repetition), and the figure is
     recomputed from the resampled medians. On a noisy machine the interval says
     whether a goal is met, missed, or cannot be told from these runs.
     """
+    if from_ratios:
+        series = (_ratios(pruned, dense), _ratios(no_attention, dense))
 
-    def figure(md, mp, mf):
-        return [floor_relative(a, b, c, share_removed) for a, b, c in zip(md, mp, mf)]
+        def figure(mp, mf):
+            return [floor_relative(1.0, a, b, share_removed) for a, b in zip(mp, mf)]
 
-    return _bootstrap_medians_ci((dense, pruned, no_attention), figure, n_boot, seed)
+    else:
+        series = (dense, pruned, no_attention)
 
+        def figure(md, mp, mf):
+            return [floor_relative(a, b, c, share_removed) for a, b, c in zip(md, mp, mf)]
 
-def ratio_floor_relative_ci(
-    dense: Sequence[float],
-    pruned: Sequence[float],
-    no_attention: Sequence[float],
-    share_removed: float,
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> list[float]:
-    """95% bootstrap interval of `ratio_floor_relative` (repetitions resampled, as in `floor_relative_ci`)."""
-
-    def figure(mp, mf):
-        return [floor_relative(1.0, a, b, share_removed) for a, b in zip(mp, mf)]
-
-    return _bootstrap_medians_ci((_ratios(pruned, dense), _ratios(no_attention, dense)), figure, n_boot, seed)
+    return _bootstrap_medians_ci(series, figure, n_boot, seed)
 
 
 def ratio_ci(
@@ -681,8 +674,8 @@ def bench_models(
                     run["floor_relative_ratio"][p] = ratio_floor_relative(
                         times[d], times[p], times[n], v.share_removed
                     )
-                    run["floor_relative_ratio_ci95"][p] = ratio_floor_relative_ci(
-                        times[d], times[p], times[n], v.share_removed, seed=seed
+                    run["floor_relative_ratio_ci95"][p] = floor_relative_ci(
+                        times[d], times[p], times[n], v.share_removed, seed=seed, from_ratios=True
                     )
             # ONNX latency relative to PyTorch, per model: below 1 = onnxruntime faster.
             run["onnx_ratio"], run["onnx_ratio_ci95"] = {}, {}
