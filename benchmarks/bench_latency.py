@@ -220,6 +220,9 @@ def render(result: dict) -> str:
         if s.get("reps")
         else f"{s['min_reps']}+ repetitions ({s['budget_s']:.0f} s per shape)"
     )
+    done = sorted({t["n"] for res in result["models"].values() for run in res["runs"] for t in run["timings"].values()})
+    if done and not s.get("reps"):
+        reps += f": {done[0]}" + (f" to {done[-1]}" if len(done) > 1 else "") + " done"
     out = [
         meta_lines(result["meta"]),
         f"Settings: {s['threads']} threads (torch and onnxruntime), {reps}, {s['warmup']} warm-up calls, "
