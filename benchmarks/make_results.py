@@ -29,6 +29,9 @@ SECTIONS = [
     ("latency_32x128", "bench_latency", "Latency at batch 32 x 128 tokens, more repetitions (issue 6)"),
     ("latency_32x128_minilm", "bench_latency",
      "Latency at batch 32 x 128 tokens, minilm-l6, PyTorch only, many repetitions (issue 6)"),
+    ("latency_32x128_minilm_long", "bench_latency",
+     "Latency at batch 32 x 128 tokens, minilm-l6, PyTorch only, 50 minutes of repetitions, output projection "
+     "with bias and residual in its GEMM (issue 6)"),
     ("latency_32x128_mpnet", "bench_latency",
      "Latency at batch 32 x 128 tokens, mpnet-base 50%, PyTorch only, many repetitions on a noisy day (issue 6)"),
     ("latency_32x128_onnx", "bench_latency",
