@@ -374,8 +374,11 @@ def time_round_robin(
             runners[name]()
     sync()
     times: dict[str, list[float]] = {n: [] for n in names}
-    # outside the timed calls; the budget usually ends the loop before max_reps
-    bar = tqdm(total=reps or max(min_reps, max_reps), desc="timing", unit="rep", mininterval=10, leave=False)
+    # Outside the timed calls. Without reps the budget usually ends the loop long before max_reps,
+    # so the bar counts the budget's seconds (its estimate of the end is then right).
+    by_time = reps is None
+    bar = tqdm(total=round(budget_s) if by_time else reps, desc="timing", unit="s" if by_time else "rep",
+               mininterval=10, leave=False)
     start = time.perf_counter()
     r = 0
     while True:
@@ -391,7 +394,11 @@ def time_round_robin(
             sync()
             times[name].append(timer() - t0)
         r += 1
-        bar.update()
+        if by_time:
+            bar.update(min(round(time.perf_counter() - start), bar.total) - bar.n)
+            bar.set_postfix_str(f"{r} repetitions", refresh=False)
+        else:
+            bar.update()
     bar.close()
     return times
 
