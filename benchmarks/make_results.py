@@ -34,6 +34,8 @@ SECTIONS = [
      "with bias and residual in its GEMM (issue 6)"),
     ("latency_32x128_mpnet", "bench_latency",
      "Latency at batch 32 x 128 tokens, mpnet-base 50%, PyTorch only, many repetitions on a noisy day (issue 6)"),
+    ("latency_32x128_mpnet_long", "bench_latency",
+     "Latency at batch 32 x 128 tokens, mpnet-base 50%, PyTorch only, 50 minutes of repetitions (issue 6)"),
     ("latency_32x128_onnx", "bench_latency",
      "ONNX against PyTorch at batch 32 x 128 tokens, both runtimes interleaved call by call (issue 6)"),
     ("latency_sweep", "bench_latency",
