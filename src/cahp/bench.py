@@ -236,10 +236,15 @@ def paired_floor_relative(
     return floor_relative(span, span - saved, 0.0, share_removed)
 
 
-def _ratios(numer: Sequence[float], denom: Sequence[float]) -> list[float]:
-    """Aligned ``numer / denom``; NaN where ``denom`` is not positive (a coarse CPU clock can read 0)."""
-    n = min(len(numer), len(denom))
-    return [a / b if b > 0 else float("nan") for a, b in zip(numer[:n], denom[:n])]
+def _ratio_series(
+    dense: Sequence[float], pruned: Sequence[float], no_attention: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """Per-repetition ``pruned / dense`` and ``no_attention / dense``, still aligned by repetition.
+
+    A repetition whose dense time is not positive (a coarse CPU clock can read 0) is left out of both.
+    """
+    kept = [(p / d, f / d) for d, p, f in zip(dense, pruned, no_attention) if d > 0]
+    return [p for p, _ in kept], [f for _, f in kept]
 
 
 def ratio_floor_relative(
@@ -253,9 +258,8 @@ def ratio_floor_relative(
     The same quantity as the figure from medians (the algebra is identical),
     estimated with less of the machine's drift in it.
     """
-    rp = [x for x in _ratios(pruned, dense) if math.isfinite(x)]
-    rf = [x for x in _ratios(no_attention, dense) if math.isfinite(x)]
-    if not rp or not rf:
+    rp, rf = _ratio_series(dense, pruned, no_attention)
+    if not rp:
         return float("nan")
     return floor_relative(1.0, statistics.median(rp), statistics.median(rf), share_removed)
 
@@ -300,7 +304,7 @@ def floor_relative_ci(
     whether a goal is met, missed, or cannot be told from these runs.
     """
     if from_ratios:
-        series = (_ratios(pruned, dense), _ratios(no_attention, dense))
+        series = _ratio_series(dense, pruned, no_attention)
 
         def figure(mp, mf):
             return [floor_relative(1.0, a, b, share_removed) for a, b in zip(mp, mf)]
