@@ -191,6 +191,89 @@ def _ratio_figure(run: dict, label: str, share: float) -> tuple[float, list | No
     return None if x is None else (x, _interval(ci))
 
 
+def goal_cell(run: dict, label: str, share: float) -> dict:
+    """The goal figures of one pruned model in one timed run (one device and shape), each as
+    ``(value, 95% interval or None, verdict)``: ``figure`` (floor-relative, from the medians), ``ratios``
+    (the same from per-repetition ratios), ``onnx`` (ONNX / PyTorch latency). A figure the run lacks is
+    absent; a verdict is None where the shape has no goal."""
+    goal = GOALS.get((run["batch"], run["seq"]))
+    out = {}
+    x = run["floor_relative"].get(label)
+    if x is not None:
+        ci = _interval((run.get("floor_relative_ci95") or {}).get(label))
+        out["figure"] = (x, ci, None if goal is None else _goal_verdict(x, ci, goal))
+    r = _ratio_figure(run, label, share)
+    if r is not None:
+        out["ratios"] = (*r, None if goal is None else _goal_verdict(*r, goal))
+    o = _onnx_ratio(run, label)
+    if o is not None:
+        out["onnx"] = (*o, _ratio_verdict(*o))
+    return out
+
+
+def _fmt_figure(x: float | None, ci: list | None, goal: float | None = None) -> str:
+    """``x [lo, hi]``; a bound that two digits would round onto ``goal`` gets more (up to four), so that the
+    verdict can be read from it."""
+
+    def bound(b):
+        digits = 2
+        while digits < 4 and goal is not None and b is not None and b != goal and round(b, digits) == goal:
+            digits += 1
+        return _f(b, digits)
+
+    return _f(x) + (f" [{bound(ci[0])}, {bound(ci[1])}]" if ci else "")
+
+
+def render_overview(results: dict[str, dict]) -> str:
+    """Every measurement of each goal of issue 6, from every latency result: one row per pruned model, shape
+    with a goal, and run, runs in date order. Sweeps (no pruned models) are left out."""
+    rows = []
+    for stem, result in results.items():
+        if result["settings"].get("sweep"):
+            continue
+        meta, threads = result["meta"], result["settings"]["threads"]
+        for model_name, res in result["models"].items():
+            for run in res["runs"]:
+                shape = (run["batch"], run["seq"])
+                if shape not in GOALS:
+                    continue
+                for label, v in res["variants"].items():
+                    if label in (DENSE, NO_ATTENTION):
+                        continue
+                    c = goal_cell(run, label, v["share_removed"])
+                    labels = list(VARIANTS.values())
+                    order = (labels.index(label) if label in labels else len(labels), shape, meta["date"])
+                    rows.append((order, model_name, label, run, stem, meta, threads, c))
+    lines = [
+        "Each goal cell of issue 6 (a pruned model at a shape), with every run that measured it, oldest first: "
+        "the floor-relative figure from the medians and from per-repetition ratios (goal: at least "
+        + ", ".join(f"{g} at {b}x{q}" for (b, q), g in GOALS.items())
+        + "), and ONNX / PyTorch latency (goal: at most 1). A verdict is *undecided* when the 95% bootstrap "
+        "interval in brackets contains the goal. Runs differ in code revision, repetitions and threads (runs "
+        "with 2 threads on this 2-vCPU machine are too noisy to judge); the sections below give each run's "
+        "settings and provenance.\n",
+        "| model | pruned | shape | run (benchmarks/results/) | date, revision | threads | reps | kernel "
+        "| floor-rel, medians | floor-rel, ratios | ONNX / PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    models = list(dict.fromkeys(r[1] for r in rows))
+    rows.sort(key=lambda r: (models.index(r[1]), *r[0]))
+
+    def cell(value, goal) -> str:
+        return "–" if value is None else _fmt_figure(*value[:2], goal) + (f" {value[2]}" if value[2] else "")
+
+    for _, model_name, label, run, stem, meta, threads, c in rows:
+        goal = GOALS[(run["batch"], run["seq"])]
+        device = "" if run["device"] == "cpu" else " " + run["device"]
+        lines.append(
+            f"| {model_name} | {label} | {run['batch']}x{run['seq']}{device} | `{stem}` "
+            f"| {meta['date'][:10]}, {meta['git_revision']} | {threads} | {run['timings'][label]['n']} "
+            f"| {run['kernel']} | {cell(c.get('figure'), goal)} | {cell(c.get('ratios'), goal)} "
+            f"| {cell(c.get('onnx'), 1.0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _allocator_line(result: dict) -> str:
     """What the C allocator did with freed memory (results before the setting existed: glibc's default)."""
     runs = result["models"].values()
@@ -277,25 +360,23 @@ def render(result: dict) -> str:
             cells, met, ratios, faster = [], [], [], []
             for b, q in s["shapes"]:
                 run = next((r for r in cpu_runs if (r["batch"], r["seq"]) == (b, q)), None)
-                x = run["floor_relative"].get(label) if run else None
-                ci = (run.get("floor_relative_ci95") or {}).get(label) if run else None
-                cell = _f(x) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
-                goal = GOALS.get((b, q))
-                verdict = _goal_verdict(x, ci, goal) if goal is not None and x is not None else None
-                by_ratio = _ratio_figure(run, label, res["variants"][label]["share_removed"]) if run else None
-                if by_ratio is not None:
-                    rx, rci = by_ratio
-                    cell += f"; ratios {_f(rx)}" + (f" [{_f(rci[0])}, {_f(rci[1])}]" if rci else "")
+                c = goal_cell(run, label, res["variants"][label]["share_removed"]) if run else {}
+                cell, verdict = "–", None
+                if c.get("figure"):
+                    x, ci, verdict = c["figure"]
+                    cell = _fmt_figure(x, ci, GOALS.get((b, q)))
+                if c.get("ratios"):
+                    rx, rci, rverdict = c["ratios"]
+                    cell += "; ratios " + _fmt_figure(rx, rci, GOALS.get((b, q)))
                     if verdict is not None:
-                        verdict += f" (ratios: {_goal_verdict(rx, rci, goal)})"
+                        verdict += f" (ratios: {rverdict})"
                 cells.append(cell)
                 if verdict is not None:
                     met.append(verdict)
-                r = _onnx_ratio(run, label) if run else None
-                if r is not None:
-                    ratio, ci = r
-                    ratios.append(_f(ratio) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else ""))
-                    faster.append(_ratio_verdict(ratio, ci))
+                if c.get("onnx"):
+                    ratio, ci, v = c["onnx"]
+                    ratios.append(_fmt_figure(ratio, ci, 1.0))
+                    faster.append(v)
             summary.append(
                 f"| {model_name} | {label} | " + " | ".join(cells) + f" | {', '.join(met) or '–'} "
                 f"| {', '.join(ratios) or '–'} | {', '.join(faster) or '–'} |"

@@ -518,6 +518,31 @@ def test_benchmark_render_on_a_tiny_result():
     assert "| – | –% | – [–, –] |" in text or "| - | -% | - [-, -] |" in text
 
 
+def test_benchmark_goal_overview_lists_every_run_of_each_cell():
+    """RESULTS.md's overview of issue 6's goals: one row per pruned model, goal shape and run, oldest run first."""
+    module = load_benchmark("bench_latency")
+    dense = tiny_model("bert")
+    res = to_jsonable(bench_models(dense, module.pruned_variants(dense, seed=0, only=["50", "75"]),
+                                   shapes=[(1, 32), (1, 8)], threads=1, reps=3, warmup=1))  # fmt: skip
+    settings = {"threads": 1, "shapes": [[1, 32], [1, 8]]}
+    meta = {"date": "2026-11-27T01:00:00", "git_revision": "bbb"}
+    newer = {"meta": meta, "settings": settings, "models": {"tiny": res}}
+    older = {**newer, "meta": {"date": "2026-11-26T01:00:00", "git_revision": "aaa"}}
+    sweep = {"meta": newer["meta"], "settings": {"threads": 1, "sweep": True}, "models": {"tiny": []}}
+    text = module.render_overview({"new": newer, "sweep": sweep, "old": older})
+    rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    # 1x8 has no goal, the sweep has no pruned models: 2 variants x 1 shape x 2 runs
+    assert [r.split(" | ")[1:4] for r in rows] == [["50%", "1x32", "`old`"], ["50%", "1x32", "`new`"],
+                                                   ["75%", "1x32", "`old`"], ["75%", "1x32", "`new`"]]  # fmt: skip
+    assert all(r.count("|") == 12 for r in rows) and "aaa" in rows[0] and "bbb" in rows[1]
+    assert all(any(v in r for v in ("met", "missed", "undecided")) for r in rows)
+    # a bound that would round onto the goal gets the digits that tell the verdict
+    assert module._fmt_figure(0.97, [0.951, 1.0], 0.95) == "0.97 [0.951, 1.00]"
+    assert module._fmt_figure(0.97, [0.9496, 1.0], 0.95) == "0.97 [0.9496, 1.00]"
+    assert module._fmt_figure(0.97, [0.9496, 1.0]) == "0.97 [0.95, 1.00]"
+    assert module._fmt_figure(0.97, None, 0.95) == "0.97"
+
+
 def test_benchmark_onnx_verdict_uses_the_interval():
     """ONNX at least as fast: met / missed only when the ratio's 95% interval is on one side of 1."""
     module = load_benchmark("bench_latency")
