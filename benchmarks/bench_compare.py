@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
-from cahp.baselines import SELECTORS  # noqa: E402
-from cahp.compare import DEFAULT_METHODS, CompareConfig, render_markdown, run_compare, verdict_lines  # noqa: E402
+from cahp.compare import CompareConfig, render_markdown, run_compare, verdict_lines  # noqa: E402
+from cahp.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.finetune import FinetuneConfig  # noqa: E402
 from cahp.pipeline import PruneConfig  # noqa: E402
 
@@ -47,8 +47,7 @@ def run(name: str, args) -> Path:
                       calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
                       seed=args.seed)
     ft = FinetuneConfig(seed=args.seed, epochs=args.epochs, max_train_examples=args.max_train_examples)
-    ccfg = CompareConfig(methods=args.methods, budgets=args.budgets, seeds=args.seeds, knee=not args.no_knee,
-                         finetune=not args.no_finetune, dense_control=not args.no_dense_control)
+    ccfg = from_args(CompareConfig, args)
     # the dense model is fine-tuned as `cahp prune` does by default, so the folder stays a prune folder
     dense_ft = FinetuneConfig(seed=args.seed)
     result = run_compare(cfg, ft, ccfg, progress=not args.quiet, dense_ft=dense_ft)
@@ -129,21 +128,16 @@ def render_overview(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+", choices=list(CONFIGS), help="named configurations to run, in order")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(SELECTORS))
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125],
-                   help="shares of the heads kept, besides CAHP's k*")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (fine-tuning and the random selector)")
+    # --methods, --budgets, --seeds, --[no-]knee, --[no-]finetune, --[no-]dense-control, --n-bootstrap:
+    # cahp compare's own options and defaults
+    add_dataclass_args(p.add_argument_group("comparison"), CompareConfig)
     p.add_argument("--epochs", type=int, default=FinetuneConfig.epochs,
                    help="maximum epochs of each fine-tuning after pruning (the dense model gets the defaults)")
     p.add_argument("--max-train-examples", type=int, default=0,
                    help="cap on examples of each fine-tuning after pruning (0: all)")
-    p.add_argument("--no-finetune", action="store_true", help="only part (a): no fine-tuning after pruning")
-    p.add_argument("--no-knee", action="store_true", help="do not add CAHP's k* to the budgets")
-    p.add_argument("--no-dense-control", action="store_true", help="skip the dense model's extra fine-tuning")
     p.add_argument("--calibration-examples", type=int, default=PruneConfig.calibration_examples)
     p.add_argument("--curve-examples", type=int, default=PruneConfig.curve_examples)
     p.add_argument("--seed", type=int, default=0)
@@ -154,6 +148,12 @@ def main() -> None:
                    help="results/NAME.json instead of results/compare_CONFIGURATION.json (e.g. one file for "
                         "the no-fine-tuning part over 3 seeds, another for a fine-tuned subset); one configuration")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = build_parser()
     args = p.parse_args()
     if (args.output_dir or args.result_name) and len(args.configs) > 1:
         p.error("--output-dir and --result-name take a single configuration")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from cahp import compare, pipeline
 from cahp.cli import main as cli_main
 from cahp.compare import CompareConfig, compare_to_cahp, render_markdown, run_compare, verdict
+from cahp.configs import from_args
 from cahp.finetune import FinetuneConfig
 from cahp.io import machine_label
 from cahp.pipeline import PruneConfig, run_prune
@@ -216,3 +219,17 @@ def test_readme_results_sections_match_the_results_files():
         body = make()
         assert body is not None and start in readme, name
         assert readme.split(start, 1)[1].split(end, 1)[0] == "\n".join(body), f"README section {name} is stale"
+
+
+def test_benchmark_commands_reproduce_their_recorded_settings():
+    """bench_compare takes cahp compare's own options: every committed result's command still parses to the
+    comparison settings that result records."""
+    bench = load_benchmark("bench_compare")
+    files = sorted((BENCH_DIR / "results").glob("compare_*.json"))
+    assert files
+    for f in files:
+        r = json.loads(f.read_text())
+        argv = shlex.split(r["meta"]["command"])
+        script = next(i for i, a in enumerate(argv) if a.endswith("bench_compare.py"))
+        args = bench.build_parser().parse_args(argv[script + 1:])
+        assert asdict(from_args(CompareConfig, args)) == r["bench_settings"]["compare"], f.name
