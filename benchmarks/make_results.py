@@ -39,6 +39,12 @@ SECTIONS = [
      "Latency at batch 32 x 128 tokens, mpnet-base 50%, PyTorch only, 50 minutes of repetitions (issue 6)"),
     ("latency_32x128_onnx", "bench_latency",
      "ONNX against PyTorch at batch 32 x 128 tokens, both runtimes interleaved call by call (issue 6)"),
+    ("latency_32x128_onnx_minilm", "bench_latency",
+     "ONNX against PyTorch at batch 32 x 128 tokens, minilm-l6, 45 minutes of interleaved repetitions, output "
+     "projection with bias and residual in its GEMM (issue 6)"),
+    ("latency_32x128_onnx_mpnet", "bench_latency",
+     "ONNX against PyTorch at batch 32 x 128 tokens, mpnet-base, 50 minutes of interleaved repetitions, output "
+     "projection with bias and residual in its GEMM (issue 6)"),
     ("latency_sweep", "bench_latency",
      "Where the line is lost: one attention block's cost against its head count (issue 6)"),
     ("latency_sweep_32x128", "bench_latency",
