@@ -227,7 +227,7 @@ def _fmt_figure(x: float | None, ci: list | None, goal: float | None = None) -> 
 def render_overview(results: dict[str, dict]) -> str:
     """Every measurement of each goal of issue 6, from every latency result: one row per pruned model, shape
     with a goal, and run, runs in date order. Sweeps (no pruned models) are left out."""
-    rows = []
+    rows, models, labels = [], {}, list(VARIANTS.values())
     for stem, result in results.items():
         if result["settings"].get("sweep"):
             continue
@@ -241,8 +241,8 @@ def render_overview(results: dict[str, dict]) -> str:
                     if label in (DENSE, NO_ATTENTION):
                         continue
                     c = goal_cell(run, label, v["share_removed"])
-                    labels = list(VARIANTS.values())
-                    order = (labels.index(label) if label in labels else len(labels), shape, meta["date"])
+                    order = (models.setdefault(model_name, len(models)),  # models in order of appearance
+                             labels.index(label) if label in labels else len(labels), shape, meta["date"])
                     rows.append((order, model_name, label, run, stem, meta, threads, c))
     lines = [
         "Each goal cell of issue 6 (a pruned model at a shape), with every run that measured it, oldest first: "
@@ -256,8 +256,7 @@ def render_overview(results: dict[str, dict]) -> str:
         "| floor-rel, medians | floor-rel, ratios | ONNX / PyTorch |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    models = list(dict.fromkeys(r[1] for r in rows))
-    rows.sort(key=lambda r: (models.index(r[1]), *r[0]))
+    rows.sort(key=lambda r: r[0])
 
     def cell(value, goal) -> str:
         return "–" if value is None else _fmt_figure(*value[:2], goal) + (f" {value[2]}" if value[2] else "")
