@@ -38,7 +38,7 @@ MACHINE_KEYS = ("cpu", "cores", "torch_threads", "gpu", "python", "torch", "plat
 
 
 def metadata() -> dict:
-    from cahp.io import environment
+    from cahp.core.io import environment
 
     env = environment()  # one probe: the date, versions and machine of the result
     return {
@@ -52,7 +52,7 @@ def metadata() -> dict:
 
 def write_result(name: str, data: dict, meta: dict | None = None) -> Path:
     """Write ``results/<name>.json`` = data plus provenance (``meta``)."""
-    from cahp.io import write_json
+    from cahp.core.io import write_json
 
     return write_json(RESULTS_DIR / f"{name}.json", {"meta": meta or metadata(), **data})
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_compare.py minilm_sst5 --seeds 1 --epochs 2  # cheaper
     python benchmarks/bench_compare.py minilm_mnli_small --no-finetune   # part (a) only
 
-Runs `cahp.compare.run_compare` in the output folder of the prune benchmark
+Runs `cahp.pipelines.compare.run_compare` in the output folder of the prune benchmark
 for the same model and task (``runs/bench/prune-MODEL-TASK`` under the
 repository, as `bench_prune.py` writes it; or ``--output-dir``), with the same
 default settings, so it reuses that run's fine-tuned dense model, signatures,
@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
-from cahp.compare import CompareConfig, render_markdown, run_compare, verdict_lines  # noqa: E402
-from cahp.configs import add_dataclass_args, from_args  # noqa: E402
-from cahp.finetune import FinetuneConfig  # noqa: E402
-from cahp.pipeline import PruneConfig  # noqa: E402
+from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
+from cahp.pipelines.compare import CompareConfig, render_markdown, run_compare, verdict_lines  # noqa: E402
+from cahp.pipelines.prune import PruneConfig  # noqa: E402
+from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
 log = logging.getLogger("bench_compare")
 

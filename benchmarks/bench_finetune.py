@@ -11,7 +11,7 @@ resumes where it stopped.
 
 `speed` times, over the same SST-5 training batches: the bare forward+backward
 passes, the bare training step (plus clipping and AdamW), and one epoch of
-`cahp.finetune` (tokenisation, batching, training, dev evaluation), interleaved.
+`cahp.train.finetune` (tokenisation, batching, training, dev evaluation), interleaved.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahp  # noqa: E402
 from _common import REPO, load_result, meta_lines, metadata, write_result  # noqa: E402
-from cahp.batching import encode, make_batches  # noqa: E402
-from cahp.evaluate import evaluate_task, model_inputs  # noqa: E402
-from cahp.finetune import FinetuneConfig, finetune  # noqa: E402
-from cahp.tasks import get_task  # noqa: E402
+from cahp.data.batching import encode, make_batches  # noqa: E402
+from cahp.data.tasks import get_task  # noqa: E402
+from cahp.train.evaluate import evaluate_task, model_inputs  # noqa: E402
+from cahp.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
 log = logging.getLogger("bench_finetune")
 NAME = "finetune_dense"
@@ -70,7 +70,7 @@ def run_accuracy(specs: list[str], data_dir: str | None) -> None:
 
 
 def run_speed(data_dir: str | None, reps: int) -> None:
-    """Epoch of cahp.finetune vs bare forward+backward over the same batches."""
+    """Epoch of cahp.train.finetune vs bare forward+backward over the same batches."""
     meta = metadata()
     task = get_task("sst5", data_dir=data_dir)
     cfg = FinetuneConfig(epochs=1, seed=0, patience=0)

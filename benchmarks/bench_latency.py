@@ -13,14 +13,14 @@ in onnxruntime (same thread count):
 - ``50% (empty layers)``: every head of every other layer removed.
 
 Every model runs the attention kernel that is fastest for the dense model at
-that shape (``cahp.bench``, kernel "auto"). The floor-relative figure is
+that shape (``cahp.bench.latency``, kernel "auto"). The floor-relative figure is
 (dense - pruned) / ((dense - no attention) x share of heads removed): 1.0 means
 the pruned model sits on the straight line from dense to the floor. Results go
 to results/latency.json (``--quick`` writes to the temporary folder instead).
 
 ``--sweep`` times instead each model with h heads in every layer (h = all
 heads down to 1) and the floor, and fits the cost one attention block adds
-above the floor as ``fixed + per_head * h`` (`cahp.bench.head_count_sweep`):
+above the floor as ``fixed + per_head * h`` (`cahp.bench.latency.head_count_sweep`):
 the fixed part, paid by any block that keeps a head, is what keeps pruned
 models below the line (uniform pruning realises at most ``heads * per_head /
 (fixed + heads * per_head)`` of the ideal saving). Results go to
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahp  # noqa: E402
 from _common import meta_lines, metadata, write_result  # noqa: E402
-from cahp.bench import (  # noqa: E402
+from cahp.bench.latency import (  # noqa: E402
     DENSE,
     NO_ATTENTION,
     ONNX_PREFIX,
@@ -59,7 +59,7 @@ from cahp.bench import (  # noqa: E402
     ratio_floor_relative,
 )
 from cahp.commands.bench import add_timing_arguments, timing_kwargs  # noqa: E402
-from cahp.io import to_jsonable, write_json  # noqa: E402
+from cahp.core.io import to_jsonable, write_json  # noqa: E402
 
 log = logging.getLogger("bench_latency")
 NAME = "latency"

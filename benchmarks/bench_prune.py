@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
-from cahp.finetune import FinetuneConfig  # noqa: E402
-from cahp.pipeline import PruneConfig, run_prune  # noqa: E402
+from cahp.pipelines.prune import PruneConfig, run_prune  # noqa: E402
+from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
 
 def main() -> None:

@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cahp  # noqa: E402
 from _common import RESULTS_DIR, meta_lines, metadata  # noqa: E402
-from cahp.batching import encode, make_batches  # noqa: E402
-from cahp.distances import DISTANCES  # noqa: E402
-from cahp.evaluate import model_inputs  # noqa: E402
-from cahp.io import write_json  # noqa: E402
-from cahp.signatures import collect_signatures  # noqa: E402
-from cahp.tasks import get_task  # noqa: E402
+from cahp.core.io import write_json  # noqa: E402
+from cahp.data.batching import encode, make_batches  # noqa: E402
+from cahp.data.tasks import get_task  # noqa: E402
+from cahp.stats.distances import DISTANCES  # noqa: E402
+from cahp.stats.signatures import collect_signatures  # noqa: E402
+from cahp.train.evaluate import model_inputs  # noqa: E402
 
 log = logging.getLogger("bench_signatures")
 NAME = "signature_cost"

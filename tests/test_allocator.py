@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from cahp import allocator
+from cahp.core import allocator
 
 # Four 8 MiB blocks alive at once, then freed, five times (a forward pass's activations). The child
 # first pins glibc's mmap threshold at its 128 KiB default (no dynamic raise), so every block is
 # mapped afresh and page-faulted in: ~40,000 faults; `hold_freed_memory` must end that.
 CHILD = """
 import ctypes, resource, sys, torch
-from cahp.allocator import hold_freed_memory, memory_held
+from cahp.core.allocator import hold_freed_memory, memory_held
 ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: the default value, held fixed
 def faults():
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

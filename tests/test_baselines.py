@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import cahp
-from cahp import baselines
-from cahp.baselines import (
+from cahp.model.gates import head_gates
+from cahp.selectors import baselines
+from cahp.selectors.base import HeadStats, SelectionContext
+from cahp.selectors.baselines import (
     SELECTORS,
     BatchGateGradients,
     FisherSearchSelector,
@@ -21,11 +23,9 @@ from cahp.baselines import (
     make_selector,
     select_gates,
 )
-from cahp.evaluate import model_inputs
-from cahp.gates import head_gates
-from cahp.salience import gate_gradients
-from cahp.selector import HeadStats, SelectionContext
-from cahp.signatures import collect_signatures
+from cahp.stats.salience import gate_gradients
+from cahp.stats.signatures import collect_signatures
+from cahp.train.evaluate import model_inputs
 
 from .tiny import N_HEADS, N_LAYERS, tiny_model
 

@@ -1,4 +1,4 @@
-"""Tests for cahp.batching: encoding, collation, length-bucketed batching."""
+"""Tests for cahp.data.batching: encoding, collation, length-bucketed batching."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cahp.batching import EncodedDataset, collate, encode, make_batches, padding_fraction
-from cahp.tasks import Example, get_task
+from cahp.data.batching import EncodedDataset, collate, encode, make_batches, padding_fraction
+from cahp.data.tasks import Example, get_task
 
 REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -78,7 +78,7 @@ class TestEncode:
         assert all(c["truncation"] == "longest_first" for c in tok.calls)
 
     def test_chunked_calls(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import cahp.batching as batching
+        import cahp.data.batching as batching
 
         monkeypatch.setattr(batching, "ENCODE_CHUNK", 4)
         tok = FakeTokenizer()
@@ -275,7 +275,7 @@ def test_bucketing_reduces_padding_on_sst5(tokenizer) -> None:
 
 
 def test_split_batches_cover_every_example_within_budget() -> None:
-    from cahp.batching import split_batches
+    from cahp.data.batching import split_batches
 
     rng = random.Random(3)
     feats = [{"input_ids": list(range(1, rng.randint(1, 20) + 1))} for _ in range(37)]

@@ -13,7 +13,7 @@ import torch
 import cahp
 from cahp.arch import ResidualOnlyAttention, get_adapter
 from cahp.arch.base import ATTENTION_KERNELS, project_out_residual
-from cahp.bench import (
+from cahp.bench.latency import (
     BenchError,
     bench_models,
     count_macs,
@@ -35,8 +35,8 @@ from cahp.bench import (
     uniform_removal,
 )
 from cahp.cli import main as cli_main
-from cahp.heads import HeadIndexError
-from cahp.io import to_jsonable
+from cahp.core.io import to_jsonable
+from cahp.model.heads import HeadIndexError
 
 from .benchmarks_module import load_benchmark
 from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model

@@ -1,4 +1,4 @@
-"""Tests for cahp.clustering (affinity graph, exact-k clustering) and cahp.selection."""
+"""Tests for cahp.selectors.graph (affinity graph, exact-k clustering) and cahp.selectors.cahp."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cahp.clustering import CLUSTERING_METHODS, affinity, check_distance_matrix, cluster
-from cahp.selection import representatives, select_heads
+from cahp.selectors.cahp import representatives, select_heads
+from cahp.selectors.graph import CLUSTERING_METHODS, affinity, check_distance_matrix, cluster
 
 
 def random_distances(n: int, seed: int, dim: int = 4) -> np.ndarray:

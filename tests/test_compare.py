@@ -10,13 +10,14 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from cahp import compare, pipeline
 from cahp.cli import main as cli_main
-from cahp.compare import CompareConfig, compare_to_cahp, render_markdown, run_compare, verdict
-from cahp.configs import from_args
-from cahp.finetune import FinetuneConfig
-from cahp.io import machine_label
-from cahp.pipeline import PruneConfig, run_prune
+from cahp.core.configs import from_args
+from cahp.core.io import machine_label
+from cahp.pipelines import compare
+from cahp.pipelines import prune as pipeline
+from cahp.pipelines.compare import CompareConfig, compare_to_cahp, render_markdown, run_compare, verdict
+from cahp.pipelines.prune import PruneConfig, run_prune
+from cahp.train.finetune import FinetuneConfig
 
 from .benchmarks_module import BENCH_DIR, load_benchmark
 from .test_pipeline import tiny_setup  # noqa: F401  (module fixture: tiny model folder and task)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cahp.configs import add_dataclass_args, field, from_args
+from cahp.core.configs import add_dataclass_args, field, from_args
 
 
 @dataclass

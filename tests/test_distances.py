@@ -1,4 +1,4 @@
-"""Tests for cahp.distances: per-row divergences between heads and their accumulator."""
+"""Tests for cahp.stats.distances: per-row divergences between heads and their accumulator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from cahp.distances import DISTANCES, SKL_EPS, DistanceAccumulator, row_divergence_sums
+from cahp.stats.distances import DISTANCES, SKL_EPS, DistanceAccumulator, row_divergence_sums
 
 BOUNDS = {"js": math.log(2.0), "hellinger": 1.0, "jm": math.sqrt(2.0), "skl": 2 * math.log(1 / SKL_EPS)}
 

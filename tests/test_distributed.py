@@ -22,15 +22,15 @@ import torch
 import torch.multiprocessing as mp
 
 import cahp
-from cahp import distributed
-from cahp.batching import encode, make_batches
-from cahp.evaluate import predict
-from cahp.finetune import FinetuneConfig, finetune
-from cahp.pipeline import run_prune, split_train
-from cahp.salience import gate_gradients
-from cahp.selector import CAHPSelector, HeadStats
-from cahp.signatures import Signatures, collect_signatures
-from cahp.tasks import get_task
+from cahp.core import distributed
+from cahp.data.batching import encode, make_batches
+from cahp.data.tasks import get_task
+from cahp.pipelines.prune import run_prune, split_train
+from cahp.selectors.base import CAHPSelector, HeadStats
+from cahp.stats.salience import gate_gradients
+from cahp.stats.signatures import Signatures, collect_signatures
+from cahp.train.evaluate import predict
+from cahp.train.finetune import FinetuneConfig, finetune
 
 from .test_pipeline import _cfgs, tiny_setup  # noqa: F401 - tiny_setup is a fixture
 

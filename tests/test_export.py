@@ -9,7 +9,7 @@ import torch
 
 import cahp
 from cahp.cli import main as cli_main
-from cahp.export import ExportError, example_inputs, export_onnx, input_names, onnx_session, verify_onnx
+from cahp.deploy.onnx import ExportError, example_inputs, export_onnx, input_names, onnx_session, verify_onnx
 
 from .tiny import FAMILIES, tiny_model
 

@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import f1_score
 
 import cahp
-from cahp.evaluate import paired_bootstrap, score
-from cahp.finetune import FinetuneConfig, finetune
-from cahp.tasks import get_task
+from cahp.data.tasks import get_task
+from cahp.train.evaluate import paired_bootstrap, score
+from cahp.train.finetune import FinetuneConfig, finetune
 
 from .tiny import tiny_model
 

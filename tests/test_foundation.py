@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import cahp
 from cahp.arch import ResidualOnlyAttention, get_adapter
-from cahp.heads import HeadIndexError, kept_mask
+from cahp.model.heads import HeadIndexError, kept_mask
 
 from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
 

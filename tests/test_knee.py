@@ -1,4 +1,4 @@
-"""Tests for cahp.knee: polynomial fit of score vs kept heads and the knee k*."""
+"""Tests for cahp.budget.knee: polynomial fit of score vs kept heads and the knee k*."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cahp.knee import KNEE_METHODS, KneeResult, find_knee, fit_polynomial
+from cahp.budget.knee import KNEE_METHODS, KneeResult, find_knee, fit_polynomial
 
 KS = np.arange(72, 3, -4)  # 72, 68, ..., 4 (18 points)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cahp
-from cahp import models
+from cahp.model import loading as models
 
 
 def test_folder_without_config(tmp_path):

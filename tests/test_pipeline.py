@@ -10,9 +10,9 @@ import torch
 import transformers
 
 import cahp
-from cahp import pipeline
-from cahp.finetune import FinetuneConfig
-from cahp.pipeline import PruneConfig, RunConflictError, run_prune, split_train
+from cahp.pipelines import prune as pipeline
+from cahp.pipelines.prune import PruneConfig, RunConflictError, run_prune, split_train
+from cahp.train.finetune import FinetuneConfig
 
 WORDS_POS = ["good", "great", "fine", "nice", "superb"]
 WORDS_NEG = ["bad", "awful", "poor", "dull", "weak"]

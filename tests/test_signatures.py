@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import cahp
-from cahp.gates import head_gates
-from cahp.salience import gate_gradients
-from cahp.selection import select_heads
-from cahp.signatures import collect_signatures
+from cahp.model.gates import head_gates
+from cahp.selectors.cahp import select_heads
+from cahp.stats.salience import gate_gradients
+from cahp.stats.signatures import collect_signatures
 
 from .tiny import N_HEADS, N_LAYERS, tiny_model
 
@@ -104,14 +104,14 @@ def test_split_batches_bound_the_pass_and_keep_the_statistics(monkeypatch):
     whole = [_pad(seqs, 16)]
     a = collect_signatures(model, whole, kinds=("js", "skl"), progress=False, max_attention_cells=None)
     seen = []
-    real_split = cahp.signatures.split_batches
+    real_split = cahp.stats.signatures.split_batches
 
     def spy(batches, max_cells):
         for b in real_split(batches, max_cells):
             seen.append(b["attention_mask"].shape)
             yield b
 
-    monkeypatch.setattr(cahp.signatures, "split_batches", spy)
+    monkeypatch.setattr(cahp.stats.signatures, "split_batches", spy)
     # 12 heads; 12 * 3 * 8**2 cells: at most three 8-token sentences per piece
     b = collect_signatures(model, whole, kinds=("js", "skl"), progress=False, max_attention_cells=12 * 3 * 8 * 8)
     assert len(seen) >= 4 and all(n * w * w <= 3 * 64 for n, w in seen)

@@ -1,4 +1,4 @@
-"""Tests for cahp.tasks: unit tests on tiny synthetic files, integration tests on the real data."""
+"""Tests for cahp.data.tasks: unit tests on tiny synthetic files, integration tests on the real data."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cahp import tasks
-from cahp.tasks import (
+from cahp.data import tasks
+from cahp.data.tasks import (
     Example,
     TaskError,
     available_tasks,

@@ -9,13 +9,13 @@ Foundation API:
 - `iter_attention` / `AttentionCapture`: per-head attention, batch by batch.
 """
 
-from .arch import UnsupportedArchitectureError, get_adapter, supported_model_types
-from .capture import AttentionBatch, AttentionCapture, iter_attention
-from .checkpoint import CheckpointError, load_pruned, save_pruned
-from .gates import HeadGates, head_gates
-from .heads import HeadIndexError, kept_heads, kept_mask, num_kept
-from .models import ModelLoadError, load_model
-from .surgery import count_parameters, keep_heads, remove_heads
+from cahp.arch import UnsupportedArchitectureError, get_adapter, supported_model_types
+from cahp.model.capture import AttentionBatch, AttentionCapture, iter_attention
+from cahp.model.checkpoint import CheckpointError, load_pruned, save_pruned
+from cahp.model.gates import HeadGates, head_gates
+from cahp.model.heads import HeadIndexError, kept_heads, kept_mask, num_kept
+from cahp.model.loading import ModelLoadError, load_model
+from cahp.model.surgery import count_parameters, keep_heads, remove_heads
 
 __version__ = "0.1.0"
 

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if several:
-        from cahp import distributed
-
+        from cahp.core import distributed
         distributed.init()
     module = importlib.import_module(args._module)
     try:

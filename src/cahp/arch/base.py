@@ -1,7 +1,7 @@
 """What every architecture adapter says about a model: where its heads live.
 
-An adapter never changes a model by itself; `cahp.surgery`, `cahp.gates` and
-`cahp.capture` ask it for modules and act on them. That keeps the knowledge of
+An adapter never changes a model by itself; `cahp.model.surgery`, `cahp.model.gates` and
+`cahp.model.capture` ask it for modules and act on them. That keeps the knowledge of
 one model family in one small file.
 """
 

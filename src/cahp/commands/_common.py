@@ -26,7 +26,7 @@ def add_model_task_args(p: argparse.ArgumentParser, model_required: bool = True)
 
 
 def load_task(args):
-    from cahp.tasks import available_tasks, get_task
+    from cahp.data.tasks import available_tasks, get_task
 
     if args.task in available_tasks():
         return get_task(args.task, data_dir=args.data_dir)
@@ -45,9 +45,9 @@ def default_output_dir(kind: str, model: str, task: str) -> Path:
 
 def prune_configs(args):
     """(PruneConfig, FinetuneConfig) from parsed options; the fine-tuning seed follows --seed."""
-    from cahp.configs import from_args
-    from cahp.finetune import FinetuneConfig
-    from cahp.pipeline import PruneConfig
+    from cahp.core.configs import from_args
+    from cahp.pipelines.prune import PruneConfig
+    from cahp.train.finetune import FinetuneConfig
 
     cfg = from_args(PruneConfig, args)
     if not cfg.output_dir:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-log = logging.getLogger("cahp.bench")
+log = logging.getLogger("cahp.bench.latency")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +95,7 @@ def timing_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run(args) -> int:
-    from cahp.bench import format_table, parse_shapes, run_bench
+    from cahp.bench.latency import format_table, parse_shapes, run_bench
 
     if args.sweep:
         return _sweep(args)
@@ -111,7 +111,7 @@ def run(args) -> int:
     if args.out is not None:
         import sys
 
-        from cahp.io import environment, write_json
+        from cahp.core.io import environment, write_json
 
         write_json(args.out, {"command": " ".join(["cahp", *sys.argv[1:]]), "environment": environment(), **result})
         log.info("wrote %s", args.out)
@@ -122,9 +122,9 @@ def run(args) -> int:
 def _sweep(args) -> int:
     import sys
 
-    from cahp.bench import SWEEP_EXPLAINED, format_sweep, head_count_sweep, parse_shapes
-    from cahp.io import environment, to_jsonable, write_json
-    from cahp.models import load_model
+    from cahp.bench.latency import SWEEP_EXPLAINED, format_sweep, head_count_sweep, parse_shapes
+    from cahp.core.io import environment, to_jsonable, write_json
+    from cahp.model.loading import load_model
 
     if args.pruned is not None or args.onnx:
         raise ValueError("--sweep times uniform head counts of --model itself: drop --pruned and --onnx")

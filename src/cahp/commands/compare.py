@@ -1,20 +1,19 @@
-"""``cahp compare``: CAHP against the baselines at the same budgets and fine-tuning (see cahp.compare)."""
+"""``cahp compare``: CAHP against the baselines at the same budgets and fine-tuning (see cahp.pipelines.compare)."""
 
 from __future__ import annotations
 
 import argparse
 
-from cahp.configs import add_dataclass_args, from_args
-from cahp.finetune import FinetuneConfig
-from cahp.pipeline import PruneConfig
-
-from ._common import prune_configs
+from cahp.commands._common import prune_configs
+from cahp.core.configs import add_dataclass_args, from_args
+from cahp.pipelines.prune import PruneConfig
+from cahp.train.finetune import FinetuneConfig
 
 _NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from cahp.compare import CompareConfig
+    from cahp.pipelines.compare import CompareConfig
 
     p.epilog = (
         "The output folder defaults to the one of `cahp prune` with the same --model and --task, so a compare "
@@ -30,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cahp.compare import CompareConfig, run_compare, verdict_lines
+    from cahp.pipelines.compare import CompareConfig, run_compare, verdict_lines
 
     cfg, ft = prune_configs(args)
     ccfg = from_args(CompareConfig, args)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._common import add_model_task_args, load_task
+from cahp.commands._common import add_model_task_args, load_task
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,9 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import cahp
-    from cahp import distributed
-    from cahp.evaluate import evaluate_task
-    from cahp.io import write_json
+    from cahp.core import distributed
+    from cahp.core.io import write_json
+    from cahp.train.evaluate import evaluate_task
 
     task = load_task(args)
     model, tok = cahp.load_model(args.model, num_labels=task.num_labels)

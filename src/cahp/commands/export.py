@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-log = logging.getLogger("cahp.export")
+log = logging.getLogger("cahp.deploy.onnx")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import cahp
-    from cahp.export import export_onnx, verify_onnx
+    from cahp.deploy.onnx import export_onnx, verify_onnx
 
     if args.onnx.suffix != ".onnx":
         raise ValueError(f"--onnx should name a .onnx file, got {args.onnx}")

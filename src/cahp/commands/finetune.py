@@ -8,12 +8,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from cahp.configs import add_dataclass_args, from_args
-from cahp.finetune import FinetuneConfig
+from cahp.commands._common import add_model_task_args, default_output_dir, load_task
+from cahp.core.configs import add_dataclass_args, from_args
+from cahp.train.finetune import FinetuneConfig
 
-from ._common import add_model_task_args, default_output_dir, load_task
-
-log = logging.getLogger("cahp.finetune")
+log = logging.getLogger("cahp.train.finetune")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,10 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import cahp
-    from cahp import distributed
-    from cahp.evaluate import evaluate_task
-    from cahp.finetune import finetune
-    from cahp.io import add_log_file, write_json
+    from cahp.core import distributed
+    from cahp.core.io import add_log_file, write_json
+    from cahp.train.evaluate import evaluate_task
+    from cahp.train.finetune import finetune
 
     cfg = from_args(FinetuneConfig, args)
     out = Path(args.output_dir or default_output_dir("finetune", args.model, args.task))

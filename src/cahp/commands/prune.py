@@ -1,15 +1,14 @@
-"""``cahp prune``: the CAHP pipeline end to end (see cahp.pipeline)."""
+"""``cahp prune``: the CAHP pipeline end to end (see cahp.pipelines.prune)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from cahp.configs import add_dataclass_args
-from cahp.finetune import FinetuneConfig
-from cahp.pipeline import PruneConfig
-
-from ._common import prune_configs
+from cahp.commands._common import prune_configs
+from cahp.core.configs import add_dataclass_args
+from cahp.pipelines.prune import PruneConfig
+from cahp.train.finetune import FinetuneConfig
 
 log = logging.getLogger("cahp.prune")
 
@@ -21,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cahp import distributed
-    from cahp.pipeline import run_prune
+    from cahp.core import distributed
+    from cahp.pipelines.prune import run_prune
 
     cfg, ft = prune_configs(args)
     result = run_prune(cfg, ft)

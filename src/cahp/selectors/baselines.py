@@ -40,12 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .evaluate import model_inputs
-from .gates import head_gates
-from .heads import kept_heads, model_shape
-from .salience import gate_gradients, iter_gate_gradients
-from .selector import CAHPSelector, HeadStats, SelectionContext, check_budget
+from cahp.arch import get_adapter
+from cahp.model.gates import head_gates
+from cahp.model.heads import kept_heads, model_shape
+from cahp.selectors.base import CAHPSelector, HeadStats, SelectionContext, check_budget
+from cahp.stats.salience import gate_gradients, iter_gate_gradients
+from cahp.train.evaluate import model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class GradientSelector:
             does, and the trajectory is extended lazily and cached for the
             model and batches objects last seen (use a new selector for a
             model changed in place). ``stats.salience`` must come from
-            ``ctx.batches`` (as in `cahp.pipeline.prepare_run`).
+            ``ctx.batches`` (as in `cahp.pipelines.prune.prepare_run`).
         step: share of heads removed per step (at least 1 head).
         step_of: "total" (share of all heads, Michel et al. and the bertology
             example: 10% of the heads per step) or "current" (share of the
@@ -328,7 +328,7 @@ class BatchGateGradients:
 
     ``add_batch(grad (L, H))``; ``result()`` -> (B, L, H) float64; `fisher_matrix(layer)`
     -> (H, H) mean over batches of g gᵀ; `diagonal()` -> (L, H) mean g² (= the
-    ``fisher`` of `cahp.salience.gate_gradients` on the same batches).
+    ``fisher`` of `cahp.stats.salience.gate_gradients` on the same batches).
     """
 
     def __init__(self):
@@ -354,7 +354,7 @@ def collect_gate_gradients(model: nn.Module, batches: Sequence[dict], mask: torc
                            progress: bool = False) -> torch.Tensor:
     """Per-batch gradients of the loss w.r.t. the head gates: (B, L, H) float64.
 
-    The same passes as `cahp.salience.gate_gradients` (eval mode, only the
+    The same passes as `cahp.stats.salience.gate_gradients` (eval mode, only the
     gates need gradients), keeping each batch's gradient vector (Kwon et al.'s
     ``collect_mask_grads``).
     """

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from .arch import get_adapter
+from cahp.arch import get_adapter
 
 KEPT_HEADS_KEY = "cahp_kept_heads"
 

@@ -1,7 +1,7 @@
 """Saving and reloading pruned models.
 
 A pruned folder is a ``save_pretrained``-style folder: ``config.json`` (with
-the kept heads under ``cahp_kept_heads``, see `cahp.heads`), ``model.safetensors``
+the kept heads under ``cahp_kept_heads``, see `cahp.model.heads`), ``model.safetensors``
 and the tokenizer files. `load_pruned` rebuilds the original architecture from
 the config, applies the same surgery, then loads the weights strictly, so every
 tensor must match in name and shape.
@@ -26,8 +26,8 @@ import safetensors.torch
 import transformers
 from torch import nn
 
-from .heads import KEPT_HEADS_KEY, kept_heads
-from .surgery import keep_heads
+from cahp.model.heads import KEPT_HEADS_KEY, kept_heads
+from cahp.model.surgery import keep_heads
 
 log = logging.getLogger(__name__)
 

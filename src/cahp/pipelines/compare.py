@@ -22,7 +22,7 @@ Statistics (on the test split, paired on the same test examples):
 
 - pooled (the verdict): per-example correctness averaged over the seeds of
   each method, then a paired bootstrap of method minus CAHP over the test
-  examples (`cahp.evaluate.paired_bootstrap`). Its ``diff`` equals the
+  examples (`cahp.train.evaluate.paired_bootstrap`). Its ``diff`` equals the
   difference of the mean accuracies over seeds; the interval covers the
   test-set sampling of that difference (seed-to-seed variation enters through
   the averaging, not as a separate variance term).
@@ -55,19 +55,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .baselines import SELECTORS, check_mask, fold_gates, make_selector, select_gates
-from .configs import field as cfg_field
-from .curve import default_grid, score_mask, selection_curve
-from .evaluate import evaluate_task, paired_bootstrap
-from .finetune import FinetuneConfig, finetune
-from .gates import head_gates
-from .heads import mask_to_heads, mean_relative_depth
-from .io import add_log_file, environment, machine_label, read_json, to_jsonable, write_atomic, write_json
-from .knee import find_knee
-from .pipeline import PruneConfig, _fingerprint, prepare_run
-from .selector import SelectionContext
-from .surgery import count_parameters, keep_heads
+from cahp.budget.curve import default_grid, score_mask, selection_curve
+from cahp.budget.knee import find_knee
+from cahp.core import distributed
+from cahp.core.configs import field as cfg_field
+from cahp.core.io import add_log_file, environment, machine_label, read_json, to_jsonable, write_atomic, write_json
+from cahp.model.gates import head_gates
+from cahp.model.heads import mask_to_heads, mean_relative_depth
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines.prune import PruneConfig, _fingerprint, prepare_run
+from cahp.selectors.base import SelectionContext
+from cahp.selectors.baselines import SELECTORS, check_mask, fold_gates, make_selector, select_gates
+from cahp.train.evaluate import evaluate_task, paired_bootstrap
+from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
@@ -731,7 +731,7 @@ def render_markdown(report: dict) -> str:
 
 
 def plot_curves(report: dict, path: Path) -> None:
-    from .plots import _save, plt
+    from cahp.pipelines.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (method, c) in enumerate(report["no_finetune"]["curves"].items()):
@@ -753,7 +753,7 @@ def plot_curves(report: dict, path: Path) -> None:
 
 
 def plot_layers(report: dict, path: Path) -> None:
-    from .plots import _save, plt
+    from cahp.pipelines.plots import _save, plt
 
     budgets = report["budgets"]
     res = report["no_finetune"]["results"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cahp.tasks import Example
+from cahp.data.tasks import Example
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .evaluate import model_inputs
-from .gates import head_gates
-from .heads import model_shape
+from cahp.core import distributed
+from cahp.model.gates import head_gates
+from cahp.model.heads import model_shape
+from cahp.train.evaluate import model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def gate_gradients(
             (iterative baselines re-score with removed heads gated to 0).
         reduce: optional all-reduce of the accumulator sums across processes.
             None: under torchrun each rank takes its share of the batches
-            (`cahp.distributed.shard`) and the sums are all-reduced; with one
+            (`cahp.core.distributed.shard`) and the sums are all-reduced; with one
             process, nothing. A callable: the caller has sharded ``batches``.
 
     Returns:

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .selection import select_heads
+from cahp.selectors.cahp import select_heads
 
 
 @dataclass

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .heads import kept_heads, model_shape
+from cahp.arch import get_adapter
+from cahp.model.heads import kept_heads, model_shape
 
 
 class HeadGates:

@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .batching import encode, make_batches
-from .checkpoint import save_pruned
-from .configs import field as cfg_field
-from .evaluate import evaluate_examples, model_inputs
-from .tasks import Task
+from cahp.core import distributed
+from cahp.core.configs import field as cfg_field
+from cahp.data.batching import encode, make_batches
+from cahp.data.tasks import Task
+from cahp.model.checkpoint import save_pruned
+from cahp.train.evaluate import evaluate_examples, model_inputs
 
 log = logging.getLogger(__name__)
 

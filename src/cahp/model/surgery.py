@@ -5,7 +5,7 @@ columns of the output projection that belong to the removed heads. A layer left
 with no head has its attention block replaced by `ResidualOnlyAttention`
 (residual path plus output bias, then the block's LayerNorm): it does no
 attention work at all. The kept heads are written to the config (see
-`cahp.heads`), so a model can be pruned again with original head numbers and
+`cahp.model.heads`), so a model can be pruned again with original head numbers and
 reloaded with `cahp.load_pruned`.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .heads import KEPT_HEADS_KEY, HeadIndexError, kept_heads, model_shape, normalize_heads
+from cahp.arch import get_adapter
+from cahp.model.heads import KEPT_HEADS_KEY, HeadIndexError, kept_heads, model_shape, normalize_heads
 
 log = logging.getLogger(__name__)
 

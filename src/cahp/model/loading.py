@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from .arch import get_adapter
-from .checkpoint import is_pruned_folder, load_pruned
+from cahp.arch import get_adapter
+from cahp.model.checkpoint import is_pruned_folder, load_pruned
 
 log = logging.getLogger(__name__)
 

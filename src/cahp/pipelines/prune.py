@@ -13,7 +13,7 @@ Data: a fixed, seeded sample of the training split is held out for the curve
 another for calibration (``calibration_examples``). The dev split selects the
 best fine-tuning epoch; the test split is only scored, never used for a choice.
 
-Under ``torchrun`` (see `cahp.distributed`) every rank runs this same code on its
+Under ``torchrun`` (see `cahp.core.distributed`) every rank runs this same code on its
 share of the batches; rank 0 alone reads and writes ``OUTPUT`` (caches, models,
 report, figures, log) and broadcasts what it read, models included (its weights
 are broadcast into the other ranks' copies), so the other ranks never touch the
@@ -34,24 +34,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, plots
-from .batching import encode, make_batches
-from .checkpoint import is_pruned_folder, load_pruned, save_pruned
-from .clustering import CLUSTERING_METHODS
-from .configs import field as cfg_field
-from .curve import default_grid, score_mask, selection_curve
-from .distances import DISTANCES
-from .evaluate import evaluate_task
-from .finetune import FinetuneConfig, finetune
-from .heads import kept_heads, kept_mask, mean_relative_depth, num_kept
-from .io import add_log_file, environment, read_json, save_tensors, write_json
-from .knee import KNEE_METHODS, find_knee
-from .models import load_model
-from .salience import gate_gradients
-from .selector import CAHPSelector, HeadStats
-from .signatures import Signatures, collect_signatures
-from .surgery import count_parameters, keep_heads
-from .tasks import get_task
+from cahp.budget.curve import default_grid, score_mask, selection_curve
+from cahp.budget.knee import KNEE_METHODS, find_knee
+from cahp.core import distributed
+from cahp.core.configs import field as cfg_field
+from cahp.core.io import add_log_file, environment, read_json, save_tensors, write_json
+from cahp.data.batching import encode, make_batches
+from cahp.data.tasks import get_task
+from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
+from cahp.model.heads import kept_heads, kept_mask, mean_relative_depth, num_kept
+from cahp.model.loading import load_model
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines import plots
+from cahp.selectors.base import CAHPSelector, HeadStats
+from cahp.selectors.graph import CLUSTERING_METHODS
+from cahp.stats.distances import DISTANCES
+from cahp.stats.salience import gate_gradients
+from cahp.stats.signatures import Signatures, collect_signatures
+from cahp.train.evaluate import evaluate_task
+from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 

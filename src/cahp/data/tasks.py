@@ -177,7 +177,7 @@ class Task:
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]
 
 
 def _resolve_data_dir_with_source(data_dir: str | os.PathLike | None = None) -> tuple[Path | None, str]:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .batching import EncodedDataset, encode, iter_batches
-from .tasks import Task
+from cahp.core import distributed
+from cahp.data.batching import EncodedDataset, encode, iter_batches
+from cahp.data.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and argmax predictions, in dataset order.
 
-    Under torchrun each rank predicts its share of the batches (`cahp.distributed.shard`)
+    Under torchrun each rank predicts its share of the batches (`cahp.core.distributed.shard`)
     and the (index, logits) pairs are gathered, so every rank returns the full
-    arrays; every rank must call it (use ``cahp.distributed.local()`` for one rank alone).
+    arrays; every rank must call it (use ``cahp.core.distributed.local()`` for one rank alone).
 
     Args:
         model: a sequence-classification model.

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from cahp.clustering import check_distance_matrix, cluster
+from cahp.selectors.graph import check_distance_matrix, cluster
 
 __all__ = ["representatives", "select_heads"]
 
@@ -55,7 +55,7 @@ def select_heads(
         D: ``(n, n)`` head distance matrix (flat head index = ``layer * heads_per_layer + head``).
         salience: ``(n,)`` head salience.
         k: number of heads to keep, ``1 <= k <= n``.
-        method, seed, graph_kwargs: see :func:`cahp.clustering.cluster`.
+        method, seed, graph_kwargs: see :func:`cahp.selectors.graph.cluster`.
 
     Returns:
         ``(k,)`` int64 sorted flat head indices.

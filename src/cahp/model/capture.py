@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import get_adapter
-from .heads import kept_heads
+from cahp.arch import get_adapter
+from cahp.model.heads import kept_heads
 
 
 @dataclass

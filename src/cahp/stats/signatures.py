@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .allocator import release_freed_memory
-from .batching import split_batches
-from .capture import iter_attention
-from .distances import DISTANCES, DistanceAccumulator
-from .heads import kept_heads
+from cahp.core import distributed
+from cahp.core.allocator import release_freed_memory
+from cahp.data.batching import split_batches
+from cahp.model.capture import iter_attention
+from cahp.model.heads import kept_heads
+from cahp.stats.distances import DISTANCES, DistanceAccumulator
 
 log = logging.getLogger(__name__)
 
 #: Default bound on the attention one forward pass of the signature pass holds:
 #: examples x width**2 x heads <= this many float32 cells (4 MiB). Larger
-#: batches are cut (`cahp.batching.split_batches`); the statistics are sums over
+#: batches are cut (`cahp.data.batching.split_batches`); the statistics are sums over
 #: real query rows, so the cut changes them by rounding only, and peak memory
 #: no longer depends on how long the longest sentence of the sample is.
 MAX_ATTENTION_CELLS = 2**20
@@ -64,7 +64,7 @@ class Signatures:
 
     Attributes:
         head_ids: (layer, head) of every flat index, layer-major, original numbering.
-        distances: kind -> (H, H) float64 mean per-row divergence (units in `cahp.distances`).
+        distances: kind -> (H, H) float64 mean per-row divergence (units in `cahp.stats.distances`).
         entropy: (H,) mean attention entropy per head (nats).
         rows: real query rows seen; examples: calibration examples seen.
         seconds: kind -> seconds spent in that distance's accumulation; "forward" -> model passes.
@@ -111,13 +111,13 @@ def collect_signatures(
 
     Args:
         model: dense or pruned supported model (any attention implementation).
-        batches: padded batches (see `cahp.batching`), e.g. a calibration sample.
-        kinds: distances to accumulate (subset of `cahp.distances.DISTANCES`).
+        batches: padded batches (see `cahp.data.batching`), e.g. a calibration sample.
+        kinds: distances to accumulate (subset of `cahp.stats.distances.DISTANCES`).
         reduce: optional callable applied to every accumulator's (sums, count)
             before the results are taken (all-reduce across processes). None:
             under torchrun each rank streams its share of the batches
-            (`cahp.distributed.shard`) and the sums are all-reduced
-            (`cahp.distributed.all_reduce_sum`); with one process, nothing.
+            (`cahp.core.distributed.shard`) and the sums are all-reduced
+            (`cahp.core.distributed.all_reduce_sum`); with one process, nothing.
             A callable: the caller has sharded ``batches`` itself.
         max_attention_cells: batches whose attention (examples x width**2 x heads)
             exceeds this are cut into smaller ones; None: batches as given.

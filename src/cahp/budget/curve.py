@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .evaluate import predict
-from .gates import head_gates
-from .selector import HeadSelector, HeadStats, SelectionContext
+from cahp.core import distributed
+from cahp.model.gates import head_gates
+from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext
+from cahp.train.evaluate import predict
 
 log = logging.getLogger(__name__)
 

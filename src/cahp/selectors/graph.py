@@ -1,7 +1,7 @@
 """Affinity graph over heads and clustering into exactly k groups (CAHP steps 3-4).
 
 Input everywhere: ``D``, an ``(n, n)`` head-to-head distance matrix (symmetric, zero diagonal,
-nonnegative, finite), e.g. :meth:`cahp.distances.DistanceAccumulator.result`.
+nonnegative, finite), e.g. :meth:`cahp.stats.distances.DistanceAccumulator.result`.
 
 Methods (:data:`CLUSTERING_METHODS`):
 

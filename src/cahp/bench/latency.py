@@ -47,11 +47,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocator import hold_freed_memory, memory_held
-from .arch import get_adapter
-from .arch.base import ATTENTION_KERNELS
-from .heads import KEPT_HEADS_KEY, kept_heads, model_shape
-from .surgery import remove_heads
+from cahp.arch import get_adapter
+from cahp.arch.base import ATTENTION_KERNELS
+from cahp.core.allocator import hold_freed_memory, memory_held
+from cahp.model.heads import KEPT_HEADS_KEY, kept_heads, model_shape
+from cahp.model.surgery import remove_heads
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +537,7 @@ def bench_models(
         onnx: also export every model to ONNX and time it with onnxruntime
             (CPU, same thread count); the export is checked against PyTorch.
         clock: "wall" (latency) or "cpu" (process CPU time; see `time_round_robin`).
-        hold_memory: keep freed memory in the process first (`cahp.allocator.hold_freed_memory`),
+        hold_memory: keep freed memory in the process first (`cahp.core.allocator.hold_freed_memory`),
             so no model page-faults its activations in again on every call. Process-wide.
 
     Returns:
@@ -604,7 +604,7 @@ def bench_models(
     candidates: dict = {}
     sessions = {}
     if onnx:
-        from .export import export_onnx, onnx_session, verify_onnx
+        from cahp.deploy.onnx import export_onnx, onnx_session, verify_onnx
 
         result["onnx"] = {}
         tmp = tempfile.TemporaryDirectory(prefix="cahp-bench-onnx-") if onnx_dir is None else None
@@ -717,7 +717,7 @@ def _allocator(hold_memory: bool) -> str:
     if hold_memory:
         hold_freed_memory()
     if memory_held():  # process-wide and permanent, whatever this call asked
-        return "glibc, freed memory held (cahp.allocator.hold_freed_memory)"
+        return "glibc, freed memory held (cahp.core.allocator.hold_freed_memory)"
     return "C library default" + (" (holding freed memory is glibc-only)" if hold_memory else "")
 
 
@@ -1001,14 +1001,14 @@ def run_bench(
             seeded random uneven selection removes ``remove_ratio`` of the heads.
         kwargs: passed to `bench_models`.
     """
-    from .models import load_model
+    from cahp.model.loading import load_model
 
     if pruned is None and (not isinstance(remove_ratio, (int, float)) or not 0 < remove_ratio < 1):
         # validate before loading anything
         raise BenchError(f"remove ratio must be a number strictly between 0 and 1, got {remove_ratio!r}")
     attn = "eager"
     if pruned is not None:
-        from .checkpoint import is_pruned_folder
+        from cahp.model.checkpoint import is_pruned_folder
 
         if not is_pruned_folder(pruned):
             raise BenchError(f"{pruned} is not a folder written by cahp (no config.json with cahp_kept_heads)")
@@ -1020,7 +1020,7 @@ def run_bench(
     else:
         d_model, _ = load_model(model, attn_implementation=attn, with_tokenizer=False)
         removal = random_removal(d_model, remove_ratio, seed=seed)
-        from .surgery import remove_heads
+        from cahp.model.surgery import remove_heads
 
         p_model = remove_heads(copy.deepcopy(d_model), removal)
         label = f"pruned-{round(100 * remove_ratio)}%"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import get_adapter
+from cahp.arch import get_adapter
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Latency: timed variants, MAC counts, sweeps."""

@@ -1,0 +1,1 @@
+"""Infrastructure: dataclass configs, files and environment, torchrun helpers, memory allocator."""

@@ -1,0 +1,1 @@
+"""Model mechanics: head bookkeeping, gates, surgery, attention capture, checkpoints, loading."""

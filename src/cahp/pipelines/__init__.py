@@ -1,0 +1,1 @@
+"""The two pipelines, prune and compare, their shared stage cache, reports and plots."""

@@ -1,0 +1,1 @@
+"""Decide which heads stay: CAHP and the baselines, peers behind one abstract base."""
