@@ -10,6 +10,7 @@ Foundation API:
 """
 
 from cahp.arch import UnsupportedArchitectureError, get_adapter, supported_model_types
+from cahp.core import distributed  # `cahp.distributed.init()` etc., as documented in the README
 from cahp.model.capture import AttentionBatch, AttentionCapture, iter_attention
 from cahp.model.checkpoint import CheckpointError, load_pruned, save_pruned
 from cahp.model.gates import HeadGates, head_gates
@@ -28,6 +29,7 @@ __all__ = [
     "ModelLoadError",
     "UnsupportedArchitectureError",
     "count_parameters",
+    "distributed",
     "get_adapter",
     "head_gates",
     "iter_attention",
