@@ -6,7 +6,7 @@ architecture raises `UnsupportedArchitectureError` naming the supported ones.
 
 from __future__ import annotations
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention
+from .base import ArchAdapter, LayerFFN, LayerHeads, ResidualOnlyAttention, ResidualOnlyFFN
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
 from .mpnet import MPNetAdapter
@@ -38,8 +38,10 @@ def get_adapter(model_or_config) -> ArchAdapter:
 __all__ = [
     "ADAPTERS",
     "ArchAdapter",
+    "LayerFFN",
     "LayerHeads",
     "ResidualOnlyAttention",
+    "ResidualOnlyFFN",
     "UnsupportedArchitectureError",
     "get_adapter",
     "supported_model_types",

@@ -197,6 +197,60 @@ class ResidualOnlyAttention(nn.Module):
         return out, None
 
 
+@dataclass
+class LayerFFN:
+    """The modules of one layer's feed-forward block (FFN neurons).
+
+    ``inter`` maps hidden -> d_ff (one output row per neuron); ``out`` maps
+    d_ff -> hidden (one input column per neuron); ``act`` is the module whose
+    forward output is the activated intermediate tensor (batch, seq, d_ff), so
+    a forward hook on it can read or scale neurons. All are None for a layer
+    whose every neuron was removed (see `ResidualOnlyFFN`).
+    """
+
+    inter: nn.Linear | None
+    out: nn.Linear | None
+    act: nn.Module | None
+
+
+class ResidualOnlyFFN(nn.Module):
+    """Stands in for a feed-forward block whose every neuron was removed.
+
+    With no neuron left the output projection contributes only its bias, so the
+    block costs no matmul at all. ``style`` reproduces the calling convention
+    of the module it replaces:
+
+    - ``"post_norm"`` (BERT/RoBERTa/ELECTRA ``XOutput``, ``MPNetOutput``):
+      ``forward(hidden_states, input_tensor)`` returns
+      ``LayerNorm(input_tensor + dropout(bias))``; ``hidden_states`` (what the
+      intermediate block passed on, its input once that block is an identity)
+      is ignored.
+    - ``"bias_only"`` (DistilBERT ``FFN``, whose LayerNorm lives in the block):
+      ``forward(input)`` returns ``dropout(bias)`` broadcast to ``input``.
+    """
+
+    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm | None, dropout_p: float, style: str):
+        super().__init__()
+        if style not in ("post_norm", "bias_only"):
+            raise ValueError(f"unknown residual-only FFN style {style!r}")
+        self.style = style
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.LayerNorm = layer_norm
+        self.dropout = nn.Dropout(dropout_p)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states if input_tensor is None else input_tensor  # (B, T, hidden)
+        bias = self._parameters["bias"]  # not Module.__getattr__: this runs on every call
+        if self.training and self.dropout.p > 0:
+            # Dropout acted element-wise on the broadcast bias in the original block.
+            added = self.dropout(bias.expand_as(residual))
+        else:
+            added = bias
+        if self.style == "bias_only":
+            return added.expand_as(residual)
+        return self._modules["LayerNorm"](residual + added)
+
+
 class ArchAdapter:
     """Base class: subclasses describe one model family.
 
@@ -239,6 +293,18 @@ class ArchAdapter:
 
     def make_residual_only(self, layer: nn.Module, config) -> None:
         """Replace ``layer``'s attention block by a `ResidualOnlyAttention`."""
+        raise NotImplementedError
+
+    def intermediate_size(self, config) -> int:
+        """Neurons per FFN of the original (unpruned) architecture (d_ff)."""
+        return config.intermediate_size
+
+    def ffn(self, layer: nn.Module) -> LayerFFN:
+        """The modules holding ``layer``'s FFN neurons (all None once the FFN is empty)."""
+        raise NotImplementedError
+
+    def make_ffn_empty(self, layer: nn.Module, config) -> None:
+        """Replace ``layer``'s FFN by a `ResidualOnlyFFN` (residual, output bias, LayerNorm)."""
         raise NotImplementedError
 
     def set_head_index(self, attention: nn.Module, kept: list[int]) -> None:

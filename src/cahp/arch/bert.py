@@ -9,7 +9,15 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention, project_out_residual, project_qkv
+from .base import (
+    ArchAdapter,
+    LayerFFN,
+    LayerHeads,
+    ResidualOnlyAttention,
+    ResidualOnlyFFN,
+    project_out_residual,
+    project_qkv,
+)
 
 
 def compact_bert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -59,6 +67,21 @@ class BertAdapter(ArchAdapter):
             return LayerHeads(None, None, None, None, None)
         s = attn.self
         return LayerHeads(s, s.query, s.key, s.value, attn.output.dense)
+
+    def ffn(self, layer: nn.Module) -> LayerFFN:
+        if isinstance(layer.output, ResidualOnlyFFN):
+            return LayerFFN(None, None, None)
+        inter = layer.intermediate
+        return LayerFFN(inter.dense, layer.output.dense, inter.intermediate_act_fn)
+
+    def make_ffn_empty(self, layer: nn.Module, config) -> None:
+        old = layer.output
+        # XLayer.feed_forward_chunk calls output(intermediate(h), h): an identity intermediate does no work,
+        # and the residual-only output reads h from its second argument.
+        layer.intermediate = nn.Identity()
+        layer.output = ResidualOnlyFFN(
+            old.dense.bias, old.LayerNorm, config.hidden_dropout_prob, style="post_norm"
+        ).train(old.training)
 
     def compact_block(self, layer: nn.Module) -> nn.Module | None:
         return None if isinstance(layer.attention, ResidualOnlyAttention) else layer.attention

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ArchAdapter, LayerHeads, ResidualOnlyAttention, project_qkv
+from .base import ArchAdapter, LayerFFN, LayerHeads, ResidualOnlyAttention, ResidualOnlyFFN, project_qkv
 
 
 def compact_distilbert_attention_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -41,6 +41,20 @@ class DistilBertAdapter(ArchAdapter):
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(self.base_model(model).transformer.layer)
+
+    def intermediate_size(self, config) -> int:
+        return config.hidden_dim
+
+    def ffn(self, layer: nn.Module) -> LayerFFN:
+        f = layer.ffn
+        if isinstance(f, ResidualOnlyFFN):
+            return LayerFFN(None, None, None)
+        return LayerFFN(f.lin1, f.lin2, f.activation)
+
+    def make_ffn_empty(self, layer: nn.Module, config) -> None:
+        old = layer.ffn
+        # TransformerBlock adds the FFN output to its input before output_layer_norm: return the bias only.
+        layer.ffn = ResidualOnlyFFN(old.lin2.bias, None, old.dropout.p, style="bias_only").train(old.training)
 
     def heads(self, layer: nn.Module) -> LayerHeads:
         a = layer.attention

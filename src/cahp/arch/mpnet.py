@@ -18,8 +18,10 @@ from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
 from .base import (
     ArchAdapter,
+    LayerFFN,
     LayerHeads,
     ResidualOnlyAttention,
+    ResidualOnlyFFN,
     check_kernel,
     drop_fused_weights,
     project_out_residual,
@@ -135,6 +137,20 @@ class MPNetAdapter(ArchAdapter):
             return LayerHeads(None, None, None, None, None)
         a = block.attn
         return LayerHeads(a, a.q, a.k, a.v, a.o)
+
+    def ffn(self, layer: nn.Module) -> LayerFFN:
+        if isinstance(layer.output, ResidualOnlyFFN):
+            return LayerFFN(None, None, None)
+        inter = layer.intermediate
+        return LayerFFN(inter.dense, layer.output.dense, inter.intermediate_act_fn)
+
+    def make_ffn_empty(self, layer: nn.Module, config) -> None:
+        old = layer.output
+        # MPNetLayer calls output(intermediate(h), h): an identity intermediate does no work.
+        layer.intermediate = nn.Identity()
+        layer.output = ResidualOnlyFFN(
+            old.dense.bias, old.LayerNorm, config.hidden_dropout_prob, style="post_norm"
+        ).train(old.training)
 
     def set_head_count(self, attention: nn.Module, n: int, head_dim: int) -> None:
         attention.num_attention_heads = n
