@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cahp.data import tasks
+from cahp.data import folder
 from cahp.data.tasks import (
     Example,
     TaskError,
@@ -154,7 +154,7 @@ class TestSST5:
         assert "envdir" in str(exc.value)
 
     def test_no_data_dir_at_all(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(tasks, "_resolve_data_dir_with_source", lambda d=None: (None, "nothing"))
+        monkeypatch.setattr(folder, "_resolve_data_dir_with_source", lambda d=None: (None, "nothing"))
         with pytest.raises(TaskError, match="no data directory found.*--data-dir"):
             get_task("sst5")
 
@@ -211,13 +211,13 @@ class TestResolveDataDir:
         monkeypatch.chdir(tmp_path)
         repo = tmp_path / "x" / "repo"
         (tmp_path / "x" / "shared" / "data").mkdir(parents=True)
-        monkeypatch.setattr(tasks, "_repo_root", lambda: repo)
+        monkeypatch.setattr(folder, "_repo_root", lambda: repo)
         assert resolve_data_dir() == (tmp_path / "x" / "shared" / "data").resolve()
 
     def test_none(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("CAHP_DATA_DIR", raising=False)
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(tasks, "_repo_root", lambda: tmp_path / "a" / "b")
+        monkeypatch.setattr(folder, "_repo_root", lambda: tmp_path / "a" / "b")
         assert resolve_data_dir() is None
 
 

@@ -20,10 +20,21 @@ from cahp.data.tasks import Example
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodedDataset", "collate", "encode", "iter_batches", "make_batches", "padding_fraction", "split_batches"]
+__all__ = [
+    "MODEL_INPUTS",
+    "EncodedDataset",
+    "collate",
+    "encode",
+    "iter_batches",
+    "make_batches",
+    "padding_fraction",
+    "split_batches",
+]
 
-#: Keys kept from the tokenizer output.
-FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+#: The tokenizer outputs a batch keeps and a model takes (``cahp.train.evaluate.model_inputs`` passes exactly
+#: these on). ``token_type_ids`` depends on the family's tokenizer: BERT and ELECTRA make them, RoBERTa,
+#: DistilBERT and MPNet tokenizers do not, so their batches simply lack the key.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: Examples per tokenizer call in :func:`encode`.
 ENCODE_CHUNK = 1000
 #: A shuffled bucketing pool holds this many batches.
@@ -93,7 +104,7 @@ def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 128) -
                 padding=False,
                 return_attention_mask=True,
             )
-            keys = [k for k in FEATURE_KEYS if k in out]
+            keys = [k for k in MODEL_INPUTS if k in out]
             for j, i in enumerate(idx):
                 features[i] = {k: list(out[k][j]) for k in keys}
     return EncodedDataset(features=features, labels=[int(ex.label) for ex in examples])

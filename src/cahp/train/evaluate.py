@@ -17,12 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cahp.core import distributed
-from cahp.data.batching import EncodedDataset, encode, iter_batches
+from cahp.data.batching import MODEL_INPUTS, EncodedDataset, encode, iter_batches
 from cahp.data.tasks import Task
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def model_inputs(batch: dict, device: torch.device | str | None = None) -> dict:
