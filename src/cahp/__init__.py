@@ -5,6 +5,7 @@ Foundation API:
 - `load_model`: short names of packaged models, local folders, Hub ids.
 - `head_gates`: differentiable (layers, heads) gates through hooks.
 - `remove_heads` / `keep_heads`: physical head removal, uneven layers allowed.
+- `neuron_gates`, `remove_neurons` / `keep_neurons`, `kept_neurons`: the same for FFN neurons.
 - `save_pruned` / `load_pruned`: checkpoints that reload pruned.
 - `iter_attention` / `AttentionCapture`: per-head attention, batch by batch.
 """
@@ -16,6 +17,8 @@ from cahp.model.checkpoint import CheckpointError, load_pruned, save_pruned
 from cahp.model.gates import HeadGates, head_gates
 from cahp.model.heads import HeadIndexError, kept_heads, kept_mask, num_kept
 from cahp.model.loading import ModelLoadError, load_model
+from cahp.model.neuron_surgery import keep_neurons, remove_neurons
+from cahp.model.neurons import NeuronGates, NeuronIndexError, kept_neurons, neuron_gates
 from cahp.model.surgery import count_parameters, keep_heads, remove_heads
 
 __version__ = "0.1.0"
@@ -27,6 +30,8 @@ __all__ = [
     "HeadGates",
     "HeadIndexError",
     "ModelLoadError",
+    "NeuronGates",
+    "NeuronIndexError",
     "UnsupportedArchitectureError",
     "count_parameters",
     "distributed",
@@ -34,12 +39,16 @@ __all__ = [
     "head_gates",
     "iter_attention",
     "keep_heads",
+    "keep_neurons",
     "kept_heads",
     "kept_mask",
+    "kept_neurons",
     "load_model",
     "load_pruned",
+    "neuron_gates",
     "num_kept",
     "remove_heads",
+    "remove_neurons",
     "save_pruned",
     "supported_model_types",
     "__version__",

@@ -1,9 +1,11 @@
 """Saving and reloading pruned models.
 
 A pruned folder is a ``save_pretrained``-style folder: ``config.json`` (with
-the kept heads under ``cahp_kept_heads``, see `cahp.model.heads`), ``model.safetensors``
-and the tokenizer files. `load_pruned` rebuilds the original architecture from
-the config, applies the same surgery, then loads the weights strictly, so every
+the kept heads under ``cahp_kept_heads``, see `cahp.model.heads`, and, once FFN
+neurons were removed, the kept neurons under ``cahp_kept_neurons``, see
+`cahp.model.neurons`), ``model.safetensors`` and the tokenizer files.
+`load_pruned` rebuilds the original architecture from the config, applies the
+same surgery (heads, then neurons), then loads the weights strictly, so every
 tensor must match in name and shape.
 
 Loading such a folder with plain ``AutoModel*.from_pretrained`` does not give
@@ -27,6 +29,8 @@ import transformers
 from torch import nn
 
 from cahp.model.heads import KEPT_HEADS_KEY, kept_heads
+from cahp.model.neuron_surgery import keep_neurons
+from cahp.model.neurons import KEPT_NEURONS_KEY, NeuronRecordError, decode_kept_neurons, neuron_shape
 from cahp.model.surgery import keep_heads
 
 log = logging.getLogger(__name__)
@@ -82,7 +86,8 @@ def is_pruned_folder(path: str | os.PathLike) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return KEPT_HEADS_KEY in json.loads(cfg.read_text())
+        record = json.loads(cfg.read_text())
+        return KEPT_HEADS_KEY in record or KEPT_NEURONS_KEY in record
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -100,18 +105,27 @@ def load_pruned(path: str | os.PathLike, attn_implementation: str | None = None,
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; cahp checkpoints store safetensors weights")
     config = transformers.AutoConfig.from_pretrained(path)
     kept = getattr(config, KEPT_HEADS_KEY, None)
+    neurons = getattr(config, KEPT_NEURONS_KEY, None)
+    if neurons is not None:
+        try:
+            neurons = decode_kept_neurons(neurons, *neuron_shape(config))
+        except NeuronRecordError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     arch = (config.architectures or ["AutoModelForSequenceClassification"])[0]
     model_cls = getattr(transformers, arch, None)
     if model_cls is None:
         raise CheckpointError(f"{cfg_file} names architecture {arch!r}, which transformers does not provide")
-    # Build the original architecture, then cut it to the recorded heads.
-    if kept is not None:
-        delattr(config, KEPT_HEADS_KEY)
+    # Build the original architecture, then cut it to the recorded heads and neurons.
+    for key, record in ((KEPT_HEADS_KEY, kept), (KEPT_NEURONS_KEY, neurons)):
+        if record is not None:
+            delattr(config, key)
     model = model_cls(config)
     if kept is not None:
         keep_heads(model, {int(k): v for k, v in kept.items()})
+    if neurons is not None:
+        keep_neurons(model, neurons)
     missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
     # Non-persistent buffers are never saved; everything else must match.
     if unexpected or missing:
