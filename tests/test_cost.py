@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cahp.bench.latency import count_macs
-from cahp.budget import cost
+from cahp.bench.macs import count_macs
+from cahp.budget import cost, cost_measure
 from cahp.budget.cost import (
     BlockCost,
     CostModelError,
@@ -18,12 +18,10 @@ from cahp.budget.cost import (
     cache_key,
     cost_table,
     estimated_latency,
-    fit_linear,
     mac_table,
-    measure_table,
-    measurement_widths,
     unit_counts,
 )
+from cahp.budget.cost_measure import fit_linear, measure_table, measurement_widths
 from cahp.model.surgery import remove_heads
 
 from .tiny import FAMILIES, N_HEADS, N_LAYERS, tiny_model
@@ -65,7 +63,7 @@ def test_fit_recovers_fixed_and_per_unit():
     fixed, per_unit = fit_linear(widths, noisy)
     assert fixed == pytest.approx(2e-3, rel=0.05) and per_unit == pytest.approx(5e-6, rel=0.02)
     # A falling line (noise on a flat block) gives no negative cost per unit.
-    assert fit_linear([1, 2], [2.0, 1.0])[1] == 0.0
+    assert fit_linear([1, 2], [2.0, 1.0]) == (1.5, 0.0)
     # A negative intercept is clamped and the slope refitted through the origin.
     fixed, per_unit = fit_linear([1, 2, 3], [0.5, 1.6, 2.6])
     assert fixed == 0.0 and per_unit == pytest.approx((0.5 + 3.2 + 7.8) / 14)
@@ -173,13 +171,13 @@ def test_measure_needs_two_units_per_block():
 def test_cost_table_caches_measured_tables(tmp_path, monkeypatch):
     model = tiny_model("bert")
     calls = []
-    real = cost.measure_table
+    real = cost_measure.measure_table
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cost, "measure_table", counting)
+    monkeypatch.setattr(cost_measure, "measure_table", counting)
     kw = dict(batch=1, seq=4, widths=2, reps=1, threads=1, cache_dir=tmp_path)
     first = cost_table(model, **kw)
     files = list(tmp_path.glob("cost-*.json"))
