@@ -163,7 +163,7 @@ class TestSST5:
 
 
 def test_available_tasks() -> None:
-    assert available_tasks() == ["mnli", "mnli-small", "rte", "sst2", "sst5"]
+    assert available_tasks() == ["mnli", "mnli-small", "rte", "sst2", "sst5", "stsb"]
 
 
 def test_unknown_task() -> None:

@@ -1,4 +1,4 @@
-"""Built-in single-sentence and GLUE tasks: ``sst5``, ``sst2``, ``rte``."""
+"""Built-in single-sentence and GLUE tasks: ``sst5``, ``sst2``, ``rte`` and the regression task ``stsb``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from cahp.data.folder import DataRoot
 from cahp.data.holdout import Lazy, holdout_loader
-from cahp.data.readers import int_label, named_label, read_tsv, text_field
+from cahp.data.readers import float_label, int_label, named_label, read_tsv, text_field
 from cahp.data.sst import read_sst_trees
 from cahp.data.types import Example, Task
 
@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 SST5_LABEL_NAMES = ("very negative", "negative", "neutral", "positive", "very positive")
 SST2_LABEL_NAMES = ("negative", "positive")
 RTE_LABEL_NAMES = ("entailment", "not_entailment")
+#: STS-B's similarity score: a float from 0 (unrelated) to 5 (same meaning).
+STSB_LABEL_NAMES = ("similarity",)
+STSB_RANGE = (0.0, 5.0)
 
 
 def no_kwargs(name: str, kwargs: dict[str, Any], allowed: Sequence[str] = ()) -> None:
@@ -25,6 +28,11 @@ def no_kwargs(name: str, kwargs: dict[str, Any], allowed: Sequence[str] = ()) ->
     extra = sorted(set(kwargs) - set(allowed))
     if extra:
         raise TypeError(f"task {name!r} takes no option(s) {', '.join(extra)}")
+
+
+def _glue_split_files(glue: Path) -> dict[str, Path]:
+    # train and dev are both cut from train.tsv; GLUE's dev.tsv is the test split
+    return {"train": glue / "train.tsv", "dev": glue / "train.tsv", "test": glue / "dev.tsv"}
 
 
 def _sst_tree_files(root: DataRoot) -> dict[str, Path]:
@@ -53,6 +61,7 @@ def make_sst5(root: DataRoot, **kwargs: Any) -> Task:
         test_split="test",
         data_dir=root.path,
         description=f"SST-5 PTB trees in {files['train'].parent}",
+        split_files=dict(files),
         loader=load,
     )
 
@@ -92,6 +101,7 @@ def make_sst2(root: DataRoot, holdout: float = 0.05, **kwargs: Any) -> Task:
             **common,
             description=f"GLUE SST-2 in {glue}: train.tsv minus a {holdout:.0%} hold-out (dev); "
             "the GLUE dev.tsv is test",
+            split_files=_glue_split_files(glue),
             loader=holdout_loader(files, "full_train", holdout),
         )
     trees = _sst_tree_files(root)
@@ -109,6 +119,7 @@ def make_sst2(root: DataRoot, holdout: float = 0.05, **kwargs: Any) -> Task:
             **common,
             description=f"SST-2 derived from the SST-5 trees in {trees['train'].parent} "
             "(label 2 dropped, 0-1 -> 0, 3-4 -> 1)",
+            split_files=dict(trees),
             loader=load,
         )
     raise root.missing(glue / "train.tsv", trees["train"], what="SST-2 data (GLUE TSV or SST-5 trees)")
@@ -149,5 +160,48 @@ def make_rte(root: DataRoot, holdout: float = 0.10, **kwargs: Any) -> Task:
         data_dir=root.path,
         description=f"GLUE RTE in {glue}: train.tsv minus a {holdout:.0%} hold-out (dev); "
         "the GLUE dev.tsv is test",
+        split_files=_glue_split_files(glue),
+        loader=holdout_loader(files, "full_train", holdout),
+    )
+
+
+def _stsb_from_tsv(path: Path) -> list[Example]:
+    rows = read_tsv(path, ("sentence1", "sentence2", "score"))
+    return [
+        Example(
+            text_field(r, "sentence1", path, ln),
+            text_field(r, "sentence2", path, ln),
+            float_label(r["score"], path, ln, *STSB_RANGE),
+        )
+        for ln, r in rows
+    ]
+
+
+def make_stsb(root: DataRoot, holdout: float = 0.10, **kwargs: Any) -> Task:
+    """Build ``stsb``, a regression task: GLUE STS-B's train.tsv minus a ``holdout`` share is train, the
+    hold-out is dev, and the GLUE dev.tsv is test (GLUE's test file has no scores)."""
+    no_kwargs("stsb", kwargs)
+    glue = root.require() / "glue" / "STS-B"
+    for p in (glue / "train.tsv", glue / "dev.tsv"):
+        if not p.is_file():
+            raise root.missing(p, what="GLUE STS-B file")
+    files = {
+        "full_train": Lazy(lambda: _stsb_from_tsv(glue / "train.tsv")),
+        "test": Lazy(lambda: _stsb_from_tsv(glue / "dev.tsv")),
+    }
+    return Task(
+        name="stsb",
+        is_pair=True,
+        num_labels=1,
+        label_names=STSB_LABEL_NAMES,
+        splits=("train", "dev", "test"),
+        train_split="train",
+        dev_split="dev",
+        test_split="test",
+        data_dir=root.path,
+        description=f"GLUE STS-B in {glue} (regression, scores 0..5): train.tsv minus a {holdout:.0%} "
+        "hold-out (dev); the GLUE dev.tsv is test",
+        task_type="regression",
+        split_files=_glue_split_files(glue),
         loader=holdout_loader(files, "full_train", holdout),
     )

@@ -137,6 +137,7 @@ def make_mnli(root: DataRoot, holdout: float = 0.02, allow_hub: bool = True, **k
                 **common,
                 description=f"MNLI from {train.parent}: train minus a {holdout:.0%} hold-out (dev); "
                 "validation_matched is test",
+                split_files={"train": train, "dev": train, "validation_matched": m, "validation_mismatched": mm},
                 loader=holdout_loader(files, "full_train", holdout),
             )
     if _hub_allowed(allow_hub):
@@ -192,5 +193,6 @@ def make_mnli_small(root: DataRoot, **kwargs: Any) -> Task:
         data_dir=root.path,
         description=f"reduced MNLI protocol on {path}: test idx%5==0, dev idx%5==1, train the rest "
         "(not comparable to MNLI results)",
+        split_files={"train": path, "dev": path, "test": path},
         loader=lambda split: parts()[split],
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 from cahp.data.types import TaskError
 
 INT_RE = re.compile(r"[+-]?\d+")
+#: A decimal number as written in data files: ``3``, ``-0.5``, ``3.800``, ``.5``, ``1e-3``.
+FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -149,13 +152,16 @@ def read_table(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str,
 
 
 def text_field(row: dict[str, Any], key: str, path: Path, lineno: int) -> str:
-    """The stripped string ``row[key]``; TaskError when it is missing or not a string."""
+    """The stripped string ``row[key]``; TaskError when it is missing, not a string or empty."""
     value = row.get(key)
     if value is None:
         raise TaskError(f"missing field {key!r}", path, lineno)
     if not isinstance(value, str):
         raise TaskError(f"field {key!r} must be a string, got {type(value).__name__}", path, lineno)
-    return value.strip()
+    value = value.strip()
+    if not value:
+        raise TaskError(f"empty text in field {key!r}", path, lineno)
+    return value
 
 
 def int_label(value: Any, num_labels: int, path: Path, lineno: int) -> int:
@@ -181,3 +187,34 @@ def named_label(value: Any, names: Sequence[str], path: Path, lineno: int) -> in
             return names.index(v)
     raise TaskError(f"unknown label {value!r}; expected one of {', '.join(names)}", path, lineno)
 
+
+
+def parse_number(value: Any) -> int | float | None:
+    """``value`` as a number: a JSON int/float or a decimal string (ints stay ints); ``None`` otherwise.
+
+    Booleans, NaN and infinities are not numbers here (a label of ``true`` or ``nan`` is a data error).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        v = value.strip()
+        if INT_RE.fullmatch(v):
+            return int(v)
+        if FLOAT_RE.fullmatch(v):
+            return float(v)
+    return None
+
+
+def float_label(value: Any, path: Path, lineno: int, low: float | None = None, high: float | None = None) -> float:
+    """Parse a regression score (a number, see :func:`parse_number`), optionally checked against ``[low, high]``."""
+    number = parse_number(value)
+    if number is None:
+        raise TaskError(f"score must be a finite number, got {value!r}", path, lineno)
+    number = float(number)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise TaskError(f"score {number} out of range {low}..{high}", path, lineno)
+    return number
