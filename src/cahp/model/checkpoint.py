@@ -8,11 +8,12 @@ neurons were removed, the kept neurons under ``cahp_kept_neurons``, see
 same surgery (heads, then neurons), then loads the weights strictly, so every
 tensor must match in name and shape.
 
-Loading such a folder with plain ``AutoModel*.from_pretrained`` does not give
-the pruned model: transformers builds the full-size architecture and stops
-with a size-mismatch error on the sliced projections (or, with
-``ignore_mismatched_sizes=True``, re-initialises them at random). Always load
-with `cahp.load_pruned` (or `cahp.load_model`, which detects pruned folders).
+Beside the weights `cahp.deploy.folder` writes the modeling and configuration
+code of `cahp.arch.hub` and an ``auto_map``, and config.json declares its own
+model type (``cahp-bert``, ...): ``AutoModel*.from_pretrained(path,
+trust_remote_code=True)`` loads the pruned model without cahp, and without
+``trust_remote_code`` transformers asks for it instead of building the
+full-size architecture. `load_pruned` reads these folders and older ones.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import safetensors.torch
 import transformers
 from torch import nn
 
+from cahp.arch.hub import load_config
+from cahp.deploy.folder import make_self_contained
 from cahp.model.heads import KEPT_HEADS_KEY, kept_heads
 from cahp.model.neuron_surgery import keep_neurons
 from cahp.model.neurons import KEPT_NEURONS_KEY, NeuronRecordError, decode_kept_neurons, neuron_shape
@@ -63,6 +66,7 @@ def save_pruned(model: nn.Module, tokenizer, path: str | os.PathLike) -> Path:
         safetensors.torch.save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        make_self_contained(tmp, model)  # remote code, so plain transformers loads it too
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,7 +107,7 @@ def load_pruned(path: str | os.PathLike, attn_implementation: str | None = None,
         raise CheckpointError(f"{path} is not a model folder: {cfg_file.name} is missing")
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; cahp checkpoints store safetensors weights")
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = load_config(path)  # self-contained (cahp-bert, ...) or older folders alike
     kept = getattr(config, KEPT_HEADS_KEY, None)
     neurons = getattr(config, KEPT_NEURONS_KEY, None)
     if neurons is not None:

@@ -1,0 +1,185 @@
+"""Self-contained pruned folders: plain transformers (no cahp) loads them with trust_remote_code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import cahp
+from cahp.arch import get_adapter
+from cahp.arch.hub import from_remote, to_remote
+from cahp.model.surgery import _slice_linear
+
+from .tiny import FAMILIES, tiny_batch, tiny_model
+
+HEADS = {0: [1], 1: [0, 1, 2, 3], 2: [0, 3]}  # heads removed: uneven, layer 1 left with none
+FFN_KEPT = {0: [0, 1, 2, 3, 7, 9, 10, 11, 40, 63], 1: [], 2: list(range(5, 64))}  # uneven, layer 1 empty
+FFN_RECORD = {"intermediate_size": 64, "counts": [10, 0, 59], "indices": ["0-3,7,9-11,40,63", "", "5-63"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def with_biases(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero biases: an empty block keeps its output bias, which must survive
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
+
+
+def slice_ffn_by_hand(model, kept=FFN_KEPT):
+    """Neuron surgery written out in the test: rows of the intermediate, columns of the output projection."""
+    adapter = get_adapter(model)
+    for i, layer in enumerate(adapter.layers(model)):
+        if not kept[i]:
+            adapter.make_ffn_empty(layer, model.config)
+            continue
+        ffn = adapter.ffn(layer)
+        idx = torch.tensor(kept[i])
+        for parent in layer.modules():
+            for name, child in list(parent.named_children()):
+                if child is ffn.inter:
+                    setattr(parent, name, _slice_linear(child, idx, dim=0))
+                elif child is ffn.out:
+                    setattr(parent, name, _slice_linear(child, idx, dim=1))
+    model.config.cahp_kept_neurons = FFN_RECORD
+    return model
+
+
+def pruned(family, ffn=True):
+    model = cahp.remove_heads(with_biases(tiny_model(family)), HEADS)
+    return slice_ffn_by_hand(model) if ffn else model
+
+
+# Runs in a fresh interpreter where `import cahp` fails: only torch and transformers are there.
+NO_CAHP = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["cahp"] = None  # any `import cahp` now raises ImportError
+    import torch, transformers
+    jobs = json.loads(sys.argv[1])
+    for job in jobs:
+        cls = getattr(transformers, job["auto"])
+        model = cls.from_pretrained(job["folder"], trust_remote_code=True).eval()
+        batch = torch.load(job["batch"])
+        with torch.no_grad():
+            out = model(**batch)
+        torch.save(out[0], job["out"])
+    """
+)
+
+
+def run_without_cahp(tmp_path, jobs):
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_CAHP, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_family_loads_without_cahp(tmp_path):
+    batch = tiny_batch()
+    torch.save(batch, tmp_path / "batch.pt")
+    jobs, expected = [], {}
+    for family in FAMILIES:
+        model = pruned(family)
+        folder = tmp_path / f"pruned-{family}"
+        cahp.save_pruned(model, None, folder)
+        encoder = getattr(model, model.base_model_prefix)
+        with torch.no_grad():
+            expected[family, "logits"] = model(**batch).logits
+            expected[family, "hidden"] = encoder(**batch).last_hidden_state
+        for auto, what in (("AutoModelForSequenceClassification", "logits"), ("AutoModel", "hidden")):
+            out = tmp_path / f"{family}-{what}.pt"
+            jobs.append({"auto": auto, "folder": str(folder), "batch": str(tmp_path / "batch.pt"), "out": str(out)})
+    run_without_cahp(tmp_path, jobs)
+    for family in FAMILIES:
+        for what in ("logits", "hidden"):
+            got = torch.load(tmp_path / f"{family}-{what}.pt")
+            torch.testing.assert_close(got, expected[family, what], atol=1e-5, rtol=0, msg=f"{family} {what}")
+
+
+def test_folder_holds_code_and_auto_map(tmp_path):
+    folder = cahp.save_pruned(pruned("bert"), None, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "cahp-bert"
+    assert config["architectures"] == ["CahpBertForSequenceClassification"]
+    assert config["auto_map"]["AutoModel"] == "modeling_cahp.CahpBertModel"
+    assert config["cahp_kept_neurons"] == FFN_RECORD
+    assert config["cahp_kept_heads"]["1"] == []
+    for name in ("configuration_cahp.py", "modeling_cahp.py"):
+        code = (folder / name).read_text()
+        assert "import cahp" not in code and "from cahp" not in code
+
+
+@pytest.mark.parametrize("auto", ["AutoModel", "AutoModelForSequenceClassification"])
+def test_plain_from_pretrained_asks_for_trust_remote_code(tmp_path, auto):
+    folder = cahp.save_pruned(pruned("bert"), None, tmp_path / "m")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        getattr(transformers, auto).from_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
+def test_trust_remote_code_in_process_matches(tmp_path, family):
+    model = pruned(family)
+    folder = cahp.save_pruned(model, None, tmp_path / f"m-{family}")
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    batch = tiny_batch(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in loaded.parameters()) == cahp.count_parameters(model)
+
+
+def test_load_pruned_reads_self_contained_folder(tmp_path):
+    model = pruned("mpnet", ffn=False)
+    folder = cahp.save_pruned(model, None, tmp_path / "m")
+    again, _ = cahp.load_pruned(folder, with_tokenizer=False)
+    assert again.config.model_type == "mpnet" and not hasattr(again.config, "auto_map")
+    assert cahp.kept_heads(again) == cahp.kept_heads(model)
+    batch = tiny_batch(seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=1e-6, rtol=0)
+    # Saved again, the folder is the same self-contained form.
+    second = json.loads((cahp.save_pruned(again, None, tmp_path / "m2") / "config.json").read_text())
+    assert second["model_type"] == "cahp-mpnet" and second["architectures"] == ["CahpMPNetForSequenceClassification"]
+
+
+def test_load_pruned_reads_old_format_folder(tmp_path):
+    """A folder written before remote code: family model type, no auto_map, no code files."""
+    model = pruned("bert", ffn=False)
+    folder = tmp_path / "old"
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)  # cahp_kept_heads is on the config already
+    import safetensors.torch
+
+    safetensors.torch.save_model(model, str(folder / "model.safetensors"))
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+    again, _ = cahp.load_pruned(folder, with_tokenizer=False)
+    batch = tiny_batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=1e-6, rtol=0)
+
+
+def test_remote_config_round_trip():
+    base = {"model_type": "distilbert", "architectures": ["DistilBertForMaskedLM"], "dim": 32}
+    remote = to_remote(base)
+    assert remote["model_type"] == "cahp-distilbert"
+    assert remote["architectures"] == ["DistilBertForMaskedLM"]  # no hub class for this head: AutoModel only
+    assert from_remote(remote) == base
+    assert from_remote(base) == base
