@@ -183,3 +183,122 @@ def test_remote_config_round_trip():
     assert remote["architectures"] == ["DistilBertForMaskedLM"]  # no hub class for this head: AutoModel only
     assert from_remote(remote) == base
     assert from_remote(base) == base
+
+
+# --- sentence-transformers ---------------------------------------------------
+
+WORDS = [f"w{i}" for i in range(94)]
+
+
+def tiny_sentence_folder(path, family="bert", normalize=True, pooling=None):
+    """A sentence-transformers folder of a tiny random encoder, with a word-level BERT tokenizer."""
+    from .tiny import tiny_config
+
+    torch.manual_seed(0)
+    encoder = with_biases(transformers.AutoModel.from_config(tiny_config(family))).eval()
+    encoder.save_pretrained(path)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizer(vocab_file=str(vocab), do_lower_case=False).save_pretrained(path)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    pooling = pooling or {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
+    return path
+
+
+TEXTS = ["w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16", "w20", "w30 w31 w5 w9 w9"]
+
+
+@pytest.mark.parametrize(
+    "family, normalize, pooling",
+    [
+        ("bert", True, None),
+        ("mpnet", False, {"word_embedding_dimension": 32, "pooling_mode_cls_token": True,
+                          "pooling_mode_max_tokens": True}),
+    ],
+)
+def test_sentence_transformers_round_trip(tmp_path, family, normalize, pooling):
+    from sentence_transformers import SentenceTransformer
+
+    from cahp.deploy.sentence import SETTINGS_KEY, encode
+
+    source = tiny_sentence_folder(tmp_path / "src", family, normalize, pooling)
+    model, tok = cahp.load_model(str(source), kind="encoder")
+    assert type(model).__name__.endswith("Model") and getattr(model.config, SETTINGS_KEY)["normalize"] is normalize
+    cahp.remove_heads(model, HEADS)
+    folder = cahp.save_pruned(model, tok, tmp_path / "pruned")
+    ours = encode(model, tok, TEXTS)
+    st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    theirs = st.encode(TEXTS, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    if normalize:
+        torch.testing.assert_close(ours.norm(dim=1), torch.ones(len(TEXTS)))
+    # cahp reads its own folder back as an encoder with the same settings.
+    again, tok2 = cahp.load_model(str(folder), kind="encoder")
+    torch.testing.assert_close(encode(again, tok2, TEXTS), ours, atol=1e-6, rtol=0)
+    with pytest.raises(cahp.ModelLoadError, match="kind='encoder'"):
+        cahp.load_model(str(folder))
+
+
+def test_pool_matches_sentence_transformers_pooling():
+    from sentence_transformers.models import Pooling
+
+    from cahp.deploy.sentence import pool
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 6, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    for mode in ("cls", "max", "mean", "mean_sqrt_len_tokens"):
+        ref = Pooling(8, pooling_mode=mode)({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+        got = pool(hidden, mask, {"pooling": {"pooling_mode": mode}})
+        torch.testing.assert_close(got, ref, msg=mode)
+
+
+def test_encoder_kind_errors(tmp_path):
+    from cahp.deploy.sentence import SentenceSettingsError, read_settings
+
+    source = tiny_sentence_folder(tmp_path / "src")
+    with pytest.raises(cahp.ModelLoadError, match="unknown model kind"):
+        cahp.load_model(str(source), kind="decoder")
+    with pytest.raises(cahp.ModelLoadError, match="num_labels"):
+        cahp.load_model(str(source), kind="encoder", num_labels=2)
+    modules = json.loads((source / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (source / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(SentenceSettingsError, match="Dense"):
+        read_settings(source)
+    with pytest.raises(cahp.ModelLoadError, match="Dense"):
+        cahp.load_model(str(source), kind="encoder")
+
+
+@pytest.mark.integration
+def test_minilm_sentence_transformers_and_plain_transformers(tmp_path):
+    """The real packaged minilm-l6 as an encoder: pruned, saved, reloaded by sentence-transformers and without cahp."""
+    from sentence_transformers import SentenceTransformer
+
+    from cahp.deploy.sentence import encode
+
+    model, tok = cahp.load_model("minilm-l6", kind="encoder")
+    cahp.remove_heads(model, {0: [0, 5], 2: list(range(12)), 4: [1, 2, 3]})
+    folder = cahp.save_pruned(model, tok, tmp_path / "minilm-pruned")
+    assert json.loads((folder / "modules.json").read_text())[-1]["type"].endswith("Normalize")
+    texts = ["A tiny pruned encoder.", "Sentence embeddings survive head pruning.", "ok"]
+    ours = encode(model, tok, texts)
+    st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    theirs = st.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    job = {"auto": "AutoModel", "folder": str(folder), "batch": str(tmp_path / "batch.pt")}
+    run_without_cahp(tmp_path, [{**job, "out": str(tmp_path / "h.pt")}])
+    torch.testing.assert_close(torch.load(tmp_path / "h.pt"), expected, atol=1e-5, rtol=0)

@@ -135,6 +135,24 @@ def embed(model: nn.Module, batch: dict, settings: dict | None = None) -> torch.
     return pool(hidden, batch["attention_mask"], settings)
 
 
+@torch.no_grad()
+def encode(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Embeddings (len(texts), D) of ``texts``, tokenised as sentence-transformers does (padding, truncation
+    at the source's ``max_seq_length``), in batches of ``batch_size``."""
+    settings = getattr(model.config, SETTINGS_KEY, None)
+    if settings is None:
+        raise SentenceSettingsError("the model has no sentence-transformers settings; load it with kind='encoder'")
+    max_len = (settings.get("sentence_bert_config") or {}).get("max_seq_length")
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[i : i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        out.append(embed(model, {k: v.to(device) for k, v in batch.items()}, settings))
+    return torch.cat(out)
+
+
 def write_sentence_transformers(folder: str | Path, config) -> bool:
     """Write the sentence-transformers files for a saved model whose config carries settings; False if none."""
     settings = getattr(config, SETTINGS_KEY, None)
@@ -165,6 +183,7 @@ __all__ = [
     "SETTINGS_KEY",
     "SentenceSettingsError",
     "embed",
+    "encode",
     "pool",
     "pooling_modes",
     "read_settings",

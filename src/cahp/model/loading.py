@@ -27,9 +27,13 @@ import torch
 import transformers
 
 from cahp.arch import get_adapter
+from cahp.deploy.sentence import SETTINGS_KEY, SentenceSettingsError, read_settings
 from cahp.model.checkpoint import is_pruned_folder, load_pruned
 
 log = logging.getLogger(__name__)
+
+
+KINDS = ("classifier", "encoder")
 
 
 class ModelLoadError(ValueError):
@@ -171,8 +175,9 @@ def load_model(
     attn_implementation: str | None = None,
     with_tokenizer: bool = True,
     seed: int | None = 0,
+    kind: str = "classifier",
 ):
-    """Load a sequence-classification model and its tokenizer.
+    """Load a sequence-classification model (or the bare encoder) and its tokenizer.
 
     Args:
         name_or_path: a short name (``minilm-l6``, ``mpnet-base``), a local model
@@ -183,18 +188,36 @@ def load_model(
         seed: seeds the initialisation of a new classification head (the only
             random part of loading), so a run is reproducible; None leaves the
             global torch RNG as it is.
+        kind: "classifier" (``AutoModelForSequenceClassification``) or
+            "encoder": the bare encoder (``AutoModel``, no classification head)
+            that sentence-transformers uses. A sentence-transformers source
+            folder's pooling and normalisation settings stay on its config
+            (see `cahp.deploy.sentence`): `cahp.save_pruned` writes them back
+            and `cahp.deploy.sentence.embed` applies them.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
 
     Raises:
         ModelLoadError: unknown name, missing package, folder without weights,
-            or an unsupported architecture.
+            or an unsupported architecture; an unknown ``kind``; ``num_labels``
+            with kind "encoder"; a pruned encoder asked for as a classifier.
     """
+    if kind not in KINDS:
+        raise ModelLoadError(f"unknown model kind {kind!r}; choose from {', '.join(KINDS)}")
+    if kind == "encoder" and num_labels is not None:
+        raise ModelLoadError("an encoder has no classification head: leave num_labels unset with kind='encoder'")
     if Path(name_or_path).is_dir() and is_pruned_folder(name_or_path):
         model, tok = load_pruned(
             name_or_path, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
         )
+        head = getattr(model, model.base_model_prefix, None)
+        if kind == "encoder":
+            return (model if head is None else head.eval()), tok
+        if head is None:
+            raise ModelLoadError(
+                f"{name_or_path} is a pruned encoder without a classification head; load it with kind='encoder'"
+            )
         if num_labels is not None and model.config.num_labels != num_labels:
             raise ModelLoadError(
                 f"pruned model {name_or_path} has {model.config.num_labels} labels, the task has {num_labels}"
@@ -219,6 +242,8 @@ def load_model(
             f"({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from None
     get_adapter(config)  # unsupported architecture -> clear error before loading weights
+    if kind == "encoder":
+        return _load_encoder(name_or_path, source, kwargs, with_tokenizer)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         if getattr(config, "num_labels", None) != num_labels:
@@ -239,6 +264,27 @@ def load_model(
             model.config.num_labels,
         )
     model.eval()
+    tok = None
+    if with_tokenizer:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            source, local_files_only=kwargs.get("local_files_only", False)
+        )
+    return model, tok
+
+
+def _load_encoder(name_or_path: str, source: str, kwargs: dict, with_tokenizer: bool):
+    """The bare encoder of ``source``, with its sentence-transformers settings (local folders) on the config."""
+    settings = None
+    if Path(source).is_dir():
+        try:
+            settings = read_settings(source)
+        except SentenceSettingsError as e:
+            raise ModelLoadError(str(e)) from None
+    model = transformers.AutoModel.from_pretrained(source, **kwargs).eval()
+    if settings is not None:
+        setattr(model.config, SETTINGS_KEY, settings)
+    else:
+        log.info("%s is no sentence-transformers folder: the encoder carries no pooling settings", name_or_path)
     tok = None
     if with_tokenizer:
         tok = transformers.AutoTokenizer.from_pretrained(
