@@ -353,3 +353,17 @@ class ArchAdapter:
         before the mask (MPNet's relative position bias), or None.
         """
         return None
+
+    # --- inputs ---------------------------------------------------------
+    uses_token_type_ids: bool = False  # whether the family's task models take segment ids
+
+    def max_positions(self, config) -> int:
+        """Longest input, in tokens, that the position embeddings cover."""
+        return getattr(config, "max_position_embeddings", 512)
+
+    def input_names(self, config) -> list[str]:
+        """The forward inputs of the family's task models: ids, mask, and ``token_type_ids`` where they take them."""
+        names = ["input_ids", "attention_mask"]
+        if self.uses_token_type_ids:
+            names.append("token_type_ids")
+        return names

@@ -97,3 +97,12 @@ class BertAdapter(ArchAdapter):
         layer.attention = ResidualOnlyAttention(
             out.dense.bias, out.LayerNorm, config.hidden_dropout_prob, style="post_norm"
         ).train(old.training)
+
+    uses_token_type_ids = True  # BERT, RoBERTa, ELECTRA, XLM-R and CamemBERT all take segment ids
+
+    def max_positions(self, config) -> int:
+        """RoBERTa-style families number positions from ``pad_token_id + 1``: that many fewer tokens fit."""
+        n = super().max_positions(config)
+        if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+            n -= (config.pad_token_id or 0) + 1
+        return n

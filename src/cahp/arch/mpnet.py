@@ -200,3 +200,7 @@ class MPNetAdapter(ArchAdapter):
         bucket = enc.relative_position_bucket(pos[None, :] - pos[:, None])
         # (T, T, H) -> (1, H, T, T), as MPNetEncoder.compute_position_bias builds it.
         return enc.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+    def max_positions(self, config) -> int:
+        """MPNet numbers positions from ``pad_token_id + 1`` (as RoBERTa does): that many fewer tokens fit."""
+        return super().max_positions(config) - (config.pad_token_id or 0) - 1

@@ -11,7 +11,6 @@ than the export example (with padding) and compares with PyTorch.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 import tempfile
@@ -34,10 +33,7 @@ class ExportError(ValueError):
 
 
 def input_names(model: nn.Module) -> list[str]:
-    names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in inspect.signature(model.forward).parameters:
-        names.append("token_type_ids")
-    return names
+    return get_adapter(model).input_names(model.config)
 
 
 class _LogitsOnly(nn.Module):
