@@ -48,11 +48,12 @@ class EncodedDataset:
     Attributes:
         features: Per example, the tokenizer outputs ``input_ids``, ``attention_mask`` and
             ``token_type_ids`` (if the tokenizer makes them) as lists of ints.
-        labels: One label per example, or an empty list for unlabelled data.
+        labels: One label per example (class ids, or float scores for regression), or an empty list for
+            unlabelled data.
     """
 
     features: list[dict[str, list[int]]]
-    labels: list[int]
+    labels: list[int] | list[float]
 
     def __post_init__(self) -> None:
         if self.labels and len(self.labels) != len(self.features):
@@ -107,11 +108,12 @@ def encode(tokenizer: Any, examples: Sequence[Example], max_length: int = 128) -
             keys = [k for k in MODEL_INPUTS if k in out]
             for j, i in enumerate(idx):
                 features[i] = {k: list(out[k][j]) for k in keys}
-    return EncodedDataset(features=features, labels=[int(ex.label) for ex in examples])
+    labels = [ex.label if isinstance(ex.label, float) else int(ex.label) for ex in examples]
+    return EncodedDataset(features=features, labels=labels)
 
 
 def collate(
-    features: list[dict[str, list[int]]], pad_token_id: int, labels: list[int] | None = None
+    features: list[dict[str, list[int]]], pad_token_id: int, labels: list[int] | list[float] | None = None
 ) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest sequence (right padding).
 
@@ -121,7 +123,8 @@ def collate(
     Args:
         features: Unpadded features, all with the same keys.
         pad_token_id: The tokenizer's pad id.
-        labels: Optional labels, one per feature; returned as a LongTensor under ``"labels"``.
+        labels: Optional labels, one per feature; returned under ``"labels"`` as a LongTensor of class ids,
+            or a float32 tensor when any label is a float (regression scores).
 
     Returns:
         ``{key: LongTensor[batch, max_len]}`` plus ``"labels"`` if given.
@@ -151,7 +154,8 @@ def collate(
     if labels is not None:
         if len(labels) != len(features):
             raise ValueError(f"collate: {len(features)} features but {len(labels)} labels")
-        out["labels"] = torch.tensor(labels, dtype=torch.long)
+        is_score = any(isinstance(y, float) for y in labels)
+        out["labels"] = torch.tensor(labels, dtype=torch.float32 if is_score else torch.long)
     return out
 
 

@@ -1,9 +1,11 @@
-"""Evaluation: predictions, accuracy, macro-F1, bootstrap confidence intervals.
+"""Evaluation: predictions in dataset order, scored with bootstrap confidence intervals.
 
 `predict` runs a model (dense, pruned or gated by the caller) over batches and
-returns predictions in dataset order; `score` turns predictions into metrics
-with percentile-bootstrap 95% intervals; `paired_bootstrap` compares two
-systems on the same examples. All resampling is seeded.
+returns predictions in dataset order (class ids, or the single output of a
+regression head); `score` (from `cahp.train.metrics`) turns them into every
+metric of the task type with percentile-bootstrap 95% intervals;
+`paired_bootstrap` compares two systems on the same examples. All resampling is
+seeded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ from tqdm.auto import tqdm
 from cahp.core import distributed
 from cahp.data.batching import MODEL_INPUTS, EncodedDataset, encode, iter_batches
 from cahp.data.tasks import Task
+from cahp.train.metrics import macro_f1, paired_bootstrap, paired_bootstrap_metric, score
+
+__all__ = [
+    "MODEL_INPUTS",
+    "evaluate_examples",
+    "evaluate_task",
+    "macro_f1",
+    "model_inputs",
+    "paired_bootstrap",
+    "paired_bootstrap_metric",
+    "predict",
+    "score",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +59,8 @@ def predict(
         n: dataset size.
 
     Returns:
-        ``(predictions (n,), logits (n, num_labels))`` as numpy arrays.
+        ``(predictions (n,), logits (n, num_labels))`` as numpy arrays; the predictions are the argmax
+        class ids, or for a one-output (regression) head the output itself (floats).
     """
     was_training = model.training
     model.eval()
@@ -68,76 +84,8 @@ def predict(
         raise ValueError("no batches to predict")
     if torch.isnan(logits).any():
         raise ValueError("some examples were never predicted: batches do not cover the dataset")
-    return logits.argmax(-1).numpy(), logits.numpy()
-
-
-def _macro_f1_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    # (..., K) counts -> (...,) macro-F1; a class with no true and no predicted
-    # example contributes F1 = 0 (sklearn's zero_division=0).
-    denom = 2 * tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return f1.mean(-1)
-
-
-def macro_f1(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> float:
-    k = np.arange(num_labels)
-    p, y = preds[:, None] == k, labels[:, None] == k
-    return float(_macro_f1_from_counts((p & y).sum(0), (p & ~y).sum(0), (~p & y).sum(0)))
-
-
-def score(
-    preds: Sequence[int],
-    labels: Sequence[int],
-    num_labels: int,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> dict:
-    """Accuracy and macro-F1 with percentile-bootstrap 95% confidence intervals.
-
-    Returns:
-        ``{"n", "accuracy", "accuracy_ci95": [lo, hi], "macro_f1", "macro_f1_ci95": [lo, hi]}``.
-    """
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    if preds.shape != labels.shape or preds.ndim != 1 or len(preds) == 0:
-        raise ValueError(f"predictions {preds.shape} and labels {labels.shape} must be equal, non-empty 1-D")
-    correct = preds == labels
-    result = {
-        "n": int(len(labels)),
-        "accuracy": float(correct.mean()),
-        "macro_f1": macro_f1(preds, labels, num_labels),
-    }
-    if n_bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, len(labels), size=(n_bootstrap, len(labels)))
-        acc = correct[idx].mean(1)
-        k = np.arange(num_labels)
-        p = preds[idx][..., None] == k  # (B, n, K)
-        y = labels[idx][..., None] == k
-        f1 = _macro_f1_from_counts((p & y).sum(1), (p & ~y).sum(1), (~p & y).sum(1))
-        result["accuracy_ci95"] = [float(x) for x in np.percentile(acc, [2.5, 97.5])]
-        result["macro_f1_ci95"] = [float(x) for x in np.percentile(f1, [2.5, 97.5])]
-    return result
-
-
-def paired_bootstrap(correct_a: Sequence[bool], correct_b: Sequence[bool], n_bootstrap: int = 10000, seed: int = 0):
-    """Paired bootstrap of accuracy(a) - accuracy(b) on the same examples.
-
-    Returns:
-        ``{"diff", "ci95": [lo, hi], "p_value"}``; p is two-sided: twice the share of
-        resamples on the other side of zero from the observed difference (capped at 1).
-    """
-    a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError("paired bootstrap needs two equal-length, non-empty 1-D arrays")
-    d = a - b
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(n_bootstrap, len(d)))].mean(1)
-    diff = float(d.mean())
-    if diff >= 0:
-        p = 2 * float((boots <= 0).mean())
-    else:
-        p = 2 * float((boots >= 0).mean())
-    return {"diff": diff, "ci95": [float(x) for x in np.percentile(boots, [2.5, 97.5])], "p_value": min(1.0, p)}
+    preds = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+    return preds.numpy(), logits.numpy()
 
 
 def evaluate_examples(
@@ -154,10 +102,15 @@ def evaluate_examples(
     encoded: EncodedDataset | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score ``model`` on a list of examples; adds ``predictions`` (dataset order)."""
+    """Score ``model`` on a list of examples (see `score`); adds ``predictions`` (dataset order).
+
+    ``num_labels`` is the task's (1: regression); the model must have as many outputs.
+    """
     ds = encoded if encoded is not None else encode(tokenizer, examples, max_length)
     batches = iter_batches(ds, batch_size, shuffle=False, pad_token_id=tokenizer.pad_token_id or 0)
-    preds, _ = predict(model, batches, len(ds), desc=desc, progress=progress)
+    preds, logits = predict(model, batches, len(ds), desc=desc, progress=progress)
+    if logits.shape[-1] != num_labels:
+        raise ValueError(f"the model has {logits.shape[-1]} output(s) but the task needs {num_labels}")
     result = score(preds, np.asarray(ds.labels), num_labels, n_bootstrap=n_bootstrap, seed=seed)
     result["predictions"] = preds.tolist()
     return result
@@ -179,7 +132,9 @@ def evaluate_task(
     """Score ``model`` on task splits (default: the test split and any extra evaluation splits).
 
     Returns:
-        ``{split: {"n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95"[, "predictions"]}}``.
+        ``{split: score}`` with the keys of `cahp.train.metrics.score` (classification: ``"n"``,
+        ``"accuracy"``, ``"accuracy_ci95"``, ``"macro_f1"``, ``"macro_f1_ci95"``, ``"matthews"``, ...;
+        regression: ``"pearson"``, ``"spearman"``, ...) and ``"predictions"`` if ``keep_predictions``.
         For MNLI the test split is matched and the extra split mismatched accuracy.
     """
     splits = list(splits) if splits else [task.test_split, *task.extra_eval_splits]
@@ -193,8 +148,16 @@ def evaluate_task(
         if not keep_predictions:
             res.pop("predictions")
         out[split] = res
-        log.info(
-            "%s/%s: accuracy %.4f [%.4f, %.4f], macro-F1 %.4f (n=%d)", task.name, split, res["accuracy"],
-            *res.get("accuracy_ci95", [float("nan")] * 2), res["macro_f1"], res["n"],
-        )
+        if task.is_regression:
+            log.info(
+                "%s/%s: Pearson %.4f [%.4f, %.4f], Spearman %.4f, MSE %.4f (mean prediction %.4f) (n=%d)",
+                task.name, split, res["pearson"], *res.get("pearson_ci95", [float("nan")] * 2), res["spearman"],
+                res["mse"], res["baseline"]["mse"], res["n"],
+            )
+        else:
+            log.info(
+                "%s/%s: accuracy %.4f [%.4f, %.4f], macro-F1 %.4f, Matthews %.4f, majority class %.4f (n=%d)",
+                task.name, split, res["accuracy"], *res.get("accuracy_ci95", [float("nan")] * 2), res["macro_f1"],
+                res["matthews"], res["majority_accuracy"], res["n"],
+            )
     return out

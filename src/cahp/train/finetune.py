@@ -31,6 +31,7 @@ from cahp.data.batching import encode, make_batches
 from cahp.data.tasks import Task
 from cahp.model.checkpoint import save_pruned
 from cahp.train.evaluate import evaluate_examples, model_inputs
+from cahp.train.metrics import METRICS, resolve_metric
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,44 @@ class FinetuneConfig:
     weight_decay: float = cfg_field(0.01, "AdamW weight decay (not on biases and LayerNorm weights)")
     max_grad_norm: float = cfg_field(1.0, "gradient clipping norm (0 disables)")
     patience: int = cfg_field(2, "stop after this many epochs without a better dev score (0: never stop early)")
-    metric: str = cfg_field("accuracy", "dev metric that selects the best epoch", choices=["accuracy", "macro_f1"])
+    metric: str = cfg_field(
+        "accuracy", "dev metric that selects the best epoch (on a regression task, accuracy means pearson)",
+        choices=list(METRICS),
+    )
     seed: int = cfg_field(0, "seed of initialisation, shuffling and dropout")
     max_train_examples: int = cfg_field(0, "use only the first N training examples after a seeded shuffle (0: all)")
 
 
 @dataclass
 class FinetuneResult:
+    """What a fine-tuning run did: the best epoch, its dev scores, every epoch's record, the settings.
+
+    ``metric`` is the dev metric that chose the best epoch (``config["metric"]`` as resolved for the task).
+    """
+
     best_epoch: int
     best_dev: dict
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    metric: str = "accuracy"
 
     def to_dict(self) -> dict:
+        """The result as plain data (JSON-ready)."""
         return asdict(self)
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Refuse impossible settings with a one-line ValueError naming the setting."""
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_batch_size < 1 or cfg.lr <= 0:
+        raise ValueError("epochs, batch_size and eval_batch_size must be >= 1 and lr > 0")
+    if cfg.max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {cfg.max_length}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    for name in ("weight_decay", "max_grad_norm", "patience", "max_train_examples"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -75,6 +99,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
+    """Learning-rate factor per step: linear warm-up over ``warmup_steps``, then linear decay to 0."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
@@ -97,8 +123,9 @@ def finetune(
     """Fine-tune ``model`` in place; the best dev epoch's weights are loaded at the end.
 
     Args:
-        model: a sequence-classification model (dense or pruned).
-        task: gives the default train and dev splits and the label count.
+        model: a sequence-classification model (dense or pruned) with ``task.num_labels`` outputs; for a
+            regression task one output, trained with the mean squared error.
+        task: gives the default train and dev splits, the label count and the task type.
         cfg: settings (`FinetuneConfig` defaults when None).
         train_examples / dev_examples: override the task's train / dev split
             (the CAHP pipeline holds some training examples out).
@@ -108,8 +135,14 @@ def finetune(
         A `FinetuneResult` with the per-epoch history (train loss, dev scores, seconds).
     """
     cfg = cfg or FinetuneConfig()
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    check_config(cfg)
+    metric = resolve_metric(cfg.metric, task.task_type, task.num_labels)
+    config = getattr(model, "config", None)
+    outputs = getattr(config, "num_labels", None)
+    if outputs is not None and outputs != task.num_labels:
+        raise ValueError(f"the model has {outputs} output(s) but task {task.name!r} needs {task.num_labels}")
+    if task.is_regression and config is not None:
+        config.problem_type = "regression"  # what transformers' own loss uses if called with labels
     train_examples = list(train_examples if train_examples is not None else task.load(task.train_split))
     dev_examples = list(dev_examples if dev_examples is not None else task.load(task.dev_split))
     if cfg.max_train_examples:
@@ -129,7 +162,7 @@ def finetune(
     train_model = distributed.wrap_ddp(model)  # the model itself with one process
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, int(cfg.warmup_ratio * total)))
-    best_score, best_epoch, best_state, best_dev = -1.0, -1, None, {}
+    best_score, best_epoch, best_state, best_dev = -float("inf"), -1, None, {}
     history: list[dict] = []
     bad_epochs = 0
     t_start = time.perf_counter()
@@ -148,14 +181,14 @@ def finetune(
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not distributed.show_progress(progress),
                    mininterval=2)
         for batch in bar:
-            out = train_model(**model_inputs(batch, device), labels=batch["labels"].to(device))
-            out.loss.backward()
+            loss = _loss(train_model, batch, device, task.is_regression)
+            loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
+            losses.append(loss.item())
             if len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         loss_sum, n_losses = distributed.all_reduce_sum(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
@@ -177,25 +210,34 @@ def finetune(
         }
         history.append(record)
         log.info(
-            "epoch %d: train loss %.4f, dev %s %.4f (%.0f s)", epoch + 1, record["train_loss"], cfg.metric,
-            dev[cfg.metric], t_epoch,
+            "epoch %d: train loss %.4f, dev %s %.4f (%.0f s)", epoch + 1, record["train_loss"], metric,
+            dev[metric], t_epoch,
         )
-        if dev[cfg.metric] > best_score:
-            best_score, best_epoch, best_dev, bad_epochs = dev[cfg.metric], epoch + 1, dev, 0
+        if dev[metric] > best_score:
+            best_score, best_epoch, best_dev, bad_epochs = dev[metric], epoch + 1, dev, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
             if cfg.patience and bad_epochs >= cfg.patience:
-                log.info("early stop: no better dev %s for %d epochs", cfg.metric, bad_epochs)
+                log.info("early stop: no better dev %s for %d epochs", metric, bad_epochs)
                 break
     del train_model  # drops the DDP wrapper (and its gradient hooks); ``model`` keeps the weights
     model.load_state_dict(best_state)
     model.eval()
     result = FinetuneResult(
         best_epoch=best_epoch, best_dev=best_dev, history=history,
-        train_seconds=time.perf_counter() - t_start, config=asdict(cfg),
+        train_seconds=time.perf_counter() - t_start, config=asdict(cfg), metric=metric,
     )
-    log.info("best epoch %d: dev %s %.4f", best_epoch, cfg.metric, best_score)
+    log.info("best epoch %d: dev %s %.4f", best_epoch, metric, best_score)
     if output_dir is not None:
         distributed.on_main(save_pruned, model, tokenizer, Path(output_dir))
     return result
+
+
+def _loss(model: nn.Module, batch: dict, device: torch.device, regression: bool) -> torch.Tensor:
+    """The batch's mean loss: cross-entropy (the model's own) or, for regression, MSE of the one output."""
+    if not regression:
+        return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).loss
+    # logits (batch, 1) -> (batch,) against float labels (batch,)
+    logits = model(**model_inputs(batch, device)).logits
+    return nn.functional.mse_loss(logits[:, 0].float(), batch["labels"].to(device).float())
