@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import REPO, meta_lines, metadata, write_result  # noqa: E402
 
 log = logging.getLogger("bench_distributed")
 

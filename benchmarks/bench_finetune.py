@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cahp  # noqa: E402
-from _common import REPO, load_result, meta_lines, metadata, write_result  # noqa: E402
+from benchmarks._common import REPO, load_result, meta_lines, metadata, write_result  # noqa: E402
 from cahp.data.batching import encode, make_batches  # noqa: E402
 from cahp.data.tasks import get_task  # noqa: E402
 from cahp.train.evaluate import evaluate_task, model_inputs  # noqa: E402

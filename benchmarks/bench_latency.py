@@ -4,6 +4,9 @@
     python benchmarks/bench_latency.py --quick    # smoke run: tiny shapes, few repetitions, seconds
     python benchmarks/bench_latency.py --sweep --threads 1 --shapes 1x32   # where the line is lost
 
+Timing options are `cahp bench`'s own (`cahp.bench.config.BenchConfig`), with
+other defaults: ``--budget 30 --min-reps 15`` and ONNX on (``--no-onnx``).
+
 For each model (minilm-l6, mpnet-base) it times, interleaved round-robin, the
 dense model, three pruned copies and the attention-free floor, in PyTorch and
 in onnxruntime (same thread count):
@@ -13,14 +16,15 @@ in onnxruntime (same thread count):
 - ``50% (empty layers)``: every head of every other layer removed.
 
 Every model runs the attention kernel that is fastest for the dense model at
-that shape (``cahp.bench.latency``, kernel "auto"). The floor-relative figure is
-(dense - pruned) / ((dense - no attention) x share of heads removed): 1.0 means
-the pruned model sits on the straight line from dense to the floor. Results go
-to results/latency.json (``--quick`` writes to the temporary folder instead).
+that shape (`cahp.bench.timing.choose_kernel`, kernel "auto"). The
+floor-relative figure is (dense - pruned) / ((dense - no attention) x share of
+heads removed): 1.0 means the pruned model sits on the straight line from dense
+to the floor. Results go to results/latency.json (``--quick`` writes to the
+temporary folder instead).
 
 ``--sweep`` times instead each model with h heads in every layer (h = all
 heads down to 1) and the floor, and fits the cost one attention block adds
-above the floor as ``fixed + per_head * h`` (`cahp.bench.latency.head_count_sweep`):
+above the floor as ``fixed + per_head * h`` (`cahp.bench.sweep.head_count_sweep`):
 the fixed part, paid by any block that keeps a head, is what keeps pruned
 models below the line (uniform pruning realises at most ``heads * per_head /
 (fixed + heads * per_head)`` of the ideal saving). Results go to
@@ -39,26 +43,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cahp  # noqa: E402
-from _common import meta_lines, metadata, write_result  # noqa: E402
-from cahp.bench.latency import (  # noqa: E402
-    DENSE,
-    NO_ATTENTION,
-    ONNX_PREFIX,
-    SWEEP_EXPLAINED,
-    bench_models,
-    emptied_layers_removal,
-    floor_relative_ci,
-    fmt_number,
-    format_sweep,
-    head_count_sweep,
-    parse_shapes,
-    random_removal,
-    ratio_ci,
-    ratio_floor_relative,
-)
-from cahp.commands.bench import add_timing_arguments, timing_kwargs  # noqa: E402
+from benchmarks._common import meta_lines, metadata, write_result  # noqa: E402
+from cahp.bench.config import DENSE, NO_ATTENTION, ONNX_PREFIX, BenchConfig  # noqa: E402
+from cahp.bench.figures import floor_relative_ci, ratio_ci, ratio_floor_relative  # noqa: E402
+from cahp.bench.latency import bench_models  # noqa: E402
+from cahp.bench.report import SWEEP_EXPLAINED, fmt_number, format_sweep  # noqa: E402
+from cahp.bench.sweep import head_count_sweep  # noqa: E402
+from cahp.bench.variants import emptied_layers_removal, random_removal  # noqa: E402
+from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.core.io import to_jsonable, write_json  # noqa: E402
 
 log = logging.getLogger("bench_latency")
@@ -66,6 +61,10 @@ NAME = "latency"
 SWEEP_NAME = "latency_sweep"
 # Goals of issue 6: floor-relative figure at least this, per (batch, seq).
 GOALS = {(32, 128): 0.95, (1, 32): 0.85}
+# `cahp bench`'s timing settings with this benchmark's defaults: longer timing, ONNX on.
+DEFAULTS = BenchConfig(budget=30.0, min_reps=15, onnx=True)
+# smoke run (--quick): these settings replace the given ones
+QUICK = {"shapes": "1x8,2x16", "reps": 3, "min_reps": 1, "warmup": 1}
 
 
 VARIANTS = {"50": "50%", "75": "75%", "empty": "50% (empty layers)"}
@@ -81,46 +80,43 @@ def pruned_variants(dense, seed: int, only=tuple(VARIANTS)) -> dict:
     return {VARIANTS[k]: cahp.remove_heads(copy.deepcopy(dense), plans[k]()) for k in VARIANTS if k in only}
 
 
-def run(args) -> dict:
-    meta = metadata()  # stamped at start: the code that runs
+def settings_of(args: argparse.Namespace) -> tuple[BenchConfig, dict]:
+    """The timing config of parsed options (``--quick`` applied) and the settings a result records."""
+    cfg = from_args(BenchConfig, argparse.Namespace(**{**vars(args), **(QUICK if args.quick else {})}))
     settings = {
-        "threads": args.threads,
-        "shapes": [list(s) for s in parse_shapes(args.shapes)],
-        "kernel": args.kernel,
-        "reps": args.reps,
-        "min_reps": args.min_reps,
-        "max_reps": args.max_reps,
-        "budget_s": args.budget,
-        "warmup": args.warmup,
-        "seed": args.seed,
-        "onnx": not args.no_onnx,
-        "clock": args.clock,
-        "hold_memory": not args.malloc_default,
+        "threads": cfg.threads,
+        "shapes": [list(s) for s in cfg.shape_list],
+        "kernel": cfg.kernel,
+        "reps": cfg.reps,
+        "min_reps": cfg.min_reps,
+        "max_reps": cfg.max_reps,
+        "budget_s": cfg.budget,
+        "warmup": cfg.warmup,
+        "seed": cfg.seed,
+        "onnx": cfg.onnx,
+        "clock": cfg.clock,
+        "hold_memory": cfg.hold_memory,
         "quick": args.quick,
         "sweep": args.sweep,
         "variants": [VARIANTS[k] for k in args.variants],
     }
+    return cfg, settings
+
+
+def run(args) -> dict:
+    meta = metadata()  # stamped at start: the code that runs
+    cfg, settings = settings_of(args)
     result = {"settings": settings, "models": {}}
     name = args.name or (SWEEP_NAME if args.sweep else NAME)
     for model_name in args.models:
         log.info("loading %s", model_name)
         dense, _ = cahp.load_model(model_name, attn_implementation="eager", with_tokenizer=False)
         if args.sweep:
-            result["models"][model_name] = [
-                to_jsonable(head_count_sweep(dense, batch=b, seq=q, **timing_kwargs(args)))
-                for b, q in settings["shapes"]
-            ]
+            result["models"][model_name] = [to_jsonable(head_count_sweep(dense, b, q, cfg)) for b, q in cfg.shape_list]
             _write(args, name, meta, result)
             continue
         pruned = pruned_variants(dense, args.seed, only=args.variants)
-        res = bench_models(
-            dense,
-            pruned,
-            shapes=settings["shapes"],
-            devices=args.device,
-            onnx=not args.no_onnx,
-            **timing_kwargs(args),
-        )
+        res = bench_models(dense, pruned, cfg)
         res["selection_seed"] = args.seed
         result["models"][model_name] = to_jsonable(res)
         _write(args, name, meta, result)
@@ -399,14 +395,11 @@ def render(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's options: `BenchConfig`'s (with `DEFAULTS`), then what is timed and where it goes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["minilm-l6", "mpnet-base"])
-    p.add_argument("--shapes", default="1x32,1x128,32x32,32x128", help="BATCHxSEQ list (default all four)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cpu plus cuda when present)")
-    add_timing_arguments(p, threads=2, budget=30.0, min_reps=15)
-    p.add_argument("--no-onnx", action="store_true")
+    add_dataclass_args(p, DEFAULTS)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="pruned copies to time: 50 and 75 (%% of heads removed at random), empty (every other "
                    "layer emptied); default all three")
@@ -414,11 +407,15 @@ def main() -> None:
                    help="time h heads in every layer (all..1) and fit one block's cost: results/latency_sweep.json")
     p.add_argument("--name", default=None, help="results file stem (default latency, or latency_sweep with --sweep)")
     p.add_argument("--quick", action="store_true", help="smoke run: shapes 1x8,2x16, 3 repetitions, minilm-l6 only")
+    return p
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = build_parser()
     args = p.parse_args()
-    if args.quick:
-        args.shapes, args.reps, args.min_reps, args.warmup = "1x8,2x16", 3, 1, 1
-        if args.models == p.get_default("models"):
-            args.models = ["minilm-l6"]
+    if args.quick and args.models == p.get_default("models"):
+        args.models = ["minilm-l6"]
     torch.set_num_threads(args.threads)
     result = run(args)
     print(render({"meta": metadata(), **result}))

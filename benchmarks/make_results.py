@@ -1,6 +1,6 @@
 """Render RESULTS.md from benchmarks/results/*.json (never from typed numbers).
 
-Each benchmark module ``benchmarks/<name>.py`` whose results file exists
+Each benchmark module ``benchmarks.<name>`` whose results file exists
 provides ``render(result: dict) -> str`` (markdown). Sections appear in
 `SECTIONS` order.
 
@@ -9,14 +9,15 @@ provides ``render(result: dict) -> str`` (markdown). Sections appear in
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
+    sys.path.insert(0, str(HERE.parent))
 
 # (results file stem, benchmark module, section title)
 SECTIONS = [
@@ -110,10 +111,8 @@ def update_readme() -> None:
 
 
 def _load(module_name: str):
-    spec = importlib.util.spec_from_file_location(module_name, HERE / f"{module_name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark module ``benchmarks.<module_name>`` (each renders its own results)."""
+    return importlib.import_module(f"benchmarks.{module_name}")
 
 
 def _compare_section() -> list[str] | None:

@@ -9,36 +9,35 @@ import math
 import numpy as np
 import pytest
 import torch
+from benchmarks import bench_latency
 
 import cahp
 from cahp.arch import ResidualOnlyAttention, get_adapter
 from cahp.arch.base import ATTENTION_KERNELS, project_out_residual
-from cahp.bench.latency import (
-    BenchError,
-    bench_models,
-    count_macs,
-    emptied_layers_removal,
-    fit_block_cost,
+from cahp.bench import BenchConfig, BenchError, bench_models, head_count_sweep, run_bench
+from cahp.bench.config import parse_shapes
+from cahp.bench.figures import (
     floor_relative,
     floor_relative_ci,
-    format_table,
-    head_count_sweep,
-    no_attention_model,
     paired_floor_relative,
-    parse_shapes,
-    prepare_for_inference,
-    random_removal,
     ratio_ci,
     ratio_floor_relative,
-    run_bench,
     summarize,
+)
+from cahp.bench.macs import count_macs
+from cahp.bench.report import format_table
+from cahp.bench.sweep import fit_block_cost
+from cahp.bench.variants import (
+    emptied_layers_removal,
+    no_attention_model,
+    prepare_for_inference,
+    random_removal,
     uniform_removal,
 )
 from cahp.cli import main as cli_main
 from cahp.core.io import to_jsonable
 from cahp.model.heads import HeadIndexError
 
-from .benchmarks_module import load_benchmark
 from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
 
 PATTERN = {0: [1], 1: [0, 1, 2, 3], 2: [0, 3]}  # heads left per layer: 3, 0, 2
@@ -349,7 +348,7 @@ def test_unknown_kernel():
     with pytest.raises(ValueError, match="unknown attention kernel"):
         get_adapter(model).set_attention_kernel(model, "flash")
     with pytest.raises(BenchError, match="unknown kernel"):
-        bench_models(model, {"p": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, kernel="flash")
+        BenchConfig(kernel="flash")
 
 
 def test_prepare_refuses_hooks():
@@ -367,9 +366,8 @@ def test_prepare_refuses_hooks():
 def test_bench_models_smoke(family):
     dense = tiny_model(family)
     pruned = {"half": cahp.remove_heads(copy.deepcopy(dense), random_removal(dense, 0.5, seed=0))}
-    result = bench_models(
-        dense, pruned, shapes=[(1, 8), (2, 16)], threads=1, kernel="auto", reps=3, warmup=1, onnx=family == "bert"
-    )
+    cfg = BenchConfig(shapes="1x8,2x16", threads=1, kernel="auto", reps=3, warmup=1, onnx=family == "bert")
+    result = bench_models(dense, pruned, cfg)
     assert result["threads"] == 1
     assert result["allocator"].startswith("glibc, freed memory held") or "default" in result["allocator"]
     assert set(result["variants"]) == {"dense", "half", "no_attention"}
@@ -410,15 +408,15 @@ def test_bench_models_smoke(family):
 
 
 def test_bench_rejects_mismatched_and_unpruned():
-    dense = tiny_model("bert")
+    dense, one = tiny_model("bert"), BenchConfig(shapes="1x8", reps=1)
     with pytest.raises(BenchError, match="longer than the model allows"):
-        bench_models(dense, {"p": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, shapes=[(1, 65)], reps=1)
+        bench_models(dense, {"p": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, BenchConfig(shapes="1x65", reps=1))
     with pytest.raises(BenchError, match="architecture"):
-        bench_models(dense, {"p": tiny_model("mpnet")}, shapes=[(1, 8)], reps=1)
+        bench_models(dense, {"p": tiny_model("mpnet")}, one)
     with pytest.raises(BenchError, match="nothing was removed"):
-        bench_models(dense, {"p": tiny_model("bert")}, shapes=[(1, 8)], reps=1)
+        bench_models(dense, {"p": tiny_model("bert")}, one)
     with pytest.raises(BenchError, match="reserved"):
-        bench_models(dense, {"dense": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, shapes=[(1, 8)], reps=1)
+        bench_models(dense, {"dense": cahp.remove_heads(tiny_model("bert"), {0: [0]})}, one)
 
 
 @pytest.mark.parametrize("text, message", [("3", "BATCHxSEQUENCE"), ("0x8", "positive"), ("2xa", "BATCHxSEQUENCE")])
@@ -495,41 +493,39 @@ def test_cli_bench_sweep(tmp_path, capsys):
 
 def test_benchmark_render_on_a_tiny_result():
     """benchmarks/bench_latency.py renders what bench_models returns (RESULTS.md is generated from it)."""
-    module = load_benchmark("bench_latency")
-    metadata = module.metadata
-    dense = tiny_model("bert")
-    res = bench_models(dense, module.pruned_variants(dense, seed=0), shapes=[(1, 32)], threads=1, reps=2, warmup=1)
+    dense, meta = tiny_model("bert"), bench_latency.metadata()
+    cfg = BenchConfig(shapes="1x32", threads=1, reps=2, warmup=1)
+    res = bench_models(dense, bench_latency.pruned_variants(dense, seed=0), cfg)
     settings = {
         "threads": 1, "shapes": [[1, 32]], "kernel": "auto", "reps": 2, "min_reps": 1, "budget_s": 1.0,
         "warmup": 1, "seed": 0, "onnx": False, "clock": "wall", "quick": True,
     }  # fmt: skip
-    text = module.render({"meta": metadata(), "settings": settings, "models": {"tiny": to_jsonable(res)}})
+    text = bench_latency.render({"meta": meta, "settings": settings, "models": {"tiny": to_jsonable(res)}})
     assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text
     assert "; ratios " in text and "(ratios: " in text
     assert "Allocator: " + res["allocator"] in text
     # the head-count sweep renders through the same entry point
-    sweep = head_count_sweep(dense, batch=1, seq=8, threads=1, reps=3, warmup=1, n_boot=100)
-    text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True}, "models": {"tiny": [sweep]}})
+    sweep = head_count_sweep(dense, 1, 8, BenchConfig(threads=1, reps=3, warmup=1), n_boot=100)
+    text = bench_latency.render({"meta": meta, "settings": {**settings, "sweep": True}, "models": {"tiny": [sweep]}})
     assert "| tiny | 1x8 |" in text and "ceiling" in text and "| heads per layer | 4 | 3 | 2 | 1 | 0 (floor) |" in text
     # undefined figures (NaN, None once in JSON) render as a dash
     nan_fit = {k: None for k in sweep["fit"]}
-    text = module.render({"meta": metadata(), "settings": {**settings, "sweep": True},
-                          "models": {"tiny": [{**sweep, "fit": nan_fit, "uniform_ceiling_ci95": [None, None]}]}})
+    text = bench_latency.render({"meta": meta, "settings": {**settings, "sweep": True},
+                                 "models": {"tiny": [{**sweep, "fit": nan_fit, "uniform_ceiling_ci95": [None, None]}]}})
     assert "| – | –% | – [–, –] |" in text or "| - | -% | - [-, -] |" in text
 
 
 def test_benchmark_goal_overview_lists_every_run_of_each_cell():
     """RESULTS.md's overview of issue 6's goals: one row per pruned model, goal shape and run, oldest run first."""
-    module = load_benchmark("bench_latency")
     dense = tiny_model("bert")
-    res = to_jsonable(bench_models(dense, module.pruned_variants(dense, seed=0, only=["50", "75"]),
-                                   shapes=[(1, 32), (1, 8)], threads=1, reps=3, warmup=1))  # fmt: skip
+    res = to_jsonable(bench_models(dense, bench_latency.pruned_variants(dense, seed=0, only=["50", "75"]),
+                                   BenchConfig(shapes="1x32,1x8", threads=1, reps=3, warmup=1)))  # fmt: skip
     settings = {"threads": 1, "shapes": [[1, 32], [1, 8]]}
     meta = {"date": "2026-11-27T01:00:00", "git_revision": "bbb"}
     newer = {"meta": meta, "settings": settings, "models": {"tiny": res}}
     older = {**newer, "meta": {"date": "2026-11-26T01:00:00", "git_revision": "aaa"}}
     sweep = {"meta": newer["meta"], "settings": {"threads": 1, "sweep": True}, "models": {"tiny": []}}
-    text = module.render_overview({"new": newer, "sweep": sweep, "old": older})
+    text = bench_latency.render_overview({"new": newer, "sweep": sweep, "old": older})
     rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
     # 1x8 has no goal, the sweep has no pruned models: 2 variants x 1 shape x 2 runs
     assert [r.split(" | ")[1:4] for r in rows] == [["50%", "1x32", "`old`"], ["50%", "1x32", "`new`"],
@@ -537,44 +533,42 @@ def test_benchmark_goal_overview_lists_every_run_of_each_cell():
     assert all(r.count("|") == 12 for r in rows) and "aaa" in rows[0] and "bbb" in rows[1]
     assert all(any(v in r for v in ("met", "missed", "undecided")) for r in rows)
     # a bound that would round onto the goal gets the digits that tell the verdict
-    assert module._fmt_figure(0.97, [0.951, 1.0], 0.95) == "0.97 [0.951, 1.00]"
-    assert module._fmt_figure(0.97, [0.9496, 1.0], 0.95) == "0.97 [0.9496, 1.00]"
-    assert module._fmt_figure(0.97, [0.9496, 1.0]) == "0.97 [0.95, 1.00]"
-    assert module._fmt_figure(0.97, None, 0.95) == "0.97"
+    assert bench_latency._fmt_figure(0.97, [0.951, 1.0], 0.95) == "0.97 [0.951, 1.00]"
+    assert bench_latency._fmt_figure(0.97, [0.9496, 1.0], 0.95) == "0.97 [0.9496, 1.00]"
+    assert bench_latency._fmt_figure(0.97, [0.9496, 1.0]) == "0.97 [0.95, 1.00]"
+    assert bench_latency._fmt_figure(0.97, None, 0.95) == "0.97"
 
 
 def test_benchmark_onnx_verdict_uses_the_interval():
     """ONNX at least as fast: met / missed only when the ratio's 95% interval is on one side of 1."""
-    module = load_benchmark("bench_latency")
-    assert module._ratio_verdict(0.9, [0.85, 0.95]) == "met"
-    assert module._ratio_verdict(1.1, [1.02, 1.2]) == "missed"
-    assert module._ratio_verdict(1.03, [0.99, 1.07]) == "undecided"
-    assert module._ratio_verdict(1.03, None) == "missed"
+    assert bench_latency._ratio_verdict(0.9, [0.85, 0.95]) == "met"
+    assert bench_latency._ratio_verdict(1.1, [1.02, 1.2]) == "missed"
+    assert bench_latency._ratio_verdict(1.03, [0.99, 1.07]) == "undecided"
+    assert bench_latency._ratio_verdict(1.03, None) == "missed"
     # a run written before the ratio was stored: from the medians, its interval from the kept times
     run = {
         "timings": {"half": {"median_ms": 10.0}, "onnx:half": {"median_ms": 12.0}},
         "times_ms": {"half": [10.0, 10.1, 9.9, 10.0], "onnx:half": [12.0, 12.2, 11.8, 12.1]},
     }
-    ratio, ci = module._onnx_ratio(run, "half")
+    ratio, ci = bench_latency._onnx_ratio(run, "half")
     assert ratio == pytest.approx(1.2) and 1.15 < ci[0] <= ci[1] < 1.25
-    assert module._onnx_ratio({"timings": {"half": {"median_ms": 1.0}}}, "half") is None
+    assert bench_latency._onnx_ratio({"timings": {"half": {"median_ms": 1.0}}}, "half") is None
     # undefined intervals (NaN, null once in JSON, e.g. from a single repetition) fall back to the point figure
-    assert module._goal_verdict(0.9, [None, None], 0.85) == "met"
-    assert module._goal_verdict(0.8, [float("nan"), float("nan")], 0.85) == "missed"
-    assert module._ratio_verdict(0.9, [None, None]) == "met"
+    assert bench_latency._goal_verdict(0.9, [None, None], 0.85) == "met"
+    assert bench_latency._goal_verdict(0.8, [float("nan"), float("nan")], 0.85) == "missed"
+    assert bench_latency._ratio_verdict(0.9, [None, None]) == "met"
     run = {"timings": run["timings"], "onnx_ratio": {"half": 1.2}, "onnx_ratio_ci95": {"half": [None, None]}}
-    assert module._onnx_ratio(run, "half") == (1.2, None)
+    assert bench_latency._onnx_ratio(run, "half") == (1.2, None)
 
 
 def test_benchmark_ratio_figure_of_an_older_result():
     """Results written before the ratio-based figure was stored get it from their per-repetition times."""
-    module = load_benchmark("bench_latency")
     times = {"dense": [10.0, 20.0, 10.5, 15.0], "half": [7.0, 14.0, 7.35, 10.5], "no_attention": [4.0, 8.0, 4.2, 6.0]}
-    x, ci = module._ratio_figure({"times_ms": times}, "half", 0.5)
+    x, ci = bench_latency._ratio_figure({"times_ms": times}, "half", 0.5)
     assert x == pytest.approx(1.0) and ci == pytest.approx([1.0, 1.0])
     stored = {"floor_relative_ratio": {"half": 0.9}, "floor_relative_ratio_ci95": {"half": [0.8, 1.0]}}
-    assert module._ratio_figure(stored, "half", 0.5) == (0.9, [0.8, 1.0])
-    assert module._ratio_figure({"times_ms": {"dense": [1.0]}}, "half", 0.5) is None
+    assert bench_latency._ratio_figure(stored, "half", 0.5) == (0.9, [0.8, 1.0])
+    assert bench_latency._ratio_figure({"times_ms": {"dense": [1.0]}}, "half", 0.5) is None
 
 
 # --- the head-count sweep: where the line is lost -----------------------------
@@ -604,7 +598,7 @@ def test_uniform_removal():
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_head_count_sweep_smoke(family):
     dense = tiny_model(family)
-    r = head_count_sweep(dense, batch=1, seq=8, threads=1, kernel="auto", reps=4, warmup=1, n_boot=200)
+    r = head_count_sweep(dense, 1, 8, BenchConfig(threads=1, kernel="auto", reps=4, warmup=1), n_boot=200)
     assert r["kernel"] in ATTENTION_KERNELS and r["reps"] == 4
     assert set(r["median_ms"]) == {str(h) for h in range(N_HEADS + 1)}
     assert set(r["per_block_ms"]) == {str(h) for h in range(1, N_HEADS + 1)}
@@ -614,4 +608,73 @@ def test_head_count_sweep_smoke(family):
     assert (math.isnan(lo) and math.isnan(hi)) or lo <= hi
     assert cahp.num_kept(dense) == N_LAYERS * N_HEADS  # the model handed in is not changed
     with pytest.raises(BenchError, match="between 1 and"):
-        head_count_sweep(dense, counts=[0], reps=1)
+        head_count_sweep(dense, cfg=BenchConfig(reps=1), counts=[0])
+
+
+# --- settings: one config for the CLI, the API and the benchmark script --------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_knows_inputs_and_longest_sequence(family):
+    """Family knowledge lives in arch/: the inputs its forward takes and the positions it covers."""
+    import inspect
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    takes = "token_type_ids" in inspect.signature(model.forward).parameters
+    assert adapter.input_names(model.config) == ["input_ids", "attention_mask", *(["token_type_ids"] * takes)]
+    # RoBERTa-style position ids start after the padding id (pad_token_id 1 in tiny.py)
+    offset = 2 if family in ("roberta", "mpnet") else 0
+    assert adapter.max_positions(model.config) == 64 - offset
+    longest = 64 - offset
+    dense = tiny_model(family)
+    with pytest.raises(BenchError, match=f"allows \\({longest}\\)"):
+        bench_models(dense, {"p": cahp.remove_heads(tiny_model(family), {0: [0]})},
+                     BenchConfig(shapes=f"1x{longest + 1}", reps=1))
+
+
+def test_cli_bench_options_are_the_config_fields():
+    from cahp.cli import build_parser
+    from cahp.core.configs import from_args
+
+    sub = build_parser()
+    args = sub.parse_args(["bench", "--model", "m"])
+    assert from_args(BenchConfig, args) == BenchConfig()
+    assert (args.remove_ratio, args.pruned, args.sweep, args.out) == (0.5, None, False, None)
+    args = sub.parse_args(["bench", "--model", "m", "--onnx", "--malloc-default", "--threads", "1", "--reps", "4",
+                           "--budget", "5", "--min-reps", "2", "--max-reps", "9", "--warmup", "0", "--clock", "cpu",
+                           "--kernel", "compact", "--shapes", "2x16", "--device", "cpu", "--seed", "3"])  # fmt: skip
+    assert from_args(BenchConfig, args) == BenchConfig(
+        shapes="2x16", device="cpu", seed=3, threads=1, kernel="compact", reps=4, budget=5.0, min_reps=2, max_reps=9,
+        warmup=0, clock="cpu", malloc_default=True, onnx=True,
+    )
+    with pytest.raises(SystemExit):  # a pruned folder or a random selection, not both
+        sub.parse_args(["bench", "--model", "m", "--pruned", "p", "--remove-ratio", "0.3"])
+    with pytest.raises(BenchError, match="threads"):
+        BenchConfig(threads=0)
+    with pytest.raises(BenchError, match="clock"):
+        BenchConfig(clock="gpu")
+    with pytest.raises(BenchError, match="BATCHxSEQUENCE"):
+        BenchConfig(shapes="32")
+
+
+def test_latency_commands_reproduce_their_recorded_settings():
+    """benchmarks/bench_latency.py takes `cahp bench`'s timing options: every committed latency result's
+    command still parses to the settings that result records."""
+    import json
+    import shlex
+
+    from benchmarks._common import RESULTS_DIR
+
+    files = sorted(RESULTS_DIR.glob("latency*.json"))
+    assert files
+    for f in files:
+        r = json.loads(f.read_text())
+        argv = shlex.split(r["meta"]["command"])
+        script = next(i for i, a in enumerate(argv) if a.endswith("bench_latency.py"))
+        _, settings = bench_latency.settings_of(bench_latency.build_parser().parse_args(argv[script + 1:]))
+        recorded = r["settings"]
+        assert {k: settings[k] for k in recorded} == recorded, f.name
+    # a smoke run replaces the timing settings it names
+    cfg, settings = bench_latency.settings_of(bench_latency.build_parser().parse_args(["--quick", "--reps", "50"]))
+    assert (cfg.reps, cfg.shapes, settings["quick"]) == (3, "1x8,2x16", True)

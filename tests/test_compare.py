@@ -9,6 +9,8 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+from benchmarks import bench_compare, make_results
+from benchmarks._common import REPO, RESULTS_DIR
 
 from cahp.cli import main as cli_main
 from cahp.core.configs import from_args
@@ -19,7 +21,6 @@ from cahp.pipelines.compare import CompareConfig, compare_to_cahp, render_markdo
 from cahp.pipelines.prune import PruneConfig, run_prune
 from cahp.train.finetune import FinetuneConfig
 
-from .benchmarks_module import BENCH_DIR, load_benchmark
 from .test_pipeline import tiny_setup  # noqa: F401  (module fixture: tiny model folder and task)
 
 
@@ -111,7 +112,7 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     assert "epochs max" not in part_a and "no fine-tuning after pruning" in part_a  # no settings of what never ran
     # RESULTS.md's overview: one row per (result, budget), CAHP's pooled verdict per baseline
     v = ft_res["gradient"]["vs_cahp"]["pooled"]
-    bench = load_benchmark("bench_compare")
+    bench = bench_compare
     both = {"a": {key: val for key, val in saved.items() if key != "finetuned"}, "b": saved}
     overview = bench.render_overview(both)
     for part in ("right after pruning", "after one fine-tuning"):  # the README's counts, one part at a time
@@ -213,8 +214,7 @@ def test_compare_in_prune_folder_via_cli(tiny_setup, tmp_path, monkeypatch, caps
 
 def test_readme_results_sections_match_the_results_files():
     """The README's generated sections are what make_results.py makes from the committed results (never typed)."""
-    make_results = load_benchmark("make_results")
-    readme = (BENCH_DIR.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     for name, make in make_results.README_SECTIONS:
         start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
         body = make()
@@ -225,8 +225,8 @@ def test_readme_results_sections_match_the_results_files():
 def test_benchmark_commands_reproduce_their_recorded_settings():
     """bench_compare takes cahp compare's own options: every committed result's command still parses to the
     comparison settings that result records."""
-    bench = load_benchmark("bench_compare")
-    files = sorted((BENCH_DIR / "results").glob("compare_*.json"))
+    bench = bench_compare
+    files = sorted(RESULTS_DIR.glob("compare_*.json"))
     assert files
     for f in files:
         r = json.loads(f.read_text())

@@ -45,3 +45,15 @@ def test_list_option_with_metavar_names_its_choices_and_rejects_others(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["--methods", "d"])
     assert "invalid choice: 'd'" in capsys.readouterr().err
+
+
+def test_an_instance_gives_the_defaults(capsys):
+    """A script sharing a command's settings but not all its defaults passes an instance."""
+    p = argparse.ArgumentParser(prog="x")
+    base = Example(epochs=7, flag=True, methods=["b"])
+    add_dataclass_args(p, base, skip=("mode",))
+    assert from_args(Example, p.parse_args([])) == base
+    assert from_args(Example, p.parse_args(["--no-flag", "--epochs", "1"])) == Example(epochs=1, methods=["b"])
+    assert from_args(Example, p.parse_args([])).methods is not base.methods
+    help_text = " ".join(p.format_help().split())
+    assert "epochs (default: 7)" in help_text and "--mode" not in help_text

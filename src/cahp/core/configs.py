@@ -35,12 +35,25 @@ def _base_type(tp) -> tuple[type, bool]:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """A ``--field-name`` option on ``parser`` for every field of ``cls`` that has help text.
+
+    ``cls`` is a dataclass, or an instance of one whose values are the options'
+    defaults (a script that shares a command's settings but not all its
+    defaults). Booleans become ``--x/--no-x``, lists take one or more values.
+    Fields named in ``skip`` get no option.
+    """
+    instance = None if isinstance(cls, type) else cls
+    cls = type(cls) if instance is not None else cls
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("help"):
             continue
         tp, is_list = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if instance is not None:
+            default = getattr(instance, f.name)
+            default = list(default) if is_list else default  # not the instance's own list
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         opt = "--" + f.name.replace("_", "-")
         shown = " ".join(map(str, default)) if is_list else default
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
@@ -60,5 +73,6 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
 
 
 def from_args(cls, args: argparse.Namespace):
+    """An instance of the dataclass ``cls`` from the parsed options of `add_dataclass_args` (other keys ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
