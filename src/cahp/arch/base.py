@@ -87,8 +87,8 @@ def project_out_residual(o: nn.Linear, context: torch.Tensor, residual: torch.Te
     tensor, then ``addmm_`` adds ``context @ W^T`` to it. ``o(context) +
     residual`` makes two more full-width passes (the broadcast bias written
     into the GEMM output, then a separate add), a cost every block with at
-    least one head pays whatever its head count: about 0.6 ms per block of
-    minilm-l6 at batch 32 x 128 on one thread, a tenth of a head's cost.
+    least one head pays whatever its head count (part of the fixed cost per
+    block that ``cahp bench --sweep`` fits; RESULTS.md has the figures).
     ``residual`` is only read. Otherwise (autograd, hooks, no bias, mixed
     dtypes), the module call and an add.
     """

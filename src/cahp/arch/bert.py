@@ -27,7 +27,7 @@ def compact_bert_attention_forward(self, hidden_states, attention_mask=None, *ar
     Same result as transformers' sdpa path for an encoder's self-attention;
     anything else (cross-attention, caches, asked-for attention weights) goes
     to the original forward. Submodules are read from ``_modules`` directly:
-    ``Module.__getattr__`` costs about a microsecond per access, on every call.
+    ``Module.__getattr__`` is a Python fallback lookup on every access, on every call.
     """
     if (
         args

@@ -8,12 +8,10 @@ Two opposite needs, one per stage:
 - timing wants freed memory kept (`hold_freed_memory`): by default glibc serves
   large blocks with fresh ``mmap`` pages and trims the heap top, so a forward
   pass that allocates and frees the same large activations on every call
-  page-faults them in again each time. Measured on minilm-l6, batch 32,
-  sequence 128, one thread: about 76,000 minor page faults per call of the
-  dense model (some 300 MB of pages zeroed by the kernel), none once freed
-  memory is held, and an unequal number for models of different sizes (noise
-  in their comparison). Holding memory is the usual CPU-inference setting (as
-  jemalloc or tcmalloc do).
+  page-faults them in again each time: pages the kernel zeroes on every call,
+  and an unequal number for models of different sizes (noise in their
+  comparison). Once freed memory is held, the pages stay mapped. Holding
+  memory is the usual CPU-inference setting (as jemalloc or tcmalloc do).
 """
 
 from __future__ import annotations
@@ -51,10 +49,9 @@ def release_freed_memory() -> None:
     shape. glibc raises its mmap threshold each time a large block is freed, so
     later blocks of that size come from the heap, where freed space stays in
     the process: without a trim, resident memory creeps up with the number of
-    batches although nothing is kept between batches. Measured on minilm-l6
-    (`benchmarks/bench_signatures.py --memory-child`): the pass grew resident
-    memory by 175 MB over 1,024 SST-5 sentences and 225 MB over 4,096 without
-    the trim, 158 and 159 MB with it.
+    batches although nothing is kept between batches; the trim hands that
+    space back after every batch (`benchmarks/bench_signatures.py` measures
+    the pass's memory; RESULTS.md has the figures).
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
