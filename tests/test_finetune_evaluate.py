@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score
 
 import cahp
 from cahp.data.tasks import get_task
-from cahp.train.evaluate import paired_bootstrap, score
+from cahp.train.evaluate import evaluate_task, paired_bootstrap, score
 from cahp.train.finetune import FinetuneConfig, finetune
 
 from .tiny import tiny_model
@@ -116,3 +116,73 @@ def test_early_stopping(toy_task):
     cfg = FinetuneConfig(epochs=8, lr=1e-9, batch_size=64, patience=1, seed=0)  # lr ~0: dev never improves
     res = finetune(model, CharTokenizer(), toy_task, cfg, progress=False)
     assert len(res.history) == 2 and res.best_epoch == 1
+
+
+@pytest.fixture
+def toy_regression_task(tmp_path):
+    """Score = 0.5 x the number of 'z' in the text (0..2.5), as float labels: a regression task by detection."""
+    rng = np.random.default_rng(1)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            s = list(rng.choice(list("abcdefgh"), size=rng.integers(4, 10)))
+            zs = int(rng.integers(0, 6))
+            for _ in range(zs):
+                s.insert(int(rng.integers(0, len(s) + 1)), "z")
+            out.append({"text": "".join(s), "label": 0.5 * zs + 0.25})  # .25: never integral, so regression
+        return out
+
+    folder = tmp_path / "reg"
+    folder.mkdir()
+    for split, n in (("train", 400), ("dev", 100), ("test", 100)):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows(n)) + "\n")
+    return get_task(str(folder))
+
+
+def test_finetune_and_evaluate_regression(toy_regression_task, tmp_path):
+    task = toy_regression_task
+    assert task.task_type == "regression" and task.num_labels == 1
+    model = tiny_model("bert", num_labels=1)
+    cfg = FinetuneConfig(epochs=6, lr=3e-3, batch_size=16, patience=0, seed=0)  # metric "accuracy" -> pearson
+    res = finetune(model, CharTokenizer(), task, cfg, output_dir=tmp_path / "out", progress=False)
+    assert res.metric == "pearson" and res.config["metric"] == "accuracy"
+    assert res.best_dev["pearson"] == max(h["dev"]["pearson"] for h in res.history)
+    assert res.best_dev["pearson"] > 0.8, res.history
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert model.config.problem_type == "regression"
+    out = evaluate_task(model, CharTokenizer(), task, n_bootstrap=100)["test"]
+    assert out["task_type"] == "regression" and "accuracy" not in out
+    assert out["pearson_ci95"][0] < out["pearson"] < out["pearson_ci95"][1]
+    assert out["mse"] < out["baseline"]["mse"]  # better than predicting the mean
+    loaded, _ = cahp.load_pruned(tmp_path / "out", with_tokenizer=False)
+    again = evaluate_task(loaded, CharTokenizer(), task, n_bootstrap=100)["test"]
+    assert again["pearson"] == pytest.approx(out["pearson"], abs=1e-6)
+
+
+def test_finetune_regression_deterministic(toy_regression_task):
+    cfg = FinetuneConfig(epochs=1, lr=1e-3, batch_size=32, seed=2, metric="spearman")
+    runs = []
+    for _ in range(2):
+        res = finetune(tiny_model("bert", num_labels=1), CharTokenizer(), toy_regression_task, cfg, progress=False)
+        runs.append((res.history[0]["train_loss"], res.best_dev["spearman"]))
+    assert runs[0] == runs[1] and res.metric == "spearman"
+
+
+def test_finetune_refuses_mismatches(toy_task, toy_regression_task):
+    with pytest.raises(ValueError, match="the model has 3 output.*needs 1"):
+        finetune(tiny_model("bert", num_labels=3), CharTokenizer(), toy_regression_task, progress=False)
+    with pytest.raises(ValueError, match="'pearson' does not apply to a classification task"):
+        finetune(tiny_model("bert", num_labels=2), CharTokenizer(), toy_task, FinetuneConfig(metric="pearson"),
+                 progress=False)
+    with pytest.raises(ValueError, match="max_train_examples must be >= 0, got -5"):
+        finetune(tiny_model("bert", num_labels=2), CharTokenizer(), toy_task,
+                 FinetuneConfig(max_train_examples=-5), progress=False)
+
+
+def test_classification_dev_metric_matthews(toy_task):
+    cfg = FinetuneConfig(epochs=2, lr=3e-3, batch_size=16, patience=0, seed=0, metric="matthews")
+    res = finetune(tiny_model("bert", num_labels=2), CharTokenizer(), toy_task, cfg, progress=False)
+    assert res.metric == "matthews"
+    assert res.best_dev["matthews"] == max(h["dev"]["matthews"] for h in res.history)
+    assert "accuracy" in res.best_dev and "binary_f1" in res.best_dev
