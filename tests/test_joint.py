@@ -1,0 +1,146 @@
+"""Joint selection on synthetic statistics: per-layer representatives and the global allocation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cahp.budget.cost import BlockCost, CostTable, estimated_latency
+from cahp.selectors.joint import (
+    JointSelectionError,
+    allocate,
+    cut_linkage,
+    layer_linkage,
+    select_layers,
+    select_units,
+)
+from cahp.stats.neurons import ActivationCorrelationAccumulator, correlation_distance
+
+
+def grouped_neurons(groups: int = 4, per_group: int = 6, seed: int = 0):
+    """Distances of neurons that copy one of ``groups`` latent signals (plus noise), neuron i in group i % groups."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(500, groups))
+    n = groups * per_group
+    x = np.stack([latent[:, i % groups] * rng.choice([-1, 1]) + 0.1 * rng.normal(size=500) for i in range(n)], 1)
+    acc = ActivationCorrelationAccumulator(n, torch.float64)
+    acc.add_batch(torch.tensor(x))
+    r = acc.result()
+    return correlation_distance(r["correlation"], r["constant"]).numpy(), np.arange(n) % groups
+
+
+def test_cut_gives_exactly_k_nested_clusters():
+    D, _ = grouped_neurons()
+    n = D.shape[0]
+    Z = layer_linkage(D)
+    previous = None
+    for k in range(1, n + 1):
+        labels = cut_linkage(Z, n, k)
+        assert sorted(set(labels.tolist())) == list(range(k))
+        if previous is not None:  # every cluster at k lies inside one cluster at k - 1
+            for c in range(k):
+                assert len(set(previous[labels == c].tolist())) == 1
+        previous = labels
+    with pytest.raises(JointSelectionError, match="into 0 clusters"):
+        cut_linkage(Z, n, 0)
+
+
+def test_one_representative_per_group_the_most_salient():
+    D, group = grouped_neurons()
+    rng = np.random.default_rng(3)
+    salience = rng.uniform(size=len(group))
+    salience[group == 0] += 10  # a ranking by salience alone would keep group 0 only
+    kept = select_units(D, salience, 4)
+    assert sorted(group[kept].tolist()) == [0, 1, 2, 3]
+    for g in range(4):
+        members = np.flatnonzero(group == g)
+        assert members[np.argmax(salience[members])] in kept
+    assert np.array_equal(select_units(D, salience, 4), kept)  # deterministic
+
+
+def test_kept_sets_are_nested_and_edges():
+    D, group = grouped_neurons(groups=3, per_group=5, seed=1)
+    salience = np.random.default_rng(0).uniform(size=len(group))
+    Z = layer_linkage(D)
+    sets = [set(select_units(D, salience, k, Z=Z).tolist()) for k in range(len(group) + 1)]
+    assert sets[0] == set() and sets[-1] == set(range(len(group)))
+    assert all(len(s) == k for k, s in enumerate(sets))
+    assert all(a <= b for a, b in zip(sets, sets[1:]))
+    for method in ("complete", "single"):
+        assert sorted(group[select_units(D, salience, 3, method=method)].tolist()) == [0, 1, 2]
+    with pytest.raises(JointSelectionError, match="cannot keep 16 of 15"):
+        select_units(D, salience, 16)
+    with pytest.raises(JointSelectionError, match="unknown linkage 'ward'"):
+        layer_linkage(D, "ward")
+    with pytest.raises(JointSelectionError, match=r"shape \(15,\)"):
+        select_units(D, salience[:3], 2)
+
+
+def test_select_layers_maps_original_ids():
+    D, group = grouped_neurons(groups=2, per_group=3)
+    s = np.arange(6, dtype=float)
+    ids = [[10, 11, 12, 13, 14, 15], [], [0, 2, 4, 6, 8, 9]]
+    out = select_layers([D, None, D], [s, np.zeros(0), s], [2, 0, 6], ids=ids)
+    assert out[1] == [] and out[2] == ids[2]
+    assert len(out[0]) == 2 and {group[i - 10] for i in out[0]} == {0, 1}
+    assert out[0] == [14, 15]  # the most salient of each group: positions 4 and 5
+    with pytest.raises(JointSelectionError, match="same layers"):
+        select_layers([D], [s, s], [1, 1])
+
+
+def table(att, ffn, rest=1.0) -> CostTable:
+    return CostTable("measured", "s", 1, 32, att, ffn, rest)
+
+
+def test_allocation_prefers_cheap_salience_per_second():
+    # Two layers alike except that layer 1's neurons cost 4x as much: they go first.
+    t = table([BlockCost(2, 1.0, 1.0, 0.2)] * 2, [BlockCost(8, 0.5, 0.25, 0.0), BlockCost(8, 0.5, 1.0, 0.0)])
+    sal_h = np.full((2, 2), 100.0)  # heads far too salient to go
+    sal_n = np.tile(np.linspace(1, 2, 8), (2, 1))
+    dense = allocate(t, sal_h, sal_n, 1.0)
+    assert dense.heads == [2, 2] and dense.neurons == [8, 8] and dense.share == 1.0
+    a = allocate(t, sal_h, sal_n, 0.8)
+    assert a.share <= 0.8 + 1e-12 and a.share == estimated_latency(t, a.heads, a.neurons)
+    assert a.heads == [2, 2] and a.neurons[1] < a.neurons[0]
+    # Nothing more fits: putting back any single neuron would pass the target.
+    for layer in range(2):
+        if 1 <= a.neurons[layer] < 8:
+            more = list(a.neurons)
+            more[layer] += 1
+            assert estimated_latency(t, a.heads, more) > 0.8
+
+
+def test_block_with_little_salience_and_a_large_fixed_cost_is_emptied():
+    t = table([BlockCost(2, 0.1, 0.1, 0.05)] * 2, [BlockCost(4, 3.0, 0.1, 0.0), BlockCost(4, 0.1, 0.1, 0.0)], rest=0.5)
+    sal_n = np.array([[0.01, 0.01, 0.02, 0.01], [1.0, 1.0, 1.0, 1.0]])
+    a = allocate(t, np.ones((2, 2)), sal_n, 0.5)
+    assert a.neurons[0] == 0 and a.neurons[1] == 4
+    assert a.share <= 0.5
+
+
+def test_heads_only_min_heads_present_masks_and_errors():
+    t = table([BlockCost(4, 1.0, 1.0, 0.0)] * 3, [BlockCost(6, 0.0, 1.0)] * 3, rest=0.0)
+    rng = np.random.default_rng(0)
+    sal_h = rng.uniform(size=(3, 4))
+    a = allocate(t, sal_h, None, 0.7)  # dense: 3 * (1 + 4) + 18 = 33
+    assert a.neurons == [6, 6, 6] and sum(a.heads) >= 1 and a.share <= 0.7
+    with pytest.raises(JointSelectionError, match="cannot be reached"):
+        allocate(t, sal_h, None, 0.6)  # one head left costs (1 + 1) + 18 FFN = 20 / 33
+    one = allocate(t, sal_h, None, 20.0 / 33 + 1e-9)
+    assert sum(one.heads) == 1 and one.share == pytest.approx(20.0 / 33)  # min_heads: never the last head
+    present = np.ones((3, 6), dtype=bool)
+    present[0, :3] = False
+    b = allocate(t, sal_h, rng.uniform(size=(3, 6)), 0.7, neurons_present=present)
+    assert b.neurons[0] <= 3 and b.share <= 0.7
+    dense_share = estimated_latency(t, [4, 4, 4], [3, 6, 6])
+    c = allocate(t, None, rng.uniform(size=(3, 6)), 1.0, neurons_present=present)
+    assert c.neurons == [3, 6, 6] and c.share == pytest.approx(dense_share)
+    with pytest.raises(JointSelectionError, match=r"target share must be in \(0, 1\]"):
+        allocate(t, sal_h, None, 0.0)
+    with pytest.raises(JointSelectionError, match="heads salience must be"):
+        allocate(t, np.ones((2, 4)), None, 0.5)
+    with pytest.raises(JointSelectionError, match="NaN"):
+        allocate(t, np.full((3, 4), np.nan), None, 0.5)
+    sal_n = rng.uniform(size=(3, 6))
+    assert allocate(t, sal_h, sal_n, 0.5) == allocate(t, sal_h.copy(), sal_n.copy(), 0.5)  # deterministic
