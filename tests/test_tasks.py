@@ -572,3 +572,19 @@ class TestRealData:
     def test_mnli_needs_training_split(self) -> None:
         with pytest.raises(TaskError, match="mnli-small"):
             get_task("mnli", data_dir=REAL_DATA, allow_hub=False)
+
+    def test_stsb(self) -> None:
+        task = get_task("stsb", data_dir=REAL_DATA)
+        assert (task.task_type, task.num_labels, task.is_pair) == ("regression", 1, True)
+        info = task.validate()  # every split parsed and checked
+        assert [info[s]["n"] for s in ("train", "dev", "test")] == [5174, 575, 1500]  # 5,749 train, 1,500 dev
+        assert all(0.0 <= info[s]["min"] < info[s]["max"] <= 5.0 for s in info)
+        test = task.load("test")
+        assert all(isinstance(e.label, float) and e.text and e.text_pair for e in test)
+        assert len({e.label for e in test}) > 37  # scores, not classes
+        assert task.split_files["test"].name == "dev.tsv"
+
+    def test_validate_builtin_tasks(self) -> None:
+        for name in ("sst5", "rte", "mnli-small"):
+            info = get_task(name, data_dir=REAL_DATA).validate()
+            assert all(min(v["label_counts"]) > 0 for v in info.values()), name

@@ -97,6 +97,11 @@ def _decide_labels(
             if n is None:
                 raise TaskError(f"label {v!r} is not a number; a regression task needs numeric scores", path, ln)
         return _Labels("score", (), path.name)
+    scores = [v for (_, _, _, v), n in zip(raw, numbers) if n is not None and not float(n).is_integer()]
+    if scores and task_type is None and None in numbers:
+        # a score column with a stray word ("nan", "n/a") would otherwise become hundreds of class names
+        ln, v = next((ln, v) for (ln, _, _, v), n in zip(raw, numbers) if n is None)
+        raise TaskError(f"label {v!r} is not a number, but other labels are scores (e.g. {scores[0]!r})", path, ln)
     if all(n is not None for n in numbers):
         fractional = [(ln, v) for (ln, _, _, v), n in zip(raw, numbers) if not float(n).is_integer()]
         if fractional and task_type == "classification":
