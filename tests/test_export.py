@@ -97,3 +97,52 @@ def test_cli_export_errors(tmp_path, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["export", "--model", "minilm-l6", "--onnx", str(tmp_path / "m.txt")]) == 2
     assert ".onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mpnet"])
+def test_int8_agrees_with_fp32(tmp_path, family):
+    """Dynamic int8 quantisation: logits within INT8_RTOL of the logit scale on padded batches, same classes."""
+    from cahp.deploy.quantize import INT8_RTOL, int8_path, quantize_int8, verify_int8
+
+    model = pruned_tiny(family)
+    fp32 = export_onnx(model, tmp_path / "m.onnx")
+    q = quantize_int8(fp32)
+    assert q == int8_path(fp32) == tmp_path / "m.int8.onnx"
+    quantized_ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert quantized_ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    check = verify_int8(model, q, shapes=((8, 16), (3, 19)), min_agreement=0.9)
+    assert 0 < check["relative_diff"] <= INT8_RTOL  # rounding moved the logits, within the tolerance
+    sess = onnx_session(q, threads=1)
+    inputs = example_inputs(model, 5, 11, seed=7)
+    with torch.no_grad():
+        ref = model(**inputs).logits.numpy()
+    got = sess.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.abs(got - ref).max() <= INT8_RTOL * max(1.0, np.abs(ref).max())
+    with pytest.raises(ExportError, match="logit scale"):
+        verify_int8(model, q, rtol=1e-7)
+
+
+def test_cli_export_int8(tmp_path, capsys):
+    cahp.save_pruned(pruned_tiny("bert"), None, tmp_path / "pruned")
+    out = tmp_path / "m.onnx"
+    assert cli_main(["export", "--model", str(tmp_path / "pruned"), "--onnx", str(out), "--int8"]) == 0
+    text = capsys.readouterr().out
+    assert "int8 within tolerance of PyTorch fp32" in text and (tmp_path / "m.int8.onnx").is_file()
+    assert cli_main(["export", "--model", str(tmp_path / "pruned"), "--onnx", str(out), "--int8-rtol", "0.2"]) == 2
+    assert "--int8 only" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_int8_minilm_real_batch(tmp_path):
+    """The real minilm-l6, pruned, on tokenised sentences: int8 logits within INT8_RTOL of the logit scale."""
+    from cahp.deploy.quantize import INT8_RTOL, quantize_int8
+
+    model, tok = cahp.load_model("minilm-l6", num_labels=5)
+    cahp.remove_heads(model, {0: [0, 5], 2: list(range(12)), 4: [1, 2, 3]})
+    q = quantize_int8(export_onnx(model, tmp_path / "m.onnx"))
+    texts = ["a gripping, beautifully shot film", "dull and far too long", "fine", "not bad at all, if uneven"] * 8
+    batch = tok(texts, padding=True, return_tensors="np")
+    got = onnx_session(q, threads=1).run(["logits"], dict(batch))[0]
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+    assert np.abs(got - ref).max() <= INT8_RTOL * max(1.0, np.abs(ref).max())
