@@ -1,4 +1,4 @@
-"""``cahp info``: layers, kept heads and parameters of a model."""
+"""``cahp info``: layers, kept heads, kept FFN neurons and parameters of a model."""
 
 from __future__ import annotations
 
@@ -18,17 +18,20 @@ def run(args) -> int:
 
     model, _ = cahp.load_model(args.model, with_tokenizer=False)
     kept = cahp.kept_heads(model)
+    neurons = cahp.kept_neurons(model)
     info = {
         "model": args.model,
-        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
         "layers": len(kept),
         "heads_kept": sum(len(v) for v in kept.values()),
         "heads_per_layer": [len(v) for v in kept.values()],
+        "neurons_kept": sum(len(v) for v in neurons.values()),
+        "neurons_per_layer": [len(v) for v in neurons.values()],
         "parameters": cahp.count_parameters(model),
     }
     if args.json:
-        print(json.dumps({**info, "kept_heads": kept}, indent=1))
+        print(json.dumps({**info, "kept_heads": kept, "kept_neurons": neurons}, indent=1))
     else:
         for k, v in info.items():
-            print(f"{k:16s} {v}")
+            print(f"{k:18s} {v}")
     return 0
