@@ -6,27 +6,16 @@ import copy
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
-from benchmarks import bench_latency
 
 import cahp
 from cahp.arch import ResidualOnlyAttention, get_adapter
 from cahp.arch.base import ATTENTION_KERNELS, project_out_residual
 from cahp.bench import BenchConfig, BenchError, bench_models, head_count_sweep, run_bench
 from cahp.bench.config import parse_shapes
-from cahp.bench.figures import (
-    floor_relative,
-    floor_relative_ci,
-    paired_floor_relative,
-    ratio_ci,
-    ratio_floor_relative,
-    summarize,
-)
 from cahp.bench.macs import count_macs
 from cahp.bench.report import format_table
-from cahp.bench.sweep import fit_block_cost
 from cahp.bench.variants import (
     emptied_layers_removal,
     no_attention_model,
@@ -35,7 +24,6 @@ from cahp.bench.variants import (
     uniform_removal,
 )
 from cahp.cli import main as cli_main
-from cahp.core.io import to_jsonable
 from cahp.model.heads import HeadIndexError
 
 from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
@@ -88,90 +76,6 @@ def test_count_macs_hand_count(family):
     assert macs["head"] == head and macs["embeddings"] == 0
     dense = count_macs(tiny_model(family), batch, seq)
     assert dense["total"] - macs["total"] == 7 * per_head
-
-
-# --- the floor-relative figure ------------------------------------------------
-
-
-def test_floor_relative_synthetic():
-    assert floor_relative(10.0, 7.0, 4.0, 0.5) == pytest.approx(1.0)  # on the line
-    assert floor_relative(10.0, 8.0, 4.0, 0.5) == pytest.approx(2 / 3)  # 2 of the 3 ms saved
-    assert floor_relative(10.0, 5.5, 4.0, 0.75) == pytest.approx(1.0)
-    assert floor_relative(10.0, 10.5, 4.0, 0.5) < 0  # slower than dense
-    assert math.isnan(floor_relative(10.0, 9.0, 4.0, 0.0))  # nothing removed
-    assert math.isnan(floor_relative(10.0, 9.0, 10.0, 0.5))  # attention costs nothing measurable
-
-
-def test_paired_floor_relative():
-    dense, floor = [10.0, 20.0, 10.0], [4.0, 14.0, 4.0]
-    assert paired_floor_relative(dense, [7.0, 17.0, 7.0], floor, 0.5) == pytest.approx(1.0)  # drift cancels
-    assert math.isnan(paired_floor_relative([], [], [], 0.5))
-
-
-def test_floor_relative_ci():
-    rng = np.random.default_rng(1)
-    n = 60
-    # a pruned model exactly on the line, with independent noise on every call
-    dense, floor = 10 + rng.normal(0, 0.3, n), 4 + rng.normal(0, 0.3, n)
-    pruned = 7 + rng.normal(0, 0.3, n)
-    lo, hi = floor_relative_ci(dense, pruned, floor, 0.5)
-    assert lo < 1.0 < hi and hi - lo < 0.5
-    point = floor_relative(np.median(dense), np.median(pruned), np.median(floor), 0.5)
-    assert lo <= point <= hi
-    # more noise: a wider interval; a pruned model no faster than dense: an interval far below the line
-    lo2, hi2 = floor_relative_ci(10 + rng.normal(0, 1.5, n), pruned, floor, 0.5)
-    assert hi2 - lo2 > hi - lo
-    lo3, hi3 = floor_relative_ci(dense, dense + 0.01, floor, 0.5)
-    assert hi3 < 0.2
-    assert floor_relative_ci(dense, pruned, floor, 0.5, seed=3) == floor_relative_ci(dense, pruned, floor, 0.5, seed=3)
-    assert all(math.isnan(x) for x in floor_relative_ci([1.0], [1.0], [1.0], 0.5))
-
-
-def test_ratio_floor_relative_cancels_a_slowdown_shared_by_a_repetition():
-    rng = np.random.default_rng(5)
-    n = 80
-    # every call of one repetition slowed by the same factor (0.8x-1.6x), plus 1% noise of its own
-    speed = rng.uniform(0.8, 1.6, n)
-
-    def calls(base):
-        return base * speed * (1 + rng.normal(0, 0.01, n))
-
-    dense, pruned, floor = calls(10.0), calls(7.3), calls(4.0)  # true figure: 2.7 / 3 = 0.9
-    assert ratio_floor_relative(dense, pruned, floor, 0.5) == pytest.approx(0.9, abs=0.02)
-    lo, hi = floor_relative_ci(dense, pruned, floor, 0.5, from_ratios=True)
-    assert lo < 0.9 < hi and hi - lo < 0.05
-    # the figure from medians sees the slowdown as noise: a much wider interval
-    mlo, mhi = floor_relative_ci(dense, pruned, floor, 0.5)
-    assert mhi - mlo > 4 * (hi - lo)
-    # without noise the two estimates agree exactly
-    exact = ratio_floor_relative([10.0, 20.0], [7.0, 14.0], [4.0, 8.0], 0.5)
-    assert exact == pytest.approx(floor_relative(10.0, 7.0, 4.0, 0.5))
-    assert math.isnan(ratio_floor_relative([], [], [], 0.5))
-    # a call the clock read as 0 ms is left out, not divided by
-    assert ratio_floor_relative([0.0, 10.0], [5.0, 7.0], [1.0, 4.0], 0.5) == pytest.approx(1.0)
-    assert all(math.isnan(x) for x in floor_relative_ci([1.0], [1.0], [1.0], 0.5, from_ratios=True))
-
-
-def test_ratio_ci():
-    rng = np.random.default_rng(2)
-    torch_ms = 10 + rng.normal(0, 0.5, 80)
-    # a runtime 10% slower on every call, plus its own noise: the interval holds 1.1, not 1.0
-    onnx_ms = 1.1 * torch_ms + rng.normal(0, 0.2, 80)
-    lo, hi = ratio_ci(onnx_ms, torch_ms)
-    assert 1.0 < lo < 1.1 < hi < 1.2
-    # the same calls twice: exactly 1
-    assert ratio_ci(torch_ms, torch_ms) == [1.0, 1.0]
-    assert ratio_ci(onnx_ms, torch_ms, seed=4) == ratio_ci(onnx_ms, torch_ms, seed=4)
-    assert all(math.isnan(x) for x in ratio_ci([1.0], [1.0]))
-    assert all(math.isnan(x) for x in ratio_ci([1.0, 1.0], [0.0, 0.0]))
-
-
-def test_summarize_median_iqr():
-    s = summarize([0.001, 0.002, 0.003, 0.004, 0.005], batch=4, seq=8)
-    assert s["median_ms"] == pytest.approx(3.0)
-    assert s["iqr_ms"] == pytest.approx(2.0)
-    assert s["sequences_per_s"] == pytest.approx(4 / 0.003)
-    assert s["n"] == 5
 
 
 # --- selections and the attention-free floor ----------------------------------
@@ -491,99 +395,7 @@ def test_cli_bench_sweep(tmp_path, capsys):
     assert "--sweep" in capsys.readouterr().err
 
 
-def test_benchmark_render_on_a_tiny_result():
-    """benchmarks/bench_latency.py renders what bench_models returns (RESULTS.md is generated from it)."""
-    dense, meta = tiny_model("bert"), bench_latency.metadata()
-    cfg = BenchConfig(shapes="1x32", threads=1, reps=2, warmup=1)
-    res = bench_models(dense, bench_latency.pruned_variants(dense, seed=0), cfg)
-    settings = {
-        "threads": 1, "shapes": [[1, 32]], "kernel": "auto", "reps": 2, "min_reps": 1, "budget_s": 1.0,
-        "warmup": 1, "seed": 0, "onnx": False, "clock": "wall", "quick": True,
-    }  # fmt: skip
-    text = bench_latency.render({"meta": meta, "settings": settings, "models": {"tiny": to_jsonable(res)}})
-    assert "| tiny | 75% |" in text and "floor-rel" in text and "50% (empty layers)" in text
-    assert "; ratios " in text and "(ratios: " in text
-    assert "Allocator: " + res["allocator"] in text
-    # the head-count sweep renders through the same entry point
-    sweep = head_count_sweep(dense, 1, 8, BenchConfig(threads=1, reps=3, warmup=1), n_boot=100)
-    text = bench_latency.render({"meta": meta, "settings": {**settings, "sweep": True}, "models": {"tiny": [sweep]}})
-    assert "| tiny | 1x8 |" in text and "ceiling" in text and "| heads per layer | 4 | 3 | 2 | 1 | 0 (floor) |" in text
-    # undefined figures (NaN, None once in JSON) render as a dash
-    nan_fit = {k: None for k in sweep["fit"]}
-    text = bench_latency.render({"meta": meta, "settings": {**settings, "sweep": True},
-                                 "models": {"tiny": [{**sweep, "fit": nan_fit, "uniform_ceiling_ci95": [None, None]}]}})
-    assert "| – | –% | – [–, –] |" in text or "| - | -% | - [-, -] |" in text
-
-
-def test_benchmark_goal_overview_lists_every_run_of_each_cell():
-    """RESULTS.md's overview of issue 6's goals: one row per pruned model, goal shape and run, oldest run first."""
-    dense = tiny_model("bert")
-    res = to_jsonable(bench_models(dense, bench_latency.pruned_variants(dense, seed=0, only=["50", "75"]),
-                                   BenchConfig(shapes="1x32,1x8", threads=1, reps=3, warmup=1)))  # fmt: skip
-    settings = {"threads": 1, "shapes": [[1, 32], [1, 8]]}
-    meta = {"date": "2026-11-27T01:00:00", "git_revision": "bbb"}
-    newer = {"meta": meta, "settings": settings, "models": {"tiny": res}}
-    older = {**newer, "meta": {"date": "2026-11-26T01:00:00", "git_revision": "aaa"}}
-    sweep = {"meta": newer["meta"], "settings": {"threads": 1, "sweep": True}, "models": {"tiny": []}}
-    text = bench_latency.render_overview({"new": newer, "sweep": sweep, "old": older})
-    rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
-    # 1x8 has no goal, the sweep has no pruned models: 2 variants x 1 shape x 2 runs
-    assert [r.split(" | ")[1:4] for r in rows] == [["50%", "1x32", "`old`"], ["50%", "1x32", "`new`"],
-                                                   ["75%", "1x32", "`old`"], ["75%", "1x32", "`new`"]]  # fmt: skip
-    assert all(r.count("|") == 12 for r in rows) and "aaa" in rows[0] and "bbb" in rows[1]
-    assert all(any(v in r for v in ("met", "missed", "undecided")) for r in rows)
-    # a bound that would round onto the goal gets the digits that tell the verdict
-    assert bench_latency._fmt_figure(0.97, [0.951, 1.0], 0.95) == "0.97 [0.951, 1.00]"
-    assert bench_latency._fmt_figure(0.97, [0.9496, 1.0], 0.95) == "0.97 [0.9496, 1.00]"
-    assert bench_latency._fmt_figure(0.97, [0.9496, 1.0]) == "0.97 [0.95, 1.00]"
-    assert bench_latency._fmt_figure(0.97, None, 0.95) == "0.97"
-
-
-def test_benchmark_onnx_verdict_uses_the_interval():
-    """ONNX at least as fast: met / missed only when the ratio's 95% interval is on one side of 1."""
-    assert bench_latency._ratio_verdict(0.9, [0.85, 0.95]) == "met"
-    assert bench_latency._ratio_verdict(1.1, [1.02, 1.2]) == "missed"
-    assert bench_latency._ratio_verdict(1.03, [0.99, 1.07]) == "undecided"
-    assert bench_latency._ratio_verdict(1.03, None) == "missed"
-    # a run written before the ratio was stored: from the medians, its interval from the kept times
-    run = {
-        "timings": {"half": {"median_ms": 10.0}, "onnx:half": {"median_ms": 12.0}},
-        "times_ms": {"half": [10.0, 10.1, 9.9, 10.0], "onnx:half": [12.0, 12.2, 11.8, 12.1]},
-    }
-    ratio, ci = bench_latency._onnx_ratio(run, "half")
-    assert ratio == pytest.approx(1.2) and 1.15 < ci[0] <= ci[1] < 1.25
-    assert bench_latency._onnx_ratio({"timings": {"half": {"median_ms": 1.0}}}, "half") is None
-    # undefined intervals (NaN, null once in JSON, e.g. from a single repetition) fall back to the point figure
-    assert bench_latency._goal_verdict(0.9, [None, None], 0.85) == "met"
-    assert bench_latency._goal_verdict(0.8, [float("nan"), float("nan")], 0.85) == "missed"
-    assert bench_latency._ratio_verdict(0.9, [None, None]) == "met"
-    run = {"timings": run["timings"], "onnx_ratio": {"half": 1.2}, "onnx_ratio_ci95": {"half": [None, None]}}
-    assert bench_latency._onnx_ratio(run, "half") == (1.2, None)
-
-
-def test_benchmark_ratio_figure_of_an_older_result():
-    """Results written before the ratio-based figure was stored get it from their per-repetition times."""
-    times = {"dense": [10.0, 20.0, 10.5, 15.0], "half": [7.0, 14.0, 7.35, 10.5], "no_attention": [4.0, 8.0, 4.2, 6.0]}
-    x, ci = bench_latency._ratio_figure({"times_ms": times}, "half", 0.5)
-    assert x == pytest.approx(1.0) and ci == pytest.approx([1.0, 1.0])
-    stored = {"floor_relative_ratio": {"half": 0.9}, "floor_relative_ratio_ci95": {"half": [0.8, 1.0]}}
-    assert bench_latency._ratio_figure(stored, "half", 0.5) == (0.9, [0.8, 1.0])
-    assert bench_latency._ratio_figure({"times_ms": {"dense": [1.0]}}, "half", 0.5) is None
-
-
 # --- the head-count sweep: where the line is lost -----------------------------
-
-
-def test_fit_block_cost_recovers_a_line():
-    # cost(h) = 0.1 + 0.05 h per block: the fixed part is 0.1 / (0.1 + 12 * 0.05) = 1/7 of a dense block
-    counts = list(range(1, 13))
-    fit = fit_block_cost(counts, [0.1 + 0.05 * h for h in counts], heads=12)
-    assert fit["fixed_ms"] == pytest.approx(0.1) and fit["per_head_ms"] == pytest.approx(0.05)
-    assert fit["fixed_share"] == pytest.approx(1 / 7) and fit["uniform_ceiling"] == pytest.approx(6 / 7)
-    # proportional cost: on the line
-    assert fit_block_cost([1, 4, 8], [0.2, 0.8, 1.6], heads=8)["uniform_ceiling"] == pytest.approx(1.0)
-    # one count cannot fix a line
-    assert math.isnan(fit_block_cost([3], [0.5], heads=8)["uniform_ceiling"])
 
 
 def test_uniform_removal():
@@ -658,23 +470,3 @@ def test_cli_bench_options_are_the_config_fields():
         BenchConfig(shapes="32")
 
 
-def test_latency_commands_reproduce_their_recorded_settings():
-    """benchmarks/bench_latency.py takes `cahp bench`'s timing options: every committed latency result's
-    command still parses to the settings that result records."""
-    import json
-    import shlex
-
-    from benchmarks._common import RESULTS_DIR
-
-    files = sorted(RESULTS_DIR.glob("latency*.json"))
-    assert files
-    for f in files:
-        r = json.loads(f.read_text())
-        argv = shlex.split(r["meta"]["command"])
-        script = next(i for i, a in enumerate(argv) if a.endswith("bench_latency.py"))
-        _, settings = bench_latency.settings_of(bench_latency.build_parser().parse_args(argv[script + 1:]))
-        recorded = r["settings"]
-        assert {k: settings[k] for k in recorded} == recorded, f.name
-    # a smoke run replaces the timing settings it names
-    cfg, settings = bench_latency.settings_of(bench_latency.build_parser().parse_args(["--quick", "--reps", "50"]))
-    assert (cfg.reps, cfg.shapes, settings["quick"]) == (3, "1x8,2x16", True)
