@@ -8,20 +8,18 @@ import torch
 
 import cahp
 from cahp.model.gates import head_gates
-from cahp.selectors import baselines
-from cahp.selectors.base import HeadStats, SelectionContext
-from cahp.selectors.baselines import (
-    SELECTORS,
+from cahp.selectors import fisher, gradient
+from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext, check_mask
+from cahp.selectors.fisher import FisherSearchSelector, fold_gates, greedy_rearrange
+from cahp.selectors.gradient import GradientSelector
+from cahp.selectors.registry import SELECTORS, make_selector
+from cahp.selectors.simple import head_magnitudes
+from cahp.stats.fisher import (
     BatchGateGradients,
-    FisherSearchSelector,
-    GradientSelector,
     block_fisher_objective,
-    check_mask,
+    capture_layer,
     collect_gate_gradients,
-    fold_gates,
-    greedy_rearrange,
-    make_selector,
-    select_gates,
+    mha_normal_equations,
 )
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import collect_signatures
@@ -89,6 +87,35 @@ def test_make_selector():
         make_selector("nope")
 
 
+def test_selector_contract(setup):
+    """Every registered selector is a HeadSelector; the contract's defaults hold; shared settings reach only
+    the selectors that have them."""
+    stats = setup[2]
+    for name, (cls, _) in SELECTORS.items():
+        sel = make_selector(name, seed=1)
+        assert isinstance(sel, HeadSelector) and sel.name == name
+        assert isinstance(sel.settings(), dict)
+        assert cls.seeded == (name == "random"), name
+    with pytest.raises(TypeError):  # select and settings are abstract
+        type("Half", (HeadSelector,), {"settings": lambda self: {}})()
+    shared = {"distance": "hellinger", "clustering": "kmedoids", "kernel": "knn"}
+    cahp_sel = make_selector("cahp", 4, shared=shared)
+    assert cahp_sel.settings() == {"distance": "hellinger", "clustering": "kmedoids", "seed": 4, "kernel": "knn",
+                                   "bandwidth": "median"}
+    assert make_selector("gradient", 4, shared=shared).settings() == make_selector("gradient").settings()
+    assert make_selector("cahp", 0, shared=shared, distance="js").distance == "js"  # keywords win
+    assert make_selector("gradient-layernorm", shared={"normalize": "none"}).normalize == "layer"  # fixed wins
+    plain = make_selector("entropy")
+    mask, gates = plain.select_gates(3, stats)
+    assert torch.equal(gates, mask.float()) and plain.selection_info() == {}
+    fisher_sel = make_selector("fisher")
+    fisher_sel.select(5, stats, _ctx(setup))
+    assert set(fisher_sel.selection_info()) == {"objective", "objective_searched"}
+    # {layer: heads} (JSON string keys too) -> the mask, inverse of mask_to_heads
+    kept = cahp.model.heads.mask_to_heads(mask)
+    assert torch.equal(stats.mask_from_heads({str(k): v for k, v in kept.items()}), mask)
+
+
 def test_random_seeds_differ_and_nest(setup):
     stats = setup[2]
     masks = [make_selector("random", seed=s).select(6, stats) for s in range(4)]
@@ -112,7 +139,7 @@ def test_magnitude_picks_scaled_head(setup):
     assert torch.nonzero(mask).tolist() == [[2, 1]]
     # on a pruned model the scaled head is found by its original number
     cahp.keep_heads(model, {0: [0, 3], 1: [2], 2: [1, 3]})
-    mags = baselines.head_magnitudes(model)
+    mags = head_magnitudes(model)
     assert mags[0, 1] == 0 and mags[2, 1] == mags.max()
 
 
@@ -137,13 +164,13 @@ def test_layer_normalisation_changes_ranking():
 def test_iterative_gradient(setup, monkeypatch):
     stats = setup[2]
     calls = {"n": 0}
-    real = baselines.gate_gradients
+    real = gradient.gate_gradients
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(baselines, "gate_gradients", counting)
+    monkeypatch.setattr(gradient, "gate_gradients", counting)
     sel = make_selector("gradient-iterative")
     m5 = sel.select(5, stats, _ctx(setup))
     check_mask(m5, 5, stats)
@@ -248,8 +275,8 @@ def _layer_error(model, gates, batches, layer_idx):
     err = 0.0
     for b in batches:
         real = b["attention_mask"].bool()
-        h_t, x_t = baselines._capture_layer(model, layer_idx, b, "cpu", None)
-        h_s, x_s = baselines._capture_layer(model, layer_idx, b, "cpu", gates)
+        h_t, x_t = capture_layer(model, layer_idx, b, "cpu", None)
+        h_s, x_s = capture_layer(model, layer_idx, b, "cpu", gates)
         err += float(((o(x_t) + h_t) - (o(x_s * g) + h_s))[real].double().square().sum())
     return err
 
@@ -257,7 +284,7 @@ def _layer_error(model, gates, batches, layer_idx):
 def test_fisher_tuning(setup):
     model, batches, stats = setup
     sel = make_selector("fisher-tuned")
-    mask, gates = select_gates(sel, 5, stats, _ctx(setup))
+    mask, gates = sel.select_gates(5, stats, _ctx(setup))
     check_mask(mask, 5, stats)
     assert torch.equal(mask, make_selector("fisher").select(5, stats, _ctx(setup)))
     assert bool((gates[~mask] == 0).all())
@@ -269,7 +296,7 @@ def test_fisher_tuning(setup):
     # the normal equations describe the layer's error: q(x) = x'AᵀAx - 2x'Aᵀb differs like the error does
     untuned = gates.clone()
     untuned[first:] = mask[first:].float()
-    ata, atb = baselines._mha_lstsq(model, first, heads, untuned, batches)
+    ata, atb = mha_normal_equations(model, first, heads, untuned, batches)
 
     def q(scale, c=0.0):
         x = torch.tensor([*scale, c], dtype=torch.float64)
@@ -281,7 +308,7 @@ def test_fisher_tuning(setup):
     lhs = _layer_error(model, partly, batches, first) - _layer_error(model, untuned, batches, first)
     assert lhs == pytest.approx(q(tuned_scale) - q([1.0] * len(heads)), rel=1e-3, abs=1e-5)
     # and the solve minimises it (with the intercept column, as in Kwon et al.; damping is negligible here)
-    sol, ok = baselines._lsmr_solve(ata, atb, damp=1.0)
+    sol, ok = fisher.lsmr_solve(ata, atb, damp=1.0)
     assert ok
     np.testing.assert_allclose(sol[:-1], tuned_scale, rtol=1e-4)
     best = q(sol[:-1], sol[-1])
@@ -291,7 +318,7 @@ def test_fisher_tuning(setup):
         x = sol + rng.normal(scale=0.05, size=sol.shape)
         assert best <= q(x[:-1], x[-1]) + 1e-9
     # plain selectors: gate values are the mask
-    m, g = select_gates(make_selector("gradient"), 5, stats, _ctx(setup))
+    m, g = make_selector("gradient").select_gates(5, stats, _ctx(setup))
     assert torch.equal(g, m.float())
     # tuned gates through hooks == folded into the pruned model's weights
     batch = batches[0]
@@ -315,6 +342,6 @@ def test_data_driven_selectors_other_families(family):
                       salience=sal["salience"], fisher=sal["fisher"], entropy=sig.entropy)
     ctx = SelectionContext(model=model, batches=batches)
     for name in ("magnitude", "gradient-iterative", "fisher", "fisher-tuned"):
-        mask, gates = select_gates(make_selector(name), 4, stats, ctx)
+        mask, gates = make_selector(name).select_gates(4, stats, ctx)
         check_mask(mask, 4, stats)
         assert bool((gates[~mask] == 0).all())

@@ -135,7 +135,7 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     def boom(*a, **k):
         raise AssertionError("should come from the cache")
 
-    for name in ("finetune", "evaluate_task", "score_mask", "select_gates", "selection_curve"):
+    for name in ("finetune", "evaluate_task", "score_mask", "selection_curve"):
         monkeypatch.setattr(compare, name, boom)
     for name in ("finetune", "collect_signatures", "gate_gradients"):
         monkeypatch.setattr(pipeline, name, boom)

@@ -26,7 +26,8 @@ from cahp.core import distributed
 from cahp.data.batching import encode, make_batches
 from cahp.data.tasks import get_task
 from cahp.pipelines.prune import run_prune, split_train
-from cahp.selectors.base import CAHPSelector, HeadStats
+from cahp.selectors.base import HeadStats
+from cahp.selectors.cahp import CAHPSelector
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
 from cahp.train.evaluate import predict

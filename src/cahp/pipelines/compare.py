@@ -64,8 +64,9 @@ from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.prune import PruneConfig, _fingerprint, prepare_run
-from cahp.selectors.base import SelectionContext
-from cahp.selectors.baselines import SELECTORS, check_mask, fold_gates, make_selector, select_gates
+from cahp.selectors.base import SelectionContext, check_mask
+from cahp.selectors.fisher import fold_gates
+from cahp.selectors.registry import SELECTORS, make_selector
 from cahp.train.evaluate import evaluate_task, paired_bootstrap
 from cahp.train.finetune import FinetuneConfig, finetune
 
@@ -315,7 +316,7 @@ class _Compare:
     @staticmethod
     def seeded(method: str) -> bool:
         """Whether the method's selection depends on the compare seed (the random selector)."""
-        return bool(getattr(SELECTORS[method][0], "seeded", False))
+        return SELECTORS[method][0].seeded
 
     def sel_seeds(self, method: str) -> list[int | None]:
         return list(self.seeds) if self.seeded(method) else [None]
@@ -338,9 +339,9 @@ class _Compare:
     def select(self, method: str, seed: int | None, k: int):
         sel = self.selector(method, seed)
         t = time.perf_counter()
-        mask, gates = select_gates(sel, k, self.stats, self.ctx)
+        mask, gates = sel.select_gates(k, self.stats, self.ctx)
         check_mask(mask, k, self.stats)
-        info = {k2: v for k2, v in getattr(sel, "last", {}).items() if k2.startswith("objective") or k2 == "tuning"}
+        info = sel.selection_info()
         return mask, gates, info, time.perf_counter() - t
 
     # --- (a) no fine-tuning -------------------------------------------------------------------

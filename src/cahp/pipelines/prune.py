@@ -46,8 +46,9 @@ from cahp.model.heads import kept_heads, kept_mask, mean_relative_depth, num_kep
 from cahp.model.loading import load_model
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
-from cahp.selectors.base import CAHPSelector, HeadStats
+from cahp.selectors.base import HeadStats
 from cahp.selectors.graph import CLUSTERING_METHODS
+from cahp.selectors.registry import make_selector
 from cahp.stats.distances import DISTANCES
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
@@ -327,7 +328,7 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     params_before = count_parameters(model)
     heads_before = num_kept(model)
     n_layers = stats.shape[0]
-    selector = CAHPSelector(distance=cfg.distance, clustering=cfg.clustering, seed=cfg.seed, kernel=cfg.kernel)
+    selector = make_selector("cahp", cfg.seed, distance=cfg.distance, clustering=cfg.clustering, kernel=cfg.kernel)
 
     # --- 5-6. curve on held-out training data ---------------------------------------------------
     t = time.perf_counter()

@@ -1,21 +1,29 @@
-"""One protocol for every head selector, so CAHP and each baseline are peers.
+"""The contract every head selector follows, so CAHP and each baseline are peers.
 
 A selector gets the head statistics (`HeadStats`) and a budget k (heads to keep,
 over all layers) and returns a bool (layers, heads) mask with exactly k True
 entries, chosen globally: layers may end up uneven or empty. Selectors that need
 more than the shared statistics (iterative re-scoring, mask search) get the
 model and data through `SelectionContext`.
+
+`HeadSelector` states everything the pipelines use: ``name``, `select`,
+`settings` (what defines the selection, part of every cache key), `select_gates`
+(gate values beside the mask, for selectors that tune them), ``seeded`` (whether
+the selection depends on the seed) and `selection_info` (what the last selection
+reports beyond its mask).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from cahp.selectors.cahp import select_heads
+__all__ = ["HeadSelector", "HeadStats", "SelectionContext", "check_budget", "check_mask", "require", "top_k"]
 
 
 @dataclass
@@ -40,17 +48,26 @@ class HeadStats:
 
     @property
     def n(self) -> int:
+        """Number of heads the model still has."""
         return len(self.head_ids)
 
     def flat(self, per_head: torch.Tensor) -> np.ndarray:
         """(L, H) tensor -> (n,) values of the flat heads."""
         return np.array([float(per_head[layer, h]) for layer, h in self.head_ids])
 
-    def mask_of(self, flat_indices) -> torch.Tensor:
+    def mask_of(self, flat_indices: Iterable[int]) -> torch.Tensor:
+        """Bool (L, H) mask of the given flat head indices."""
         mask = torch.zeros(self.shape, dtype=torch.bool)
         for i in flat_indices:
             layer, h = self.head_ids[int(i)]
             mask[layer, h] = True
+        return mask
+
+    def mask_from_heads(self, heads: dict) -> torch.Tensor:
+        """Bool (L, H) mask of a ``{layer: [heads]}`` mapping (layer keys may be JSON strings)."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        for layer, hs in heads.items():
+            mask[int(layer), list(hs)] = True
         return mask
 
 
@@ -63,44 +80,68 @@ class SelectionContext:
     seed: int = 0
 
 
-class HeadSelector(Protocol):
-    name: str
+class HeadSelector(ABC):
+    """A rule that keeps k heads of a model, globally over its layers.
 
+    Subclasses are dataclasses whose fields are their settings; ``name`` is the
+    registry name (`cahp.selectors.registry`). Ties are broken by flat head index,
+    so a selection is deterministic for its settings (and seed, if ``seeded``).
+    """
+
+    name: str
+    seeded: ClassVar[bool] = False
+    """Whether the selection depends on the selector's ``seed`` (a new seed, new heads)."""
+
+    @abstractmethod
     def select(self, k: int, stats: HeadStats, ctx: SelectionContext | None = None) -> torch.Tensor:
         """Bool (layers, heads) mask of the k heads to keep."""
-        ...
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """The settings that define the selection (JSON values; part of the cache keys and reports)."""
+
+    def select_gates(self, k: int, stats: HeadStats,
+                     ctx: SelectionContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool mask, float (layers, heads) gate values): the mask as floats unless the selector tunes gates."""
+        mask = self.select(k, stats, ctx)
+        return mask, mask.float()
+
+    def selection_info(self) -> dict:
+        """What the most recent selection reports beyond its mask (e.g. a search's objectives); {} by default."""
+        return {}
 
 
 def check_budget(k: int, stats: HeadStats) -> int:
+    """``k`` as an int, or a ValueError unless 1 <= k <= the number of heads."""
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= stats.n:
         raise ValueError(f"cannot keep {k} heads: the model has {stats.n}; choose 1..{stats.n}")
     return int(k)
 
 
-@dataclass
-class CAHPSelector:
-    """CAHP: cluster the head graph into k groups, keep each group's most salient head."""
+def check_mask(mask: torch.Tensor, k: int, stats: HeadStats) -> torch.Tensor:
+    """Raise unless ``mask`` is a bool (layers, heads) mask of exactly k heads the model has."""
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(stats.shape):
+        raise ValueError(f"a selection must be a bool {tuple(stats.shape)} mask, got {mask.dtype} {tuple(mask.shape)}")
+    if int(mask.sum()) != k:
+        raise ValueError(f"the selection keeps {int(mask.sum())} heads, not {k}")
+    allowed = stats.mask_of(range(stats.n))
+    if bool((mask & ~allowed).any()):
+        raise ValueError("the selection keeps heads the model no longer has")
+    return mask
 
-    distance: str = "js"
-    clustering: str = "spectral"
-    seed: int = 0
-    kernel: str = "gaussian"
-    bandwidth: str | float = "median"
-    name: str = "cahp"
 
-    def select(self, k: int, stats: HeadStats, ctx: SelectionContext | None = None) -> torch.Tensor:
-        k = check_budget(k, stats)
-        if self.distance not in stats.distances:
-            raise ValueError(f"no {self.distance!r} distances were computed (have: {sorted(stats.distances)})")
-        if stats.salience is None:
-            raise ValueError("CAHP needs head salience")
-        graph = {"kernel": self.kernel, "bandwidth": self.bandwidth} if self.clustering == "spectral" else {}
-        chosen = select_heads(
-            stats.distances[self.distance].numpy(), stats.flat(stats.salience), k,
-            method=self.clustering, seed=self.seed, **graph,
-        )
-        return stats.mask_of(chosen)
+def top_k(stats: HeadStats, scores: np.ndarray, k: int) -> torch.Tensor:
+    """Mask of the k flat heads with the highest ``(n,)`` scores (ties: lower flat index first)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return stats.mask_of(order[:k])
 
-    def settings(self) -> dict:
-        return {"distance": self.distance, "clustering": self.clustering, "seed": self.seed,
-                "kernel": self.kernel, "bandwidth": self.bandwidth}
+
+def require(ctx: SelectionContext | None, what: str, who: str):
+    """``ctx.model`` or ``ctx.batches`` (``what``), or a ValueError naming the selector ``who`` that needs it."""
+    if what not in ("model", "batches"):
+        raise ValueError(f"a SelectionContext has no {what!r}")
+    value = None if ctx is None else (ctx.model if what == "model" else ctx.batches)
+    if value is None:
+        raise ValueError(f"the {who} selector needs ctx.{what} (a SelectionContext with the model and "
+                         f"labelled calibration batches)")
+    return value

@@ -1,14 +1,22 @@
-"""Pick one representative head per cluster (CAHP step 5)."""
+"""CAHP step 5, representatives: in every cluster of the head graph, keep the most salient head.
+
+`select_heads` runs steps 3-5 on one budget (graph and clustering from
+`cahp.selectors.graph`, then `representatives`); `CAHPSelector` is CAHP as a
+`HeadSelector`, a peer of the baselines.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext, check_budget
 from cahp.selectors.graph import check_distance_matrix, cluster
 
-__all__ = ["representatives", "select_heads"]
+__all__ = ["CAHPSelector", "representatives", "select_heads"]
 
 
 def representatives(labels: Any, salience: Any) -> np.ndarray:
@@ -66,3 +74,40 @@ def select_heads(
         raise ValueError(f"salience must have shape ({D.shape[0]},) to match D, got {salience.shape}")
     labels = cluster(D, k, method=method, seed=seed, **graph_kwargs)
     return representatives(labels, salience)
+
+
+@dataclass
+class CAHPSelector(HeadSelector):
+    """CAHP: cluster the head graph into k groups, keep each group's most salient head.
+
+    Uses ``stats.distances[distance]`` (step 2) and ``stats.salience`` (mean
+    |dL/dgate|); ``seed`` is the clustering's, a setting fixed per run, so the
+    selection does not vary with a compare seed.
+    """
+
+    distance: str = "js"
+    clustering: str = "spectral"
+    seed: int = 0
+    kernel: str = "gaussian"
+    bandwidth: str | float = "median"
+    name: str = "cahp"
+
+    def select(self, k: int, stats: HeadStats, ctx: SelectionContext | None = None) -> torch.Tensor:
+        """Bool (layers, heads) mask of the k representatives."""
+        k = check_budget(k, stats)
+        if self.distance not in stats.distances:
+            raise ValueError(f"no {self.distance!r} distances were computed (have: {sorted(stats.distances)})")
+        if stats.salience is None:
+            raise ValueError("CAHP needs head salience")
+        # the graph settings only shape the spectral graph; the distance-based methods ignore them
+        graph = {"kernel": self.kernel, "bandwidth": self.bandwidth} if self.clustering == "spectral" else {}
+        chosen = select_heads(
+            stats.distances[self.distance].numpy(), stats.flat(stats.salience), k,
+            method=self.clustering, seed=self.seed, **graph,
+        )
+        return stats.mask_of(chosen)
+
+    def settings(self) -> dict:
+        """Distance, clustering, its seed, and the spectral graph's kernel and bandwidth."""
+        return {"distance": self.distance, "clustering": self.clustering, "seed": self.seed,
+                "kernel": self.kernel, "bandwidth": self.bandwidth}

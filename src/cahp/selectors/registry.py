@@ -1,0 +1,49 @@
+"""Every head selector by name: CAHP and the baselines, built the same way for prune and compare."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cahp.selectors.base import HeadSelector
+from cahp.selectors.cahp import CAHPSelector
+from cahp.selectors.fisher import FisherSearchSelector
+from cahp.selectors.gradient import GradientSelector
+from cahp.selectors.simple import EntropySelector, MagnitudeSelector, RandomSelector
+
+__all__ = ["SELECTORS", "make_selector"]
+
+SELECTORS: dict[str, tuple[type[HeadSelector], dict]] = {
+    "cahp": (CAHPSelector, {}),
+    "random": (RandomSelector, {}),
+    "magnitude": (MagnitudeSelector, {}),
+    "gradient": (GradientSelector, {}),
+    "gradient-layernorm": (GradientSelector, {"normalize": "layer"}),
+    "gradient-iterative": (GradientSelector, {"iterative": True}),
+    "entropy": (EntropySelector, {}),
+    "fisher": (FisherSearchSelector, {}),
+    "fisher-tuned": (FisherSearchSelector, {"tune": True}),
+}
+"""name -> (selector class, fixed settings). ``fisher`` = search + rearrangement; ``fisher-tuned`` adds tuning."""
+
+
+def make_selector(name: str, seed: int = 0, shared: dict | None = None, **kw) -> HeadSelector:
+    """A selector by registry name; ``seed`` goes to selectors that take one (cahp, random).
+
+    Args:
+        shared: run-wide settings (e.g. `cahp prune`'s distance, clustering and
+            kernel), each given to the selectors that have a setting of that
+            name and ignored by the others, so one call builds any selector of
+            a run.
+        kw: settings of this selector, overriding the registry's and ``shared``
+            (e.g. ``make_selector("cahp", 0, distance="hellinger")``).
+
+    The selector's ``name`` is the registry name.
+    """
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; choose from {', '.join(SELECTORS)}")
+    cls, fixed = SELECTORS[name]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    args = {**{k: v for k, v in (shared or {}).items() if k in fields}, **fixed, **kw, "name": name}
+    if "seed" in fields:
+        args.setdefault("seed", seed)
+    return cls(**args)
