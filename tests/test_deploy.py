@@ -93,26 +93,37 @@ def run_without_cahp(tmp_path, jobs):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def pruned_by_cahp(family, seed=0):
+    """Heads and neurons removed by cahp's own surgery: random uneven widths, layer 0's FFN emptied."""
+    model = cahp.remove_heads(with_biases(tiny_model(family)), {0: [0, 2], 2: [1, 2, 3]})
+    g = torch.Generator().manual_seed(seed)
+    d_ff = get_adapter(model).intermediate_size(model.config)
+    remove = {0: list(range(d_ff))}
+    for layer in (1, 2):
+        remove[layer] = torch.randperm(d_ff, generator=g)[: int(torch.randint(1, d_ff - 1, (1,), generator=g))].tolist()
+    return cahp.remove_neurons(model, remove)
+
+
 def test_every_family_loads_without_cahp(tmp_path):
     batch = tiny_batch()
     torch.save(batch, tmp_path / "batch.pt")
     jobs, expected = [], {}
     for family in FAMILIES:
-        model = pruned(family)
-        folder = tmp_path / f"pruned-{family}"
-        cahp.save_pruned(model, None, folder)
-        encoder = getattr(model, model.base_model_prefix)
-        with torch.no_grad():
-            expected[family, "logits"] = model(**batch).logits
-            expected[family, "hidden"] = encoder(**batch).last_hidden_state
-        for auto, what in (("AutoModelForSequenceClassification", "logits"), ("AutoModel", "hidden")):
-            out = tmp_path / f"{family}-{what}.pt"
-            jobs.append({"auto": auto, "folder": str(folder), "batch": str(tmp_path / "batch.pt"), "out": str(out)})
+        for how, model in (("hand", pruned(family)), ("surgery", pruned_by_cahp(family))):
+            folder = cahp.save_pruned(model, None, tmp_path / f"pruned-{family}-{how}")
+            counts = json.loads((folder / "config.json").read_text())["cahp_kept_neurons"]["counts"]
+            assert 0 in counts and len(set(counts)) == 3  # an empty FFN and uneven widths
+            encoder = getattr(model, model.base_model_prefix)
+            with torch.no_grad():
+                expected[family, how, "logits"] = model(**batch).logits
+                expected[family, how, "hidden"] = encoder(**batch).last_hidden_state
+            for auto, what in (("AutoModelForSequenceClassification", "logits"), ("AutoModel", "hidden")):
+                out = str(tmp_path / f"{family}-{how}-{what}.pt")
+                jobs.append({"auto": auto, "folder": str(folder), "batch": str(tmp_path / "batch.pt"), "out": out})
     run_without_cahp(tmp_path, jobs)
-    for family in FAMILIES:
-        for what in ("logits", "hidden"):
-            got = torch.load(tmp_path / f"{family}-{what}.pt")
-            torch.testing.assert_close(got, expected[family, what], atol=1e-5, rtol=0, msg=f"{family} {what}")
+    for family, how, what in expected:
+        got = torch.load(tmp_path / f"{family}-{how}-{what}.pt")
+        torch.testing.assert_close(got, expected[family, how, what], atol=1e-5, rtol=0, msg=f"{family} {how} {what}")
 
 
 def test_folder_holds_code_and_auto_map(tmp_path):
@@ -302,3 +313,20 @@ def test_minilm_sentence_transformers_and_plain_transformers(tmp_path):
     job = {"auto": "AutoModel", "folder": str(folder), "batch": str(tmp_path / "batch.pt")}
     run_without_cahp(tmp_path, [{**job, "out": str(tmp_path / "h.pt")}])
     torch.testing.assert_close(torch.load(tmp_path / "h.pt"), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.integration
+def test_minilm_classifier_loads_without_cahp(tmp_path):
+    """The real minilm-l6 with a classification head, heads and FFN neurons removed, loaded without cahp."""
+    model, tok = cahp.load_model("minilm-l6", num_labels=5)
+    cahp.remove_heads(model, {1: [0, 1, 2], 3: list(range(12))})
+    cahp.remove_neurons(model, {0: list(range(0, 1536, 2)), 5: list(range(1536))})
+    folder = cahp.save_pruned(model, tok, tmp_path / "minilm-classifier")
+    texts = ["a gripping film", "dull and far too long, with a plot that goes nowhere"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    job = {"auto": "AutoModelForSequenceClassification", "folder": str(folder), "batch": str(tmp_path / "batch.pt")}
+    run_without_cahp(tmp_path, [{**job, "out": str(tmp_path / "logits.pt")}])
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=0)
