@@ -32,7 +32,9 @@ def batches(n: int = 3) -> list[dict]:
     return [labelled(seed) for seed in range(n)]
 
 
-def test_accumulator_matches_numpy_and_streams():
+@pytest.mark.parametrize("block", [512, 3])
+def test_accumulator_matches_numpy_and_streams(block, monkeypatch):
+    monkeypatch.setattr(ActivationCorrelationAccumulator, "BLOCK", block)  # 3: uneven blocks of 7 columns
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 7)) * rng.uniform(0.1, 3, size=7) + 100.0  # a large mean: centring matters
     x[:, 3] = 0.4 * x[:, 1] - 2 * x[:, 5] + rng.normal(scale=0.01, size=300)
@@ -53,6 +55,24 @@ def test_accumulator_matches_numpy_and_streams():
         acc.add_batch(torch.zeros(3, 6))
     with pytest.raises(ValueError, match="seen no row"):
         ActivationCorrelationAccumulator(2).result()
+
+
+def test_raw_sums_add_up_across_shards(monkeypatch):
+    monkeypatch.setattr(ActivationCorrelationAccumulator, "BLOCK", 2)
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.normal(size=(90, 5)) + 30.0)
+    whole = ActivationCorrelationAccumulator(5, torch.float64)
+    whole.add_batch(x)
+    parts = [ActivationCorrelationAccumulator(5, torch.float64) for _ in range(2)]
+    parts[0].add_batch(x[:20])
+    parts[1].add_batch(x[20:50])
+    parts[1].add_batch(x[50:])  # each shard has its own shift
+    raws = [p.raw() for p in parts]
+    merged = ActivationCorrelationAccumulator(5)
+    merged.load_raw(raws[0][0] + raws[1][0], raws[0][1] + raws[1][1], parts[0].count + parts[1].count)
+    torch.testing.assert_close(whole.raw()[1], x.T @ x)
+    for key in ("correlation", "mean", "std"):
+        torch.testing.assert_close(merged.result()[key], whole.result()[key], atol=1e-10, rtol=1e-10)
 
 
 def test_constant_neurons_and_distance():

@@ -5,8 +5,8 @@ Two pure functions over statistics (no model):
 - `select_units` keeps ``k`` units of one layer CAHP-style: average-linkage
   agglomerative clustering of the layer's distance matrix cut into exactly
   ``k`` clusters, and each cluster's most salient member. The dendrogram is
-  built once per layer (`layer_linkage`, O(n^2) memory: 3,072 neurons take
-  ~38 MB and well under a second) and any ``k`` is a cut of it, so the kept
+  built once per layer (`layer_linkage`, O(n^2) time and memory: a condensed
+  matrix of n (n - 1) / 2 float64) and any ``k`` is a cut of it, so the kept
   sets are nested: the set for ``k`` is contained in the set for ``k + 1``
   (a split cluster keeps its representative in one half). Deterministic: no
   random start, ties follow the linkage order.

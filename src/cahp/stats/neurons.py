@@ -66,49 +66,75 @@ CONSTANT_RTOL = 1e-10
 class ActivationCorrelationAccumulator:
     """Correlation of ``n`` activations over rows: ``add_batch(x (R, n))``; ``result()``.
 
-    Keeps ``sums`` (n,) = sum x and ``products`` (n, n) = sum x x^T in float64
-    and the row ``count``: all-reducible sums. Each batch's product is taken in
-    ``product_dtype`` on activations centred at the batch's mean (so float32
-    loses nothing to the mean's magnitude), and the mean's part is added back
-    in float64 exactly.
+    Sums in float64 of activations shifted by ``shift`` (the first batch's
+    mean, so each batch's product, taken in ``product_dtype``, loses nothing to
+    the mean's magnitude): ``sums`` (n,) = sum (x - shift) and ``products``
+    (n, n) = sum (x - shift)(x - shift)^T, of which only the blocks on and above
+    the diagonal are computed (blocks of `BLOCK` columns: the product is
+    symmetric, this skips close to half of its work); ``count`` rows. `raw`
+    and `load_raw` give and take the unshifted sums (sum x, sum x x^T) that
+    add up across processes.
     """
+
+    BLOCK = 512
 
     def __init__(self, n: int, product_dtype: torch.dtype = torch.float32):
         self.n = n
         self.product_dtype = product_dtype
-        self.sums = torch.zeros(n, dtype=torch.float64)
-        self.products = torch.zeros(n, n, dtype=torch.float64)
+        self.shift: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None
+        self.products: torch.Tensor | None = None
         self.count = 0
+        self._edges = [*range(0, n, self.BLOCK), n]
 
     def add_batch(self, x: torch.Tensor) -> None:
         if x.ndim != 2 or x.shape[1] != self.n:
             raise ValueError(f"activations must have shape (rows, {self.n}), got {tuple(x.shape)}")
-        r = x.shape[0]
-        if r == 0:
+        if x.shape[0] == 0:
             return
         x = x.detach().to(self.product_dtype)
-        m = x.mean(0)  # (n,), in the product's dtype: the centring below is exact up to its rounding
-        xc = x - m
-        c = xc.sum(0).double().cpu()  # ~0; kept so that the sum below is exact
-        m64 = m.double().cpu()
-        # sum x x^T = sum xc xc^T + m c^T + c m^T + r m m^T, with x = xc + m.
-        self.products += (xc.T @ xc).double().cpu()
-        self.products += torch.outer(m64, c) + torch.outer(c, m64) + r * torch.outer(m64, m64)
-        self.sums += x.double().sum(0).cpu()
-        self.count += r
+        if self.shift is None:  # accumulators live where the activations are (no per-batch copies)
+            self.shift = x.double().mean(0)
+            self.sums = torch.zeros(self.n, dtype=torch.float64, device=x.device)
+            self.products = torch.zeros(self.n, self.n, dtype=torch.float64, device=x.device)
+        xc = x - self.shift.to(x.dtype)  # (R, n)
+        self.sums += xc.sum(0, dtype=torch.float64)
+        for a, b in zip(self._edges, self._edges[1:]):
+            self.products[a:b, a:] += xc[:, a:b].T @ xc[:, a:]  # block row: the diagonal block and right of it
+        self.count += int(x.shape[0])
+
+    def _full_products(self) -> torch.Tensor:
+        full = self.products.clone()
+        for a, b in zip(self._edges, self._edges[1:]):
+            full[b:, a:b] = full[a:b, b:].T  # mirror the blocks above the diagonal
+        return full
+
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum x (n,), sum x x^T (n, n)), float64, unshifted."""
+        if self.count == 0:
+            raise ValueError("ActivationCorrelationAccumulator has seen no row")
+        s, s1, n = self.shift, self.sums, self.count
+        full = self._full_products()
+        full += torch.outer(s, s1) + torch.outer(s1, s) + n * torch.outer(s, s)
+        return s1 + n * s, full
+
+    def load_raw(self, sums: torch.Tensor, products: torch.Tensor, count: int) -> None:
+        """Replace the state by unshifted sums (e.g. `raw` summed over processes)."""
+        self.shift = torch.zeros_like(sums, dtype=torch.float64)
+        self.sums, self.products, self.count = sums.double(), products.double(), int(count)
 
     def result(self) -> dict[str, torch.Tensor]:
-        """{"correlation": (n, n), "mean": (n,), "std": (n,), "constant": (n,) bool}, float64.
+        """{"correlation": (n, n), "mean": (n,), "std": (n,), "constant": (n,) bool}, float64 on the CPU.
 
         Rows and columns of constant neurons hold 0 off the diagonal; the diagonal is 1.
         """
         if self.count == 0:
             raise ValueError("ActivationCorrelationAccumulator has seen no row")
-        mean = self.sums / self.count
-        cov = self.products / self.count - torch.outer(mean, mean)
+        d = (self.sums / self.count).cpu()  # mean - shift
+        cov = self._full_products().cpu() / self.count - torch.outer(d, d)
+        mean = self.shift.cpu() + d
         var = cov.diagonal().clamp_min(0)
-        second = self.products.diagonal() / self.count
-        constant = var <= CONSTANT_RTOL * second
+        constant = var <= CONSTANT_RTOL * (var + mean.square())
         std = var.sqrt()
         inv = torch.where(constant, torch.zeros_like(std), 1 / torch.where(constant, torch.ones_like(std), std))
         corr = (cov * inv[:, None] * inv[None, :]).clamp(-1, 1)
@@ -293,8 +319,14 @@ def collect_neuron_stats(
                 acc.sq_sum, _ = reduce(acc.sq_sum, 0)
         for acc in corr_acc:
             if acc is not None:
-                acc.sums, acc.count = reduce(acc.sums, acc.count)
-                acc.products, _ = reduce(acc.products, 0)
+                # Every process holds its own shift: add the unshifted sums (a process without rows adds zeros).
+                n = acc.n
+                sums, products = acc.raw() if acc.count else (torch.zeros(n, dtype=torch.float64),
+                                                              torch.zeros(n, n, dtype=torch.float64))
+                sums, count = reduce(sums, acc.count)
+                products, _ = reduce(products, 0)
+                if count:
+                    acc.load_raw(sums, products, count)
         examples = reduce(torch.zeros(1), examples)[1]
     g = neuron_acc.result()
     stats = NeuronStats(neuron_ids=neuron_ids, salience=g["salience"], fisher=g["fisher"], examples=examples,
