@@ -22,6 +22,7 @@ from cahp.budget.cost import (
     unit_counts,
 )
 from cahp.budget.cost_measure import fit_linear, measure_table, measurement_widths
+from cahp.model.neuron_surgery import remove_neurons
 from cahp.model.surgery import remove_heads
 
 from .tiny import FAMILIES, N_HEADS, N_LAYERS, tiny_model
@@ -158,6 +159,21 @@ def test_measure_table_on_a_tiny_model(family):
     assert estimated_latency(table, *unit_counts(model)) == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is not changed
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_measure_a_pruned_model_at_its_own_widths():
+    model = remove_heads(tiny_model("mpnet"), {0: [0, 1], 2: [3]})
+    remove_neurons(model, {1: list(range(40)), 2: list(range(60))})
+    heads, neurons = unit_counts(model)
+    assert heads == [2, 4, 3] and neurons == [64, 24, 4]
+    table = measure_table(model, batch=1, seq=5, widths=2, reps=1, warmup=0)
+    assert [b.units for b in table.attention] == [N_HEADS] * N_LAYERS and [b.units for b in table.ffn] == [D_FF] * 3
+    assert [d["widths"] for d in table.details["attention"]] == [[1, 2], [2, 4], [2, 3]]
+    assert [d["widths"] for d in table.details["ffn"]] == [[32, 64], [12, 24], [2, 4]]
+    assert 0 < estimated_latency(table, heads, neurons) <= 1.0
+    remove_neurons(model, {2: list(range(60, 64))})
+    with pytest.raises(CostModelError, match="layer 2 holds 3 heads and 0 neurons"):
+        measure_table(model, 1, 4, reps=1)
 
 
 def test_measure_needs_two_units_per_block():
