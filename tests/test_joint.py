@@ -11,7 +11,9 @@ from cahp.selectors.joint import (
     JointSelectionError,
     allocate,
     cut_linkage,
+    head_selection,
     layer_linkage,
+    neuron_selection,
     select_layers,
     select_units,
 )
@@ -144,3 +146,35 @@ def test_heads_only_min_heads_present_masks_and_errors():
         allocate(t, np.full((3, 4), np.nan), None, 0.5)
     sal_n = rng.uniform(size=(3, 6))
     assert allocate(t, sal_h, sal_n, 0.5) == allocate(t, sal_h.copy(), sal_n.copy(), 0.5)  # deterministic
+
+
+def test_neuron_selection_from_stats_of_a_tiny_model():
+    from cahp.model.neuron_surgery import remove_neurons
+    from cahp.stats.neurons import collect_neuron_stats
+
+    from .tiny import tiny_batch, tiny_model
+
+    model = remove_neurons(tiny_model("bert"), {1: list(range(64))})
+    batch = tiny_batch(seed=0)
+    batch["labels"] = torch.tensor([0, 1, 2, 0])
+    stats = collect_neuron_stats(model, [batch], heads=False, progress=False)
+    kept = neuron_selection(stats, [5, 0, 64])
+    assert kept[1] == [] and kept[2] == list(range(64)) and len(kept[0]) == 5
+    pos = select_units(stats.distance(0).numpy(), stats.salience[0].numpy(), 5)
+    assert kept[0] == pos.tolist()
+    with pytest.raises(JointSelectionError, match="layer 1 holds no unit: it cannot keep 3"):
+        neuron_selection(stats, [5, 3, 64])
+    with pytest.raises(JointSelectionError, match="lists 2 layers"):
+        neuron_selection(stats, [5, 3])
+
+
+def test_head_selection_within_layers():
+    # Heads (layer, head): layer 0 holds 0..3, layer 1 holds 1 and 2 (pruned before).
+    head_ids = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+    D = np.ones((6, 6)) - np.eye(6)
+    D[0, 1] = D[1, 0] = D[2, 3] = D[3, 2] = 0.1  # layer 0: pairs {0, 1} and {2, 3}
+    salience = np.array([[0.1, 0.5, 0.9, 0.2], [0.0, 0.3, 0.4, 0.0]])
+    kept = head_selection(D, head_ids, salience, [2, 1])
+    assert kept == {0: [1, 2], 1: [2]}
+    with pytest.raises(JointSelectionError, match="head_ids lists 5 heads"):
+        head_selection(D, head_ids[:5], salience, [2, 1])

@@ -39,7 +39,18 @@ from scipy.spatial.distance import squareform
 from cahp.budget.cost import CostTable, estimated_latency
 from cahp.selectors.graph import check_distance_matrix
 
-__all__ = ["LINKAGES", "Allocation", "allocate", "cut_linkage", "layer_linkage", "select_layers", "select_units"]
+__all__ = [
+    "LINKAGES",
+    "Allocation",
+    "JointSelectionError",
+    "allocate",
+    "cut_linkage",
+    "head_selection",
+    "layer_linkage",
+    "neuron_selection",
+    "select_layers",
+    "select_units",
+]
 
 LINKAGES = ("average", "complete", "single")
 
@@ -121,12 +132,51 @@ def select_layers(
         raise JointSelectionError("distances, saliences, keep (and ids) must list the same layers")
     out = {}
     for layer, (D, s, k) in enumerate(zip(distances, saliences, keep)):
-        if k == 0 and (D is None or np.size(D) == 0):
+        if D is None or np.size(D) == 0:
+            if k:
+                raise JointSelectionError(f"layer {layer} holds no unit: it cannot keep {k}")
             out[layer] = []
             continue
         pos = select_units(D, s, k, method=method)
         out[layer] = [int(ids[layer][p]) for p in pos] if ids is not None else pos.tolist()
     return out
+
+
+def neuron_selection(stats, neurons_per_layer: Sequence[int], method: str = "average") -> dict[int, list[int]]:
+    """Kept neurons {layer: original indices} for the counts of an `Allocation`, from a `NeuronStats`.
+
+    In each layer `select_units` over ``stats.distance(layer)`` with the
+    neurons' ``stats.salience``; a layer keeping none (or with an empty FFN) gets ``[]``.
+    """
+    ids = stats.neuron_ids
+    if len(neurons_per_layer) != len(ids):
+        raise JointSelectionError(f"neurons per layer lists {len(neurons_per_layer)} layers, the statistics {len(ids)}")
+    distances = [stats.distance(i).numpy() if k and ids[i] else None for i, k in enumerate(neurons_per_layer)]
+    saliences = [stats.salience[i, ids[i]].numpy() for i in range(len(ids))]
+    return select_layers(distances, saliences, list(neurons_per_layer), ids=ids, method=method)
+
+
+def head_selection(
+    D: Any, head_ids: Sequence[tuple[int, int]], salience: Any, heads_per_layer: Sequence[int],
+    method: str = "average",
+) -> dict[int, list[int]]:
+    """Kept heads {layer: original heads} for per-layer counts, CAHP-style within each layer.
+
+    Args:
+        D: ``(n, n)`` distances of the ``n`` heads the model holds (`cahp.stats.signatures.Signatures`).
+        head_ids: (layer, head) of each row of ``D``.
+        salience: ``(layers, heads)`` head salience, original numbering.
+        heads_per_layer: heads each layer keeps (e.g. `Allocation.heads`).
+    """
+    D = check_distance_matrix(D)
+    salience = np.asarray(salience, dtype=np.float64)
+    if len(head_ids) != D.shape[0]:
+        raise JointSelectionError(f"head_ids lists {len(head_ids)} heads, D has {D.shape[0]}")
+    rows = [[r for r, (layer, _) in enumerate(head_ids) if layer == i] for i in range(len(heads_per_layer))]
+    distances = [D[np.ix_(r, r)] if r else None for r in rows]
+    saliences = [salience[i, [head_ids[r][1] for r in rs]] for i, rs in enumerate(rows)]
+    ids = [[head_ids[r][1] for r in rs] for rs in rows]
+    return select_layers(distances, saliences, list(heads_per_layer), ids=ids, method=method)
 
 
 @dataclass
