@@ -171,6 +171,8 @@ def test_constant_predictions_correlate_zero() -> None:
     y = np.array([0.0, 1.0, 2.0, 3.0])
     s = score(np.full(4, 2.0), y, 1, n_bootstrap=20)
     assert s["pearson"] == 0.0 and s["spearman"] == 0.0 and not np.isnan(s["pearson_ci95"]).any()
+    y = np.random.default_rng(0).uniform(0, 5, 100)  # a mean that rounds: x - x.mean() is not exactly 0
+    assert score(y + 1.0, y, 1, n_bootstrap=0)["baseline"]["pearson"] == 0.0
 
 
 def test_non_finite_regression_input() -> None:
