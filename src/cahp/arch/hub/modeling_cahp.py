@@ -39,15 +39,6 @@ from .configuration_cahp import (
 )
 
 
-def parse_indices(text):
-    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``; ``""`` -> ``[]`` (ranges are inclusive)."""
-    out = []
-    for part in filter(None, text.split(",")):
-        first, _, last = part.partition("-")
-        out.extend(range(int(first), int(last or first) + 1))
-    return out
-
-
 def kept_heads(config):
     """{layer: original head indices kept}, or None for a model with every head."""
     stored = getattr(config, "cahp_kept_heads", None)
@@ -125,13 +116,9 @@ class CahpMPNetSelfAttention(MPNetSelfAttention):
         return super().forward(hidden_states, attention_mask, position_bias, output_attentions, **kwargs)
 
 
-def _shrink_heads(attn, names, n_kept, head_dim, hidden):
-    """Resize the q/k/v (rows) and output (columns) projections named in ``names`` to ``n_kept`` heads."""
-    width = n_kept * head_dim
-    q, k, v, o_owner, o = names
-    for name in (q, k, v):
-        setattr(attn, name, nn.Linear(hidden, width))
-    setattr(o_owner, o, nn.Linear(width, hidden))
+def _resize(owner, name, in_features, out_features):
+    """Replace the Linear ``owner.<name>`` by one of the pruned shape (its values come from the checkpoint)."""
+    setattr(owner, name, nn.Linear(in_features, out_features))
 
 
 def shrink(base, config, family):
@@ -151,20 +138,25 @@ def shrink(base, config, family):
 
 
 def _shrink_attention(layer, config, family, kept, head_dim, hidden):
+    """q/k/v lose the rows of removed heads, the output projection their columns; no head left: residual only."""
     n = len(kept)
     if family == "distilbert":
         if n == 0:
             layer.attention = ResidualOnlyAttention(hidden, 1e-12, 0.0, "bias_only")
             return
         a = layer.attention
-        _shrink_heads(a, ("q_lin", "k_lin", "v_lin", a, "out_lin"), n, head_dim, hidden)
+        for name in ("q_lin", "k_lin", "v_lin"):
+            _resize(a, name, hidden, n * head_dim)
+        _resize(a, "out_lin", n * head_dim, hidden)
         a.n_heads = n
     elif family == "mpnet":
         if n == 0:
             layer.attention = ResidualOnlyAttention(hidden, config.layer_norm_eps, config.hidden_dropout_prob, "mpnet")
             return
         a = layer.attention.attn
-        _shrink_heads(a, ("q", "k", "v", a, "o"), n, head_dim, hidden)
+        for name in ("q", "k", "v"):
+            _resize(a, name, hidden, n * head_dim)
+        _resize(a, "o", n * head_dim, hidden)
         a.__class__ = CahpMPNetSelfAttention
         a.cahp_heads = list(kept)
         a.num_attention_heads, a.all_head_size = n, n * head_dim
@@ -175,21 +167,26 @@ def _shrink_attention(layer, config, family, kept, head_dim, hidden):
             )
             return
         s = layer.attention.self
-        _shrink_heads(s, ("query", "key", "value", layer.attention.output, "dense"), n, head_dim, hidden)
+        for name in ("query", "key", "value"):
+            _resize(s, name, hidden, n * head_dim)
+        _resize(layer.attention.output, "dense", n * head_dim, hidden)
         s.num_attention_heads, s.all_head_size = n, n * head_dim
 
 
 def _shrink_ffn(layer, config, family, width, hidden):
+    """The intermediate projection keeps ``width`` rows, the output projection as many columns; 0: residual only."""
     if family == "distilbert":
         if width == 0:
             layer.ffn = ResidualOnlyFFN(hidden, 1e-12, config.dropout, "bias_only")
         else:
-            layer.ffn.lin1, layer.ffn.lin2 = nn.Linear(hidden, width), nn.Linear(width, hidden)
+            _resize(layer.ffn, "lin1", hidden, width)
+            _resize(layer.ffn, "lin2", width, hidden)
     elif width == 0:
         layer.intermediate = nn.Identity()
         layer.output = ResidualOnlyFFN(hidden, config.layer_norm_eps, config.hidden_dropout_prob, "post_norm")
     else:
-        layer.intermediate.dense, layer.output.dense = nn.Linear(hidden, width), nn.Linear(width, hidden)
+        _resize(layer.intermediate, "dense", hidden, width)
+        _resize(layer.output, "dense", width, hidden)
 
 
 class CahpPrunedMixin:
