@@ -135,6 +135,26 @@ class TestCollate:
 MODES = [(True, True), (True, False), (False, True), (False, False)]
 
 
+def test_regression_scores_stay_floats() -> None:
+    examples = [Example("a b", "c", 2.5), Example("d", "e f", 0.0), Example("g", "h", 4.0)]
+    ds = encode(FakeTokenizer(), examples, max_length=8)
+    assert ds.labels == [2.5, 0.0, 4.0] and all(isinstance(y, float) for y in ds.labels)
+    (batch,) = make_batches(ds, 3, shuffle=False, bucket=False)
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [2.5, 0.0, 4.0]
+    classes = encode(FakeTokenizer(), [Example("a", None, 1), Example("b", None, 0)], max_length=8)
+    (batch,) = make_batches(classes, 2, shuffle=False, bucket=False)
+    assert batch["labels"].dtype == torch.long
+
+
+def test_model_inputs_are_one_tuple() -> None:
+    from cahp.data import batching
+    from cahp.train import evaluate
+
+    assert evaluate.MODEL_INPUTS is batching.MODEL_INPUTS
+    batch = {"input_ids": torch.ones(1, 2), "labels": torch.ones(1), "index": torch.zeros(1)}
+    assert set(evaluate.model_inputs(batch)) == {"input_ids"}
+
+
 class TestMakeBatches:
     @pytest.mark.parametrize("shuffle, bucket", MODES)
     def test_every_index_once(self, shuffle: bool, bucket: bool) -> None:

@@ -12,15 +12,22 @@ Built-in tasks (see :func:`available_tasks`):
 * ``mnli``: the official MultiNLI splits (GLUE TSV or JSONL layout). ``dev`` is a 2 % hold-out of train,
   ``validation_matched`` is the test split and ``validation_mismatched`` an extra evaluation split.
 * ``mnli-small``: the reduced protocol on ``<data>/mnli/dev_matched.jsonl`` split by ``idx % 5``.
+* ``stsb``: GLUE STS-B sentence pairs, a regression task (scores 0..5; Pearson / Spearman). ``train.tsv``
+  minus a 10 % hold-out is ``train``, the hold-out is ``dev``, the official ``dev.tsv`` is ``test``.
 
 User tasks: ``get_task("csv:/path/to/folder")`` or ``get_task("/path/to/folder")`` for a folder holding
-``train.{csv,tsv,jsonl}`` and optionally ``dev.*`` (or ``validation.*``) and ``test.*``.
+``train.{csv,tsv,jsonl}`` and optionally ``dev.*`` (or ``validation.*``) and ``test.*``; columns are
+chosen with ``text_column``, ``text_pair_column`` and ``label_column``. A task is a classification task
+(``num_labels`` classes) or a regression task (``num_labels == 1``, float labels): user tasks detect it
+from the training labels or take ``task_type``. :meth:`Task.validate` parses and checks every split; call
+it before any work.
 
 Conventions:
 
 * Every data problem raises :class:`TaskError` naming the file and the 1-based line number where there is
-  one. No line is ever skipped silently; blank lines are errors too. (The only deliberate omission is SST-2
-  derived from the trees, which drops the neutral sentences by definition.)
+  one. No line is ever skipped silently; blank lines, blank labels and empty texts are errors too. (The
+  only deliberate omission is SST-2 derived from the trees, which drops the neutral sentences by
+  definition.)
 * TSV files are read with quoting off (plain split on tab), as the GLUE files require. CSV files are read
   with the standard ``csv`` dialect (double-quote quoting). Text fields are stripped of surrounding
   whitespace.
@@ -39,13 +46,13 @@ directory), :mod:`cahp.data.readers` (CSV/TSV/JSONL), :mod:`cahp.data.sst` (PTB 
 :mod:`cahp.data.user` (user tasks), :mod:`cahp.data.registry` (:func:`get_task`). Import from here.
 """
 
-from cahp.data.builtin import RTE_LABEL_NAMES, SST2_LABEL_NAMES, SST5_LABEL_NAMES
+from cahp.data.builtin import RTE_LABEL_NAMES, SST2_LABEL_NAMES, SST5_LABEL_NAMES, STSB_LABEL_NAMES
 from cahp.data.folder import DATA_DIR_ENV, resolve_data_dir
 from cahp.data.holdout import holdout_indices
 from cahp.data.mnli import NLI_LABEL_NAMES
 from cahp.data.registry import available_tasks, get_task
 from cahp.data.sst import parse_sst_tree
-from cahp.data.types import Example, Task, TaskError
+from cahp.data.types import TASK_TYPES, Example, Task, TaskError
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -53,6 +60,8 @@ __all__ = [
     "RTE_LABEL_NAMES",
     "SST2_LABEL_NAMES",
     "SST5_LABEL_NAMES",
+    "STSB_LABEL_NAMES",
+    "TASK_TYPES",
     "Example",
     "Task",
     "TaskError",
