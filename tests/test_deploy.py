@@ -330,3 +330,20 @@ def test_minilm_classifier_loads_without_cahp(tmp_path):
     job = {"auto": "AutoModelForSequenceClassification", "folder": str(folder), "batch": str(tmp_path / "batch.pt")}
     run_without_cahp(tmp_path, [{**job, "out": str(tmp_path / "logits.pt")}])
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=0)
+
+
+
+@pytest.mark.integration
+def test_load_pruned_never_asks_about_remote_code(tmp_path, monkeypatch):
+    """config.json names cahp-bert: reading the folder (tokenizer included) must not ask on the terminal."""
+    model, tok = cahp.load_model("minilm-l6", num_labels=2)
+    cahp.remove_heads(model, {0: [1]})
+    cahp.save_pruned(model, tok, tmp_path / "pruned")
+
+    def no_prompt(*args, **kwargs):
+        raise AssertionError("transformers asked whether to run the folder's remote code")
+
+    for module in ("configuration_auto", "tokenization_auto", "auto_factory"):
+        monkeypatch.setattr(f"transformers.models.auto.{module}.resolve_trust_remote_code", no_prompt)
+    again, tok2 = cahp.load_pruned(tmp_path / "pruned")
+    assert tok2 is not None and type(again).__name__ == "BertForSequenceClassification"

@@ -140,7 +140,9 @@ def load_pruned(path: str | os.PathLike, attn_implementation: str | None = None,
     model.eval()
     tokenizer = None
     if with_tokenizer:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        # The family config, not config.json's cahp-<family> type: otherwise transformers asks on the
+        # terminal whether to run the folder's remote code (and hangs without one).
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, config=load_config(path))
     return model, tokenizer
 
 
