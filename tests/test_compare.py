@@ -15,10 +15,12 @@ from benchmarks._common import REPO, RESULTS_DIR
 from cahp.cli import main as cli_main
 from cahp.core.configs import from_args
 from cahp.core.io import machine_label
-from cahp.pipelines import compare
+from cahp.pipelines import cache, compare
 from cahp.pipelines import prune as pipeline
-from cahp.pipelines.compare import CompareConfig, compare_to_cahp, render_markdown, run_compare, verdict
+from cahp.pipelines.compare import CompareConfig, run_compare
 from cahp.pipelines.prune import PruneConfig, run_prune
+from cahp.pipelines.report import render_markdown
+from cahp.pipelines.verdicts import compare_to_cahp, verdict
 from cahp.train.finetune import FinetuneConfig
 
 from .test_pipeline import tiny_setup  # noqa: F401  (module fixture: tiny model folder and task)
@@ -93,7 +95,7 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
         _check_verdicts(cmp)
     # the no-fine-tuning curve covers the whole k grid for every method, CAHP's = the stage curve
     curves = r["no_finetune"]["curves"]
-    stage = json.loads((out / "stages" / "curve.json").read_text())["points"]
+    stage = json.loads((out / "stages" / "curve-cahp.json").read_text())["points"]
     assert curves["cahp"]["ks"] == [p["k"] for p in stage] == curves["gradient"]["ks"]
     assert curves["cahp"]["accuracy"] == [p["accuracy"] for p in stage]
     md = (out / "compare.md").read_text()
@@ -135,11 +137,11 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     def boom(*a, **k):
         raise AssertionError("should come from the cache")
 
-    for name in ("finetune", "evaluate_task", "score_mask", "selection_curve"):
+    for name in ("finetune", "evaluate_task", "score_mask"):
         monkeypatch.setattr(compare, name, boom)
-    for name in ("finetune", "collect_signatures", "gate_gradients"):
+    for name in ("finetune", "collect_signatures", "gate_gradients", "selection_curve"):
         monkeypatch.setattr(pipeline, name, boom)
-    monkeypatch.setattr(compare, "machine_label", lambda: "another machine")
+    monkeypatch.setattr(cache, "machine_label", lambda: "another machine")
     r2 = run_compare(cfg, ft, ccfg, progress=False).report
     assert r2["timings"]["results_computed"] == 0 and r2["timings"]["results_cached"] > 0
     # cached results keep the machine that computed them, not the one assembling the report
@@ -195,7 +197,13 @@ def test_compare_in_prune_folder_via_cli(tiny_setup, tmp_path, monkeypatch, caps
 
     for name in ("finetune", "collect_signatures", "gate_gradients"):
         monkeypatch.setattr(pipeline, name, boom)
-    monkeypatch.setattr(compare, "selection_curve", boom)
+    real_curve, curves_made = pipeline.selection_curve, []
+
+    def counting_curve(model, selector, *a, **k):
+        curves_made.append(selector.name)
+        return real_curve(model, selector, *a, **k)
+
+    monkeypatch.setattr(pipeline, "selection_curve", counting_curve)
     # the fine-tuning after pruning uses --epochs 1; the dense model keeps run.json's 2 epochs
     code = cli_main(["compare", "--model", cfg.model, "--task", cfg.task, "--output-dir", str(out),
                      "--calibration-examples", "64", "--curve-examples", "80", "--stats-batch-size", "16",
@@ -209,6 +217,10 @@ def test_compare_in_prune_folder_via_cli(tiny_setup, tmp_path, monkeypatch, caps
     assert [b["label"] for b in r["budgets"]] == ["k*", "25%"]
     assert r["k_star"] == json.loads((out / "report.json").read_text())["k_star"]
     assert set(r["no_finetune"]["results"]["25%"]) == {"cahp", "entropy", "magnitude"}
+    # CAHP's curve is the prune run's stage, found by the same lookup as every method's; only the others are new
+    assert sorted(curves_made) == ["entropy", "magnitude"]
+    stage = json.loads((out / "stages" / "curve-cahp.json").read_text())["points"]
+    assert r["no_finetune"]["curves"]["cahp"]["accuracy"] == [p["accuracy"] for p in stage]
     assert "CAHP" in capsys.readouterr().out
 
 

@@ -128,3 +128,35 @@ def test_split_train_disjoint_and_seeded():
     assert len(c) == 100 and len(k) == 200 and len(t) == 900
     assert not set(c) & set(t) and set(k) <= set(t)
     assert split_train(1000, 100, 200, seed=3) == (c, k, t)
+
+
+def test_stage_cache(tmp_path):
+    """get_or_compute: computed once per key, the JSON form either way, a damaged file or a missing artifact is
+    computed again, tensors round-trip, timings and counts recorded."""
+    from cahp.pipelines.cache import StageCache, fingerprint
+
+    calls = []
+
+    def compute(value=1):
+        calls.append(value)
+        return {"kept": {0: [1, 2]}, "value": value}
+
+    cache = StageCache(tmp_path / "stages", base={"run": "a"})
+    first = cache.get_or_compute("s", {"x": 1}, compute)
+    assert first["kept"] == {"0": [1, 2]} and first["_key"] == fingerprint({"run": "a", "x": 1})
+    assert cache.get_or_compute("s", {"x": 1}, compute) == first and calls == [1]
+    assert cache.times["s"]["cached"] and cache.first == {"s": False} and (cache.hits, cache.computed) == (1, 1)
+    assert cache.get_or_compute("s", {"x": 2}, lambda: compute(2))["value"] == 2 and calls == [1, 2]
+    (tmp_path / "stages" / "s.json").write_text("{not json")
+    assert cache.get_or_compute("s", {"x": 2}, lambda: compute(3))["value"] == 3
+    other = StageCache(tmp_path / "stages", base={"run": "b"})  # another base: another fingerprint
+    assert other.get_or_compute("s", {"x": 2}, lambda: compute(4), label="stage")["value"] == 4
+    assert set(other.times) == {"stage"}
+    art = tmp_path / "art.txt"
+    assert other.get_or_compute("m", {}, lambda: compute(5), artifact=art)["value"] == 5
+    assert other.get_or_compute("m", {}, lambda: compute(6), artifact=art)["value"] == 6  # artifact missing
+    art.write_text("x")
+    assert other.get_or_compute("m", {}, lambda: compute(7), artifact=art)["value"] == 6
+    t = other.get_or_compute("t", {}, lambda: {"w": torch.arange(3.0)}, tensors=True)
+    again = other.get_or_compute("t", {}, lambda: {"w": torch.zeros(3)}, tensors=True)
+    assert torch.equal(t["w"], torch.arange(3.0)) and torch.equal(again["w"], t["w"])

@@ -1,9 +1,14 @@
-"""Stage 6: the score-vs-heads curve, through gates, on held-out training data."""
+"""CAHP step 6, curve: the score S(k) of a selector's k heads, through gates, on held-out training data.
+
+Gate 0 is exactly the model without that head (`cahp.model.gates`), so scoring
+through gates equals scoring after surgery, without copying the model per k.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +18,8 @@ from tqdm.auto import tqdm
 
 from cahp.core import distributed
 from cahp.model.gates import head_gates
-from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext
+from cahp.model.heads import mask_to_heads
+from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext, check_mask
 from cahp.train.evaluate import predict
 
 log = logging.getLogger(__name__)
@@ -35,7 +41,7 @@ def default_grid(n_heads: int, step: int = 0, min_ratio: float = 0.05) -> list[i
 
 
 def score_mask(model: nn.Module, mask: torch.Tensor, batches: Sequence[dict], labels: np.ndarray) -> float:
-    """Accuracy of ``model`` with only the heads in ``mask`` switched on (gates 0/1).
+    """Accuracy of ``model`` with its heads gated by ``mask`` ((layers, heads) bool, or float gate values).
 
     Collective under torchrun (`predict` shards the batches and gathers the logits).
     """
@@ -53,18 +59,28 @@ def selection_curve(
     labels: np.ndarray,
     ctx: SelectionContext | None = None,
     progress: bool = True,
-) -> list[dict]:
-    """Score S(k) for every k in ``ks``: ``[{"k", "accuracy", "kept": {layer: [heads]}}]``.
+) -> dict:
+    """Score S(k) for every k in ``ks``.
+
+    Each selection is scored through its gate values (`HeadSelector.select_gates`:
+    the 0/1 mask, or tuned values for a selector that tunes them).
+
+    Returns:
+        ``{"points": [{"k", "accuracy", "kept": {layer: [heads]}}], "seconds": {"select", "total"}}``,
+        ``select`` being the time spent choosing heads, ``total`` the whole curve's.
 
     Under torchrun every rank selects (selectors may themselves pass over data) and
-    rank 0's mask is broadcast, so all ranks score the same heads; scoring is sharded.
+    rank 0's selection is broadcast, so all ranks score the same heads; scoring is sharded.
     """
-    points = []
+    t0 = time.perf_counter()
+    points, select_s = [], 0.0
     for k in tqdm(ks, desc=f"curve ({selector.name})", disable=not distributed.show_progress(progress),
                   mininterval=2):
-        mask = distributed.broadcast_object(selector.select(int(k), stats, ctx))
-        acc = score_mask(model, mask, batches, labels)
-        points.append({"k": int(k), "accuracy": acc,
-                       "kept": {i: torch.nonzero(mask[i]).flatten().tolist() for i in range(mask.shape[0])}})
+        t = time.perf_counter()
+        mask, gates = distributed.broadcast_object(selector.select_gates(int(k), stats, ctx))
+        check_mask(mask, int(k), stats)
+        select_s += time.perf_counter() - t
+        acc = score_mask(model, gates, batches, labels)
+        points.append({"k": int(k), "accuracy": acc, "kept": mask_to_heads(mask)})
         log.debug("k=%d accuracy %.4f", k, acc)
-    return points
+    return {"points": points, "seconds": {"select": select_s, "total": time.perf_counter() - t0}}

@@ -22,7 +22,7 @@ Statistics (on the test split, paired on the same test examples):
 
 - pooled (the verdict): per-example correctness averaged over the seeds of
   each method, then a paired bootstrap of method minus CAHP over the test
-  examples (`cahp.train.evaluate.paired_bootstrap`). Its ``diff`` equals the
+  examples (`cahp.pipelines.verdicts`). Its ``diff`` equals the
   difference of the mean accuracies over seeds; the interval covers the
   test-set sampling of that difference (seed-to-seed variation enters through
   the averaging, not as a separate variance term).
@@ -32,9 +32,13 @@ Statistics (on the test split, paired on the same test examples):
   (CAHP better), "loss" when it lies above 0, else "tie" (the difference is
   inside the confidence interval: no evidence either way).
 
-Every (method, budget, seed) result is cached in ``OUTPUT/compare/`` (atomic
-JSON files keyed by their settings), so an interrupted compare resumes and a
-re-run with more methods, budgets or seeds only computes what is new.
+Every (method, budget, seed) result is cached in ``OUTPUT/compare/``, and every
+method's curve in ``OUTPUT/stages/`` beside CAHP's (the one cache of both
+pipelines, `cahp.pipelines.cache.StageCache`: atomic files keyed by their
+settings), so an interrupted compare resumes and a re-run with more methods,
+budgets or seeds only computes what is new. CAHP is one of the methods, built
+and scored as the others; only the budget k* comes from its curve, through
+`cahp prune`'s own `curve` and `find_k_star`.
 
 Outputs: ``compare.json`` (all numbers, settings, timings), ``compare.md``
 (tables and verdicts), ``compare.png`` (score against heads kept without
@@ -46,7 +50,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,33 +58,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cahp.budget.curve import default_grid, score_mask, selection_curve
-from cahp.budget.knee import find_knee
+from cahp.budget.curve import score_mask
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.core.io import add_log_file, environment, machine_label, read_json, to_jsonable, write_atomic, write_json
+from cahp.core.io import add_log_file, environment, read_json, write_atomic, write_json
 from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
-from cahp.pipelines.prune import PruneConfig, _fingerprint, prepare_run
-from cahp.selectors.base import SelectionContext, check_mask
+from cahp.pipelines.cache import StageCache
+from cahp.pipelines.plots import plot_compare_curves, plot_compare_layers
+from cahp.pipelines.prune import (
+    PruneConfig,
+    cahp_selector,
+    curve,
+    curve_name,
+    find_k_star,
+    prepare_run,
+    selector_settings,
+)
+from cahp.pipelines.report import render_markdown, verdict_lines, verdict_text
+from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp, verdict
+from cahp.selectors.base import HeadSelector, check_mask
 from cahp.selectors.fisher import fold_gates
 from cahp.selectors.registry import SELECTORS, make_selector
-from cahp.train.evaluate import evaluate_task, paired_bootstrap
+from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ["cahp", "random", "magnitude", "gradient", "gradient-layernorm", "gradient-iterative",
                    "entropy", "fisher"]
-VERDICT_RULE = (
-    "verdicts are CAHP's: win = the 95% paired-bootstrap interval of (method - CAHP) is below 0, "
-    "loss = it is above 0, tie = it contains 0 (the difference is within the confidence interval)"
-)
-STATISTICS = (
-    "paired bootstrap over the test examples of per-example correctness averaged over seeds "
-    "(method minus CAHP); per-seed paired bootstraps are reported beside it"
-)
 
 
 @dataclass
@@ -106,37 +112,6 @@ class CompareResult:
     report: dict = field(default_factory=dict)
 
 
-class _ResultCache:
-    """One atomic JSON file per result under ``OUTPUT/compare``, valid while its settings fingerprint matches."""
-
-    def __init__(self, root: Path, base: dict):
-        self.root = root / "compare"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.base = base
-        self.hits = 0
-        self.computed = 0
-        self.machine = machine_label()
-
-    def get(self, name: str, key: dict, compute) -> dict:
-        path = self.root / f"{name}.json"
-        fp = _fingerprint({**self.base, **key})
-        if path.is_file():
-            try:
-                data = read_json(path)
-            except ValueError:
-                data = {}
-            if data.get("_key") == fp:
-                self.hits += 1
-                return data
-        # the JSON form, whether computed now or read later (e.g. layer keys are strings either way)
-        # "_machine": where it was computed, which may not be where the report is written (a cache filled on a
-        # GPU machine, assembled on a laptop)
-        data = json.loads(json.dumps(to_jsonable({**compute(), "_key": fp, "_machine": self.machine})))
-        write_json(path, data)
-        self.computed += 1
-        return data
-
-
 def _compute_seconds(record: dict) -> float:
     """Compute time of one cached result: its "total" (curves, whose parts overlap), else the sum of its parts."""
     secs = record["seconds"]
@@ -150,55 +125,6 @@ def seconds_by_machine(records: list[dict]) -> dict[str, float]:
         where = r.get("_machine", "unrecorded")
         out[where] = round(out.get(where, 0.0) + _compute_seconds(r), 1)
     return out
-
-
-def verdict(ci95) -> str:
-    """CAHP's verdict from the 95% interval of (method - CAHP): "win", "loss" or "tie"."""
-    lo, hi = ci95
-    if hi < 0:
-        return "win"
-    if lo > 0:
-        return "loss"
-    return "tie"
-
-
-def verdict_text(method: str, label: str, k: int, cmp: dict) -> str:
-    """One plain-language sentence for a pooled comparison."""
-    d, (lo, hi), p = cmp["diff"] * 100, (x * 100 for x in cmp["ci95"]), cmp["p_value"]
-    where = f"at {label} ({_heads(k)})"
-    stats = f"{method} minus CAHP = {d:+.2f} points, 95% CI [{lo:+.2f}, {hi:+.2f}], p = {_p(p)}"
-    if cmp["verdict"] == "win":
-        return f"{where}: CAHP beats {method} ({stats})."
-    if cmp["verdict"] == "loss":
-        return f"{where}: {method} beats CAHP ({stats})."
-    return f"{where}: tie, the difference is inside the confidence interval ({stats})."
-
-
-def _p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def compare_to_cahp(method: list[np.ndarray], cahp: list[np.ndarray], n_bootstrap: int, seed: int,
-                    seeds: list | None = None) -> dict:
-    """Pooled and per-seed paired bootstraps of a method against CAHP on the same test examples.
-
-    ``method`` / ``cahp``: per-seed boolean correctness arrays. Per-seed pairs
-    are taken index by index; a single CAHP (or method) array is paired with
-    every seed of the other.
-    """
-    pooled = paired_bootstrap(np.mean(method, 0), np.mean(cahp, 0), n_bootstrap=n_bootstrap, seed=seed)
-    pooled["verdict"] = verdict(pooled["ci95"])
-    per_seed = []
-    n = max(len(method), len(cahp))
-    for i in range(n):
-        m, c = method[min(i, len(method) - 1)], cahp[min(i, len(cahp) - 1)]
-        r = paired_bootstrap(m, c, n_bootstrap=n_bootstrap, seed=seed)
-        r["verdict"] = verdict(r["ci95"])
-        if seeds is not None:
-            r["seed"] = seeds[i]
-        per_seed.append(r)
-    counts = {v: sum(r["verdict"] == v for r in per_seed) for v in ("win", "tie", "loss")}
-    return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
 
 
 def _dense_finetune_config(out: Path, ft_cfg: FinetuneConfig, cfg: PruneConfig,
@@ -258,11 +184,14 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
 
 
 class _Compare:
+    """One compare call: the prepared run, the budgets, part (a), part (b) and the report."""
+
     def __init__(self, cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg: CompareConfig, out: Path, progress: bool,
                  dense_ft: FinetuneConfig | None = None):
         self.cfg, self.ft_cfg, self.ccfg, self.out, self.progress = cfg, ft_cfg, ccfg, out, progress
         self.dense_ft_given = dense_ft
         self.seconds: dict[str, float] = {}
+        self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
 
     # --- setup --------------------------------------------------------------------------------
     def run(self) -> CompareResult:
@@ -273,29 +202,18 @@ class _Compare:
         self.model, self.tok, self.task, self.stats = run.model, run.tokenizer, run.task, run.stats
         self.split = self.task.test_split
         self.labels = np.asarray([ex.label for ex in self.task.load(self.split)])
-        self.ctx = SelectionContext(model=self.model, batches=run.calibration_batches, seed=cfg.seed)
+        self.ctx = run.context()
         n = self.stats.n
         self.methods = ["cahp", *dict.fromkeys(m for m in ccfg.methods if m != "cahp")]
         self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
-        self.cache = _ResultCache(self.out, {"signatures": run.keys["signatures"], "salience": run.keys["salience"]})
+        self.cache = StageCache(self.out / "compare", base={"signatures": run.keys["signatures"],
+                                                            "salience": run.keys["salience"]}, log_level=logging.DEBUG)
 
-        # CAHP's curve and knee, exactly as `cahp prune` computes and caches them
+        # the budget k*: the knee of CAHP's curve, by `cahp prune`'s own functions and stage cache
         t = time.perf_counter()
-        self.cahp_kw = {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel}
-        cahp_sel = make_selector("cahp", cfg.seed, **self.cahp_kw)
-        self.ks = default_grid(n, cfg.grid_step, cfg.min_ratio)
-        key3 = {**run.keys["signatures"], **run.keys["salience"], "stage": "curve",
-                "selector": cahp_sel.settings(), "ks": self.ks}
-        curve = run.stages.json("curve", key3)
-        if curve is None:
-            points = selection_curve(self.model, cahp_sel, self.stats, self.ks, run.curve_batches,
-                                     run.curve_labels, progress=self.progress)
-            curve = run.stages.put_json("curve", key3, {"points": points})
-        self.cahp_points = {p["k"]: p for p in curve["points"]}
-        self.knee = find_knee([p["k"] for p in curve["points"]], [p["accuracy"] for p in curve["points"]],
-                              degree=cfg.degree or None, method=cfg.knee_method)
-        if self.knee.warning:
-            log.warning("knee: %s", self.knee.warning)
+        self.ks = run.ks
+        self.knee_curve = curve(run, cahp_selector(cfg), self.progress)
+        self.knee = find_k_star(self.knee_curve["points"], cfg)
         self.seconds["cahp_curve_and_knee"] = time.perf_counter() - t
         budgets = [{"label": "k*", "k": self.knee.k, "ratio": self.knee.k / n}] if ccfg.knee else []
         budgets += [{"label": f"{r * 100:g}%", "k": max(1, round(r * n)), "ratio": r} for r in ccfg.budgets]
@@ -305,7 +223,6 @@ class _Compare:
                  self.knee.k, ", ".join(f"{b['label']}={b['k']}" for b in budgets), ", ".join(self.methods),
                  self.seeds)
 
-        self.selectors: dict[tuple[str, int | None], object] = {}
         curves, pre = self.part_a()
         self.write(self.report(curves, pre, None, None, t_total, partial=ccfg.finetune))
         fine, dense = self.part_b(pre) if ccfg.finetune else (None, None)
@@ -319,17 +236,24 @@ class _Compare:
         return SELECTORS[method][0].seeded
 
     def sel_seeds(self, method: str) -> list[int | None]:
+        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
         return list(self.seeds) if self.seeded(method) else [None]
 
-    def selector(self, method: str, seed: int | None):
+    def selector(self, method: str, seed: int | None) -> HeadSelector:
+        """One selector per (method, selection seed), kept so that selectors caching passes over data reuse them.
+
+        Built as `cahp prune` builds CAHP: the registry, with the run's shared settings (distance, clustering,
+        kernel) given to the selectors that take them, and ``--seed`` for a selection that has no seed of its own.
+        """
         key = (method, seed)
         if key not in self.selectors:
-            kw = self.cahp_kw if method == "cahp" else {}
-            self.selectors[key] = make_selector(method, self.cfg.seed if seed is None else seed, **kw)
+            self.selectors[key] = make_selector(method, self.cfg.seed if seed is None else seed,
+                                                shared=selector_settings(self.cfg))
         return self.selectors[key]
 
     @staticmethod
     def tag(seed: int | None) -> str:
+        """The seed part of the names of compare's own results ("all": one selection for every seed)."""
         return "all" if seed is None else f"s{seed}"
 
     def method_key(self, method: str, seed: int | None) -> dict:
@@ -353,24 +277,7 @@ class _Compare:
         for method in self.methods:
             for sseed in self.sel_seeds(method):
                 mk = self.method_key(method, sseed)
-
-                def compute_curve(method=method, sseed=sseed):
-                    t0 = time.perf_counter()
-                    points, select_s = [], 0.0
-                    for k in self.ks:
-                        if method == "cahp" and k in self.cahp_points:
-                            p = self.cahp_points[k]
-                            points.append({"k": k, "accuracy": p["accuracy"], "kept": p["kept"]})
-                            continue
-                        mask, gates, _, s = self.select(method, sseed, k)
-                        select_s += s
-                        points.append({"k": k, "accuracy": score_mask(self.model, gates, run.curve_batches,
-                                                                      run.curve_labels),
-                                       "kept": mask_to_heads(mask)})
-                    return {"points": points, "seconds": {"select": select_s, "total": time.perf_counter() - t0}}
-
-                curves[(method, sseed)] = self.cache.get(f"curve-{method}-{self.tag(sseed)}",
-                                                         {"part": "curve", **mk, "ks": self.ks}, compute_curve)
+                curves[(method, sseed)] = curve(run, self.selector(method, sseed), self.progress)
                 for k in self.budget_ks:
 
                     def compute_pre(method=method, sseed=sseed, k=k):
@@ -389,7 +296,7 @@ class _Compare:
                                  test[self.split]["accuracy"])
                         return rec
 
-                    pre[(method, sseed, k)] = self.cache.get(
+                    pre[(method, sseed, k)] = self.cache.get_or_compute(
                         f"pre-{method}-k{k}-{self.tag(sseed)}", {"part": "no_finetune", **mk, "k": k, **eval_key},
                         compute_pre)
         return curves, pre
@@ -402,7 +309,7 @@ class _Compare:
             ft = dataclasses.replace(self.ft_cfg, seed=seed)
             ft_key = {"finetune_after": asdict(ft), "split": self.split}
             if self.ccfg.dense_control:
-                dense[seed] = self.cache.get(f"ft-dense-s{seed}", {"part": "dense_control", **ft_key},
+                dense[seed] = self.cache.get_or_compute(f"ft-dense-s{seed}", {"part": "dense_control", **ft_key},
                                              lambda ft=ft: self.finetune_eval(None, None, ft, "dense control"))
             for k in self.budget_ks:
                 for method in self.methods:
@@ -410,7 +317,7 @@ class _Compare:
                     p = pre[(method, sseed, k)]
                     key = {"part": "finetune", **self.method_key(method, sseed), "k": k, "kept": p["kept"],
                            "gates": p.get("gates"), **ft_key}
-                    fine[(method, seed, k)] = self.cache.get(
+                    fine[(method, seed, k)] = self.cache.get_or_compute(
                         f"ft-{method}-k{k}-s{seed}", key,
                         lambda p=p, ft=ft, method=method: self.finetune_eval(p["kept"], p.get("gates"), ft, method))
         return fine, dense
@@ -453,7 +360,7 @@ class _Compare:
         }
         if masks:
             per_layer = [[len(m.get(str(i), m.get(i, []))) for i in range(self.stats.shape[0])] for m in masks]
-            bool_masks = [self._bool(m) for m in masks]
+            bool_masks = [self.stats.mask_from_heads(m) for m in masks]
             out["heads_per_layer"] = per_layer[0]
             out["heads_per_layer_mean"] = np.mean(per_layer, 0).tolist()
             out["mean_relative_depth"] = float(np.mean([mean_relative_depth(b) for b in bool_masks]))
@@ -464,11 +371,12 @@ class _Compare:
                                              seeds if len(seeds) >= len(cahp_recs) else None)
         return out
 
-    def _bool(self, kept: dict) -> torch.Tensor:
-        mask = torch.zeros(self.stats.shape, dtype=torch.bool)
-        for layer, hs in kept.items():
-            mask[int(layer), hs] = True
-        return mask
+    def result_counts(self) -> dict:
+        """How many results this call read from the caches and how many it computed (each curve counted once)."""
+        curves = [self.prep.stages.first[curve_name(self.selector(m, s))] for m in self.methods
+                  for s in self.sel_seeds(m)]
+        return {"results_cached": self.cache.hits + sum(curves),
+                "results_computed": self.cache.computed + len(curves) - sum(curves)}
 
     def report(self, curves, pre, fine, dense, t_total: float, partial: bool) -> dict:
         cfg, run = self.cfg, self.prep
@@ -531,7 +439,7 @@ class _Compare:
                       for s, r in run.dense_info["test"].items()}
         timings = {"total_seconds": round(time.perf_counter() - t_total, 1), "stages": run.stages.times,
                    **{k: round(v, 2) for k, v in self.seconds.items()},
-                   "results_cached": self.cache.hits, "results_computed": self.cache.computed}
+                   **self.result_counts()}
         # compute time of every result, whether computed in this call or read from the cache
         timings["no_finetune_seconds"] = round(sum(map(_compute_seconds, [*curves.values(), *pre.values()])), 1)
         if fine is not None:
@@ -560,7 +468,8 @@ class _Compare:
             "k_star": self.knee.k,
             "knee": self.knee.to_dict(),
             "budgets": self.budgets,
-            "dense": {"test": dense_test, "heldout_accuracy": self.cahp_points.get(n, {}).get("accuracy")},
+            "dense": {"test": dense_test, "heldout_accuracy": next(
+                (p["accuracy"] for p in self.knee_curve["points"] if p["k"] == n), None)},
             "no_finetune": {"curves": curve_out, "results": no_ft},
             "finetuned": {"results": ft_out, "dense_control": dense_out} if fine is not None else None,
             "timings": timings,
@@ -570,208 +479,12 @@ class _Compare:
     def write(self, report: dict) -> None:
         write_json(self.out / "compare.json", report)
         write_atomic(self.out / "compare.md", render_markdown(report))
-        plot_curves(report, self.out / "compare.png")
-        plot_layers(report, self.out / "compare_layers.png")
+        plot_compare_curves(report, self.out / "compare.png")
+        plot_compare_layers(report, self.out / "compare_layers.png")
         if not report["partial"]:
             for line in verdict_lines(report):
                 log.info("%s", line)
 
 
-# --------------------------------------------------------------------------------------------
-# rendering (also used by benchmarks/bench_compare.py, from the JSON alone)
-# --------------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.2f}"
-
-
-def _cell(s: dict) -> str:
-    acc = f"{s['accuracy'] * 100:.2f}"
-    if len(s.get("seeds") or []) > 1:
-        acc += f" ± {s['accuracy_std'] * 100:.2f}"
-    v = s.get("vs_cahp")
-    if v:
-        acc += f" ({v['pooled']['diff'] * 100:+.2f}, {v['pooled']['verdict']})"
-    return acc
-
-
-def _heads(k: int) -> str:
-    return f"{k} head" + ("" if k == 1 else "s")
-
-
-def _budget_head(report: dict) -> list[str]:
-    return [f"{b['label']} ({_heads(b['k'])})" for b in report["budgets"]]
-
-
-def _detail_table(report: dict, results: dict, finetuned: bool) -> list[str]:
-    lines = []
-    for b in report["budgets"]:
-        label, k = b["label"], b["k"]
-        lines.append(f"\n**{label}: {k} of {report['heads']} heads**\n")
-        head = ("| method | accuracy (mean ± std) | per seed | diff vs CAHP | 95% CI | p | verdict "
-                "| per-seed verdicts (win/tie/loss) |")
-        if not finetuned:
-            head += " held-out (curve data) |"
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for method, s in results[label].items():
-            v = s.get("vs_cahp")
-            std = f" ± {s['accuracy_std'] * 100:.2f}" if len(s.get("seeds") or []) > 1 else ""
-            per_seed = ", ".join(f"{a * 100:.2f}" for a in s["accuracy_per_seed"])
-            if v:
-                p = v["pooled"]
-                cmp = (f"{p['diff'] * 100:+.2f} | [{p['ci95'][0] * 100:+.2f}, {p['ci95'][1] * 100:+.2f}] | "
-                       f"{_p(p['p_value'])} | {p['verdict']} | "
-                       f"{v['per_seed_verdicts']['win']}/{v['per_seed_verdicts']['tie']}/{v['per_seed_verdicts']['loss']}")
-            else:
-                cmp = "(reference) | | | | "
-            row = f"| {method} | {s['accuracy'] * 100:.2f}{std} | {per_seed} | {cmp} |"
-            if not finetuned:
-                row += f" {_pct(s.get('heldout_accuracy'))} |"
-            lines.append(row)
-    return lines
-
-
-def verdict_lines(report: dict) -> list[str]:
-    """Plain-language verdicts, one per method and budget (after fine-tuning when it ran, else without)."""
-    part = report["finetuned"]["results"] if report.get("finetuned") else report["no_finetune"]["results"]
-    when = "after fine-tuning" if report.get("finetuned") else "without fine-tuning"
-    out = []
-    for b in report["budgets"]:
-        for method, s in part[b["label"]].items():
-            if s.get("vs_cahp"):
-                out.append(f"{method}, {when}, {s['vs_cahp']['pooled']['text']}")
-    return out
-
-
-def render_markdown(report: dict) -> str:
-    """Markdown tables and verdicts of a compare report."""
-    split = report["test_split"]
-    st = report["settings"]
-    fa = st["finetune_after"]
-    dense_acc = report["dense"]["test"].get(split, {}).get("accuracy")
-    lines = [
-        f"# CAHP against the baselines: {report['model']} / {report['task']}\n",
-        f"- test split `{split}` ({report['data']['test_examples']} examples); dense fine-tuned model: "
-        f"{_pct(dense_acc)}% accuracy"
-        + (f"; always predicting the most frequent test label scores {_pct(report['data']['test_majority_share'])}%"
-           if "test_majority_share" in report["data"] else ""),
-        "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['heads']} heads" for b in report["budgets"])
-        + f" (CAHP's knee k* = {report['k_star']})",
-        f"- seeds: {st['seeds']}; "
-        + (f"fine-tuning after pruning: {fa['epochs']} epochs max, lr {fa['lr']}, batch {fa['batch_size']}, "
-           f"patience {fa['patience']} (early stopping on dev {fa['metric']})"
-           if report.get("finetuned") else "no fine-tuning after pruning (part (a) only)"),
-        f"- statistics: {report['statistics']}; {report['verdict_rule']}",
-    ]
-    if report.get("finetuned") and len(st["seeds"]) == 1:
-        lines.append("- **one seed**: after fine-tuning, the intervals cover the sampling of test examples only, "
-                     "not the spread between fine-tuning runs; a verdict from one seed is weaker than it reads")
-    if report.get("partial"):
-        lines.append("- **partial**: the fine-tuning part has not finished yet")
-    if report.get("finetuned"):
-        res = report["finetuned"]["results"]
-        lines += ["\n## After one fine-tuning (test accuracy, %; cell: mean ± std over seeds (diff vs CAHP, "
-                  "CAHP's verdict))\n",
-                  "| method | " + " | ".join(_budget_head(report)) + " |",
-                  "|---|" + "---|" * len(report["budgets"])]
-        for method in res[report["budgets"][0]["label"]]:
-            lines.append(f"| {method} | " + " | ".join(_cell(res[b["label"]][method]) for b in report["budgets"])
-                         + " |")
-        dc = report["finetuned"].get("dense_control")
-        if dc:
-            std = f" ± {dc['accuracy_std'] * 100:.2f}" if len(dc["seeds"]) > 1 else ""
-            cells = []
-            for b in report["budgets"]:
-                p = dc["vs_cahp"][b["label"]]["pooled"]
-                cells.append(f"{dc['accuracy'] * 100:.2f}{std} ({p['diff'] * 100:+.2f}, {p['verdict']})")
-            lines.append(f"| dense control ({report['heads']} heads, same extra fine-tuning) | "
-                         + " | ".join(cells) + " |")
-        lines += _detail_table(report, res, True)
-    nf = report["no_finetune"]["results"]
-    lines += ["\n## Right after pruning, no fine-tuning (test accuracy through gates, %)\n",
-              "| method | " + " | ".join(_budget_head(report)) + " |",
-              "|---|" + "---|" * len(report["budgets"])]
-    for method in nf[report["budgets"][0]["label"]]:
-        lines.append(f"| {method} | " + " | ".join(_cell(nf[b["label"]][method]) for b in report["budgets"]) + " |")
-    lines.append(f"| dense ({_heads(report['heads'])}, for reference) | "
-                 + " | ".join(_pct(dense_acc) for _ in report["budgets"]) + " |")
-    lines += _detail_table(report, nf, False)
-    lines += ["\n## Kept heads per layer (layer 0 first) and mean relative depth (0 = first layer, 1 = last; "
-              "the proximity-bias measure)\n",
-              "| method | " + " | ".join(_budget_head(report)) + " |",
-              "|---|" + "---|" * len(report["budgets"])]
-    for method in nf[report["budgets"][0]["label"]]:
-        cells = []
-        for b in report["budgets"]:
-            s = nf[b["label"]][method]
-            per_layer = s["heads_per_layer_mean"] if len(s.get("seeds") or []) > 1 else s["heads_per_layer"]
-            # a mean over seeds is shown to one decimal (2.3, not 2.33333)
-            cells.append(" ".join(f"{round(x, 1):g}" for x in per_layer) + f" (depth {s['mean_relative_depth']:.2f})")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    curves = report["no_finetune"]["curves"]
-    lines += ["\n## Curves without fine-tuning (held-out accuracy on the curve data, %)\n",
-              "| heads | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
-    ks = next(iter(curves.values()))["ks"]
-    for i, k in enumerate(ks):
-        lines.append(f"| {k} | " + " | ".join(f"{c['accuracy'][i] * 100:.2f}" for c in curves.values()) + " |")
-    verdicts = verdict_lines(report)
-    if verdicts:
-        lines += ["\n## Verdicts\n", *[f"- {v}" for v in verdicts]]
-    t = report["timings"]
-    spent = f"{t['no_finetune_seconds']:.0f} s without fine-tuning"
-    if t.get("finetune_seconds") is not None:
-        spent += f", {t['finetune_seconds']:.0f} s fine-tuning and evaluating"
-    lines.append(f"\nCompute time of the results (cached ones included): {spent}; this call took "
-                 f"{t['total_seconds']:.0f} s ({t['results_computed']} results computed, {t['results_cached']} "
-                 f"from the cache).")
-    by_machine = t.get("seconds_by_machine")
-    if by_machine and list(by_machine) != ["unrecorded"]:
-        lines.append("Computed on: " + "; ".join(f"{m}: {v:.0f} s" for m, v in by_machine.items()) + ".")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(report: dict, path: Path) -> None:
-    from cahp.pipelines.plots import _save, plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (method, c) in enumerate(report["no_finetune"]["curves"].items()):
-        acc = np.array(c["accuracy"]) * 100
-        style = {"lw": 2.5, "color": "C3", "zorder": 5} if method == "cahp" else {"lw": 1.2, "color": f"C{i % 10}"}
-        ax.plot(c["ks"], acc, "o-", ms=3, label=method, **style)
-        if c.get("per_seed"):
-            std = np.array(c["accuracy_std"]) * 100
-            ax.fill_between(c["ks"], acc - std, acc + std, alpha=0.15, color=style["color"])
-    for b in report["budgets"]:
-        ax.axvline(b["k"], color="grey", ls=":", lw=0.8)
-        ax.text(b["k"], ax.get_ylim()[1], f" {b['label']}", rotation=90, va="top", fontsize=7, color="grey")
-    ax.set_xlabel("heads kept")
-    ax.set_ylabel("held-out accuracy (%), no fine-tuning")
-    ax.set_title(f"{report['model']} / {report['task']}: head selection without fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
-
-
-def plot_layers(report: dict, path: Path) -> None:
-    from cahp.pipelines.plots import _save, plt
-
-    budgets = report["budgets"]
-    res = report["no_finetune"]["results"]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
-    for ax, b in zip(axes[0], budgets):
-        for i, (method, s) in enumerate(res[b["label"]].items()):
-            per_layer = s["heads_per_layer_mean"] if len(s.get("seeds") or []) > 1 else s["heads_per_layer"]
-            style = {"lw": 2.5, "color": "C3"} if method == "cahp" else {"lw": 1.0, "color": f"C{i % 10}"}
-            ax.plot(range(len(per_layer)), per_layer, "o-", ms=3,
-                    label=f"{method} ({s['mean_relative_depth']:.2f})", **style)
-        ax.set_title(f"{b['label']}: {b['k']} heads", fontsize=9)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("heads kept")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, title="method (mean rel. depth)", title_fontsize=6)
-    _save(fig, path)
-
-
-__all__ = ["CompareConfig", "CompareResult", "DEFAULT_METHODS", "compare_to_cahp", "render_markdown", "run_compare",
-           "verdict", "verdict_lines", "verdict_text"]
+__all__ = ["CompareConfig", "CompareResult", "DEFAULT_METHODS", "STATISTICS", "VERDICT_RULE", "compare_to_cahp",
+           "render_markdown", "run_compare", "seconds_by_machine", "verdict", "verdict_lines", "verdict_text"]

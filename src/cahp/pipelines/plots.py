@@ -1,4 +1,4 @@
-"""Figures of a prune run: the curve with its fit and knee, kept heads, distances."""
+"""Figures: of a prune run (the curve with its fit and knee, kept heads, distances) and of a compare report."""
 
 from __future__ import annotations
 
@@ -64,4 +64,44 @@ def plot_distances(D: np.ndarray, heads_per_layer: list[int], path: Path, title:
     ax.set_ylabel("head (layer-major)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
+    _save(fig, path)
+
+
+def plot_compare_curves(report: dict, path: Path) -> None:
+    """compare.png: held-out score against heads kept without fine-tuning, one line per method."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (method, c) in enumerate(report["no_finetune"]["curves"].items()):
+        acc = np.array(c["accuracy"]) * 100
+        style = {"lw": 2.5, "color": "C3", "zorder": 5} if method == "cahp" else {"lw": 1.2, "color": f"C{i % 10}"}
+        ax.plot(c["ks"], acc, "o-", ms=3, label=method, **style)
+        if c.get("per_seed"):
+            std = np.array(c["accuracy_std"]) * 100
+            ax.fill_between(c["ks"], acc - std, acc + std, alpha=0.15, color=style["color"])
+    for b in report["budgets"]:
+        ax.axvline(b["k"], color="grey", ls=":", lw=0.8)
+        ax.text(b["k"], ax.get_ylim()[1], f" {b['label']}", rotation=90, va="top", fontsize=7, color="grey")
+    ax.set_xlabel("heads kept")
+    ax.set_ylabel("held-out accuracy (%), no fine-tuning")
+    ax.set_title(f"{report['model']} / {report['task']}: head selection without fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_compare_layers(report: dict, path: Path) -> None:
+    """compare_layers.png: kept heads per layer of every method at each budget, with the mean relative depth."""
+    budgets = report["budgets"]
+    res = report["no_finetune"]["results"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for i, (method, s) in enumerate(res[b["label"]].items()):
+            per_layer = s["heads_per_layer_mean"] if len(s.get("seeds") or []) > 1 else s["heads_per_layer"]
+            style = {"lw": 2.5, "color": "C3"} if method == "cahp" else {"lw": 1.0, "color": f"C{i % 10}"}
+            ax.plot(range(len(per_layer)), per_layer, "o-", ms=3,
+                    label=f"{method} ({s['mean_relative_depth']:.2f})", **style)
+        ax.set_title(f"{b['label']}: {b['k']} heads", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("heads kept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, title="method (mean rel. depth)", title_fontsize=6)
     _save(fig, path)

@@ -1,12 +1,21 @@
-"""`cahp prune` end to end: fine-tune, signatures, salience, curve, knee, surgery, fine-tune once.
+"""`cahp prune`: CAHP end to end, in the order of the paper's steps (docs/METHOD.md's step table).
+
+`run_prune` reads top to bottom as those steps:
+
+- 0. `finetuned_dense_model`: fine-tune the dense model (unless it already is);
+- 1-2. `signatures`: attention signatures of every head and their distances;
+- `salience`: |dL/dgate| of every head (used by step 5);
+- 3-5. `cahp_selector`: graph, clustering and representatives, one selection per budget;
+- 6. `curve` and `find_k_star`: S(k) on held-out training data, and the knee k*;
+- 7-8. `surgery_and_finetune`: remove the other heads, fine-tune once, evaluate.
 
 Each stage reads its cached result from ``OUTPUT/stages/`` when the settings it
-depends on are unchanged, and writes it atomically when it computes it. So an
-interrupted run resumes at the first unfinished stage, and a re-run with another
-knee rule, clustering or ``--keep`` reuses the fine-tuned model, signatures and
-salience. ``OUTPUT/run.json`` records the settings that define the run (model,
-task, data split, fine-tuning); an output folder holding another run is refused
-unless ``overwrite`` is set.
+depends on are unchanged, and writes it atomically when it computes it
+(`cahp.pipelines.cache.StageCache`). So an interrupted run resumes at the first
+unfinished stage, and a re-run with another knee rule, clustering or ``--keep``
+reuses the fine-tuned model, signatures and salience. ``OUTPUT/run.json``
+records the settings that define the run (model, task, data split, fine-tuning);
+an output folder holding another run is refused unless ``overwrite`` is set.
 
 Data: a fixed, seeded sample of the training split is held out for the curve
 (``curve_examples``, never used to fine-tune when cahp does the fine-tuning) and
@@ -23,7 +32,6 @@ output folder and no shared file system is needed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import shutil
@@ -35,18 +43,19 @@ import numpy as np
 import torch
 
 from cahp.budget.curve import default_grid, score_mask, selection_curve
-from cahp.budget.knee import KNEE_METHODS, find_knee
+from cahp.budget.knee import KNEE_METHODS, KneeResult, find_knee
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.core.io import add_log_file, environment, read_json, save_tensors, write_json
+from cahp.core.io import add_log_file, environment, read_json, write_json
 from cahp.data.batching import encode, make_batches
 from cahp.data.tasks import get_task
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
-from cahp.model.heads import kept_heads, kept_mask, mean_relative_depth, num_kept
+from cahp.model.heads import kept_heads, kept_mask, mask_to_heads, mean_relative_depth, num_kept
 from cahp.model.loading import load_model
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
-from cahp.selectors.base import HeadStats
+from cahp.pipelines.cache import StageCache
+from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext
 from cahp.selectors.graph import CLUSTERING_METHODS
 from cahp.selectors.registry import make_selector
 from cahp.stats.distances import DISTANCES
@@ -92,63 +101,6 @@ class PruneConfig:
 class PruneResult:
     output_dir: Path
     report: dict = field(default_factory=dict)
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class _Stages:
-    """Cache of stage results under ``OUTPUT/stages`` keyed by a settings fingerprint.
-
-    Under torchrun rank 0 alone reads and writes; every read and every put returns
-    rank 0's data on all ranks, so all ranks take the same branch with the same values.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root / "stages"
-        distributed.on_main(self.root.mkdir, parents=True, exist_ok=True)
-        self.times: dict[str, dict] = {}
-
-    def _read_json(self, name: str, key: dict):
-        path = self.root / f"{name}.json"
-        if path.is_file():
-            data = read_json(path)
-            if data.get("_key") == _fingerprint(key):
-                return data
-        return None
-
-    def json(self, name: str, key: dict):
-        return distributed.on_main(self._read_json, name, key)
-
-    def put_json(self, name: str, key: dict, data: dict) -> dict:
-        data = distributed.broadcast_object({**data, "_key": _fingerprint(key)})
-        distributed.on_main(write_json, self.root / f"{name}.json", data)
-        return data
-
-    def _read_tensors(self, name: str, key: dict):
-        path = self.root / f"{name}.pt"
-        if path.is_file():
-            data = torch.load(path, weights_only=False)
-            if data.get("_key") == _fingerprint(key):
-                return data
-        return None
-
-    def tensors(self, name: str, key: dict):
-        return distributed.on_main(self._read_tensors, name, key)
-
-    def put_tensors(self, name: str, key: dict, data: dict) -> dict:
-        data = distributed.broadcast_object({**data, "_key": _fingerprint(key)})
-        distributed.on_main(save_tensors, self.root / f"{name}.pt", data)
-        return data
-
-    def exists(self, path: Path, check=Path.is_file) -> bool:
-        """Whether rank 0 sees ``path`` (``check(path)`` on rank 0, broadcast)."""
-        return bool(distributed.on_main(check, path))
-
-    def timed(self, name: str, seconds: float, cached: bool) -> None:
-        self.times[name] = {"seconds": round(seconds, 2), "cached": cached}
-        log.info("stage %s: %s", name, "cached" if cached else f"{seconds:.1f} s")
 
 
 def split_train(n: int, curve_examples: int, calibration_examples: int, seed: int):
@@ -215,7 +167,7 @@ class PreparedRun:
     out: Path
     task: object
     identity: dict
-    stages: _Stages
+    stages: StageCache
     model: object
     tokenizer: object
     train_examples: list
@@ -230,9 +182,18 @@ class PreparedRun:
     stats: HeadStats
     keys: dict
 
+    @property
+    def ks(self) -> list[int]:
+        """The curve's grid of kept-head counts, from all heads down."""
+        return default_grid(self.stats.n, self.cfg.grid_step, self.cfg.min_ratio)
+
+    def context(self) -> SelectionContext:
+        """What data-driven selectors may use: the dense model and the calibration batches."""
+        return SelectionContext(model=self.model, batches=self.calibration_batches, seed=self.cfg.seed)
+
 
 def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PreparedRun:
-    """Stages 0-4: fine-tuned dense model, signatures, salience (cached under ``out/stages``).
+    """Steps 0-2 and the salience: fine-tuned dense model, signatures, distances, salience (cached).
 
     Collective under torchrun (joins the process group if needed); rank 0 creates ``out``.
     """
@@ -245,7 +206,7 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
         "seed": cfg.seed, "finetune": asdict(ft_cfg),
     }
     distributed.on_main(_check_identity, out, identity, cfg.overwrite)
-    stages = _Stages(out)
+    stages = StageCache(out / "stages")
     train_all = task.load(task.train_split)
     curve_idx, calib_idx, train_idx = split_train(len(train_all), cfg.curve_examples, cfg.calibration_examples,
                                                   cfg.seed)
@@ -253,55 +214,14 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
     calib_ex = [train_all[i] for i in calib_idx]
     train_ex = [train_all[i] for i in train_idx]
 
-    # --- 0. the fine-tuned dense model ------------------------------------------------------
-    t = time.perf_counter()
-    dense_dir = out / "stages" / "finetuned"
-    cached = stages.json("finetune_dense", identity)
-    device = distributed.device()
-    if cached is not None and stages.exists(dense_dir / "config.json"):
-        if distributed.is_main():
-            model, tok = load_pruned(dense_dir)
-        else:  # same architecture; rank 0's cached weights are broadcast below
-            model, tok = load_model(cfg.model, num_labels=task.num_labels, seed=cfg.seed)
-        distributed.sync_module(model.to(device))
-        stages.timed("finetune_dense", time.perf_counter() - t, True)
-    else:
-        model, tok = load_model(cfg.model, num_labels=task.num_labels, seed=cfg.seed)
-        distributed.sync_module(model.to(device))  # e.g. a new classifier: rank 0's on every rank
-        info = {"finetuned_by_cahp": not cfg.finetuned}
-        if not cfg.finetuned:
-            ft = finetune(model, tok, task, ft_cfg, train_examples=train_ex, progress=progress)
-            info["finetune"] = ft.to_dict()
-        info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
-                                     keep_predictions=True, progress=progress)
-        distributed.on_main(save_pruned, model, tok, dense_dir)
-        cached = stages.put_json("finetune_dense", identity, info)
-        stages.timed("finetune_dense", time.perf_counter() - t, False)
+    model, tok, dense_info = finetuned_dense_model(cfg, ft_cfg, task, identity, stages, train_ex, progress)
     pad = tok.pad_token_id or 0
-
-    # --- 1-2. signatures and distances (calibration sample) ----------------------------------
-    t = time.perf_counter()
-    calib_ds = encode(tok, calib_ex, ft_cfg.max_length)
-    calib_batches = make_batches(calib_ds, cfg.stats_batch_size, shuffle=False, pad_token_id=pad)
-    key1 = {**identity, "stage": "signatures", "distance": cfg.distance, "batch": cfg.stats_batch_size}
-    sig_state = stages.tensors(f"signatures-{cfg.distance}", key1)
-    if sig_state is None:
-        sig = collect_signatures(model, calib_batches, kinds=(cfg.distance,), progress=progress)
-        sig = Signatures.from_state_dict(stages.put_tensors(f"signatures-{cfg.distance}", key1, sig.state_dict()))
-        stages.timed("signatures", time.perf_counter() - t, False)
-    else:
-        sig = Signatures.from_state_dict(sig_state)
-        stages.timed("signatures", time.perf_counter() - t, True)
-
-    # --- 4. salience ------------------------------------------------------------------------
-    t = time.perf_counter()
-    key2 = {**identity, "stage": "salience", "batch": cfg.stats_batch_size}
-    sal = stages.tensors("salience", key2)
-    if sal is None:
-        sal = stages.put_tensors("salience", key2, gate_gradients(model, calib_batches, progress=progress))
-        stages.timed("salience", time.perf_counter() - t, False)
-    else:
-        stages.timed("salience", time.perf_counter() - t, True)
+    calib_batches = make_batches(encode(tok, calib_ex, ft_cfg.max_length), cfg.stats_batch_size, shuffle=False,
+                                 pad_token_id=pad)
+    sig_key = {**identity, "stage": "signatures", "distance": cfg.distance, "batch": cfg.stats_batch_size}
+    sig = signatures(model, calib_batches, cfg.distance, sig_key, stages, progress)
+    sal_key = {**identity, "stage": "salience", "batch": cfg.stats_batch_size}
+    sal = salience(model, calib_batches, sal_key, stages, progress)
 
     curve_ds = encode(tok, curve_ex, ft_cfg.max_length)
     curve_batches = make_batches(curve_ds, ft_cfg.eval_batch_size, shuffle=False, pad_token_id=pad)
@@ -314,88 +234,165 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
         cfg=cfg, ft_cfg=ft_cfg, out=out, task=task, identity=identity, stages=stages, model=model,
         tokenizer=tok, train_examples=train_ex, curve_examples=curve_ex, calibration_examples=calib_ex,
         calibration_batches=calib_batches, curve_batches=curve_batches, curve_labels=np.asarray(curve_ds.labels),
-        signatures=sig, gate_stats=sal, dense_info=cached, stats=stats, keys={"signatures": key1, "salience": key2},
+        signatures=sig, gate_stats=sal, dense_info=dense_info, stats=stats,
+        keys={"signatures": sig_key, "salience": sal_key},
     )
 
 
-def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
-    t_total = time.perf_counter()
-    run = prepare_run(cfg, ft_cfg, out, progress)
-    task, stages, model, tok, stats, sig = run.task, run.stages, run.model, run.tokenizer, run.stats, run.signatures
-    identity, key1, key2 = run.identity, run.keys["signatures"], run.keys["salience"]
-    curve_batches, curve_labels, train_ex = run.curve_batches, run.curve_labels, run.train_examples
-    dense_info = run.dense_info
-    params_before = count_parameters(model)
-    heads_before = num_kept(model)
-    n_layers = stats.shape[0]
-    selector = make_selector("cahp", cfg.seed, distance=cfg.distance, clustering=cfg.clustering, kernel=cfg.kernel)
+def finetuned_dense_model(cfg: PruneConfig, ft_cfg: FinetuneConfig, task, identity: dict, stages: StageCache,
+                          train_examples: list, progress: bool):
+    """Step 0: (model, tokenizer, info) of the dense model fine-tuned on ``train_examples`` (unless
+    ``cfg.finetuned``), with its test scores; saved under ``stages/finetuned`` and reloaded from there."""
+    dense_dir = stages.root / "finetuned"
+    device = distributed.device()
+    made = {}
 
-    # --- 5-6. curve on held-out training data ---------------------------------------------------
-    t = time.perf_counter()
-    ks = default_grid(stats.n, cfg.grid_step, cfg.min_ratio)
-    key3 = {**key1, **key2, "stage": "curve", "selector": selector.settings(), "ks": ks}
-    curve = stages.json("curve", key3)
-    if curve is None:
-        points = selection_curve(model, selector, stats, ks, curve_batches, curve_labels, progress=progress)
-        curve = stages.put_json("curve", key3, {"points": points})
-        stages.timed("curve", time.perf_counter() - t, False)
-    else:
-        stages.timed("curve", time.perf_counter() - t, True)
-    points = curve["points"]
+    def compute() -> dict:
+        model, tok = load_model(cfg.model, num_labels=task.num_labels, seed=cfg.seed)
+        distributed.sync_module(model.to(device))  # e.g. a new classifier: rank 0's on every rank
+        info = {"finetuned_by_cahp": not cfg.finetuned}
+        if not cfg.finetuned:
+            info["finetune"] = finetune(model, tok, task, ft_cfg, train_examples=train_examples,
+                                        progress=progress).to_dict()
+        info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
+                                     keep_predictions=True, progress=progress)
+        distributed.on_main(save_pruned, model, tok, dense_dir)
+        made["model"] = model, tok
+        return info
 
+    info = stages.get_or_compute("finetune_dense", identity, compute, artifact=dense_dir / "config.json")
+    if "model" in made:
+        return (*made["model"], info)
+    if distributed.is_main():
+        model, tok = load_pruned(dense_dir)
+    else:  # same architecture; rank 0's cached weights are broadcast below
+        model, tok = load_model(cfg.model, num_labels=task.num_labels, seed=cfg.seed)
+    distributed.sync_module(model.to(device))
+    return model, tok, info
+
+
+def signatures(model, batches: list, distance: str, key: dict, stages: StageCache, progress: bool) -> Signatures:
+    """Steps 1-2: every head's attention signatures on the calibration batches and their ``distance``."""
+    state = stages.get_or_compute(
+        f"signatures-{distance}", key, tensors=True, label="signatures",
+        compute=lambda: collect_signatures(model, batches, kinds=(distance,), progress=progress).state_dict())
+    return Signatures.from_state_dict(state)
+
+
+def salience(model, batches: list, key: dict, stages: StageCache, progress: bool) -> dict:
+    """Salience (mean |dL/dgate|, step 5's ranking) and Fisher (mean (dL/dgate)^2) of every head, (L, H) each."""
+    return stages.get_or_compute("salience", key, lambda: gate_gradients(model, batches, progress=progress),
+                                 tensors=True)
+
+
+def selector_settings(cfg: PruneConfig) -> dict:
+    """The run's settings that selectors may take (CAHP's distance, clustering and graph kernel)."""
+    return {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel}
+
+
+def cahp_selector(cfg: PruneConfig) -> HeadSelector:
+    """Steps 3-5 as one selector: affinity graph, clustering into k groups, each group's most salient head."""
+    return make_selector("cahp", cfg.seed, shared=selector_settings(cfg))
+
+
+def curve_name(selector: HeadSelector) -> str:
+    """The stage name of ``selector``'s curve (one per selector of a run)."""
+    return f"curve-{selector.tag}"
+
+
+def curve(run: PreparedRun, selector: HeadSelector, progress: bool = True) -> dict:
+    """Step 6: ``selector``'s S(k) over the run's grid on the held-out curve data (stage `curve_name`).
+
+    Returns the `cahp.budget.curve.selection_curve` record: ``{"points", "seconds"}`` (and the cache's fields).
+    """
+    ks = run.ks
+    key = {**run.keys["signatures"], **run.keys["salience"], "stage": "curve", "method": selector.name,
+           "selector": selector.settings(), "ks": ks}
+    return run.stages.get_or_compute(
+        curve_name(selector), key, label="curve",
+        compute=lambda: selection_curve(run.model, selector, run.stats, ks, run.curve_batches, run.curve_labels,
+                                        run.context(), progress=progress))
+
+
+def find_k_star(points: list[dict], cfg: PruneConfig) -> KneeResult:
+    """Step 6, knee: k* of the polynomial fit to a curve's points, with ``cfg``'s degree and knee rule."""
     knee = find_knee([p["k"] for p in points], [p["accuracy"] for p in points],
                      degree=cfg.degree or None, method=cfg.knee_method)
     if knee.warning:
         log.warning("knee: %s", knee.warning)
+    return knee
+
+
+def final_budget(cfg: PruneConfig, knee: KneeResult, n: int) -> tuple[int, str]:
+    """(heads to keep, where that number comes from): ``--keep``, ``--keep-ratio`` or the knee."""
     if cfg.keep:
-        k_final, k_source = cfg.keep, "--keep"
+        k, source = cfg.keep, "--keep"
     elif cfg.keep_ratio:
-        k_final, k_source = max(1, round(cfg.keep_ratio * stats.n)), "--keep-ratio"
+        k, source = max(1, round(cfg.keep_ratio * n)), "--keep-ratio"
     else:
-        k_final, k_source = knee.k, "knee"
-    if not 1 <= k_final <= stats.n:
-        raise ValueError(f"cannot keep {k_final} heads: the model has {stats.n}; choose 1..{stats.n}")
-    log.info("k* = %d (knee), keeping %d heads (%s)", knee.k, k_final, k_source)
+        k, source = knee.k, "knee"
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} heads: the model has {n}; choose 1..{n}")
+    log.info("k* = %d (knee), keeping %d heads (%s)", knee.k, k, source)
+    return k, source
 
-    # --- 7-8. surgery and the single fine-tuning ------------------------------------------------
-    t = time.perf_counter()
-    mask = distributed.broadcast_object(selector.select(k_final, stats))
-    kept = {i: torch.nonzero(mask[i]).flatten().tolist() for i in range(n_layers)}
-    held_pre = score_mask(model, mask, curve_batches, curve_labels)
-    pruned = copy.deepcopy(model)
+
+def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
+    """Steps 7-8: (pruned model, scores) of a copy of the dense model keeping the heads of ``mask``,
+    evaluated, fine-tuned once (unless ``skip_final_finetune``) and evaluated again; saved as ``OUTPUT/model``."""
+    cfg, ft_cfg, task, tok = run.cfg, run.ft_cfg, run.task, run.tokenizer
+    kept = mask_to_heads(mask)
+    pruned = copy.deepcopy(run.model)
     keep_heads(pruned, kept)
-    key4 = {**identity, "stage": "final", "kept": kept, "skip_final_finetune": cfg.skip_final_finetune}
-    final = stages.json("final", key4)
-    model_dir = out / "model"
-    if final is not None and stages.exists(model_dir, is_pruned_folder):
-        if distributed.is_main():
-            pruned, tok = load_pruned(model_dir)
-        # the other ranks keep their surgery of the same heads and get rank 0's weights
-        distributed.sync_module(pruned.to(distributed.device()))
-        stages.timed("surgery_and_finetune", time.perf_counter() - t, True)
-    else:
-        final = {"test_after_pruning": evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
-                                                     progress=progress)}
-        if not cfg.skip_final_finetune:
-            ft2 = finetune(pruned, tok, task, ft_cfg, train_examples=train_ex, progress=progress)
-            final["finetune"] = ft2.to_dict()
-            final["test_after_finetune"] = evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length,
-                                                         seed=cfg.seed, progress=progress)
-        distributed.on_main(save_pruned, pruned, tok, model_dir)
-        final = stages.put_json("final", key4, final)
-        stages.timed("surgery_and_finetune", time.perf_counter() - t, False)
+    model_dir = run.out / "model"
+    made = {}
 
-    # --- report and figures ----------------------------------------------------------------------
+    def compute() -> dict:
+        scores = {"test_after_pruning": evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
+                                                      progress=progress)}
+        if not cfg.skip_final_finetune:
+            scores["finetune"] = finetune(pruned, tok, task, ft_cfg, train_examples=run.train_examples,
+                                          progress=progress).to_dict()
+            scores["test_after_finetune"] = evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length,
+                                                          seed=cfg.seed, progress=progress)
+        distributed.on_main(save_pruned, pruned, tok, model_dir)
+        made["model"] = pruned
+        return scores
+
+    key = {**run.identity, "stage": "final", "kept": kept, "skip_final_finetune": cfg.skip_final_finetune}
+    scores = run.stages.get_or_compute("final", key, compute, label="surgery_and_finetune", artifact=model_dir,
+                                       artifact_check=is_pruned_folder)
+    if "model" in made:
+        return pruned, scores
+    if distributed.is_main():
+        pruned, _ = load_pruned(model_dir)
+    # the other ranks keep their surgery of the same heads and get rank 0's weights
+    distributed.sync_module(pruned.to(distributed.device()))
+    return pruned, scores
+
+
+def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
+    t_total = time.perf_counter()
+    run = prepare_run(cfg, ft_cfg, out, progress)  # steps 0-2 and the salience
+    params_before, heads_before = count_parameters(run.model), num_kept(run.model)
+    selector = cahp_selector(cfg)  # steps 3-5
+    points = curve(run, selector, progress)["points"]  # step 6
+    knee = find_k_star(points, cfg)
+    k_final, k_source = final_budget(cfg, knee, run.stats.n)
+    mask = distributed.broadcast_object(selector.select(k_final, run.stats, run.context()))
+    held_pre = score_mask(run.model, mask, run.curve_batches, run.curve_labels)
+    pruned, final = surgery_and_finetune(run, mask, progress)  # steps 7-8
+
     head_mask = kept_mask(pruned)
-    test_split = task.test_split
+    test_split = run.task.test_split
     report = {
         "model": cfg.model,
-        "task": task.name,
+        "task": run.task.name,
         "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg)},
-        "data": {"train": len(train_ex) + len(run.curve_examples),
-                 "finetune_examples": len(train_ex) if not cfg.finetuned else None,
+        "data": {"train": len(run.train_examples) + len(run.curve_examples),
+                 "finetune_examples": len(run.train_examples) if not cfg.finetuned else None,
                  "curve_examples": len(run.curve_examples), "calibration_examples": len(run.calibration_examples),
-                 "calibration_rows": sig.rows, "test_split": test_split},
+                 "calibration_rows": run.signatures.rows, "test_split": test_split},
         "heads_before": heads_before,
         "k_star": knee.k,
         "heads_kept": int(head_mask.sum()),
@@ -407,30 +404,19 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         "mean_relative_depth": mean_relative_depth(head_mask),
         "scores": {
             "before_pruning": {k: {m: v for m, v in r.items() if m != "predictions"}
-                               for k, r in dense_info["test"].items()},
+                               for k, r in run.dense_info["test"].items()},
             "after_pruning": final["test_after_pruning"],
             "after_finetune": final.get("test_after_finetune"),
-            "heldout_accuracy_dense": points[0]["accuracy"] if points[0]["k"] == stats.n else None,
+            "heldout_accuracy_dense": points[0]["accuracy"] if points[0]["k"] == run.stats.n else None,
             "heldout_accuracy_selected": held_pre,
         },
         "parameters": {"before": params_before, "after": count_parameters(pruned)},
-        "stage_seconds": stages.times,
+        "stage_seconds": run.stages.times,
         "total_seconds": round(time.perf_counter() - t_total, 1),
         "environment": environment(),
     }
     report = distributed.broadcast_object(report)
-    title = f"{cfg.model} / {task.name}"
-    per_layer = [sum(1 for layer, _ in sig.head_ids if layer == i) for i in range(n_layers)]
-
-    def write_outputs():
-        write_json(out / "report.json", report)
-        plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title)
-        plots.plot_heads(head_mask.numpy(), out / "heads.png",
-                         title=f"{title}: {int(head_mask.sum())} of {heads_before} heads kept")
-        plots.plot_distances(sig.distances[cfg.distance].numpy(), per_layer, out / "distances.png",
-                             title=f"{cfg.distance} distance between heads")
-
-    distributed.on_main(write_outputs)
+    distributed.on_main(_write_outputs, run, report, points, knee, head_mask)
     b, a, f = (report["scores"][s] for s in ("before_pruning", "after_pruning", "after_finetune"))
     log.info(
         "done: %d -> %d heads, %d -> %d parameters; %s accuracy %.4f -> %.4f (pruned) -> %s (fine-tuned)",
@@ -441,4 +427,19 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     return PruneResult(output_dir=out, report=report)
 
 
-__all__ = ["PreparedRun", "PruneConfig", "PruneResult", "RunConflictError", "prepare_run", "run_prune", "split_train"]
+def _write_outputs(run: PreparedRun, report: dict, points: list[dict], knee: KneeResult,
+                   head_mask: torch.Tensor) -> None:
+    """report.json and the figures (rank 0)."""
+    cfg, out, sig = run.cfg, run.out, run.signatures
+    write_json(out / "report.json", report)
+    title = f"{cfg.model} / {run.task.name}"
+    per_layer = [sum(1 for layer, _ in sig.head_ids if layer == i) for i in range(run.stats.shape[0])]
+    plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title)
+    plots.plot_heads(head_mask.numpy(), out / "heads.png",
+                     title=f"{title}: {int(head_mask.sum())} of {report['heads_before']} heads kept")
+    plots.plot_distances(sig.distances[cfg.distance].numpy(), per_layer, out / "distances.png",
+                         title=f"{cfg.distance} distance between heads")
+
+
+__all__ = ["PreparedRun", "PruneConfig", "PruneResult", "RunConflictError", "cahp_selector", "curve", "curve_name",
+           "final_budget", "find_k_star", "prepare_run", "run_prune", "selector_settings", "split_train"]

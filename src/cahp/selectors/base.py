@@ -7,7 +7,8 @@ more than the shared statistics (iterative re-scoring, mask search) get the
 model and data through `SelectionContext`.
 
 `HeadSelector` states everything the pipelines use: ``name``, `select`,
-`settings` (what defines the selection, part of every cache key), `select_gates`
+`settings` (what defines the selection, part of every cache key), ``tag`` (its
+name in file names), `select_gates`
 (gate values beside the mask, for selectors that tune them), ``seeded`` (whether
 the selection depends on the seed) and `selection_info` (what the last selection
 reports beyond its mask).
@@ -99,6 +100,12 @@ class HeadSelector(ABC):
     @abstractmethod
     def settings(self) -> dict:
         """The settings that define the selection (JSON values; part of the cache keys and reports)."""
+
+    @property
+    def tag(self) -> str:
+        """``name``, plus ``-s<seed>`` for a seeded selector (which has a ``seed`` setting): distinct for the
+        selectors one run compares, so their cached results get distinct file names."""
+        return f"{self.name}-s{self.seed}" if self.seeded else self.name
 
     def select_gates(self, k: int, stats: HeadStats,
                      ctx: SelectionContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
