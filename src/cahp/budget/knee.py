@@ -1,4 +1,4 @@
-"""Diminishing-marginal-performance curve and its knee (CAHP step 6).
+"""CAHP step 6, knee: the knee of the diminishing-marginal-performance curve.
 
 Input: ``ks`` (number of kept heads, any order, e.g. 72, 68, ..., 4) and ``scores`` (task score at
 each k, higher is better, e.g. accuracy on held-out training data). A polynomial is fitted to score

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from cahp.pipelines.compare import CompareConfig, run_compare, verdict_lines
+    from cahp.pipelines.compare import CompareConfig, run_compare
+    from cahp.pipelines.report import verdict_lines
 
     cfg, ft = prune_configs(args)
     ccfg = from_args(CompareConfig, args)

@@ -1,4 +1,4 @@
-"""Affinity graph over heads and clustering into exactly k groups (CAHP steps 3-4).
+"""CAHP step 3, graph (affinity over heads), and step 4, clustering into exactly k groups.
 
 Input everywhere: ``D``, an ``(n, n)`` head-to-head distance matrix (symmetric, zero diagonal,
 nonnegative, finite), e.g. :meth:`cahp.stats.distances.DistanceAccumulator.result`.

@@ -2,7 +2,7 @@
 
 Every head gives, for every real (non-padding) query row, a probability distribution over the
 key positions of its sequence. Two heads are compared row by row and the per-row divergences are
-averaged over all real rows seen (CAHP step 2, see ``docs/CAHP.md``).
+averaged over all real rows seen (CAHP step 2, see ``docs/METHOD.md``).
 
 Input convention (one batch): ``P`` of shape ``(R, H, K)``
 

@@ -1,4 +1,4 @@
-"""Stage 4 (and the Fisher baseline): gradients of the loss with respect to head gates.
+"""Gradients of the loss with respect to head gates: the salience of CAHP step 5 (and the Fisher baseline).
 
 One backward pass per batch through `HeadGates` at 1 gives g = dL/dgate
 (layers, heads). `GateGradientAccumulator` keeps sum |g| (salience, Michel et

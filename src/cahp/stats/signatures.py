@@ -1,4 +1,4 @@
-"""Stage 1-2: padding-aware behavioural signatures and head-to-head distances.
+"""CAHP steps 1-2: padding-aware behavioural signatures and head-to-head distances.
 
 One streaming pass over a calibration sample. For every batch, `iter_attention`
 gives each head's attention distribution for every real query token over the
