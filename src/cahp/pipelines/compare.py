@@ -108,6 +108,8 @@ class CompareConfig:
 
 @dataclass
 class CompareResult:
+    """Where `run_compare` wrote its outputs, and its report (the content of compare.json)."""
+
     output_dir: Path
     report: dict = field(default_factory=dict)
 

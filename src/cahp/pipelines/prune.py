@@ -1,6 +1,6 @@
 """`cahp prune`: CAHP end to end, in the order of the paper's steps (docs/METHOD.md's step table).
 
-`run_prune` reads top to bottom as those steps:
+`run_prune` (its body, `_run`) reads top to bottom as those steps:
 
 - 0. `finetuned_dense_model`: fine-tune the dense model (unless it already is);
 - 1-2. `signatures`: attention signatures of every head and their distances;
@@ -99,6 +99,8 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
+    """Where `run_prune` wrote its outputs, and its report (the content of report.json)."""
+
     output_dir: Path
     report: dict = field(default_factory=dict)
 
