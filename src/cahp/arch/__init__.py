@@ -9,9 +9,10 @@ from __future__ import annotations
 from .base import ArchAdapter, LayerFFN, LayerHeads, ResidualOnlyAttention, ResidualOnlyFFN
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
+from .llama import LlamaAdapter
 from .mpnet import MPNetAdapter
 
-ADAPTERS: tuple[ArchAdapter, ...] = (BertAdapter(), DistilBertAdapter(), MPNetAdapter())
+ADAPTERS: tuple[ArchAdapter, ...] = (BertAdapter(), DistilBertAdapter(), MPNetAdapter(), LlamaAdapter())
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -211,6 +211,7 @@ class LayerFFN:
     inter: nn.Linear | None
     out: nn.Linear | None
     act: nn.Module | None
+    up: nn.Linear | None = None  # a second hidden -> d_ff projection whose rows go with inter's (Llama's up_proj)
 
 
 class ResidualOnlyFFN(nn.Module):
@@ -276,6 +277,14 @@ class ArchAdapter:
     def head_dim(self, config) -> int:
         return self.hidden_size(config) // self.num_heads(config)
 
+    def kv_head_of(self, config) -> list[int]:
+        """For each original query head, the original key/value head it reads.
+
+        Encoders have one key/value head per query head (the identity); families
+        with grouped-query attention map several query heads to one.
+        """
+        return list(range(self.num_heads(config)))
+
     # --- modules --------------------------------------------------------
     def base_model(self, model: nn.Module) -> nn.Module:
         """The encoder model inside a task model (``model.bert`` etc.)."""
@@ -306,6 +315,14 @@ class ArchAdapter:
     def make_ffn_empty(self, layer: nn.Module, config) -> None:
         """Replace ``layer``'s FFN by a `ResidualOnlyFFN` (residual, output bias, LayerNorm)."""
         raise NotImplementedError
+
+    def set_kv_index(self, attention: nn.Module, kv_index: list[int]) -> None:
+        """Tell an attention module which of its key/value heads each of its query heads reads.
+
+        ``kv_index[i]`` is the position, among the module's kept key/value heads,
+        of the one query head ``i`` reads. Only families with grouped-query
+        attention (`kv_head_of` not the identity) need this; the default does nothing.
+        """
 
     def set_head_index(self, attention: nn.Module, kept: list[int]) -> None:
         """Tell an attention module which original heads it holds.

@@ -2,7 +2,9 @@
 
 Head indices always refer to the original numbering ``(layer, head)`` with
 ``head < config.num_attention_heads`` (DistilBERT: ``n_heads``), also after a
-model was pruned twice. The kept heads are recorded in the model config under
+model was pruned twice. With grouped-query attention (Llama-family decoders)
+they number query heads; the key/value heads a layer keeps follow from its
+query heads (`kept_kv_heads`) and are not recorded separately. The kept heads are recorded in the model config under
 `KEPT_HEADS_KEY` as ``{"0": [0, 2, 5], "1": [], ...}`` (every layer listed,
 string keys because JSON has no integer keys); a model without the key is dense.
 """
@@ -38,6 +40,25 @@ def kept_heads(model_or_config) -> dict[int, list[int]]:
     if stored is None:
         return {layer: list(range(n_heads)) for layer in range(n_layers)}
     return {int(layer): sorted(int(h) for h in heads) for layer, heads in stored.items()}
+
+
+def kv_head_of(model_or_config) -> list[int]:
+    """For each original query head, the original key/value head it reads (grouped-query attention).
+
+    The identity for encoders; ``[0, 0, 0, 1, 1, 1, 2, 2, 2]`` for 9 query heads over 3 key/value heads.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    return get_adapter(config).kv_head_of(config)
+
+
+def kept_kv_heads(model_or_config) -> dict[int, list[int]]:
+    """Original indices of the key/value heads each layer still holds.
+
+    A key/value head stays while any query head of its group stays, and goes
+    with the last one; a layer with no query head has none.
+    """
+    of = kv_head_of(model_or_config)
+    return {layer: sorted({of[h] for h in heads}) for layer, heads in kept_heads(model_or_config).items()}
 
 
 def kept_mask(model_or_config) -> torch.Tensor:

@@ -72,6 +72,8 @@ def remove_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]] | torc
         pos = {i: p for p, i in enumerate(current[layer])}
         index = torch.tensor([pos[i] for i in new_kept[layer]], dtype=torch.long)
         _replace_module(layers[layer], ffn.inter, _slice_linear(ffn.inter, index, dim=0))  # rows: d_ff outputs
+        if ffn.up is not None:  # gated MLPs (Llama): the up projection's rows go with the gate's
+            _replace_module(layers[layer], ffn.up, _slice_linear(ffn.up, index, dim=0))
         _replace_module(layers[layer], ffn.out, _slice_linear(ffn.out, index, dim=1))  # columns: d_ff inputs
 
     setattr(config, KEPT_NEURONS_KEY, encode_kept_neurons(new_kept, size, n_layers))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cahp.arch import get_adapter
-from cahp.model.heads import KEPT_HEADS_KEY, HeadIndexError, kept_heads, model_shape, normalize_heads
+from cahp.model.heads import KEPT_HEADS_KEY, HeadIndexError, kept_heads, kv_head_of, model_shape, normalize_heads
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return new
 
 
+def _rows(heads: list[int], d: int) -> torch.Tensor:
+    """Indices of the ``d`` consecutive rows (or columns) of each head position in ``heads``."""
+    return torch.tensor([p * d + j for p in heads for j in range(d)], dtype=torch.long)
+
+
 def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]] | torch.Tensor) -> nn.Module:
     """Remove attention heads from ``model`` in place and return it.
 
@@ -47,7 +52,10 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]] | torch.Te
         model: a supported Hugging Face model (dense or already pruned).
         heads: ``{layer: [head, ...]}`` in original head numbering, or a bool
             (layers, heads) mask with True on the heads to remove. Uneven
-            layers are fine, and so is every head of a layer.
+            layers are fine, and so is every head of a layer. With
+            grouped-query attention these are query heads: a key/value head
+            goes with the last query head of its group, and the query heads
+            left in a group keep reading it (groups may become uneven).
 
     Raises:
         HeadIndexError: a layer or head that does not exist, a head that was
@@ -73,6 +81,7 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]] | torch.Te
             "(a model with no attention at all cannot use its context)"
         )
 
+    kv_of = kv_head_of(config)  # query head -> its key/value head (the identity without grouped-query attention)
     layers = adapter.layers(model)
     for layer, hs in sorted(remove.items()):
         if not hs:
@@ -82,16 +91,20 @@ def remove_heads(model: nn.Module, heads: Mapping[int, Iterable[int]] | torch.Te
             adapter.make_residual_only(layers[layer], config)
             continue
         lh = adapter.heads(layers[layer])
-        # Positions of the surviving heads inside the layer's current (possibly pruned) weights.
+        # Positions of the surviving heads inside the layer's current (possibly pruned) weights: query heads
+        # for q and o; key/value heads for k and v, where a key/value head stays while one of its queries does.
         pos = [current[layer].index(h) for h in keep]
-        idx = torch.tensor([p * d + j for p in pos for j in range(d)], dtype=torch.long)
+        kv_now = sorted({kv_of[h] for h in current[layer]})
+        kv_keep = sorted({kv_of[h] for h in keep})
+        idx = _rows(pos, d)
+        kv_idx = _rows([kv_now.index(g) for g in kv_keep], d)
         attn = lh.attention
-        for name, proj in (("q", lh.q), ("k", lh.k), ("v", lh.v)):
-            new = _slice_linear(proj, idx, dim=0)
-            _replace_child(attn, proj, new, name)
+        for name, proj, rows in (("q", lh.q, idx), ("k", lh.k, kv_idx), ("v", lh.v, kv_idx)):
+            _replace_child(attn, proj, _slice_linear(proj, rows, dim=0), name)
         owner = _owner_of(layers[layer], lh.o)
         _replace_child(owner, lh.o, _slice_linear(lh.o, idx, dim=1), "o")
         adapter.set_head_count(attn, len(keep), d)
+        adapter.set_kv_index(attn, [kv_keep.index(kv_of[h]) for h in keep])
         adapter.set_head_index(attn, keep)
 
     setattr(config, KEPT_HEADS_KEY, {str(layer): heads for layer, heads in sorted(new_kept.items())})

@@ -1,0 +1,262 @@
+"""Grouped-query attention decoders (Llama, Qwen2, Mistral): gates, surgery, KV cache, generation, save/load."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import transformers
+
+import cahp
+from cahp.arch import get_adapter
+from cahp.arch.llama import HeadlessAttention, HeadlessMLP
+from cahp.model.gates import head_gates
+from cahp.model.heads import HeadIndexError, kept_kv_heads, kv_head_of
+from cahp.model.neuron_surgery import remove_neurons
+from cahp.model.neurons import neuron_gates
+from cahp.model.surgery import count_parameters, keep_heads, remove_heads
+
+LAYERS, HEADS, HEAD_DIM, VOCAB = 3, 6, 8, 97
+HIDDEN = HEADS * HEAD_DIM
+
+# Uneven groups in layer 1 (query heads 1, 3 and 4 of groups {0,1,2} / {3,4,5} go, both KV heads stay),
+# a whole group in layer 2, and every head of layer 0 (the layer the cache asks for the tokens seen).
+MIXED = {0: list(range(HEADS)), 1: [1, 3, 4], 2: [0, 1, 2]}
+
+
+def tiny_decoder(kv_heads: int = 2, family: str = "llama", attn: str = "sdpa", seed: int = 0):
+    """A random causal LM of ``family`` with 3 layers, 6 query heads over ``kv_heads`` KV heads, hidden 48."""
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
+    cfg = cls[family](
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def batch(left_pad: bool = False, seed: int = 0):
+    """Two rows of 9 random ids, the second padded by 3 (on the left or the right)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    pad = slice(0, 3) if left_pad else slice(6, 9)
+    mask[1, pad] = 0
+    ids[1, pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def as_mask(heads: dict) -> torch.Tensor:
+    """0/1 gate values (layers, heads): 0 on the heads of ``heads``."""
+    g = torch.ones(LAYERS, HEADS)
+    for layer, hs in heads.items():
+        g[layer, hs] = 0
+    return g
+
+
+@torch.no_grad()
+def logits(model, inputs) -> torch.Tensor:
+    """Logits at the real tokens only, (real tokens, vocab): padded query rows differ between kernels."""
+    return model(**inputs).logits[inputs["attention_mask"].bool()]
+
+
+@torch.no_grad()
+def reference(model, inputs, heads: dict) -> torch.Tensor:
+    """Logits with the context of ``heads`` zeroed at each o_proj input by a plain hook (no cahp code)."""
+    handles = []
+    for layer, hs in heads.items():
+        cols = torch.tensor([h * HEAD_DIM + j for h in hs for j in range(HEAD_DIM)], dtype=torch.long)
+
+        def zero(module, args, cols=cols):
+            x = args[0].clone()
+            x[..., cols] = 0
+            return (x,)
+
+        handles.append(model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(zero))
+    try:
+        return logits(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_kv_head_of_maps_query_heads_to_their_group():
+    assert kv_head_of(tiny_decoder(kv_heads=2).config) == [0, 0, 0, 1, 1, 1]
+    assert kv_head_of(tiny_decoder(kv_heads=3).config) == [0, 0, 1, 1, 2, 2]
+    assert kv_head_of(tiny_decoder(kv_heads=6).config) == list(range(6))  # plain multi-head attention
+
+
+def test_gates_have_one_value_per_query_head():
+    model = tiny_decoder()
+    with head_gates(model) as gates:
+        assert tuple(gates.values.shape) == (LAYERS, HEADS)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kv_heads", [2, 3])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_gates_equal_surgery_equal_reference(family, kv_heads, attn, left_pad):
+    model = tiny_decoder(kv_heads, family, attn)
+    inputs = batch(left_pad)
+    ref = reference(model, inputs, MIXED)
+    with head_gates(model, init=as_mask(MIXED)):
+        gated = logits(model, inputs)
+    remove_heads(model, MIXED)
+    pruned = logits(model, inputs)
+    torch.testing.assert_close(gated, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pruned, gated, atol=1e-5, rtol=0)
+    assert not torch.allclose(pruned, logits(tiny_decoder(kv_heads, family, attn), inputs), atol=1e-3)
+
+
+def test_kv_heads_go_with_their_last_query_head():
+    model = tiny_decoder(kv_heads=3)  # groups {0,1} {2,3} {4,5}
+    remove_heads(model, {0: [0, 1, 2], 1: [5], 2: [0, 1, 2, 3]})
+    assert kept_kv_heads(model) == {0: [1, 2], 1: [0, 1, 2], 2: [2]}
+    attn = model.model.layers
+    assert [a.self_attn.k_proj.out_features // HEAD_DIM for a in attn] == [2, 3, 1]
+    assert [a.self_attn.v_proj.out_features // HEAD_DIM for a in attn] == [2, 3, 1]
+    assert [a.self_attn.q_proj.out_features // HEAD_DIM for a in attn] == [3, 5, 2]
+    assert [a.self_attn.o_proj.in_features // HEAD_DIM for a in attn] == [3, 5, 2]
+    # Query head 3 keeps reading KV head 1 alone; heads 2 and 3 of layer 1 share KV head 1, head 4 has KV head 2.
+    assert attn[0].self_attn.kv_index.tolist() == [0, 1, 1]
+    assert attn[1].self_attn.kv_index.tolist() == [0, 0, 1, 1, 2]
+    assert attn[2].self_attn.kv_index is None and attn[2].self_attn.num_key_value_groups == 2  # one even group
+
+
+def test_parameters_drop_exactly():
+    model = tiny_decoder(kv_heads=2)
+    before = count_parameters(model)
+    remove_heads(model, MIXED)
+    qo = 2 * HIDDEN * HEAD_DIM  # one query head: its q_proj rows and o_proj columns (no biases in Llama)
+    kv = 2 * HIDDEN * HEAD_DIM  # one KV head: its k_proj and v_proj rows
+    # layer 0: 6 query and 2 KV heads; layer 1: 3 query heads; layer 2: 3 query heads and 1 KV head.
+    assert before - count_parameters(model) == 12 * qo + 3 * kv
+
+
+def test_qwen2_biases_follow_the_heads():
+    model = tiny_decoder(kv_heads=3, family="qwen2")
+    before = count_parameters(model)
+    remove_heads(model, {1: [0, 1]})  # query heads 0, 1 and KV head 0, with their q/k/v biases
+    a = model.model.layers[1].self_attn
+    assert a.q_proj.bias.shape == (4 * HEAD_DIM,) and a.k_proj.bias.shape == (2 * HEAD_DIM,)
+    assert before - count_parameters(model) == 2 * (2 * HIDDEN * HEAD_DIM + HEAD_DIM) + 2 * (HIDDEN + 1) * HEAD_DIM
+
+
+def test_empty_layer_is_residual_only():
+    model = tiny_decoder()
+    remove_heads(model, {1: list(range(HEADS))})
+    layer = model.model.layers[1]
+    assert isinstance(layer.self_attn, HeadlessAttention)
+    assert get_adapter(model).heads(layer).o is None
+    assert count_parameters(layer.self_attn) == 0
+    hidden = torch.randn(2, 5, HIDDEN)
+    assert torch.equal(layer.self_attn(hidden)[0], torch.zeros_like(hidden))
+
+
+def test_removing_every_head_or_a_removed_head_is_refused():
+    model = tiny_decoder()
+    with pytest.raises(HeadIndexError, match="every attention head"):
+        remove_heads(model, {layer: list(range(HEADS)) for layer in range(LAYERS)})
+    remove_heads(model, {1: [1]})
+    with pytest.raises(HeadIndexError, match="already removed"):
+        remove_heads(model, {1: [1, 2]})
+    with pytest.raises(HeadIndexError, match="does not exist"):
+        remove_heads(model, {1: [HEADS]})
+
+
+def test_pruning_twice_equals_pruning_once():
+    inputs = batch()
+    once = remove_heads(tiny_decoder(kv_heads=3), MIXED)
+    twice = tiny_decoder(kv_heads=3)
+    remove_heads(twice, {1: [3], 2: [0]})
+    remove_heads(twice, {0: list(range(HEADS)), 1: [1, 4], 2: [1, 2]})
+    assert kept_kv_heads(once) == kept_kv_heads(twice)
+    torch.testing.assert_close(logits(twice, inputs), logits(once, inputs), atol=1e-6, rtol=0)
+    kept = keep_heads(tiny_decoder(kv_heads=3), {0: [], 1: [0, 2, 5], 2: [3, 4, 5]})
+    torch.testing.assert_close(logits(kept, inputs), logits(once, inputs), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_kv_cache_holds_only_kept_kv_heads(left_pad):
+    model = remove_heads(tiny_decoder(kv_heads=3), {0: [0, 1], 1: list(range(HEADS)), 2: [5]})
+    with torch.no_grad():
+        out = model(**batch(left_pad), use_cache=True)
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    shapes = [tuple(layer.keys.shape) for layer in cache.layers]
+    assert shapes == [(2, 2, 9, HEAD_DIM), (2, 0, 9, HEAD_DIM), (2, 3, 9, HEAD_DIM)]
+    assert [tuple(layer.values.shape) for layer in cache.layers] == shapes
+    assert cache.get_seq_length() == 9
+
+
+@pytest.mark.parametrize("heads", [MIXED, {0: [0, 1, 2, 3]}, {2: list(range(HEADS))}])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generation_with_cache_equals_without(heads, attn):
+    model = remove_heads(tiny_decoder(kv_heads=2, attn=attn), heads)
+    inputs = batch(left_pad=True)  # generation pads on the left
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = model.generate(**inputs, use_cache=True, **kw)
+    uncached = model.generate(**inputs, use_cache=False, **kw)
+    assert cached.shape == (2, 9 + 8)
+    assert torch.equal(cached, uncached)
+    with head_gates(tiny_decoder(kv_heads=2, attn=attn), init=as_mask(heads)) as gates:
+        gated = gates.model.generate(**inputs, use_cache=True, **kw)
+    assert torch.equal(cached, gated)
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    model = remove_heads(tiny_decoder(kv_heads=3), MIXED)
+    inputs = batch()
+    cahp.save_pruned(model, None, tmp_path / "m")
+    loaded, _ = cahp.load_pruned(tmp_path / "m", with_tokenizer=False)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert loaded.config.cahp_kept_heads == {"0": [], "1": [0, 2, 5], "2": [3, 4, 5]}
+    assert count_parameters(loaded) == count_parameters(model)
+    assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(**batch(True), **kw), model.generate(**batch(True), **kw))
+
+
+def test_pruned_model_copies_and_pickles():
+    model = remove_heads(tiny_decoder(kv_heads=3), MIXED)
+    inputs = batch()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert torch.equal(logits(other, inputs), logits(model, inputs))
+
+
+def test_gates_on_a_pruned_decoder_scale_kept_query_heads():
+    model = remove_heads(tiny_decoder(kv_heads=2), {1: [1, 3, 4]})
+    inputs = batch()
+    with head_gates(model, init=as_mask({1: [0], 2: [2, 3]})):
+        gated = logits(model, inputs)
+    remove_heads(model, {1: [0], 2: [2, 3]})
+    torch.testing.assert_close(logits(model, inputs), gated, atol=1e-5, rtol=0)
+
+
+def test_ffn_neurons_slice_gate_and_up_together():
+    model = tiny_decoder()
+    inputs = batch()
+    drop = torch.zeros(LAYERS, 64, dtype=torch.bool)
+    drop[0, ::3] = True
+    drop[2] = True  # layer 2's MLP goes completely
+    with neuron_gates(model, init=(~drop).float()):
+        gated = logits(model, inputs)
+    before = count_parameters(model)
+    remove_neurons(model, drop)
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 64 - 22
+    assert isinstance(model.model.layers[2].mlp, HeadlessMLP)
+    assert before - count_parameters(model) == 3 * HIDDEN * (22 + 64)
+    torch.testing.assert_close(logits(model, inputs), gated, atol=1e-5, rtol=0)
