@@ -12,6 +12,7 @@ import transformers
 import cahp
 from cahp.arch import get_adapter
 from cahp.arch.llama import HeadlessAttention, HeadlessMLP
+from cahp.model import loading
 from cahp.model.gates import head_gates
 from cahp.model.heads import HeadIndexError, kept_kv_heads, kv_head_of
 from cahp.model.neuron_surgery import remove_neurons
@@ -260,3 +261,52 @@ def test_ffn_neurons_slice_gate_and_up_together():
     assert isinstance(model.model.layers[2].mlp, HeadlessMLP)
     assert before - count_parameters(model) == 3 * HIDDEN * (22 + 64)
     torch.testing.assert_close(logits(model, inputs), gated, atol=1e-5, rtol=0)
+
+
+def test_smollm2_short_name_uses_the_cached_folder_or_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "_smollm2_gguf", lambda: None)
+    monkeypatch.setenv("CAHP_CACHE_DIR", str(tmp_path / "cache"))
+    assert loading.resolve_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    target = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"x")
+    assert loading.resolve_model("smollm2-135m") == str(target)
+
+
+def test_causal_lm_kind_refuses_labels_and_mismatched_pruned_folders(tmp_path):
+    cahp.save_pruned(tiny_decoder(), None, tmp_path / "dense")
+    with pytest.raises(loading.ModelLoadError, match="no classification head"):
+        loading.load_model(str(tmp_path / "dense"), kind="causal-lm", num_labels=3, with_tokenizer=False)
+    cahp.save_pruned(remove_heads(tiny_decoder(), {1: [0]}), None, tmp_path / "m")
+    with pytest.raises(loading.ModelLoadError, match="kind='causal-lm'"):
+        loading.load_model(str(tmp_path / "m"), with_tokenizer=False)
+    model, _ = loading.load_model(str(tmp_path / "m"), kind="causal-lm", with_tokenizer=False)
+    assert kept_kv_heads(model)[1] == [0, 1]
+
+
+@pytest.mark.integration
+def test_smollm2_gates_equal_surgery_and_generation_runs():
+    model, tok = loading.load_model("smollm2-135m", kind="causal-lm")
+    adapter = get_adapter(model)
+    n_layers, n_heads = adapter.num_layers(model.config), adapter.num_heads(model.config)
+    assert (n_layers, n_heads, adapter.num_kv_heads(model.config)) == (30, 9, 3)
+    # Whole KV groups (query heads 0-2 read KV head 0), query heads inside groups, and one empty layer.
+    heads = {0: [3, 4, 5], 5: [0, 1, 2, 7], 11: [1, 4, 8], 17: list(range(9)), 29: [6, 7, 8]}
+    inputs = tok(["The capital of France is", "Once upon a time, there"], padding=True, return_tensors="pt")
+    before = count_parameters(model)
+    g = torch.ones(n_layers, n_heads)
+    for layer, hs in heads.items():
+        g[layer, hs] = 0
+    with head_gates(model, init=g):
+        gated = logits(model, inputs)
+    remove_heads(model, heads)
+    torch.testing.assert_close(logits(model, inputs), gated, atol=1e-4, rtol=1e-5)
+    d, hidden = 64, 576
+    # Query heads: 22 (q rows + o columns); KV heads: layer 0 one, layer 5 one, layer 17 three, layer 29 one.
+    assert before - count_parameters(model) == 22 * 2 * hidden * d + 6 * 2 * hidden * d
+    prompt = tok(["The capital of France is"], return_tensors="pt")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = model.generate(**prompt, use_cache=True, **kw)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 6
+    assert torch.equal(out, model.generate(**prompt, use_cache=False, **kw))

