@@ -13,11 +13,13 @@ import cahp
 from cahp.arch import get_adapter
 from cahp.arch.llama import HeadlessAttention, HeadlessMLP
 from cahp.model import loading
+from cahp.model.capture import iter_attention
 from cahp.model.gates import head_gates
 from cahp.model.heads import HeadIndexError, kept_kv_heads, kv_head_of
 from cahp.model.neuron_surgery import remove_neurons
 from cahp.model.neurons import neuron_gates
 from cahp.model.surgery import count_parameters, keep_heads, remove_heads
+from cahp.stats.signatures import collect_signatures
 
 LAYERS, HEADS, HEAD_DIM, VOCAB = 3, 6, 8, 97
 HIDDEN = HEADS * HEAD_DIM
@@ -310,3 +312,62 @@ def test_smollm2_gates_equal_surgery_and_generation_runs():
     out = model.generate(**prompt, use_cache=True, **kw)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 6
     assert torch.equal(out, model.generate(**prompt, use_cache=False, **kw))
+
+
+def captured(model, inputs):
+    (att,) = list(iter_attention(model, [inputs]))
+    return att
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_capture_matches_eager_attention_weights(family, left_pad):
+    model = tiny_decoder(kv_heads=2, family=family, attn="eager")
+    inputs = batch(left_pad)
+    att = captured(model, inputs)
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True).attentions
+    real = inputs["attention_mask"].bool()
+    for layer in range(LAYERS):
+        p = att.probs[layer]
+        assert p.shape == (2, HEADS, 9, 9)
+        # Real query rows: the model's own probabilities (causal, padded keys at exactly zero).
+        ours, theirs = p.permute(0, 2, 1, 3)[real], eager[layer].permute(0, 2, 1, 3)[real]
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        assert torch.all(p.triu(1) == 0)
+        assert torch.all(p[~real[:, None, None, :].expand_as(p)] == 0)
+    assert not torch.isnan(torch.stack(att.probs)).any()
+    rows = att.real_rows()
+    torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:2]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_capture_of_a_pruned_decoder_keeps_each_query_heads_own_kv_head(left_pad):
+    dense = tiny_decoder(kv_heads=2)
+    inputs = batch(left_pad)
+    pruned = remove_heads(copy.deepcopy(dense), MIXED)
+    att = captured(pruned, inputs)
+    assert att.probs[0] is None and att.head_ids[1] == [0, 2, 5] and att.head_ids[2] == [3, 4, 5]
+    real = inputs["attention_mask"].bool()
+    # The gated dense model has the pruned model's hidden states; its kept heads must attend alike.
+    with head_gates(dense, init=as_mask(MIXED)):
+        gated = captured(dense, inputs)
+    for layer in (1, 2):
+        kept = att.head_ids[layer]
+        ours = att.probs[layer].permute(0, 2, 1, 3)[real]
+        theirs = gated.probs[layer][:, kept].permute(0, 2, 1, 3)[real]
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_signatures_run_on_a_decoder_and_ignore_the_padding_side():
+    model = remove_heads(tiny_decoder(kv_heads=3), {1: [1, 2, 3]})
+    right = batch(left_pad=False)
+    left = {k: v.clone() for k, v in right.items()}
+    for k in left:  # the same second sentence, its 3 padding tokens moved to the front
+        left[k][1] = torch.roll(right[k][1], 3)
+    right, left = (collect_signatures(model, [b], progress=False) for b in (right, left))
+    assert len(right.head_ids) == LAYERS * HEADS - 3
+    assert right.rows == left.rows == 15
+    # Rotary scores depend on position differences only: one sentence padded left or right gives the same rows.
+    torch.testing.assert_close(right.distances["js"], left.distances["js"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(right.entropy, left.entropy, atol=1e-5, rtol=0)

@@ -363,6 +363,20 @@ class ArchAdapter:
         if kernel != "compact":
             drop_fused_weights(model)
 
+    causal: bool = False  # decoders: each token attends to itself and earlier tokens only
+
+    def rotary(self, model: nn.Module) -> nn.Module | None:
+        """The module whose output the attention applies to queries and keys (rotary embeddings), if any.
+
+        `cahp.model.capture` hooks it to read what it returned for the batch (the
+        positions the model actually used) and hands that to `apply_rotary`.
+        """
+        return None
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary_output) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, h_q, T, d) and keys (B, h_kv, T, d) as the attention scores them; the default: unchanged."""
+        return q, k
+
     def extra_scores(self, model: nn.Module, seq_len: int) -> torch.Tensor | None:
         """Additive attention-score terms shared by all layers, if any.
 

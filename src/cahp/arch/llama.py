@@ -132,6 +132,15 @@ class LlamaAdapter(ArchAdapter):
     name = "llama"
     model_types = ("llama", "qwen2", "mistral")
 
+    causal = True
+
+    def rotary(self, model: nn.Module) -> nn.Module | None:
+        return self.base_model(model).rotary_emb  # returns (cos, sin), each (B or 1, T, head_dim)
+
+    def apply_rotary(self, q, k, rotary_output):
+        cos, sin = rotary_output
+        return apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+
     def num_kv_heads(self, config) -> int:
         return getattr(config, "num_key_value_heads", None) or self.num_heads(config)
 
