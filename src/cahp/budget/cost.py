@@ -47,7 +47,7 @@ from torch import nn
 
 from cahp.arch import get_adapter
 from cahp.bench.macs import count_macs
-from cahp.core.io import write_json
+from cahp.core.io import cpu_name, write_json
 from cahp.model.heads import kept_heads, model_shape
 
 log = logging.getLogger(__name__)
@@ -240,16 +240,8 @@ def mac_table(model: nn.Module, batch: int, seq: int) -> CostTable:
 
 def machine() -> str:
     """The hardware a measurement ran on: processor model, cores, architecture, GPU if any."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no gpu"
-    return f"{cpu}; {os.cpu_count()} cores; {platform.machine()}; {gpu}"
+    return f"{cpu_name()}; {os.cpu_count()} cores; {platform.machine()}; {gpu}"
 
 
 def _kernel(model: nn.Module) -> str:

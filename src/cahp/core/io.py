@@ -33,6 +33,17 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """When and where a result is made: UTC date, versions, processor, cores, threads, GPU.
 
@@ -43,14 +54,7 @@ def environment() -> dict:
 
     import cahp
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cahp": cahp.__version__,
@@ -72,12 +76,33 @@ def machine_label(env: dict | None = None) -> str:
     return f"{where}, torch threads {env['torch_threads']}"
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it: there is no other portable way)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Permission bits of a new file under the umask, as ``open`` gives (``0o666 & ~umask``)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """Permission bits of a new folder under the umask, as ``mkdir`` gives (``0o777 & ~umask``)."""
+    return 0o777 & ~current_umask()
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write a file via a temporary sibling and rename: readers never see half a file."""
+    """Write a file via a temporary sibling and rename: readers never see half a file.
+
+    The file gets the permissions of a plain ``open`` under the umask (mkstemp's own are 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -102,6 +127,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, file_mode())  # torch.save keeps the mode of the file it overwrites
     os.close(fd)
     try:
         torch.save(tensors, tmp)
