@@ -11,7 +11,7 @@ import transformers
 
 import cahp
 from cahp.arch import get_adapter
-from cahp.arch.llama import HeadlessAttention, HeadlessMLP
+from cahp.arch.llama import GroupedQueryError, HeadlessAttention, HeadlessMLP
 from cahp.model import loading
 from cahp.model.capture import iter_attention
 from cahp.model.gates import head_gates
@@ -389,3 +389,28 @@ def test_static_cache_generation_equals_uncached():
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     static = model.generate(**inputs, cache_implementation="static", **kw)
     assert torch.equal(static, model.generate(**inputs, use_cache=False, **kw))
+
+
+def test_adapter_answers_the_encoder_questions_for_a_decoder():
+    model = tiny_decoder(kv_heads=3)
+    adapter = get_adapter(model)
+    config = model.config
+    assert adapter.name == "llama" and adapter.causal
+    assert (adapter.num_layers(config), adapter.num_heads(config), adapter.head_dim(config)) == (3, 6, 8)
+    assert adapter.intermediate_size(config) == 64
+    assert adapter.max_positions(config) == 64
+    assert adapter.input_names(config) == ["input_ids", "attention_mask"]
+    ffn = adapter.ffn(model.model.layers[0])
+    mlp = model.model.layers[0].mlp
+    assert (ffn.inter, ffn.up, ffn.out, ffn.act) == (mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
+    with cahp.head_gates(model) as gates:  # the package-level API
+        assert gates.values.shape == (LAYERS, HEADS)
+    cahp.remove_heads(model, {2: [4, 5]})
+    assert kept_kv_heads(model)[2] == [0, 1]
+
+
+def test_uneven_kv_split_is_refused():
+    config = tiny_decoder().config
+    config.num_key_value_heads = 4  # 6 query heads cannot share 4 key/value heads evenly
+    with pytest.raises(GroupedQueryError, match="do not split into 4"):
+        kv_head_of(config)

@@ -128,6 +128,10 @@ class HeadlessMLP(nn.Module):
         return torch.zeros_like(x) if bias is None else bias.expand_as(x)
 
 
+class GroupedQueryError(ValueError):
+    """A config whose query heads do not split evenly into its key/value groups."""
+
+
 class LlamaAdapter(ArchAdapter):
     name = "llama"
     model_types = ("llama", "qwen2", "mistral")
@@ -150,7 +154,7 @@ class LlamaAdapter(ArchAdapter):
     def kv_head_of(self, config) -> list[int]:
         n_q, n_kv = self.num_heads(config), self.num_kv_heads(config)
         if n_q % n_kv:
-            raise ValueError(f"{n_q} query heads do not split into {n_kv} key/value groups")
+            raise GroupedQueryError(f"{n_q} query heads do not split into {n_kv} key/value groups")
         group = n_q // n_kv
         return [h // group for h in range(n_q)]
 
