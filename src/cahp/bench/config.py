@@ -105,6 +105,12 @@ class BenchConfig:
             raise BenchError(f"unknown clock {self.clock!r}; choose {' or '.join(CLOCKS)}")
         if self.threads is not None and self.threads < 1:
             raise BenchError(f"threads must be at least 1, got {self.threads}")
+        if self.reps is not None and self.reps < 1:
+            raise BenchError(f"--reps must be at least 1 (or unset: as many as --budget allows), got {self.reps}")
+        if self.min_reps < 1 or self.max_reps < self.min_reps:
+            raise BenchError(f"need 1 <= --min-reps <= --max-reps, got {self.min_reps} and {self.max_reps}")
+        if self.warmup < 0 or self.budget <= 0:
+            raise BenchError(f"--warmup must be >= 0 and --budget > 0, got {self.warmup} and {self.budget}")
         parse_shapes(self.shapes)
 
     @property
