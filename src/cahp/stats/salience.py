@@ -5,13 +5,14 @@ One backward pass per batch through `HeadGates` at 1 gives g = dL/dgate
 al. 2019) and sum g^2 (the diagonal empirical Fisher of the gates that Kwon et
 al. 2022 use). The classification loss only reads the [CLS] position, and
 padded positions never reach real tokens, so these gradients come from real
-tokens only.
+tokens only. A ``loss_fn`` replaces the labelled loss with any other (the
+label-free embedding objective of `cahp.train.objectives`, for instance).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -23,6 +24,14 @@ from cahp.model.heads import model_shape
 from cahp.train.evaluate import model_inputs
 
 log = logging.getLogger(__name__)
+
+#: ``loss_fn(model, batch, device) -> scalar tensor``: the loss whose gate gradients are taken.
+LossFn = Callable[[nn.Module, dict, torch.device], torch.Tensor]
+
+
+def labelled_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The model's own loss against the batch's ``labels`` (the default of the gate-gradient passes)."""
+    return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).loss
 
 
 class GateGradientAccumulator:
@@ -48,8 +57,11 @@ class GateGradientAccumulator:
 def iter_gate_gradients(
     model: nn.Module, batches: Iterable[dict], mask: torch.Tensor | None = None, progress: bool = True,
     desc: str = "salience",
+    loss_fn: LossFn | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield dL/dgate, shape (L, H), for each labelled batch (gates at 1, or at ``mask``).
+    """Yield dL/dgate, shape (L, H), for each batch (gates at 1, or at ``mask``).
+
+    L is ``loss_fn(model, batch, device)``; by default the labelled loss (`labelled_loss`).
 
     Eval mode (no dropout: the gradient of the deployed function); only the
     gates need gradients, so the weights' ``requires_grad`` is switched off
@@ -64,8 +76,7 @@ def iter_gate_gradients(
     try:
         with head_gates(model, init=mask.float() if mask is not None else 1.0, requires_grad=True) as gates:
             for batch in tqdm(batches, desc=desc, disable=not progress, mininterval=2):
-                out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
-                (grad,) = torch.autograd.grad(out.loss, gates.values)
+                (grad,) = torch.autograd.grad((loss_fn or labelled_loss)(model, batch, device), gates.values)
                 yield grad
     finally:
         for p in params:
@@ -79,8 +90,9 @@ def gate_gradients(
     mask: torch.Tensor | None = None,
     progress: bool = True,
     reduce=None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Salience and Fisher of every head gate over ``batches`` (labelled).
+    """Salience and Fisher of every head gate over ``batches`` (labelled, unless ``loss_fn`` needs no labels).
 
     Args:
         mask: optional (layers, heads) gate values to hold the other heads at
@@ -89,6 +101,7 @@ def gate_gradients(
             None: under torchrun each rank takes its share of the batches
             (`cahp.core.distributed.shard`) and the sums are all-reduced; with one
             process, nothing. A callable: the caller has sharded ``batches``.
+        loss_fn: the loss L (see `iter_gate_gradients`); None: the labelled loss.
 
     Returns:
         {"salience": (L, H), "fisher": (L, H)} float64; heads the model no
@@ -98,7 +111,8 @@ def gate_gradients(
         batches, reduce = distributed.shard(batches), distributed.all_reduce_sum
     n_layers, n_heads = model_shape(model.config)
     acc = GateGradientAccumulator(n_layers, n_heads)
-    for grad in iter_gate_gradients(model, batches, mask=mask, progress=distributed.show_progress(progress)):
+    for grad in iter_gate_gradients(model, batches, mask=mask, progress=distributed.show_progress(progress),
+                                    loss_fn=loss_fn):
         acc.add_batch(grad)
     if reduce is not None:
         acc.abs_sum, acc.count = reduce(acc.abs_sum, acc.count)
