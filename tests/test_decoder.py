@@ -15,7 +15,7 @@ from cahp.arch.llama import GroupedQueryError, HeadlessAttention, HeadlessMLP
 from cahp.model import loading
 from cahp.model.capture import iter_attention
 from cahp.model.gates import head_gates
-from cahp.model.heads import HeadIndexError, kept_kv_heads, kv_head_of
+from cahp.model.heads import HeadIndexError, kept_kv_heads, kv_cache_bytes_per_token, kv_head_of
 from cahp.model.neuron_surgery import remove_neurons
 from cahp.model.neurons import neuron_gates
 from cahp.model.surgery import count_parameters, keep_heads, remove_heads
@@ -194,7 +194,7 @@ def test_kv_cache_holds_only_kept_kv_heads(left_pad):
     model = remove_heads(tiny_decoder(kv_heads=3), {0: [0, 1], 1: list(range(HEADS)), 2: [5]})
     with torch.no_grad():
         out = model(**batch(left_pad), use_cache=True)
-    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    cache = out.past_key_values
     shapes = [tuple(layer.keys.shape) for layer in cache.layers]
     assert shapes == [(2, 2, 9, HEAD_DIM), (2, 0, 9, HEAD_DIM), (2, 3, 9, HEAD_DIM)]
     assert [tuple(layer.values.shape) for layer in cache.layers] == shapes
@@ -414,3 +414,16 @@ def test_uneven_kv_split_is_refused():
     config.num_key_value_heads = 4  # 6 query heads cannot share 4 key/value heads evenly
     with pytest.raises(GroupedQueryError, match="do not split into 4"):
         kv_head_of(config)
+
+
+def test_kv_cache_bytes_per_token_follow_the_kept_kv_heads():
+    model = tiny_decoder(kv_heads=3)
+    dense = kv_cache_bytes_per_token(model)
+    assert dense == LAYERS * 3 * HEAD_DIM * 2 * 4  # float32 keys and values
+    remove_heads(model, {0: [0, 1, 2, 3], 1: [0], 2: list(range(HEADS))})  # KV heads left: 1, 3, 0
+    assert kv_cache_bytes_per_token(model) == dense * 4 // 9
+    assert kv_cache_bytes_per_token(model, torch.bfloat16) == dense * 4 // 9 // 2
+    with torch.no_grad():
+        cache = model(**batch(), use_cache=True).past_key_values
+    stored = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
+    assert stored == kv_cache_bytes_per_token(model) * 2 * 9  # 2 rows of 9 tokens

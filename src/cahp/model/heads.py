@@ -61,6 +61,20 @@ def kept_kv_heads(model_or_config) -> dict[int, list[int]]:
     return {layer: sorted({of[h] for h in heads}) for layer, heads in kept_heads(model_or_config).items()}
 
 
+def kv_cache_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
+    """Bytes one token adds to a decoder's KV cache: keys and values of every kept key/value head.
+
+    ``sum over layers of kept KV heads x head_dim x 2 x element size``, with the
+    element size of ``dtype`` (default: the model's parameters). Removing a
+    share of the KV heads shrinks it by exactly that share.
+    """
+    config = model.config
+    d = get_adapter(config).head_dim(config)
+    dtype = dtype or next(model.parameters()).dtype
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(len(kv) for kv in kept_kv_heads(config).values()) * d * 2 * size
+
+
 def kept_mask(model_or_config) -> torch.Tensor:
     """Bool tensor (layers, heads): True where the original head is still there."""
     n_layers, n_heads = model_shape(model_or_config)
