@@ -427,3 +427,17 @@ def test_kv_cache_bytes_per_token_follow_the_kept_kv_heads():
         cache = model(**batch(), use_cache=True).past_key_values
     stored = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
     assert stored == kv_cache_bytes_per_token(model) * 2 * 9  # 2 rows of 9 tokens
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_evenly_shrunk_groups_use_the_repeat_and_match_gates(attn):
+    model = tiny_decoder(kv_heads=2, attn=attn)
+    heads = {0: [0, 3], 1: [2, 5], 2: [0, 1, 3]}  # layers 0, 1: groups of 2 and 2; layer 2: groups of 1 and 2
+    inputs = batch(left_pad=True)
+    with head_gates(model, init=as_mask(heads)):
+        gated = logits(model, inputs)
+    remove_heads(model, heads)
+    a = [layer.self_attn for layer in model.model.layers]
+    assert [x.num_key_value_groups for x in a] == [2, 2, 1]
+    assert a[0].kv_index is None and a[2].kv_index.tolist() == [0, 1, 1]
+    torch.testing.assert_close(logits(model, inputs), gated, atol=1e-5, rtol=0)
