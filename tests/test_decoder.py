@@ -15,10 +15,11 @@ from cahp.arch.llama import GroupedQueryError, HeadlessAttention, HeadlessMLP
 from cahp.model import loading
 from cahp.model.capture import iter_attention
 from cahp.model.gates import head_gates
-from cahp.model.heads import HeadIndexError, kept_kv_heads, kv_cache_bytes_per_token, kv_head_of
+from cahp.model.heads import HeadIndexError, kept_kv_heads, kept_mask, kv_cache_bytes_per_token, kv_head_of
 from cahp.model.neuron_surgery import remove_neurons
 from cahp.model.neurons import neuron_gates
 from cahp.model.surgery import count_parameters, keep_heads, remove_heads
+from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import collect_signatures
 
 LAYERS, HEADS, HEAD_DIM, VOCAB = 3, 6, 8, 97
@@ -441,3 +442,20 @@ def test_evenly_shrunk_groups_use_the_repeat_and_match_gates(attn):
     assert [x.num_key_value_groups for x in a] == [2, 2, 1]
     assert a[0].kv_index is None and a[2].kv_index.tolist() == [0, 1, 1]
     torch.testing.assert_close(logits(model, inputs), gated, atol=1e-5, rtol=0)
+
+
+def test_salience_from_the_language_modelling_loss():
+    model = remove_heads(tiny_decoder(kv_heads=3), MIXED)
+    inputs = batch(left_pad=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)  # no loss on padding
+    out = gate_gradients(model, [{**inputs, "labels": labels}], progress=False)
+    sal = out["salience"]
+    assert sal.shape == (LAYERS, HEADS)
+    assert torch.all(sal[~kept_mask(model)] == 0) and torch.all(sal[kept_mask(model)] > 0)
+    # The same gradient by hand: next-token cross-entropy over real tokens, gates at 1.
+    with head_gates(model, requires_grad=True) as gates:
+        lm = model(**inputs).logits[:, :-1]
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(lm.reshape(-1, VOCAB), target.reshape(-1), ignore_index=-100)
+        (grad,) = torch.autograd.grad(loss, gates.values)
+    torch.testing.assert_close(sal, grad.abs().double(), atol=1e-6, rtol=1e-5)
