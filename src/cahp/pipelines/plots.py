@@ -1,4 +1,4 @@
-"""Figures: of a prune run (the curve with its fit and knee, kept heads, distances) and of a compare report."""
+"""Figures: of a prune run (curve, fit and knee; kept heads and neurons; distances) and of a compare report."""
 
 from __future__ import annotations
 
@@ -104,4 +104,50 @@ def plot_compare_layers(report: dict, path: Path) -> None:
         ax.set_ylabel("heads kept")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, title="method (mean rel. depth)", title_fontsize=6)
+    _save(fig, path)
+
+
+def plot_joint_curve(points: list[dict], knee: dict, share_star: float, path: Path, title: str = "",
+                     steps: int = 1000) -> None:
+    """curve.png of `cahp prune --ffn`: held-out score against estimated latency share, the fit and the knee.
+
+    ``knee`` is a `find_knee` result on the integer axis ``share * steps``
+    (`cahp.budget.joint_curve.knee_share`), drawn back on the share axis.
+    """
+    x = [p["estimated_share"] for p in points]
+    acc = [p["accuracy"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, acc, "o", label="held-out accuracy (best head weight per share)")
+    ax.plot(np.asarray(knee["grid"]) / steps, knee["fitted"], "-", label=f"polynomial fit (degree {knee['degree']})")
+    fallback = f" ({knee['fallback']})" if knee.get("fallback") else ""
+    ax.axvline(share_star, color="C3", ls="--", label=f"knee: share {share_star:.3f}{fallback}")
+    ax.invert_xaxis()  # dense on the left, as on the heads-only curve read from many heads to few
+    ax.set_xlabel("estimated latency, share of dense")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_kept_structure(heads: list[int], heads_total: list[int], neurons: list[int], neurons_total: list[int],
+                        path: Path, title: str = "") -> None:
+    """structure.png: share of heads and of FFN neurons each layer keeps, side by side (counts on the bars)."""
+    layers = np.arange(len(heads))
+    h = np.asarray(heads) / np.maximum(np.asarray(heads_total), 1)
+    n = np.asarray(neurons) / np.maximum(np.asarray(neurons_total), 1)
+    fig, ax = plt.subplots(figsize=(max(5, len(heads) * 0.7), 3.8))
+    bars_h = ax.bar(layers - 0.2, h, 0.4, label="heads", color="C0")
+    bars_n = ax.bar(layers + 0.2, n, 0.4, label="FFN neurons", color="C2")
+    for bars, counts in ((bars_h, heads), (bars_n, neurons)):
+        for bar, c in zip(bars, counts):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, str(c), ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(layers)
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share kept")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
     _save(fig, path)

@@ -95,6 +95,8 @@ class PruneConfig:
     seed: int = cfg_field(0, "seed of data sampling, clustering and fine-tuning")
     overwrite: bool = cfg_field(False, "replace an output folder that holds a run with other settings")
     skip_final_finetune: bool = cfg_field(False, "stop after surgery (no final fine-tuning)")
+    ffn: bool = cfg_field(False, "prune FFN neurons together with heads (joint, CAHP-style)")
+    target_speedup: float = cfg_field(0.0, "with --ffn: reach this estimated speedup instead of the knee (0: knee)")
 
 
 @dataclass
@@ -374,6 +376,10 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
 
 
 def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
+    if cfg.ffn:  # heads and FFN neurons together: cahp.pipelines.joint (imported here: it imports this module)
+        from cahp.pipelines.joint import run_joint
+
+        return run_joint(cfg, ft_cfg, out, progress)
     t_total = time.perf_counter()
     run = prepare_run(cfg, ft_cfg, out, progress)  # steps 0-2 and the salience
     params_before, heads_before = count_parameters(run.model), num_kept(run.model)

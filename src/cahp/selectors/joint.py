@@ -43,6 +43,7 @@ __all__ = [
     "LINKAGES",
     "Allocation",
     "JointSelectionError",
+    "JointSelector",
     "allocate",
     "cut_linkage",
     "head_selection",
@@ -319,3 +320,61 @@ def allocate(
             heapq.heappush(refill, (-b.s[b.c] / b.cost.per_unit, i))
     heads, neurons = counts()
     return Allocation(heads=heads, neurons=neurons, share=estimated_latency(table, heads, neurons))
+
+
+class JointSelector:
+    """CAHP-style selection of kept heads and neurons for any `Allocation`, merge trees built once.
+
+    Per layer, the heads' (rows of the head distance matrix) and the neurons'
+    (`NeuronStats.distance`) `layer_linkage` is computed on construction; every
+    `select` is then a cut of those trees (`cut_linkage`) and each cluster's most
+    salient member, so a curve over many budgets clusters each layer once.
+
+    Args:
+        head_distances: ``(n, n)`` distances of the heads the model holds, rows in ``head_ids`` order.
+        head_ids: (layer, head) of each row.
+        head_salience: ``(layers, heads)``, original numbering (the representatives' ranking).
+        neuron_stats: a `cahp.stats.neurons.NeuronStats` with correlations (its salience ranks neurons).
+        method: linkage (`LINKAGES`).
+    """
+
+    def __init__(self, head_distances: Any, head_ids: Sequence[tuple[int, int]], head_salience: Any, neuron_stats,
+                 method: str = "average"):
+        D = check_distance_matrix(head_distances)
+        if len(head_ids) != D.shape[0]:
+            raise JointSelectionError(f"head_ids lists {len(head_ids)} heads, the distances {D.shape[0]}")
+        hs = np.asarray(head_salience, dtype=np.float64)
+        n_layers = len(neuron_stats.neuron_ids)
+        self.layers = []  # per layer: {"heads": (ids, Z, salience), "neurons": (ids, Z, salience)}
+        for layer in range(n_layers):
+            rows = [r for r, (li, _) in enumerate(head_ids) if li == layer]
+            h_ids = [head_ids[r][1] for r in rows]
+            h_Z = layer_linkage(D[np.ix_(rows, rows)], method) if rows else None
+            n_ids = list(neuron_stats.neuron_ids[layer])
+            n_Z = layer_linkage(neuron_stats.distance(layer).numpy(), method) if n_ids else None
+            self.layers.append({
+                "heads": (h_ids, h_Z, hs[layer, h_ids] if h_ids else np.zeros(0)),
+                "neurons": (n_ids, n_Z, neuron_stats.salience[layer, n_ids].double().numpy() if n_ids
+                            else np.zeros(0)),
+            })
+
+    def _kind(self, kind: str, counts: Sequence[int]) -> dict[int, list[int]]:
+        if len(counts) != len(self.layers):
+            raise JointSelectionError(f"{kind} per layer lists {len(counts)} layers, the model has {len(self.layers)}")
+        out = {}
+        for layer, (entry, k) in enumerate(zip(self.layers, counts)):
+            ids, Z, sal = entry[kind]
+            n = len(ids)
+            if not 0 <= k <= n:
+                raise JointSelectionError(f"layer {layer} holds {n} {kind}: it cannot keep {k}")
+            if k == 0:
+                out[layer] = []
+            elif k == n:
+                out[layer] = list(ids)
+            else:
+                out[layer] = [int(ids[p]) for p in _representatives(cut_linkage(Z, n, int(k)), sal)]
+        return out
+
+    def select(self, allocation: Allocation) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """(kept heads, kept neurons), each {layer: original indices}, for ``allocation``'s counts."""
+        return self._kind("heads", allocation.heads), self._kind("neurons", allocation.neurons)

@@ -1,0 +1,345 @@
+"""`cahp prune --ffn`: heads and FFN neurons pruned together, CAHP-style, with an automatic latency budget.
+
+`run_joint` reads as its steps (the first four shared with heads-only `cahp prune`
+through `cahp.pipelines.prune.prepare_run`, the same cache, the same folders):
+
+- 0-2. fine-tuned dense model, head signatures and distances, head salience;
+- `neuron_stats`: one pass with head and neuron gates: salience of every head
+  and neuron from the same loss, and per-layer activation correlations of the
+  neurons (`cahp.stats.neurons.collect_neuron_stats`);
+- `cost_tables`: what a head and a neuron of each layer cost at batch 1 x 32
+  and 32 x 128 (`cahp.budget.cost.cost_table`);
+- `joint_curve`: for each target share of dense latency on a grid from 1.0
+  down, `allocate` heads and neurons per layer, pick which ones CAHP-style in
+  each layer (`cahp.selectors.joint.JointSelector`: complementary clusters,
+  the most salient member of each) and score the selection through head and
+  neuron gates on the held-out curve data (gate 0 is exactly removal);
+- the knee of score against estimated share (`cahp.budget.joint_curve.knee_share`),
+  or ``--target-speedup X`` (share ``1 / X``);
+- `joint_surgery_and_finetune`: remove the other heads and neurons, fine-tune
+  once, evaluate, save ``OUTPUT/model``; then the measured speedup of the saved
+  folder against the dense model (`cahp.pipelines.joint_report.measure_speedup`).
+
+The budget axis is the mean of the estimated shares at 1 x 32 and 32 x 128
+(`combined_table`): the two shapes stand for latency-bound serving and batch
+throughput, whose costs differ (per-call overheads weigh at 1 x 32, attention's
+quadratic part at 32 x 128); a model selected for one shape alone can miss the
+other, and the mean of two shares is still linear in the block costs, so the
+allocation stays exact.
+
+Cost source: ``"measured"`` by default. Timing every block of minilm-l6 at
+three widths and both shapes takes a small part of a 30-minute run on a 2-core
+CPU (and is cached per machine across runs), and only a measurement sees the
+fixed per-block costs (kernel launches, LayerNorms, an emptied block's
+residual path) that decide at batch 1 x 32 whether emptying a block pays;
+multiply-adds (``"macs"``) have no fixed part and are the fallback when no
+quiet machine is at hand or for tests. The table is measured with one thread,
+as the speedup is.
+
+Heads and neurons on one scale: see `cahp.budget.joint_curve.fair_values`; the
+curve tries each of ``head_weights`` at every share and keeps the best-scoring
+split (the split of the budget between kinds is the curve's decision).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cahp.arch import get_adapter
+from cahp.bench.config import parse_shapes
+from cahp.budget.cost import SOURCES, CostTable, cost_table
+from cahp.budget.joint_curve import combined_table, fair_values, knee_share, share_grid
+from cahp.core import distributed
+from cahp.core.configs import field as cfg_field
+from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
+from cahp.model.gates import head_gates
+from cahp.model.heads import KEPT_HEADS_KEY, kept_mask, num_kept
+from cahp.model.neuron_surgery import keep_neurons
+from cahp.model.neurons import KEPT_NEURONS_KEY, encode_kept_neurons, kept_neuron_mask, neuron_gates, neuron_shape
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines import joint_report
+from cahp.pipelines.prune import PreparedRun, PruneConfig, PruneResult, prepare_run
+from cahp.selectors.joint import LINKAGES, Allocation, JointSelectionError, JointSelector, allocate
+from cahp.stats.neurons import NeuronStats, collect_neuron_stats
+from cahp.train.evaluate import evaluate_task, predict
+from cahp.train.finetune import FinetuneConfig, finetune
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JointConfig", "JointSetupError", "cost_tables", "joint_curve", "neuron_stats", "run_joint"]
+
+
+class JointSetupError(ValueError):
+    """Settings of `cahp prune --ffn` that do not go together."""
+
+
+@dataclass
+class JointConfig:
+    """Settings of the joint pipeline beyond `PruneConfig` (defaults: see the module docstring)."""
+
+    cost_source: str = cfg_field("measured", "cost of a head and a neuron: measured here, or multiply-adds",
+                                 choices=list(SOURCES))
+    cost_shapes: str = cfg_field("1x32,32x128", "shapes whose mean estimated share is the budget axis")
+    cost_threads: int = cfg_field(1, "threads of the cost measurement")
+    grid_points: int = cfg_field(14, "target shares on the curve, from 1.0 down to --min-share")
+    min_share: float = cfg_field(0.25, "smallest target share of dense latency on the curve")
+    head_weights: str = cfg_field("0.5,1,2", "weights of head values against neuron values tried at each share")
+    linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
+    speedup_budget: float = cfg_field(15.0, "seconds of timing per shape for the measured speedup (0: skip)")
+    speedup_threads: int = cfg_field(1, "threads of the speedup measurement")
+
+    def weights(self) -> list[float]:
+        """`head_weights` as numbers, 1 first (ties in score keep the neutral split)."""
+        try:
+            w = [float(x) for x in self.head_weights.split(",") if x.strip()]
+        except ValueError:
+            raise JointSetupError(f"head weights must be comma-separated numbers, got {self.head_weights!r}") from None
+        if not w or any(not x > 0 or not math.isfinite(x) for x in w):
+            raise JointSetupError(f"head weights must be positive numbers, got {self.head_weights!r}")
+        return sorted(set(w), key=lambda x: (abs(math.log(x)), x))
+
+
+def _check(cfg: PruneConfig, joint: JointConfig) -> None:
+    if cfg.keep or cfg.keep_ratio:
+        raise JointSetupError("--keep and --keep-ratio count heads only; with --ffn use --target-speedup")
+    x = cfg.target_speedup
+    if x and (not math.isfinite(x) or x <= 1):
+        raise JointSetupError(f"--target-speedup must be above 1 (0: the knee), got {x}")
+    if joint.cost_source not in SOURCES:
+        raise JointSetupError(f"unknown cost source {joint.cost_source!r}; choose from {', '.join(SOURCES)}")
+    if joint.linkage not in LINKAGES:
+        raise JointSetupError(f"unknown linkage {joint.linkage!r}; choose from {', '.join(LINKAGES)}")
+    parse_shapes(joint.cost_shapes)
+    joint.weights()
+    share_grid(joint.grid_points, joint.min_share)
+    if x and 1 / x < joint.min_share / 2:
+        log.warning("--target-speedup %s lies far below the curve's smallest share %s", x, joint.min_share)
+
+
+def neuron_stats(run: PreparedRun, progress: bool = True) -> tuple[NeuronStats, dict]:
+    """(`NeuronStats` of the fine-tuned dense model on the calibration batches, its cache key).
+
+    Cached as tensors; the per-layer correlations are stored in float32 (d_ff^2
+    per layer, half of float64; distances ``1 - |corr|`` need no more precision).
+    """
+    key = {**run.identity, "stage": "neuron_stats", "batch": run.cfg.stats_batch_size}
+
+    def compute() -> dict:
+        stats = collect_neuron_stats(run.model, run.calibration_batches, heads=True, signatures=True,
+                                     progress=progress)
+        state = stats.state_dict()
+        state["correlation"] = [None if c is None else c.float() for c in state["correlation"]]
+        return state
+
+    state = run.stages.get_or_compute("neuron_stats", key, compute, tensors=True)
+    return NeuronStats.from_state_dict(state), key
+
+
+def cost_tables(run: PreparedRun, joint: JointConfig) -> tuple[list[CostTable], dict]:
+    """(one `CostTable` per shape of ``joint.cost_shapes``, the cache key) for the dense model."""
+    shapes = parse_shapes(joint.cost_shapes)
+    key = {**run.identity, "stage": "cost", "source": joint.cost_source, "shapes": shapes,
+           "threads": joint.cost_threads}
+
+    def compute() -> dict:
+        model = copy.deepcopy(run.model).cpu().eval() if joint.cost_source == "measured" else run.model
+        tables = distributed.on_main(
+            lambda: [cost_table(model, b, s, source=joint.cost_source, threads=joint.cost_threads).to_dict()
+                     for b, s in shapes])
+        return {"tables": distributed.broadcast_object(tables)}
+
+    data = run.stages.get_or_compute("cost", key, compute, label="cost_table")
+    return [CostTable.from_dict(t) for t in data["tables"]], key
+
+
+def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batches, labels: np.ndarray) -> float:
+    """Accuracy of ``model`` with heads and neurons gated by 0/1 masks ((layers, heads), (layers, d_ff))."""
+    with head_gates(model, init=head_mask.float()), neuron_gates(model, init=neuron_mask.float()):
+        preds, _ = predict(model, batches, len(labels), progress=False)
+    return float((preds == labels).mean())
+
+
+def _masks(model, heads: dict, neurons: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    hm = torch.zeros_like(kept_mask(model))
+    nm = torch.zeros(neuron_shape(model.config), dtype=torch.bool)
+    for layer, hs in heads.items():
+        hm[int(layer), hs] = True
+    for layer, ns in neurons.items():
+        nm[int(layer), ns] = True
+    return hm, nm
+
+
+class _Scorer:
+    """Allocations scored once each (same counts -> same selection, whatever the head weight)."""
+
+    def __init__(self, run: PreparedRun, table: CostTable, stats: NeuronStats, selector: JointSelector):
+        self.run, self.table, self.selector = run, table, selector
+        self.head_sal, self.neuron_sal = stats.head_salience.numpy(), stats.salience.numpy()
+        self.present = kept_mask(run.model).numpy(), kept_neuron_mask(run.model).numpy()
+        self.memo: dict = {}
+
+    def allocation(self, share: float, weight: float) -> Allocation:
+        hv, nv = fair_values(self.table, self.head_sal, self.neuron_sal, weight)
+        return allocate(self.table, hv, nv, share, heads_present=self.present[0], neurons_present=self.present[1])
+
+    def score(self, alloc: Allocation) -> float:
+        memo_key = (tuple(alloc.heads), tuple(alloc.neurons))
+        if memo_key not in self.memo:
+            heads, neurons = self.selector.select(alloc)
+            self.memo[memo_key] = score_units(self.run.model, *_masks(self.run.model, heads, neurons),
+                                              self.run.curve_batches, self.run.curve_labels)
+        return self.memo[memo_key]
+
+    def best(self, share: float, weights: list[float]) -> dict | None:
+        """The best-scoring head weight's allocation at ``share`` (None if no weight reaches it)."""
+        tried, best = [], None
+        for w in weights:
+            try:
+                alloc = self.allocation(share, w)
+            except JointSelectionError as e:
+                log.info("share %.3f, head weight %g: %s", share, w, e)
+                continue
+            acc = self.score(alloc)
+            tried.append({"head_weight": w, "accuracy": acc, "estimated_share": alloc.share})
+            if best is None or acc > best["accuracy"]:  # ties keep the earlier weight (1 comes first)
+                best = {"target_share": share, "estimated_share": alloc.share, "accuracy": acc, "head_weight": w,
+                        "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons}
+        if best is not None:
+            best["candidates"] = tried
+        return best
+
+
+def joint_curve(run: PreparedRun, scorer: _Scorer, joint: JointConfig, key: dict, progress: bool = True) -> dict:
+    """The curve: the best allocation of every target share of `share_grid`, scored (cached stage)."""
+    grid = share_grid(joint.grid_points, joint.min_share)
+
+    def compute() -> dict:
+        t0 = time.perf_counter()
+        points = []
+        for share in tqdm(grid, desc="joint curve", disable=not distributed.show_progress(progress), mininterval=2):
+            p = scorer.best(share, joint.weights())
+            if p is None:
+                log.warning("no allocation reaches an estimated share of %.3f: the curve stops there", share)
+                break
+            points.append(p)
+            log.info("share %.3f: estimated %.3f, %d heads, %d neurons, accuracy %.4f (head weight %g)", share,
+                     p["estimated_share"], sum(p["heads_per_layer"]), sum(p["neurons_per_layer"]), p["accuracy"],
+                     p["head_weight"])
+        return {"points": points, "seconds": round(time.perf_counter() - t0, 2)}
+
+    return run.stages.get_or_compute("curve-ffn", {**key, "grid": grid}, compute, label="curve")
+
+
+def _kept_check(heads: dict, neurons: dict, size: int):
+    """An artifact check: the folder holds a pruned model keeping exactly ``heads`` and ``neurons``."""
+    want_h = {str(k): list(v) for k, v in heads.items()}
+    want_n = encode_kept_neurons(neurons, size, len(neurons))
+
+    def check(path: Path) -> bool:
+        if not is_pruned_folder(path):
+            return False
+        config = json.loads((path / "config.json").read_text())
+        return config.get(KEPT_HEADS_KEY) == want_h and config.get(KEPT_NEURONS_KEY) == want_n
+
+    return check
+
+
+def joint_surgery_and_finetune(run: PreparedRun, heads: dict, neurons: dict, progress: bool):
+    """(pruned model, scores): a copy of the dense model keeping ``heads`` and ``neurons``, evaluated,
+    fine-tuned once (unless ``skip_final_finetune``) and evaluated again; saved as ``OUTPUT/model``."""
+    cfg, ft_cfg, task, tok = run.cfg, run.ft_cfg, run.task, run.tokenizer
+    pruned = copy.deepcopy(run.model)
+    keep_heads(pruned, heads)
+    keep_neurons(pruned, neurons)
+    model_dir = run.out / "model"
+    made = {}
+
+    def compute() -> dict:
+        def test() -> dict:
+            return evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed, progress=progress)
+
+        scores = {"test_after_pruning": test()}
+        if not cfg.skip_final_finetune:
+            scores["finetune"] = finetune(pruned, tok, task, ft_cfg, train_examples=run.train_examples,
+                                          progress=progress).to_dict()
+            scores["test_after_finetune"] = test()
+        distributed.on_main(save_pruned, pruned, tok, model_dir)
+        made["model"] = pruned
+        return scores
+
+    key = {**run.identity, "stage": "final-ffn", "kept_heads": heads, "kept_neurons": neurons,
+           "skip_final_finetune": cfg.skip_final_finetune}
+    check = _kept_check(heads, neurons, neuron_shape(pruned.config)[1])
+    scores = run.stages.get_or_compute("final-ffn", key, compute, label="surgery_and_finetune", artifact=model_dir,
+                                       artifact_check=check)
+    if "model" in made:
+        return pruned, scores, key
+    if distributed.is_main():
+        pruned, _ = load_pruned(model_dir)
+    distributed.sync_module(pruned.to(distributed.device()))  # other ranks: same surgery, rank 0's weights
+    return pruned, scores, key
+
+
+def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
+              joint: JointConfig | None = None) -> PruneResult:
+    """`cahp prune --ffn` (see the module docstring); called by `cahp.pipelines.prune.run_prune`."""
+    joint = joint or JointConfig()
+    _check(cfg, joint)
+    t_total = time.perf_counter()
+    run = prepare_run(cfg, ft_cfg, out, progress)  # steps 0-2 and the head salience, shared with heads-only
+    params_before, heads_before = count_parameters(run.model), num_kept(run.model)
+    neurons_before = int(kept_neuron_mask(run.model).sum())
+    longest = get_adapter(run.model).max_positions(run.model.config)
+    if any(seq > longest for _, seq in parse_shapes(joint.cost_shapes)):
+        raise JointSetupError(f"cost shapes {joint.cost_shapes} are longer than the model allows ({longest} tokens)")
+    stats, stats_key = neuron_stats(run, progress)
+    tables, cost_key = cost_tables(run, joint)
+    table = combined_table(tables)
+    selector = JointSelector(run.stats.distances[cfg.distance].numpy(), run.stats.head_ids,
+                             stats.head_salience.numpy(), stats, method=joint.linkage)
+    scorer = _Scorer(run, table, stats, selector)
+    key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": cfg.distance,
+           "linkage": joint.linkage, "head_weights": joint.weights(), "stage": "curve-ffn"}
+    curve = joint_curve(run, scorer, joint, key, progress)
+    points = curve["points"]
+    share_star, knee = knee_share([p["estimated_share"] for p in points], [p["accuracy"] for p in points],
+                                  degree=cfg.degree or None, method=cfg.knee_method)
+    if knee.warning:
+        log.warning("knee: %s", knee.warning)
+    chosen = next(p for p in points if p["estimated_share"] == share_star)
+    if cfg.target_speedup:
+        chosen = distributed.broadcast_object(scorer.best(1 / cfg.target_speedup, joint.weights()))
+        if chosen is None:
+            raise JointSetupError(f"no allocation reaches an estimated speedup of {cfg.target_speedup}")
+        source = "--target-speedup"
+    else:
+        source = "knee"
+    alloc = Allocation(heads=chosen["heads_per_layer"], neurons=chosen["neurons_per_layer"],
+                       share=chosen["estimated_share"])
+    heads, neurons = selector.select(alloc)
+    log.info("knee at an estimated share of %.3f; keeping %d heads and %d neurons, estimated share %.3f (%s)",
+             share_star, sum(alloc.heads), sum(alloc.neurons), alloc.share, source)
+    pruned, final, final_key = joint_surgery_and_finetune(run, heads, neurons, progress)
+    speedup = joint_report.measured_speedup(run, final_key, joint)
+    report = joint_report.build_report(
+        run, joint, points=points, knee=knee, share_star=share_star, chosen=chosen, source=source,
+        tables=tables, heads=heads, neurons=neurons, pruned=pruned, final=final, speedup=speedup,
+        before={"parameters": params_before, "heads": heads_before, "neurons": neurons_before},
+        seconds=time.perf_counter() - t_total,
+    )
+    report["settings"]["joint"] = asdict(joint)
+    report = distributed.broadcast_object(report)
+    distributed.on_main(joint_report.write_outputs, run, report, points, knee)
+    joint_report.log_summary(report)
+    return PruneResult(output_dir=out, report=report)
+
