@@ -51,6 +51,7 @@ def gqa_attention_forward(self, hidden_states, position_embeddings=None, attenti
     v = m["v_proj"](hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    cache = cache if cache is not None else kwargs.pop("past_key_values", None)  # its older name in transformers 5
     if cache is not None:
         # The cache holds the kept key/value heads only: (B, h_kv, S, d) per layer.
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
@@ -103,6 +104,7 @@ class HeadlessAttention(nn.Module):
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         if cache is not None:
             b, t = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(b, 0, t, self.head_dim)  # (B, 0 heads, T, d)
