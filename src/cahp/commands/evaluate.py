@@ -1,10 +1,11 @@
-"""``cahp evaluate``: accuracy and macro-F1 with bootstrap 95% intervals, as JSON."""
+"""``cahp evaluate``: accuracy and macro-F1 with bootstrap 95% intervals, as JSON (of a model or its ONNX file)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cahp.commands._common import add_model_task_args, load_task
 
@@ -18,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--output", default=None, help="also write the JSON to this file")
+    p.add_argument("--onnx", type=Path, default=None, metavar="FILE",
+                   help="score this ONNX file (fp32 or int8, as cahp export writes it) instead of the PyTorch "
+                   "model, with the tokenizer of --model")
 
 
 def run(args) -> int:
@@ -27,16 +31,20 @@ def run(args) -> int:
     from cahp.train.evaluate import evaluate_task
 
     task = load_task(args)
-    model, tok = cahp.load_model(args.model, num_labels=task.num_labels)
-    distributed.sync_module(model.to(distributed.device()))  # under torchrun: rank 0's weights everywhere
-    result = {
-        "model": args.model,
-        "task": task.name,
-        "heads_kept": cahp.num_kept(model),
-        "parameters": cahp.count_parameters(model),
-        "splits": evaluate_task(model, tok, task, args.split, max_length=args.max_length,
-                                batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed),
-    }
+    if args.onnx is not None:
+        from cahp.deploy.runtime import OnnxClassifier
+
+        model = OnnxClassifier(args.onnx)  # checked before the tokenizer loads
+        model.check_labels(task.num_labels)
+        _, tok = cahp.load_model(args.model)  # the tokenizer of --model's folder; its weights are not used
+        result = {"model": args.model, "onnx": str(args.onnx), "task": task.name}
+    else:
+        model, tok = cahp.load_model(args.model, num_labels=task.num_labels)
+        distributed.sync_module(model.to(distributed.device()))  # under torchrun: rank 0's weights everywhere
+        result = {"model": args.model, "task": task.name, "heads_kept": cahp.num_kept(model),
+                  "parameters": cahp.count_parameters(model)}
+    result["splits"] = evaluate_task(model, tok, task, args.split, max_length=args.max_length,
+                                     batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed)
     if not distributed.is_main():  # under torchrun rank 0 prints and writes
         return 0
     json.dump(result, sys.stdout, indent=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from cahp.train.metrics import macro_f1, paired_bootstrap, paired_bootstrap_metr
 
 __all__ = [
     "MODEL_INPUTS",
+    "Predictor",
     "evaluate_examples",
     "evaluate_task",
     "macro_f1",
@@ -43,9 +45,18 @@ def model_inputs(batch: dict, device: torch.device | str | None = None) -> dict:
     return {k: (v.to(device) if device is not None else v) for k, v in batch.items() if k in MODEL_INPUTS}
 
 
+class Predictor(Protocol):
+    """What `predict` runs besides a torch module: ``logits(inputs) -> (batch, num_labels)`` tensor.
+
+    ``inputs`` holds the batch's `MODEL_INPUTS` on the CPU; `cahp.deploy.runtime.OnnxClassifier` is one.
+    """
+
+    def logits(self, inputs: dict) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, batches: Iterable[dict], n: int, desc: str | None = None, progress: bool = True
+    model: nn.Module | Predictor, batches: Iterable[dict], n: int, desc: str | None = None, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and argmax predictions, in dataset order.
 
@@ -54,7 +65,7 @@ def predict(
     arrays; every rank must call it (use ``cahp.core.distributed.local()`` for one rank alone).
 
     Args:
-        model: a sequence-classification model.
+        model: a sequence-classification model, or a `Predictor` (an ONNX file: `cahp.deploy.runtime`).
         batches: batches with an ``index`` entry (positions in the dataset).
         n: dataset size.
 
@@ -62,16 +73,22 @@ def predict(
         ``(predictions (n,), logits (n, num_labels))`` as numpy arrays; the predictions are the argmax
         class ids, or for a one-output (regression) head the output itself (floats).
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    torch_model = isinstance(model, nn.Module)
+    if torch_model:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
     index, values = [], []
     bar = tqdm(distributed.shard(batches), desc=desc or "predict", disable=not distributed.show_progress(progress),
                leave=False, mininterval=2)
     for batch in bar:
-        values.append(model(**model_inputs(batch, device)).logits.float().cpu())
+        if torch_model:
+            values.append(model(**model_inputs(batch, device)).logits.float().cpu())
+        else:
+            values.append(model.logits(model_inputs(batch)).float().cpu())
         index.append(batch["index"].cpu())
-    model.train(was_training)
+    if torch_model:
+        model.train(was_training)
     local = (torch.cat(index), torch.cat(values)) if values else None
     logits = None
     for part in distributed.all_gather_object(local):
@@ -89,7 +106,7 @@ def predict(
 
 
 def evaluate_examples(
-    model: nn.Module,
+    model: nn.Module | Predictor,
     tokenizer,
     examples,
     num_labels: int,
@@ -117,7 +134,7 @@ def evaluate_examples(
 
 
 def evaluate_task(
-    model: nn.Module,
+    model: nn.Module | Predictor,
     tokenizer,
     task: Task,
     splits: Sequence[str] | None = None,
