@@ -114,7 +114,7 @@ def test_fair_values_keep_both_kinds_at_half_latency():
     neuron_cost = sum(b.per_unit for b in table.ffn) / 3 * neurons
     dense_h = sum(b.per_unit * b.units for b in table.attention)
     dense_n = sum(b.per_unit * b.units for b in table.ffn)
-    assert 0.15 < head_cost / dense_h < 0.85 and 0.15 < neuron_cost / dense_n < 0.85
+    assert 0.25 < head_cost / dense_h < 0.75 and 0.25 < neuron_cost / dense_n < 0.75
     # a larger head weight keeps at least as many heads
     hv2, _ = fair_values(table, stats.head_salience.numpy(), stats.salience.numpy(), head_weight=4.0)
     assert sum(allocate(table, hv2, nv, 0.5).heads) >= heads

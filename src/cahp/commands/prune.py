@@ -30,10 +30,20 @@ def run(args) -> int:
     r = result.report
     split = r["data"]["test_split"]
     after = r["scores"]["after_finetune"] or r["scores"]["after_pruning"]
+    before = r["scores"]["before_pruning"][split]
+    # the run's metric first; a regression task also shows Spearman (its second official metric)
+    names = [r.get("metric", "accuracy")]
+    names += ["spearman"] if "spearman" in before and names[0] != "spearman" else []
+    scores = "; ".join(f"{split} {m} {before[m]:.4f} -> {after[split][m]:.4f}" for m in names)
     print(
         f"{r['model']} / {r['task']}: kept {r['heads_kept']} of {r['heads_before']} heads (k* = {r['k_star']}), "
-        f"parameters {r['parameters']['before']:,} -> {r['parameters']['after']:,}; "
-        f"{split} accuracy {r['scores']['before_pruning'][split]['accuracy']:.4f} -> {after[split]['accuracy']:.4f}\n"
+        f"parameters {r['parameters']['before']:,} -> {r['parameters']['after']:,}; {scores}\n"
         f"outputs in {result.output_dir}: model/, report.json, curve.png, heads.png, distances.png, log.txt"
     )
+    if r.get("ffn"):  # cahp prune --ffn: neurons and speedups too (cahp.pipelines.joint_report)
+        measured = ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in (r["measured_speedup"] or {}).items()) or "-"
+        print(f"kept {r['neurons_kept']} of {r['neurons_before']} FFN neurons "
+              f"(estimated share {r['estimated_share']:.3f}, {r['k_source']}); estimated speedup "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in r["estimated_speedup"].items())
+              + f"; measured {measured}; structure.png shows the kept structure per layer")
     return 0
