@@ -3,6 +3,7 @@ predictions, int8 stays close, and files that do not fit are refused with one li
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ import cahp
 from cahp.cli import main as cli_main
 from cahp.data.tasks import get_task
 from cahp.deploy.onnx import export_onnx
-from cahp.deploy.quantize import quantize_int8
+from cahp.deploy.quantize import INT8_RTOL, quantize_int8
 from cahp.deploy.runtime import OnnxClassifier, OnnxModelError
 from cahp.train.evaluate import evaluate_task
 
@@ -186,3 +187,48 @@ def test_ids_beyond_the_graph_vocabulary_are_one_line(saved):
     batch = {"input_ids": torch.tensor([[2, 500, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     with pytest.raises(OnnxModelError, match="tokenizer of another model"):
         OnnxClassifier(saved["fp32"], threads=1).logits(batch)
+
+
+# --- cahp bench --onnx --int8: the int8 copy timed beside PyTorch fp32 and ONNX fp32 -------------------------
+
+
+def test_bench_models_times_int8_beside_fp32(tmp_path):
+    from cahp.bench.config import BenchConfig
+    from cahp.bench.latency import bench_models
+    from cahp.bench.report import format_table
+
+    dense = pruned_classifier()  # the figures need only a model with heads left to remove
+    half = cahp.remove_heads(copy.deepcopy(dense), {0: [0], 2: [1]})
+    cfg = BenchConfig(shapes="1x8,2x16", threads=1, kernel="eager", reps=3, warmup=1, onnx=True, int8=True)
+    result = bench_models(dense, {"half": half}, cfg, onnx_dir=tmp_path)
+    labels = {"dense", "half", "no_attention"}
+    assert set(result["int8"]) == labels
+    assert all(0 <= c["relative_diff"] <= INT8_RTOL and 0 <= c["argmax_agreement"] <= 1
+               for c in result["int8"].values())
+    assert sorted(p.name for p in tmp_path.glob("*.int8.onnx")) == sorted(f"{k}.int8.onnx" for k in labels)
+    for run in result["runs"]:
+        # one thread: every runtime interleaved, so the ratios to the dense PyTorch call are paired
+        assert set(run["timings"]) == labels | {p + k for p in ("onnx:", "onnx-int8:") for k in labels}
+        assert run["runtimes_interleaved"] is True
+        assert all(len(t) == 3 for t in run["times_ms"].values())
+        assert set(run["int8_ratio"]) == set(run["int8_fp32_ratio"]) == labels
+        assert all(r > 0 for r in run["int8_ratio"].values())
+        lo, hi = run["int8_ratio_ci95"]["half"]
+        assert 0 < lo <= hi
+        assert "onnx-int8:half" in run["floor_relative"]
+    text = format_table(result)
+    assert "int8 onnx / pytorch dense latency: dense" in text and "int8 copies checked" in text
+
+
+def test_cli_bench_int8(saved, tmp_path, capsys):
+    dense = tmp_path / "dense"
+    tiny_model("bert").save_pretrained(dense)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(dense), "--pruned", str(saved["folder"]), "--shapes", "1x8", "--threads", "1",
+            "--reps", "2", "--warmup", "0", "--kernel", "eager", "--out", str(out)]
+    assert cli_main([*argv, "--onnx", "--int8"]) == 0
+    assert "int8 onnx / pytorch dense latency: dense" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result["runs"][0]["int8_ratio"]) == {"dense", "pruned", "no_attention"}
+    assert cli_main([*argv, "--int8"]) == 2
+    assert "add --onnx" in capsys.readouterr().err

@@ -16,9 +16,10 @@ import torch
 from cahp.arch.base import ATTENTION_KERNELS
 from cahp.core.configs import field as cfg_field
 
-#: Labels of the two yardsticks, and the prefix of a model's onnxruntime copy.
+#: Labels of the two yardsticks, and the prefixes of a model's onnxruntime copies (fp32, int8).
 DENSE, NO_ATTENTION = "dense", "no_attention"
 ONNX_PREFIX = "onnx:"
+INT8_PREFIX = "onnx-int8:"
 #: (batch, sequence) pairs timed by default.
 DEFAULT_SHAPES = ((1, 32), (1, 128), (32, 32), (32, 128))
 #: Clock names -> the function read before and after each call.
@@ -96,6 +97,9 @@ class BenchConfig:
         "activations are not page-faulted in again on every call",
     )
     onnx: bool = cfg_field(False, "also export to ONNX and time onnxruntime (CPU)")
+    int8: bool = cfg_field(
+        False, "with --onnx: also time an int8 copy of every ONNX file (onnxruntime dynamic quantisation)"
+    )
 
     def __post_init__(self):
         # Checked here, before any model loads: a bad setting fails in a second, not after the loading.
@@ -111,6 +115,8 @@ class BenchConfig:
             raise BenchError(f"need 1 <= --min-reps <= --max-reps, got {self.min_reps} and {self.max_reps}")
         if self.warmup < 0 or self.budget <= 0:
             raise BenchError(f"--warmup must be >= 0 and --budget > 0, got {self.warmup} and {self.budget}")
+        if self.int8 and not self.onnx:
+            raise BenchError("--int8 times the int8 copy of the ONNX export: add --onnx")
         parse_shapes(self.shapes)
 
     @property

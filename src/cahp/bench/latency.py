@@ -17,11 +17,12 @@ realised: 1.0 on the line, below 1 when per-call overhead eats the saving.
 Timing: fixed thread count (``torch.set_num_threads``), warm-up, then models
 interleaved round-robin within every repetition (the starting model rotates),
 median and inter-quartile range of the per-call latencies, under
-``torch.inference_mode``; onnxruntime models (``onnx=True``) are interleaved
-among themselves after the PyTorch ones, so two thread pools never take turns
+``torch.inference_mode``; onnxruntime models (``onnx=True``, and their int8
+copies with ``int8=True``) are interleaved among themselves after the PyTorch ones, so two thread pools never take turns
 inside one repetition, except with one thread (no pools), where every model of
 both runtimes is interleaved and the ONNX / PyTorch latency ratio of each model
-(`ratio_ci`) is paired. Inputs are random token ids with every token real (no
+(`ratio_ci`) is paired, as is each int8 model's latency relative to the dense
+PyTorch model (``int8_ratio``). Inputs are random token ids with every token real (no
 padding). Every model runs with the same attention kernel; ``kernel="auto"``
 times the dense model with each kernel first (eager, sdpa, compact: see
 `ArchAdapter.set_attention_kernel`) and keeps its fastest for all. The
@@ -41,7 +42,15 @@ import torch
 from torch import nn
 
 from cahp.arch import get_adapter
-from cahp.bench.config import DENSE, NO_ATTENTION, ONNX_PREFIX, BenchConfig, BenchError, resolve_devices
+from cahp.bench.config import (
+    DENSE,
+    INT8_PREFIX,
+    NO_ATTENTION,
+    ONNX_PREFIX,
+    BenchConfig,
+    BenchError,
+    resolve_devices,
+)
 from cahp.bench.figures import (
     floor_relative,
     floor_relative_ci,
@@ -78,9 +87,11 @@ def bench_models(
             (``reps``, or as many as ``budget`` seconds allow per shape), clock
             (see `time_round_robin`), allocator (unless ``malloc_default``,
             freed memory is held, process-wide, so no model page-faults its
-            activations in again on every call) and ``onnx`` (also export every
+            activations in again on every call), ``onnx`` (also export every
             model and time it with onnxruntime, CPU, same thread count; the
-            export is checked against PyTorch).
+            export is checked against PyTorch) and ``int8`` (with ``onnx``: also
+            time each export's int8 copy, `cahp.deploy.quantize`, checked against
+            PyTorch fp32 within its tolerance, beside the fp32 ones).
         onnx_dir: where the ONNX files go (default: a temporary folder).
 
     Returns:
@@ -123,7 +134,9 @@ def bench_models(
     }
     sessions = {}
     if cfg.onnx:
-        result["onnx"], sessions = _export_all(variants, threads, onnx_dir)
+        result["onnx"], result["int8"], sessions = _export_all(variants, threads, onnx_dir, cfg.int8)
+        if not cfg.int8:
+            del result["int8"]
 
     candidates: dict = {}  # the dense model in every kernel, for "auto"; rebuilt per device
     for device in devices:
@@ -147,7 +160,7 @@ def _check_models(dense: nn.Module, pruned: Mapping[str, nn.Module], shapes: Seq
     for label, m in pruned.items():
         if type(m) is not type(dense) or model_shape(m.config) != shape_dense:
             raise BenchError(f"pruned model {label!r} does not have the architecture of the dense model")
-        if label in (DENSE, NO_ATTENTION) or label.startswith(ONNX_PREFIX):
+        if label in (DENSE, NO_ATTENTION) or label.startswith((ONNX_PREFIX, INT8_PREFIX)):
             raise BenchError(f"label {label!r} is reserved")
 
 
@@ -161,24 +174,32 @@ def _describe(v: Variant, n_layers: int) -> dict:
     }
 
 
-def _export_all(variants: Sequence[Variant], threads: int, onnx_dir) -> tuple[dict, dict]:
-    """Export every model to ONNX, check it against PyTorch, open an onnxruntime session on it.
+def _export_all(variants: Sequence[Variant], threads: int, onnx_dir, int8: bool = False) -> tuple[dict, dict, dict]:
+    """Export every model to ONNX (and with ``int8`` its int8 copy), check them against PyTorch, open sessions.
 
-    Returns ``({label: check summary}, {label: session})``.
+    Returns ``({label: fp32 check}, {label: int8 check}, {runner label: session})``; runner labels carry
+    `ONNX_PREFIX` or `INT8_PREFIX`.
     """
     from cahp.deploy.onnx import export_onnx, onnx_session, verify_onnx
+    from cahp.deploy.quantize import quantize_int8, verify_int8
 
-    checks, sessions = {}, {}
+    checks, int8_checks, sessions = {}, {}, {}
     tmp = tempfile.TemporaryDirectory(prefix="cahp-bench-onnx-") if onnx_dir is None else None
     out_dir = Path(onnx_dir if onnx_dir is not None else tmp.name)
     for v in variants:
         path = out_dir / f"{v.label.replace('/', '_').replace('%', 'pct')}.onnx"
         export_onnx(v.model, path)
         check = verify_onnx(v.model, path, threads=threads)
-        sessions[v.label] = onnx_session(path, threads=threads)
+        sessions[ONNX_PREFIX + v.label] = onnx_session(path, threads=threads)
         checks[v.label] = {"max_abs_diff": check["max_abs_diff"], "shapes": check["shapes"]}
         log.info("onnx %s: max |onnx - torch| = %.2e", v.label, check["max_abs_diff"])
-    return checks, sessions
+        if int8:
+            q = quantize_int8(path)
+            int8_checks[v.label] = verify_int8(v.model, q, threads=threads)  # raises beyond its tolerance
+            sessions[INT8_PREFIX + v.label] = onnx_session(q, threads=threads)
+            log.info("onnx int8 %s: max |int8 - torch| = %.2e (%.3f of the logit scale)", v.label,
+                     int8_checks[v.label]["max_abs_diff"], int8_checks[v.label]["relative_diff"])
+    return checks, int8_checks, sessions
 
 
 def _time_shape(
@@ -197,7 +218,7 @@ def _time_shape(
     # timings). With one thread there is no pool: all interleaved, so ONNX / PyTorch is paired.
     groups = [{v.label: torch_runner(v.model, inputs) for v in variants}]
     if device == "cpu" and sessions:
-        onnx_runners = {ONNX_PREFIX + k: onnx_runner(sess, inputs) for k, sess in sessions.items()}
+        onnx_runners = {k: onnx_runner(sess, inputs) for k, sess in sessions.items()}
         if threads == 1:
             groups[0].update(onnx_runners)
         else:
@@ -231,7 +252,7 @@ def _floor_figures(variants: Sequence[Variant], times: Mapping[str, list], med: 
     for v in variants:
         if v.label in (DENSE, NO_ATTENTION):
             continue
-        for prefix in ("", ONNX_PREFIX):
+        for prefix in ("", ONNX_PREFIX, INT8_PREFIX):
             if prefix + v.label not in med:
                 continue
             d, p, n = (prefix + x for x in (DENSE, v.label, NO_ATTENTION))
@@ -247,6 +268,19 @@ def _floor_figures(variants: Sequence[Variant], times: Mapping[str, list], med: 
         if ONNX_PREFIX + v.label in med:
             out["onnx_ratio"][v.label] = med[ONNX_PREFIX + v.label] / med[v.label]
             out["onnx_ratio_ci95"][v.label] = ratio_ci(times[ONNX_PREFIX + v.label], times[v.label], seed=seed)
+    # int8 ONNX latency relative to the dense PyTorch model (what deployment gains in all) and to its own
+    # fp32 export (what quantisation adds); below 1 = the int8 model takes less time.
+    if any(INT8_PREFIX + v.label in med for v in variants):
+        for key in ("int8_ratio", "int8_ratio_ci95", "int8_fp32_ratio", "int8_fp32_ratio_ci95"):
+            out[key] = {}
+    for v in variants:
+        q = INT8_PREFIX + v.label
+        if q not in med:
+            continue
+        out["int8_ratio"][v.label] = med[q] / med[DENSE]
+        out["int8_ratio_ci95"][v.label] = ratio_ci(times[q], times[DENSE], seed=seed)
+        out["int8_fp32_ratio"][v.label] = med[q] / med[ONNX_PREFIX + v.label]
+        out["int8_fp32_ratio_ci95"][v.label] = ratio_ci(times[q], times[ONNX_PREFIX + v.label], seed=seed)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from cahp.bench.config import ONNX_PREFIX
+from cahp.bench.config import INT8_PREFIX, ONNX_PREFIX
 
 
 def fmt_number(x: float | None, digits: int = 2, missing: str = "-") -> str:
@@ -27,7 +27,7 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
     paired = run.get("floor_relative_paired", {})
     by_ratio = run.get("floor_relative_ratio", {})
     for label, t in run["timings"].items():
-        base = label[len(ONNX_PREFIX) :] if label.startswith(ONNX_PREFIX) else label
+        base = next((label[len(p) :] for p in (ONNX_PREFIX, INT8_PREFIX) if label.startswith(p)), label)
         var = variants.get(base, {})
         macs = run["macs"].get(base)
         rows.append(
@@ -36,19 +36,23 @@ def format_run(run: dict, variants: Mapping[str, dict]) -> str:
             f"{fmt_number(macs / 1e9 if macs else None, 2):>8s} {fmt_number(run['floor_relative'].get(label)):>9s} "
             f"{fmt_number(paired.get(label)):>7s} {fmt_number(by_ratio.get(label)):>7s}"
         )
-    ratios = run.get("onnx_ratio") or {}
-    if ratios:
-        ci = run.get("onnx_ratio_ci95") or {}
-        rows.append(
-            "onnx / pytorch latency"
-            + ("" if run.get("runtimes_interleaved") else " (runtimes timed one after the other)")
-            + ": "
-            + ", ".join(
-                f"{k} {fmt_number(r)}" + (f" [{fmt_number(ci[k][0])}, {fmt_number(ci[k][1])}]" if k in ci else "")
-                for k, r in ratios.items()
-            )
-        )
+    apart = "" if run.get("runtimes_interleaved") else " (runtimes timed one after the other)"
+    # the int8 and fp32 ONNX models are always interleaved with each other: their ratio needs no caveat
+    for key, what in (("onnx_ratio", "onnx / pytorch latency" + apart),
+                      ("int8_ratio", "int8 onnx / pytorch dense latency" + apart),
+                      ("int8_fp32_ratio", "int8 / fp32 onnx latency")):
+        if run.get(key):
+            rows.append(f"{what}: " + _ratios(run[key], run.get(key + "_ci95")))
     return head + "\n" + "\n".join(rows)
+
+
+def _ratios(ratios: Mapping[str, float], ci: Mapping[str, list] | None) -> str:
+    """``label ratio [lo, hi]`` for each model, comma separated."""
+    ci = ci or {}
+    return ", ".join(
+        f"{k} {fmt_number(r)}" + (f" [{fmt_number(ci[k][0])}, {fmt_number(ci[k][1])}]" if k in ci else "")
+        for k, r in ratios.items()
+    )
 
 
 def format_table(result: dict) -> str:
@@ -62,6 +66,11 @@ def format_table(result: dict) -> str:
     if result.get("onnx"):
         worst = max(o["max_abs_diff"] for o in result["onnx"].values())
         lines.append(f"  onnx export checked against PyTorch: max |diff| {worst:.1e}")
+    if result.get("int8"):
+        worst = max(o["relative_diff"] for o in result["int8"].values())
+        same = min(o["argmax_agreement"] for o in result["int8"].values())
+        lines.append(f"  int8 copies checked against PyTorch fp32: max |diff| {worst:.3f} of the logit scale, "
+                     f"same predicted class on at least {same:.0%} of rows")
     for run in result["runs"]:
         lines.append("")
         lines.append(format_run(run, result["variants"]))
