@@ -28,6 +28,12 @@ def run(args) -> int:
     if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
     r = result.report
+    if r.get("objective", "task") != "task":  # the label-free embedding pipeline's report
+        from cahp.pipelines.embedding import summary
+
+        print(f"{summary(r)}\noutputs in {result.output_dir}: model/ (a sentence-transformers folder), report.json, "
+              "curve.png, heads.png, distances.png, log.txt")
+        return 0
     split = r["data"]["test_split"]
     after = r["scores"]["after_finetune"] or r["scores"]["after_pruning"]
     before = r["scores"]["before_pruning"][split]

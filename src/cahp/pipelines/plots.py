@@ -22,16 +22,18 @@ def _save(fig, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def plot_curve(points: list[dict], knee: dict, path: Path, title: str = "") -> None:
+def plot_curve(points: list[dict], knee: dict, path: Path, title: str = "", key: str = "accuracy",
+               ylabel: str = "accuracy") -> None:
+    """S(k) (each point's ``key``) against heads kept, with the polynomial fit and the knee."""
     ks = [p["k"] for p in points]
-    acc = [p["accuracy"] for p in points]
+    acc = [p[key] for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ks, acc, "o", label="S(k) on held-out training data")
+    ax.plot(ks, acc, "o", label="S(k) on held-out data")
     ax.plot(knee["grid"], knee["fitted"], "-", label=f"polynomial fit (degree {knee['degree']})")
     fallback = f" ({knee['fallback']})" if knee.get("fallback") else ""
     ax.axvline(knee["k"], color="C3", ls="--", label=f"k* = {knee['k']}{fallback}")
     ax.set_xlabel("heads kept")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)

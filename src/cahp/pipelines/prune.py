@@ -97,6 +97,13 @@ class PruneConfig:
     skip_final_finetune: bool = cfg_field(False, "stop after surgery (no final fine-tuning)")
     ffn: bool = cfg_field(False, "prune FFN neurons together with heads (joint, CAHP-style)")
     target_speedup: float = cfg_field(0.0, "with --ffn: reach this estimated speedup instead of the knee (0: knee)")
+    objective: str = cfg_field("task", "what pruning keeps: the task (labels), or without labels the dense model's "
+                               "sentence embeddings (embedding: cosine distance, embedding-mse: squared error)",
+                               choices=["task", "embedding", "embedding-mse"])
+    text_file: str = cfg_field("", "--objective embedding: sentences to use instead of the task's training texts "
+                                   "(a text file, one a line, or .jsonl)")
+    similarity_task: str = cfg_field("stsb", "--objective embedding: sentence-pair regression task scored zero-shot "
+                                             "(dev drives the knee, test is reported; none: fidelity only)")
 
 
 @dataclass
@@ -376,6 +383,10 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
 
 
 def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
+    if cfg.objective != "task":  # label-free, on sentence embeddings: cahp.pipelines.embedding (imports this module)
+        from cahp.pipelines.embedding import run_embedding
+
+        return run_embedding(cfg, ft_cfg, out, progress)
     if cfg.ffn:  # heads and FFN neurons together: cahp.pipelines.joint (imported here: it imports this module)
         from cahp.pipelines.joint import run_joint
 

@@ -1,0 +1,407 @@
+"""`cahp prune --objective embedding`: CAHP for a sentence-transformers embedding model, without labels.
+
+The dense model is the packaged encoder itself (it is already the embedding
+model: no first fine-tuning), and every loss is the distance of the gated or
+pruned model's sentence embedding from the dense model's (`cahp.train.objectives`;
+``--objective embedding`` is the cosine distance, ``embedding-mse`` the squared error).
+`run_embedding` reads top to bottom as the steps of docs/METHOD.md:
+
+- text: unlabeled sentences from ``--text-file`` or the ``--task``'s training
+  split (labels ignored, `cahp.data.text`), split seeded into held-out curve
+  text, calibration text and the rest (`cahp.pipelines.prune.split_train`);
+- `teacher`: the dense embeddings of every text, computed once, the targets of every later loss;
+- 1-2. signatures and distances on the calibration text, as for a task;
+- salience: |dL/dgate| of the embedding loss (step 5's ranking). At the dense
+  model the loss is at its minimum (0) and so is its gradient, so the targets
+  of this pass are the dense embeddings perturbed by seeded Gaussian noise
+  (`SALIENCE_TARGET_NOISE` of each embedding's norm): the gradient then
+  measures how strongly each head moves the embedding, and its mean square is
+  the Fisher information of the gates under a Gaussian model of the
+  embedding (targets drawn around the model's own output, the true Fisher
+  rather than the empirical one, which needs labels);
+- 3-5. CAHP's selection through the registry;
+- 6. `embedding_curve`: every budget's held-out fidelity (mean cosine to the
+  dense embeddings of the curve text) and, with a similarity task
+  (``--similarity-task``, default ``stsb``), its dev-split Spearman (never the
+  test split). The knee is the usual rule on the similarity task's dev
+  Spearman when one is given, since it measures what embedding users rank by
+  and fidelity can fall without changing rankings; on fidelity otherwise
+  (``--similarity-task none``: nothing labelled is read at all);
+- 7-8. `surgery_and_distill`: remove the other heads and fine-tune once by
+  distillation (`cahp.train.distill`), early stopping on held-out fidelity;
+- evaluation: the similarity task's test split (STS-B: the GLUE dev file),
+  zero-shot, for the dense model, after pruning and after distillation
+  (Spearman and Pearson with bootstrap intervals, the paired difference from
+  the dense model), and held-out fidelity.
+
+Outputs: ``OUTPUT/model`` (a sentence-transformers folder, `cahp.save_pruned`),
+``report.json``, ``curve.png``, ``heads.png``, ``distances.png``; every stage is
+cached under ``OUTPUT/stages`` (`cahp.pipelines.cache.StageCache`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cahp.budget.curve import default_grid
+from cahp.budget.knee import KneeResult, find_knee
+from cahp.core import distributed
+from cahp.core.io import environment, read_json, write_json
+from cahp.data.batching import EncodedDataset, make_batches
+from cahp.data.tasks import get_task
+from cahp.data.text import encode_texts, read_text_file, task_texts
+from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
+from cahp.model.gates import head_gates
+from cahp.model.heads import kept_heads, kept_mask, mask_to_heads, mean_relative_depth, num_kept
+from cahp.model.loading import load_model
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines import plots
+from cahp.pipelines.cache import StageCache, fingerprint
+from cahp.pipelines.embedding_eval import SimilaritySet, load_similarity_task
+from cahp.pipelines.prune import (
+    PruneConfig,
+    PruneResult,
+    cahp_selector,
+    final_budget,
+    signatures,
+    split_train,
+)
+from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext, check_mask
+from cahp.stats.salience import gate_gradients
+from cahp.train.distill import distill
+from cahp.train.finetune import FinetuneConfig
+from cahp.train.objectives import EmbeddingLoss, fidelity, sentence_settings, teacher_embeddings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EMBEDDING_OBJECTIVES", "SALIENCE_TARGET_NOISE", "EmbeddingRun", "embedding_curve", "prepare_embedding",
+           "run_embedding", "summary"]
+
+#: ``--objective`` values of the embedding pipeline and the embedding distance each one uses.
+EMBEDDING_OBJECTIVES = {"embedding": "cosine", "embedding-mse": "mse"}
+#: Standard deviation of the salience pass's target noise, relative to each dense embedding's norm.
+SALIENCE_TARGET_NOISE = 0.1
+#: ``--similarity-task`` values that turn the labelled similarity task off.
+NO_SIMILARITY = ("", "none")
+
+
+class EmbeddingPipelineError(ValueError):
+    """Settings the embedding pipeline cannot run with."""
+
+
+@dataclass
+class EmbeddingRun:
+    """What every stage after the statistics shares: the dense encoder, the texts, their targets, the statistics."""
+
+    cfg: PruneConfig
+    ft_cfg: FinetuneConfig
+    out: Path
+    identity: dict
+    stages: StageCache
+    model: object
+    tokenizer: object
+    settings: dict
+    distance: str
+    source: str
+    datasets: dict  # "curve", "calibration", "train" -> EncodedDataset (no labels)
+    targets: dict  # the same names -> (n, D) dense embeddings
+    curve_batches: list
+    calibration_batches: list
+    similarity: dict  # "dev", "test" -> SimilaritySet; empty without a similarity task
+    signatures: object
+    stats: HeadStats
+    keys: dict
+
+    @property
+    def ks(self) -> list[int]:
+        """The curve's grid of kept-head counts, from all heads down."""
+        return default_grid(self.stats.n, self.cfg.grid_step, self.cfg.min_ratio)
+
+    @property
+    def knee_score(self) -> str:
+        """The curve score the knee is read from: the similarity task's dev Spearman, else fidelity."""
+        return "similarity_dev_spearman" if self.similarity else "fidelity"
+
+    def context(self) -> SelectionContext:
+        """What data-driven selectors may use: the dense model and the calibration batches."""
+        return SelectionContext(model=self.model, batches=self.calibration_batches, seed=self.cfg.seed)
+
+
+def _check_identity(out: Path, identity: dict, overwrite: bool) -> None:
+    """``OUTPUT/run.json``: the settings that define the run; a folder holding another run is refused."""
+    path = out / "run.json"
+    if path.is_file():
+        old = {k: v for k, v in read_json(path).items() if k != "fingerprints"}
+        if old != json.loads(json.dumps(identity, default=str)):
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            if not overwrite:
+                raise EmbeddingPipelineError(f"{out} holds a run with other settings ({', '.join(diff)} differ); "
+                                             "choose another --output-dir or pass --overwrite")
+            log.warning("overwriting %s: it held a run with other settings (%s)", out, ", ".join(diff))
+            shutil.rmtree(out / "stages", ignore_errors=True)
+    write_json(path, identity)
+
+
+def _texts(cfg: PruneConfig) -> tuple[list[str], str]:
+    """(unique texts, where they come from): ``cfg.text_file``, else the task's training split."""
+    if cfg.text_file:
+        return read_text_file(cfg.text_file), str(Path(cfg.text_file).resolve())
+    task = get_task(cfg.task, data_dir=cfg.data_dir or None)
+    return task_texts(task), f"task {task.name} ({task.train_split} split, labels ignored)"
+
+
+def _subset(ds: EncodedDataset, idx: list[int]) -> EncodedDataset:
+    return EncodedDataset(features=[ds.features[i] for i in idx], labels=[])
+
+
+def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> EmbeddingRun:
+    """Text, dense targets, signatures and embedding salience of the dense encoder (each stage cached)."""
+    if cfg.objective not in EMBEDDING_OBJECTIVES:
+        raise EmbeddingPipelineError(f"objective {cfg.objective!r} is not one of {', '.join(EMBEDDING_OBJECTIVES)}")
+    if getattr(cfg, "ffn", False):
+        raise EmbeddingPipelineError("--ffn does not combine with --objective embedding yet; prune heads only")
+    distributed.on_main(out.mkdir, parents=True, exist_ok=True)
+    distance = EMBEDDING_OBJECTIVES[cfg.objective]
+    texts, source = _texts(cfg)
+    sim_name = "" if cfg.similarity_task.lower() in NO_SIMILARITY else cfg.similarity_task
+    sim_task = load_similarity_task(sim_name, cfg.data_dir or None) if sim_name else None
+    identity = {
+        "objective": cfg.objective, "model": cfg.model, "texts": source, "texts_fingerprint": fingerprint(texts),
+        "curve_examples": cfg.curve_examples, "calibration_examples": cfg.calibration_examples,
+        "max_length": ft_cfg.max_length, "seed": cfg.seed,
+        "similarity_task": sim_task.name if sim_task else None,
+        "similarity_data": str(sim_task.data_dir) if sim_task else None,
+    }
+    distributed.on_main(_check_identity, out, identity, cfg.overwrite)
+    stages = StageCache(out / "stages")
+    curve_idx, calib_idx, train_idx = split_train(len(texts), cfg.curve_examples, cfg.calibration_examples, cfg.seed)
+
+    model, tok = load_model(cfg.model, kind="encoder", seed=cfg.seed)
+    model.to(distributed.device())
+    settings = sentence_settings(model)
+    pad = tok.pad_token_id or 0
+    all_ds = encode_texts(tok, texts, ft_cfg.max_length)
+    # one pass of the dense model over every text: the targets of salience, curve and distillation alike
+    teacher = stages.get_or_compute("teacher", {**identity, "stage": "teacher"}, tensors=True, compute=lambda: {
+        "embeddings": teacher_embeddings(model, make_batches(all_ds, ft_cfg.eval_batch_size, shuffle=False,
+                                                             pad_token_id=pad), len(all_ds), settings)})
+    names = {"curve": curve_idx, "calibration": calib_idx, "train": train_idx}
+    datasets = {k: _subset(all_ds, idx) for k, idx in names.items()}
+    targets = {k: teacher["embeddings"][torch.as_tensor(idx, dtype=torch.long)] for k, idx in names.items()}
+    calib_batches = make_batches(datasets["calibration"], cfg.stats_batch_size, shuffle=False, pad_token_id=pad)
+    curve_batches = make_batches(datasets["curve"], ft_cfg.eval_batch_size, shuffle=False, pad_token_id=pad)
+
+    sig_key = {**identity, "stage": "signatures", "distance": cfg.distance, "batch": cfg.stats_batch_size}
+    sig = signatures(model, calib_batches, cfg.distance, sig_key, stages, progress)
+    sal_key = {**identity, "stage": "salience", "batch": cfg.stats_batch_size, "noise": SALIENCE_TARGET_NOISE}
+    noisy = EmbeddingLoss(targets["calibration"], settings, distance, target_noise=SALIENCE_TARGET_NOISE, seed=cfg.seed)
+    sal = stages.get_or_compute("salience-embedding", sal_key, tensors=True, label="salience", compute=lambda: (
+        gate_gradients(model, calib_batches, progress=progress, loss_fn=noisy)))
+
+    similarity = {}
+    if sim_task is not None:
+        max_len = (settings.get("sentence_bert_config") or {}).get("max_seq_length") or ft_cfg.max_length
+        for split in ("dev", "test"):
+            name = sim_task.dev_split if split == "dev" else sim_task.test_split
+            similarity[split] = SimilaritySet(sim_task.load(name), tok, max_len, ft_cfg.eval_batch_size, pad)
+    n_layers, n_heads = kept_mask(model).shape
+    stats = HeadStats(head_ids=sig.head_ids, shape=(n_layers, n_heads), distances=sig.distances,
+                      salience=sal["salience"], fisher=sal["fisher"], entropy=sig.entropy)
+    return EmbeddingRun(
+        cfg=cfg, ft_cfg=ft_cfg, out=out, identity=identity, stages=stages, model=model, tokenizer=tok,
+        settings=settings, distance=distance, source=source, datasets=datasets, targets=targets,
+        curve_batches=curve_batches, calibration_batches=calib_batches, similarity=similarity, signatures=sig,
+        stats=stats, keys={"signatures": sig_key, "salience": sal_key},
+    )
+
+
+def score_gates(run: EmbeddingRun, gates: torch.Tensor) -> dict:
+    """Held-out fidelity and (with a similarity task) dev Spearman of the dense model gated by ``gates`` (L, H)."""
+    with head_gates(run.model, init=gates.float()):
+        point = {"fidelity": fidelity(run.model, run.curve_batches, run.targets["curve"], run.settings)}
+        if run.similarity:
+            point["similarity_dev_spearman"] = run.similarity["dev"].spearman(run.model, run.settings)
+    return point
+
+
+def embedding_curve(run: EmbeddingRun, selector: HeadSelector, progress: bool = True) -> dict:
+    """Step 6: ``selector``'s fidelity (and dev Spearman) for every k of the grid, through gates (cached).
+
+    Returns ``{"points": [{"k", "score", "fidelity", ["similarity_dev_spearman"], "kept"}], "seconds"}``,
+    ``score`` being the value the knee is read from (`EmbeddingRun.knee_score`).
+    """
+    ks = run.ks
+    key = {**run.keys["signatures"], **run.keys["salience"], **run.identity, "stage": "curve",
+           "method": selector.name, "selector": selector.settings(), "ks": ks}
+
+    def compute() -> dict:
+        t0, points = time.perf_counter(), []
+        for k in ks:
+            mask, gates = distributed.broadcast_object(selector.select_gates(int(k), run.stats, run.context()))
+            check_mask(mask, int(k), run.stats)
+            point = {"k": int(k), **score_gates(run, gates), "kept": mask_to_heads(mask)}
+            point["score"] = point[run.knee_score]
+            log.info("k=%d: fidelity %.4f%s", k, point["fidelity"],
+                     f", dev Spearman {point['similarity_dev_spearman']:.4f}" if run.similarity else "")
+            points.append(point)
+        return {"points": points, "seconds": {"total": time.perf_counter() - t0}}
+
+    return run.stages.get_or_compute(f"curve-embedding-{selector.tag}", key, compute, label="curve")
+
+
+def _similarity_scores(run: EmbeddingRun, model) -> dict:
+    """Test-split scores of ``model`` on the similarity task (with predictions), or {} without one."""
+    if not run.similarity:
+        return {}
+    return {"similarity_test": run.similarity["test"].evaluate(model, run.settings, seed=run.cfg.seed)}
+
+
+def dense_scores(run: EmbeddingRun) -> dict:
+    """The dense model's similarity-task test scores (cached; fidelity is 1 by definition)."""
+    key = {**run.identity, "stage": "dense_scores"}
+    return run.stages.get_or_compute("dense_scores", key, lambda: {"heldout_fidelity": 1.0,
+                                                                    **_similarity_scores(run, run.model)})
+
+
+def surgery_and_distill(run: EmbeddingRun, mask: torch.Tensor, progress: bool = True):
+    """Steps 7-8: (pruned encoder, scores): surgery, scores, one distillation (unless skipped), scores again;
+    the pruned encoder saved as ``OUTPUT/model`` (a sentence-transformers folder)."""
+    cfg, ft_cfg = run.cfg, run.ft_cfg
+    kept = mask_to_heads(mask)
+    pruned = copy.deepcopy(run.model)
+    keep_heads(pruned, kept)
+    model_dir = run.out / "model"
+    loss = EmbeddingLoss(run.targets["train"], run.settings, run.distance)
+    made = {}
+
+    def scores_now() -> dict:
+        return {"heldout_fidelity": fidelity(pruned, run.curve_batches, run.targets["curve"], run.settings),
+                **_similarity_scores(run, pruned)}
+
+    def compute() -> dict:
+        result = {"after_pruning": scores_now()}
+        if not cfg.skip_final_finetune:
+            pad = run.tokenizer.pad_token_id or 0
+            result["distillation"] = distill(pruned, run.datasets["train"], run.targets["train"], run.curve_batches,
+                                             run.targets["curve"], loss, ft_cfg, pad, progress).to_dict()
+            result["after_distillation"] = scores_now()
+        distributed.on_main(save_pruned, pruned, run.tokenizer, model_dir)
+        made["model"] = pruned
+        return result
+
+    key = {**run.identity, "stage": "final", "kept": kept, "skip": cfg.skip_final_finetune,
+           "distill": asdict(ft_cfg) if not cfg.skip_final_finetune else None}
+    scores = run.stages.get_or_compute("final-embedding", key, compute, label="surgery_and_distill",
+                                       artifact=model_dir, artifact_check=is_pruned_folder)
+    if "model" not in made:
+        if distributed.is_main():
+            pruned, _ = load_pruned(model_dir)
+            pruned = getattr(pruned, pruned.base_model_prefix, pruned)
+        distributed.sync_module(pruned.to(distributed.device()))
+    return pruned, scores
+
+
+def _strip(scores: dict | None) -> dict | None:
+    """Scores without the per-pair predictions (kept in the stage cache, not in report.json)."""
+    if scores is None:
+        return None
+    return {k: ({m: x for m, x in v.items() if m != "predictions"} if isinstance(v, dict) else v)
+            for k, v in scores.items()}
+
+
+def _versus_dense(run: EmbeddingRun, dense: dict, scores: dict | None) -> dict | None:
+    """Paired bootstrap of the similarity test Spearman and Pearson, ``scores`` minus dense, over the test pairs."""
+    if not run.similarity or not scores:
+        return None
+    a, b = scores["similarity_test"]["predictions"], dense["similarity_test"]["predictions"]
+    return {m: run.similarity["test"].paired(a, b, m, seed=run.cfg.seed) for m in ("spearman", "pearson")}
+
+
+def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PruneResult:
+    """The whole embedding pipeline (see the module docstring); returns the report on every rank."""
+    t_total = time.perf_counter()
+    run = prepare_embedding(cfg, ft_cfg, out, progress)  # text, targets, steps 1-2, salience
+    params_before, heads_before = count_parameters(run.model), num_kept(run.model)
+    selector = cahp_selector(cfg)  # steps 3-5
+    points = embedding_curve(run, selector, progress)["points"]  # step 6
+    knee = find_knee([p["k"] for p in points], [p["score"] for p in points], degree=cfg.degree or None,
+                     method=cfg.knee_method)
+    if knee.warning:
+        log.warning("knee: %s", knee.warning)
+    k_final, k_source = final_budget(cfg, knee, run.stats.n)
+    mask = distributed.broadcast_object(selector.select(k_final, run.stats, run.context()))
+    dense = dense_scores(run)
+    pruned, final = surgery_and_distill(run, mask, progress)  # steps 7-8
+    head_mask = kept_mask(pruned)
+    report = {
+        "objective": cfg.objective,
+        "embedding_distance": run.distance,
+        "model": cfg.model,
+        "texts": run.source,
+        "similarity_task": run.identity.get("similarity_task"),
+        # "finetune": the settings of the distillation (the same dataclass; the key other reports use)
+        "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg), "salience_target_noise": SALIENCE_TARGET_NOISE},
+        "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},
+                 **{f"similarity_{k}_pairs": len(s) for k, s in run.similarity.items()},
+                 "calibration_rows": run.signatures.rows},
+        "heads_before": heads_before,
+        "k_star": knee.k,
+        "heads_kept": int(head_mask.sum()),
+        "k_source": k_source,
+        "knee_score": run.knee_score,
+        "knee": knee.to_dict(),
+        "curve": [{k: v for k, v in p.items() if k != "kept"} for p in points],
+        "kept_heads": kept_heads(pruned),
+        "heads_per_layer": head_mask.sum(1).tolist(),
+        "mean_relative_depth": mean_relative_depth(head_mask),
+        "scores": {"dense": _strip(dense), "after_pruning": _strip(final["after_pruning"]),
+                   "after_distillation": _strip(final.get("after_distillation"))},
+        "versus_dense": {"after_pruning": _versus_dense(run, dense, final["after_pruning"]),
+                         "after_distillation": _versus_dense(run, dense, final.get("after_distillation"))},
+        "distillation": final.get("distillation"),
+        "parameters": {"before": params_before, "after": count_parameters(pruned)},
+        "stage_seconds": run.stages.times,
+        "total_seconds": round(time.perf_counter() - t_total, 1),
+        "environment": environment(),
+    }
+    report = distributed.broadcast_object(report)
+    distributed.on_main(_write_outputs, run, report, points, knee, head_mask)
+    log.info("done: %s", summary(report))
+    return PruneResult(output_dir=out, report=report)
+
+
+def summary(report: dict) -> str:
+    """One line: heads kept, parameters, fidelity and similarity test Spearman, dense -> pruned -> distilled."""
+    s = report["scores"]
+    last = s["after_distillation"] or s["after_pruning"]
+    line = (f"{report['model']} ({report['objective']}): kept {report['heads_kept']} of {report['heads_before']} "
+            f"heads (k* = {report['k_star']} on {report['knee_score']}), parameters "
+            f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}; held-out fidelity "
+            f"{s['after_pruning']['heldout_fidelity']:.4f} (pruned) -> {last['heldout_fidelity']:.4f}")
+    if "similarity_test" in s["dense"]:
+        line += (f"; {report['similarity_task']} test Spearman {s['dense']['similarity_test']['spearman']:.4f} "
+                 f"(dense) -> {s['after_pruning']['similarity_test']['spearman']:.4f} (pruned) -> "
+                 f"{last['similarity_test']['spearman']:.4f}")
+    return line
+
+
+def _write_outputs(run: EmbeddingRun, report: dict, points: list[dict], knee: KneeResult, head_mask) -> None:
+    """report.json and the figures (rank 0)."""
+    out, sig, cfg = run.out, run.signatures, run.cfg
+    write_json(out / "report.json", report)
+    title = f"{cfg.model} / {cfg.objective}"
+    ylabel = "dev Spearman (similarity task)" if run.similarity else "held-out fidelity (mean cosine)"
+    plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title, key="score", ylabel=ylabel)
+    plots.plot_heads(head_mask.numpy(), out / "heads.png",
+                     title=f"{title}: {int(head_mask.sum())} of {report['heads_before']} heads kept")
+    per_layer = [sum(1 for layer, _ in sig.head_ids if layer == i) for i in range(run.stats.shape[0])]
+    plots.plot_distances(sig.distances[cfg.distance].numpy(), per_layer, out / "distances.png",
+                         title=f"{cfg.distance} distance between heads")

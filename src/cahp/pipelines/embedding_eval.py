@@ -1,0 +1,106 @@
+"""Scoring an embedding model zero-shot on a labelled similarity task (STS-B), and its held-out fidelity.
+
+The model is never trained on the similarity scores: each sentence of a pair is
+embedded on its own (the model's pooling and normalisation), the prediction for
+the pair is the cosine similarity of the two embeddings, and the score is the
+Spearman (and Pearson) correlation of these predictions with the human scores,
+with percentile-bootstrap 95% intervals over the pairs (`cahp.train.metrics.score`).
+Spearman is what STS is reported by: it compares rankings, so any monotone
+rescaling of the cosine, the model's own or a user's, scores the same.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from cahp.data.batching import make_batches
+from cahp.data.tasks import Example, Task, available_tasks, get_task
+from cahp.data.text import encode_texts, unique_texts
+from cahp.train.metrics import metric_value, paired_bootstrap_metric, score
+from cahp.train.objectives import sentence_embeddings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SimilarityTaskError", "SimilaritySet", "load_similarity_task"]
+
+
+class SimilarityTaskError(ValueError):
+    """A similarity task that is not a sentence-pair regression task (like stsb)."""
+
+
+def load_similarity_task(name: str, data_dir: str | None = None) -> Task:
+    """The task ``name`` (a built-in such as ``stsb``, or a folder of files with ``text``, ``text_pair`` and
+    ``label`` columns), checked to be a sentence-pair regression task."""
+    if name in available_tasks():
+        task = get_task(name, data_dir=data_dir)
+    else:
+        task = get_task(name, data_dir=data_dir, text_pair_column="text_pair", task_type="regression")
+    if not (task.is_pair and task.is_regression):
+        raise SimilarityTaskError(
+            f"similarity task {task.name!r} must be a sentence-pair regression task (like stsb); "
+            f"it is a {task.task_type} task of {'pairs' if task.is_pair else 'single texts'}"
+        )
+    return task
+
+
+class SimilaritySet:
+    """The pairs of one split of a similarity task, tokenised once; `predict` gives each pair's cosine.
+
+    Args:
+        examples: sentence pairs with float scores.
+        tokenizer: the model's tokenizer.
+        max_length: truncation of each sentence (the model's ``max_seq_length`` when it has one).
+        batch_size: sentences per batch.
+        pad_token_id: the tokenizer's pad id.
+    """
+
+    def __init__(self, examples: list[Example], tokenizer, max_length: int, batch_size: int, pad_token_id: int):
+        if not examples or any(ex.text_pair is None for ex in examples):
+            raise SimilarityTaskError("a similarity set needs sentence pairs")
+        self.texts = unique_texts([t for ex in examples for t in (ex.text, ex.text_pair)])
+        position = {t: i for i, t in enumerate(self.texts)}
+        # (pairs,) positions of each side's sentence in ``texts``; a stripped copy of a text finds its twin
+        self.left = torch.tensor([position[ex.text.strip()] for ex in examples])
+        self.right = torch.tensor([position[ex.text_pair.strip()] for ex in examples])
+        self.labels = np.asarray([float(ex.label) for ex in examples])
+        ds = encode_texts(tokenizer, self.texts, max_length)
+        self.batches = make_batches(ds, batch_size, shuffle=False, pad_token_id=pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, settings: dict) -> np.ndarray:
+        """Cosine similarity (pairs,) of the two embeddings of every pair (gates or surgery as the caller set)."""
+        was_training = model.training
+        model.eval()
+        emb = None
+        try:
+            for batch in self.batches:
+                e = sentence_embeddings(model, batch, settings).float().cpu()
+                if emb is None:
+                    emb = torch.zeros(len(self.texts), e.shape[1])
+                emb[batch["index"]] = e
+        finally:
+            model.train(was_training)
+        cos = nn.functional.cosine_similarity(emb[self.left], emb[self.right], dim=-1)
+        return cos.double().numpy()
+
+    def spearman(self, model: nn.Module, settings: dict) -> float:
+        """Spearman correlation of the pairs' cosines with their scores (no interval: the curve's score)."""
+        return metric_value("spearman", self.predict(model, settings), self.labels, num_labels=1)
+
+    def evaluate(self, model: nn.Module, settings: dict, seed: int = 0, n_bootstrap: int = 1000) -> dict:
+        """Pearson, Spearman (and MSE of the raw cosine) with bootstrap 95% intervals, plus the predictions."""
+        preds = self.predict(model, settings)
+        result = score(preds, self.labels, num_labels=1, n_bootstrap=n_bootstrap, seed=seed, task_type="regression")
+        result["predictions"] = preds.tolist()
+        return result
+
+    def paired(self, preds_a, preds_b, metric: str = "spearman", seed: int = 0) -> dict:
+        """Paired bootstrap of metric(a) - metric(b) on these pairs (``{"diff", "ci95", "p_value"}``)."""
+        return paired_bootstrap_metric(preds_a, preds_b, self.labels, metric, num_labels=1, seed=seed)
