@@ -66,6 +66,8 @@ SECTIONS = [
     ("compare_mpnet_sst5_finetuned", "bench_compare",
      "CAHP against the baselines: mpnet-base / SST-5, after one fine-tuning (issue 7)"),
     ("distributed", "bench_distributed", "One process against torchrun (issue 5)"),
+    ("deploy_minilm_sst5", "bench_deploy",
+     "Deployment: minilm-l6 / SST-5 pruned, in PyTorch, ONNX and int8 ONNX against dense PyTorch (issue 20)"),
 ]
 
 

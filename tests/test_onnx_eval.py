@@ -232,3 +232,59 @@ def test_cli_bench_int8(saved, tmp_path, capsys):
     assert set(result["runs"][0]["int8_ratio"]) == {"dense", "pruned", "no_attention"}
     assert cli_main([*argv, "--int8"]) == 2
     assert "add --onnx" in capsys.readouterr().err
+
+
+# --- benchmarks/bench_deploy.py: the four systems, scored and timed, and the goal -------------------------------
+
+
+def test_bench_deploy_quick_on_tiny_folders(saved, tmp_path, capsys):
+    from benchmarks import bench_deploy, make_results
+
+    dense = cahp.save_pruned(tiny_model("bert"), saved["tok"], tmp_path / "dense")
+    out = tmp_path / "deploy.json"
+    result = bench_deploy.main(["--dense", str(dense), "--pruned", str(saved["folder"]), "--task", str(saved["task"]),
+                                "--quick", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["meta"]["git_revision"] and written["settings"]["quick"] is True
+    assert set(written["accuracy"]["scores"]) == set(bench_deploy.SYSTEMS)
+    acc = written["accuracy"]
+    assert acc["n"] == min(bench_deploy.QUICK_EXAMPLES, 120)
+    # the ONNX fp32 file scored is the one timed, and it predicts as the PyTorch model does
+    assert acc["agreement_with_pruned_torch"]["pruned_onnx"] == 1.0
+    assert acc["scores"]["pruned_onnx"]["accuracy"] == acc["scores"]["pruned_torch"]["accuracy"]
+    assert set(written["latency"]) == {"1x32", "4x16"}
+    for shape in written["latency"].values():
+        cells = shape["systems"]
+        assert cells["dense_torch"]["ratio_to_dense"] == 1.0 and shape["interleaved"] is True
+        assert all(c["n"] == 3 and c["median_ms"] > 0 and len(c["ratio_to_dense_ci95"]) == 2 for c in cells.values())
+    assert written["goal"]["verdict"] in ("met", "missed", "undecided")
+    text = bench_deploy.render(written)
+    assert text == bench_deploy.render(result) and "**Goal** (issue 20)" in text
+    for label, _ in bench_deploy.SYSTEMS.values():
+        assert f"| {label} |" in text
+    assert "deploy_minilm_sst5" in [stem for stem, module, _ in make_results.SECTIONS if module == "bench_deploy"]
+    assert "**Goal**" in capsys.readouterr().out
+
+
+def _goal_inputs(ratio, ratio_ci, diff, diff_ci):
+    latency = {"1x32": {"systems": {"pruned_int8": {"ratio_to_dense": ratio, "ratio_to_dense_ci95": ratio_ci}}}}
+    return latency, {"int8_minus_fp32": {"diff": diff, "ci95": diff_ci}}
+
+
+@pytest.mark.parametrize(
+    "ratio_ci, diff_ci, speed, accuracy, verdict",
+    [
+        ([0.20, 0.30], [-0.008, 0.004], "met", "met", "met"),
+        ([0.20, 0.40], [-0.008, 0.004], "undecided", "met", "undecided"),
+        ([0.35, 0.40], [-0.008, 0.004], "missed", "met", "missed"),
+        ([0.20, 0.30], [-0.02, 0.0], "met", "undecided", "undecided"),
+        ([0.20, 0.30], [-0.03, -0.015], "met", "missed", "missed"),
+        ([float("nan")] * 2, [-0.008, 0.004], "met", "met", "met"),  # no interval: the point decides
+    ],
+)
+def test_bench_deploy_goal_verdicts(ratio_ci, diff_ci, speed, accuracy, verdict):
+    from benchmarks.bench_deploy import goal
+
+    g = goal(*_goal_inputs(0.25, ratio_ci, -0.002, diff_ci))
+    assert (g["speed"], g["accuracy"], g["verdict"]) == (speed, accuracy, verdict)
+    assert goal({}, _goal_inputs(0.25, ratio_ci, -0.002, diff_ci)[1])["speed"] == "not measured"
