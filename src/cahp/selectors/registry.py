@@ -7,10 +7,11 @@ import dataclasses
 from cahp.selectors.base import HeadSelector
 from cahp.selectors.cahp import CAHPSelector
 from cahp.selectors.fisher import FisherSearchSelector
+from cahp.selectors.gqa import GQA_SELECTORS
 from cahp.selectors.gradient import GradientSelector
 from cahp.selectors.simple import EntropySelector, MagnitudeSelector, RandomSelector
 
-__all__ = ["SELECTORS", "make_selector"]
+__all__ = ["KV_SELECTORS", "SELECTORS", "make_selector"]
 
 SELECTORS: dict[str, tuple[type[HeadSelector], dict]] = {
     "cahp": (CAHPSelector, {}),
@@ -24,6 +25,10 @@ SELECTORS: dict[str, tuple[type[HeadSelector], dict]] = {
     "fisher-tuned": (FisherSearchSelector, {"tune": True}),
 }
 """name -> (selector class, fixed settings). ``fisher`` = search + rearrangement; ``fisher-tuned`` adds tuning."""
+
+KV_SELECTORS: dict[str, tuple[type[HeadSelector], dict]] = {name: (cls, {}) for name, cls in GQA_SELECTORS.items()}
+"""Peers for grouped-query decoders (`cahp.selectors.gqa`): budgets in KV heads, whole KV groups kept. Apart
+from `SELECTORS`, whose selectors count query heads."""
 
 
 def make_selector(name: str, seed: int = 0, shared: dict | None = None, **kw) -> HeadSelector:
@@ -39,9 +44,10 @@ def make_selector(name: str, seed: int = 0, shared: dict | None = None, **kw) ->
 
     The selector's ``name`` is the registry name.
     """
-    if name not in SELECTORS:
-        raise ValueError(f"unknown selector {name!r}; choose from {', '.join(SELECTORS)}")
-    cls, fixed = SELECTORS[name]
+    known = {**SELECTORS, **KV_SELECTORS}
+    if name not in known:
+        raise ValueError(f"unknown selector {name!r}; choose from {', '.join(known)}")
+    cls, fixed = known[name]
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     args = {**{k: v for k, v in (shared or {}).items() if k in fields}, **fixed, **kw, "name": name}
     if "seed" in fields:
