@@ -221,7 +221,7 @@ def render(result: dict) -> str:
         f"Dense: `{s['dense']}`; pruned: `{s['pruned']}`; task {result['task']}, {acc['split']} split "
         f"({acc['n']} examples{', a smoke run' if s.get('quick') else ''}). Accuracy with bootstrap 95% intervals "
         f"({s['bootstrap']} resamples), every system batched as the PyTorch model. Latency: {s['threads']} "
-        f"thread(s), {reps}, {s['warmup']} warm-up calls, random ids without padding, the models of both runtimes "
+        f"thread(s), {reps}, {s['warmup']} warm-up call(s), random ids without padding, the models of both runtimes "
         "interleaved round-robin; ratio = median latency over the dense PyTorch model's, 95% bootstrap interval "
         "over repetitions in brackets.\n",
         "| system | heads | test accuracy | macro-F1 | " + " | ".join(
