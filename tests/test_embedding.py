@@ -17,7 +17,7 @@ from cahp.data.batching import make_batches
 from cahp.data.tasks import Example, TaskError, get_task
 from cahp.data.text import TextFileError, encode_texts, read_text_file, task_texts
 from cahp.deploy.sentence import encode
-from cahp.pipelines.embedding_eval import SimilaritySet, SimilarityTaskError, load_similarity_task
+from cahp.pipelines.embedding_eval import THROUGHPUT, SimilaritySet, SimilarityTaskError, load_similarity_task
 from cahp.stats.salience import gate_gradients
 from cahp.train.distill import distill
 from cahp.train.finetune import FinetuneConfig
@@ -41,6 +41,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def quick_throughput(monkeypatch):
+    """Throughput measured for a moment only: the tests check its bookkeeping, not the speed."""
+    monkeypatch.setitem(THROUGHPUT, "threads", (1,))
+    monkeypatch.setitem(THROUGHPUT, "budget_s", 0.01)
+    monkeypatch.setitem(THROUGHPUT, "sentences", {32: 40, 1: 4})
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -247,6 +255,10 @@ def test_pipeline_end_to_end(tmp_path, encoder):
     assert scores["after_distillation"]["heldout_fidelity"] >= scores["after_pruning"]["heldout_fidelity"]
     assert "predictions" not in scores["after_pruning"]["similarity_test"]
     assert set(report["versus_dense"]["after_distillation"]) == {"spearman", "pearson"}
+    speed = report["throughput"]
+    assert set(speed) == {"t1_b32", "t1_b1"} and speed["t1_b32"]["sentences"] == 24  # all 24 held-out texts
+    assert speed["t1_b1"]["sentences"] == 4 and speed["t1_b1"]["reps"] >= 3
+    assert all(speed[c][m]["sentences_per_s"] > 0 for c in speed for m in ("dense", "pruned"))
     for name in ("report.json", "curve.png", "heads.png", "distances.png", "model/modules.json"):
         assert (out / name).is_file(), name
     # the pruned folder is a sentence-transformers model: same embeddings without cahp's pooling code
@@ -288,9 +300,11 @@ def test_cli_prune_objective_embedding(tmp_path, encoder, capsys):
     out = tmp_path / "run"
     rc = main(["prune", "--objective", "embedding", "--model", str(folder), "--task", str(task),
                "--similarity-task", "none", "--curve-examples", "16", "--calibration-examples", "16",
-               "--keep", "5", "--epochs", "1", "--max-length", "16", "--output-dir", str(out)])
+               "--keep", "5", "--epochs", "1", "--max-length", "16", "--max-train-examples", "30",
+               "--output-dir", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "kept 5 of 12 heads" in printed and "held-out fidelity" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prune"]["objective"] == "embedding" and report["distillation"]["best_epoch"] in (0, 1)
+    assert report["data"]["train_texts"] == 30 and report["data"]["curve_texts"] == 16  # only these got targets

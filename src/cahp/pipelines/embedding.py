@@ -32,7 +32,9 @@ pruned model's sentence embedding from the dense model's (`cahp.train.objectives
 - evaluation: the similarity task's test split (STS-B: the GLUE dev file),
   zero-shot, for the dense model, after pruning and after distillation
   (Spearman and Pearson with bootstrap intervals, the paired difference from
-  the dense model), and held-out fidelity.
+  the dense model), and held-out fidelity;
+- `throughput`: measured sentences per second of the dense and the pruned
+  encoder on the held-out sentences (1 and 2 threads, batch 32 and 1).
 
 Outputs: ``OUTPUT/model`` (a sentence-transformers folder, `cahp.save_pruned`),
 ``report.json``, ``curve.png``, ``heads.png``, ``distances.png``; every stage is
@@ -42,6 +44,7 @@ cached under ``OUTPUT/stages`` (`cahp.pipelines.cache.StageCache`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -49,12 +52,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cahp.budget.curve import default_grid
 from cahp.budget.knee import KneeResult, find_knee
 from cahp.core import distributed
-from cahp.core.io import environment, read_json, write_json
+from cahp.core.io import environment, machine_label, read_json, write_json
 from cahp.data.batching import EncodedDataset, make_batches
 from cahp.data.tasks import get_task
 from cahp.data.text import encode_texts, read_text_file, task_texts
@@ -65,7 +69,7 @@ from cahp.model.loading import load_model
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache, fingerprint
-from cahp.pipelines.embedding_eval import SimilaritySet, load_similarity_task
+from cahp.pipelines.embedding_eval import THROUGHPUT, SimilaritySet, encoding_throughput, load_similarity_task
 from cahp.pipelines.prune import (
     PruneConfig,
     PruneResult,
@@ -112,6 +116,7 @@ class EmbeddingRun:
     distance: str
     source: str
     datasets: dict  # "curve", "calibration", "train" -> EncodedDataset (no labels)
+    curve_texts: list  # the held-out texts themselves (real sentence lengths for the throughput)
     targets: dict  # the same names -> (n, D) dense embeddings
     curve_batches: list
     calibration_batches: list
@@ -183,19 +188,27 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
     distributed.on_main(_check_identity, out, identity, cfg.overwrite)
     stages = StageCache(out / "stages")
     curve_idx, calib_idx, train_idx = split_train(len(texts), cfg.curve_examples, cfg.calibration_examples, cfg.seed)
+    if ft_cfg.max_train_examples and ft_cfg.max_train_examples < len(train_idx):
+        # the distillation's seeded subset (as `finetune` samples it), chosen here so only it needs targets
+        keep = np.random.default_rng(ft_cfg.seed).permutation(len(train_idx))[: ft_cfg.max_train_examples]
+        train_idx = [train_idx[i] for i in sorted(keep.tolist())]
 
     model, tok = load_model(cfg.model, kind="encoder", seed=cfg.seed)
     model.to(distributed.device())
     settings = sentence_settings(model)
     pad = tok.pad_token_id or 0
-    all_ds = encode_texts(tok, texts, ft_cfg.max_length)
-    # one pass of the dense model over every text: the targets of salience, curve and distillation alike
-    teacher = stages.get_or_compute("teacher", {**identity, "stage": "teacher"}, tensors=True, compute=lambda: {
-        "embeddings": teacher_embeddings(model, make_batches(all_ds, ft_cfg.eval_batch_size, shuffle=False,
-                                                             pad_token_id=pad), len(all_ds), settings)})
+    needed = sorted(set(curve_idx) | set(calib_idx) | set(train_idx))
+    used = encode_texts(tok, [texts[i] for i in needed], ft_cfg.max_length)
+    # one pass of the dense model over every text used: the targets of salience, curve and distillation alike
+    key = {**identity, "stage": "teacher", "max_train_examples": ft_cfg.max_train_examples, "ft_seed": ft_cfg.seed}
+    teacher = stages.get_or_compute("teacher", key, tensors=True, compute=lambda: {
+        "embeddings": teacher_embeddings(model, make_batches(used, ft_cfg.eval_batch_size, shuffle=False,
+                                                             pad_token_id=pad), len(used), settings)})
+    where = {t: j for j, t in enumerate(needed)}  # text position -> row of ``used`` and of the targets
     names = {"curve": curve_idx, "calibration": calib_idx, "train": train_idx}
-    datasets = {k: _subset(all_ds, idx) for k, idx in names.items()}
-    targets = {k: teacher["embeddings"][torch.as_tensor(idx, dtype=torch.long)] for k, idx in names.items()}
+    datasets = {k: _subset(used, [where[i] for i in idx]) for k, idx in names.items()}
+    targets = {k: teacher["embeddings"][torch.as_tensor([where[i] for i in idx], dtype=torch.long)]
+               for k, idx in names.items()}
     calib_batches = make_batches(datasets["calibration"], cfg.stats_batch_size, shuffle=False, pad_token_id=pad)
     curve_batches = make_batches(datasets["curve"], ft_cfg.eval_batch_size, shuffle=False, pad_token_id=pad)
 
@@ -217,7 +230,8 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
                       salience=sal["salience"], fisher=sal["fisher"], entropy=sig.entropy)
     return EmbeddingRun(
         cfg=cfg, ft_cfg=ft_cfg, out=out, identity=identity, stages=stages, model=model, tokenizer=tok,
-        settings=settings, distance=distance, source=source, datasets=datasets, targets=targets,
+        settings=settings, distance=distance, source=source, datasets=datasets,
+        curve_texts=[texts[i] for i in curve_idx], targets=targets,
         curve_batches=curve_batches, calibration_batches=calib_batches, similarity=similarity, signatures=sig,
         stats=stats, keys={"signatures": sig_key, "salience": sal_key},
     )
@@ -290,8 +304,9 @@ def surgery_and_distill(run: EmbeddingRun, mask: torch.Tensor, progress: bool = 
         result = {"after_pruning": scores_now()}
         if not cfg.skip_final_finetune:
             pad = run.tokenizer.pad_token_id or 0
+            once = dataclasses.replace(ft_cfg, max_train_examples=0)  # the subset was taken before the targets
             result["distillation"] = distill(pruned, run.datasets["train"], run.targets["train"], run.curve_batches,
-                                             run.targets["curve"], loss, ft_cfg, pad, progress).to_dict()
+                                             run.targets["curve"], loss, once, pad, progress).to_dict()
             result["after_distillation"] = scores_now()
         distributed.on_main(save_pruned, pruned, run.tokenizer, model_dir)
         made["model"] = pruned
@@ -307,6 +322,16 @@ def surgery_and_distill(run: EmbeddingRun, mask: torch.Tensor, progress: bool = 
             pruned = getattr(pruned, pruned.base_model_prefix, pruned)
         distributed.sync_module(pruned.to(distributed.device()))
     return pruned, scores
+
+
+def throughput(run: EmbeddingRun, pruned, kept: dict) -> dict:
+    """Measured encoding throughput of the dense and the pruned encoder on the held-out texts (rank 0; cached
+    per machine). See `cahp.pipelines.embedding_eval.encoding_throughput`."""
+    max_len = (run.settings.get("sentence_bert_config") or {}).get("max_seq_length") or run.ft_cfg.max_length
+    key = {**run.identity, "stage": "throughput", "kept": kept, "settings": THROUGHPUT, "machine": machine_label()}
+    return run.stages.get_or_compute("throughput", key, lambda: distributed.on_main(
+        encoding_throughput, {"dense": run.model, "pruned": pruned}, run.tokenizer, run.curve_texts, run.settings,
+        max_len, run.cfg.seed))
 
 
 def _strip(scores: dict | None) -> dict | None:
@@ -341,6 +366,7 @@ def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
     dense = dense_scores(run)
     pruned, final = surgery_and_distill(run, mask, progress)  # steps 7-8
     head_mask = kept_mask(pruned)
+    speed = throughput(run, pruned, mask_to_heads(mask))
     report = {
         "objective": cfg.objective,
         "embedding_distance": run.distance,
@@ -368,6 +394,7 @@ def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
                          "after_distillation": _versus_dense(run, dense, final.get("after_distillation"))},
         "distillation": final.get("distillation"),
         "parameters": {"before": params_before, "after": count_parameters(pruned)},
+        "throughput": {k: v for k, v in speed.items() if not k.startswith("_")},
         "stage_seconds": run.stages.times,
         "total_seconds": round(time.perf_counter() - t_total, 1),
         "environment": environment(),
@@ -390,6 +417,10 @@ def summary(report: dict) -> str:
         line += (f"; {report['similarity_task']} test Spearman {s['dense']['similarity_test']['spearman']:.4f} "
                  f"(dense) -> {s['after_pruning']['similarity_test']['spearman']:.4f} (pruned) -> "
                  f"{last['similarity_test']['spearman']:.4f}")
+    t = (report.get("throughput") or {}).get("t1_b32")
+    if t:
+        line += (f"; 1 thread, batch 32: {t['dense']['sentences_per_s']:.0f} -> {t['pruned']['sentences_per_s']:.0f} "
+                 f"sentences/s ({t['speedup']['pruned']:.2f}x)")
     return line
 
 

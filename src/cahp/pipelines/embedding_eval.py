@@ -11,6 +11,7 @@ rescaling of the cosine, the model's own or a user's, scores the same.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -25,7 +26,7 @@ from cahp.train.objectives import sentence_embeddings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SimilarityTaskError", "SimilaritySet", "load_similarity_task"]
+__all__ = ["THROUGHPUT", "SimilaritySet", "SimilarityTaskError", "encoding_throughput", "load_similarity_task"]
 
 
 class SimilarityTaskError(ValueError):
@@ -104,3 +105,62 @@ class SimilaritySet:
     def paired(self, preds_a, preds_b, metric: str = "spearman", seed: int = 0) -> dict:
         """Paired bootstrap of metric(a) - metric(b) on these pairs (``{"diff", "ci95", "p_value"}``)."""
         return paired_bootstrap_metric(preds_a, preds_b, self.labels, metric, num_labels=1, seed=seed)
+
+
+@torch.inference_mode()
+def _encode_all(model: nn.Module, batches: list[dict], settings: dict) -> None:
+    from cahp.deploy.sentence import embed
+
+    for b in batches:
+        embed(model, b, settings)
+
+
+#: Throughput settings: thread counts, batch sizes, and seconds of interleaved repetitions per combination.
+THROUGHPUT = {"threads": (1, 2), "batch_sizes": (32, 1), "budget_s": 10.0, "sentences": {32: 512, 1: 64}}
+
+
+def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dict, max_length: int,
+                        seed: int = 0, config: dict | None = None) -> dict:
+    """Measured sentences per second of every model in ``models`` (name -> encoder) on real ``texts``.
+
+    For each thread count and batch size a seeded sample of ``texts`` (``config["sentences"][batch]`` of them)
+    is tokenised once and batched as sentence-transformers' ``encode`` does (sorted by length, longest first,
+    each batch padded to its longest text); one call encodes the whole sample (forward pass and pooling,
+    no tokenisation), and the models' calls are interleaved round-robin (`cahp.bench.timing.time_round_robin`)
+    so a slow stretch of a shared machine touches every model alike.
+
+    Returns:
+        ``{"t{threads}_b{batch}": {"sentences", "tokens", "reps", name: {"sentences_per_s", "seconds_median"},
+        "speedup": {name: median over repetitions of (first model's seconds / this model's)}}}``.
+    """
+    from cahp.bench.timing import time_round_robin
+
+    config = {**THROUGHPUT, **(config or {})}
+    rng = np.random.default_rng(seed)
+    names = list(models)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in config["threads"]:
+            torch.set_num_threads(threads)
+            for batch in config["batch_sizes"]:
+                n = min(len(texts), config["sentences"][batch])
+                sample = [texts[i] for i in sorted(rng.choice(len(texts), n, replace=False).tolist())]
+                ds = encode_texts(tokenizer, sample, max_length)
+                batches = [{k: v for k, v in b.items() if k != "index"} for b in make_batches(
+                    ds, batch, shuffle=False, pad_token_id=tokenizer.pad_token_id or 0)]
+
+                runners = {m: functools.partial(_encode_all, models[m], batches, settings) for m in names}
+                times = time_round_robin(runners, budget_s=config["budget_s"], min_reps=3, max_reps=50, warmup=1)
+                entry = {"sentences": n, "tokens": int(sum(ds.lengths())), "reps": len(times[names[0]])}
+                for m in names:
+                    med = float(np.median(times[m]))
+                    entry[m] = {"sentences_per_s": n / med, "seconds_median": med}
+                entry["speedup"] = {m: float(np.median(np.asarray(times[names[0]]) / np.asarray(times[m])))
+                                    for m in names[1:]}
+                out[f"t{threads}_b{batch}"] = entry
+                log.info("throughput, %d thread(s), batch %d: %s", threads, batch, ", ".join(
+                    f"{m} {entry[m]['sentences_per_s']:.1f}/s" for m in names))
+    finally:
+        torch.set_num_threads(before)
+    return out
