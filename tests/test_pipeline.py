@@ -62,14 +62,23 @@ def test_prune_end_to_end(tiny_setup, tmp_path):
     assert r["heads_before"] == 12 and 1 <= r["k_star"] <= 12 and r["heads_kept"] == r["k_star"]
     assert len(r["curve"]) == 12 and r["curve"][0]["k"] == 12
     assert r["parameters"]["after"] < r["parameters"]["before"] or r["heads_kept"] == 12
-    assert set(r["stage_seconds"]) == {"finetune_dense", "signatures", "salience", "curve", "surgery_and_finetune"}
+    assert set(r["stage_seconds"]) == {"finetune_dense", "evaluate_dense", "signatures", "salience", "curve",
+                                       "surgery_and_finetune"}
+    assert r["metric"] == "accuracy" and r["task_type"] == "classification"
+    assert all(p["score"] == p["accuracy"] and p["metric"] == "accuracy" for p in r["curve"])
+    assert set(r["fingerprints"]) == {"model", "train", "dev", "test"}
     model, _ = cahp.load_pruned(tmp_path / "run" / "model")
     assert cahp.num_kept(model) == r["heads_kept"]
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["k_star"] == r["k_star"]
     assert saved["environment"]["torch"] == torch.__version__ and saved["environment"]["date"].endswith("+00:00")
-    # a re-run with --keep reuses fine-tuning, signatures, salience and the curve
+    # a re-run with --keep would replace model/ and report.json: refused without --overwrite, then it reuses
+    # fine-tuning, signatures, salience and the curve
     cfg2, ft2 = _cfgs(tiny_setup, tmp_path / "run", keep=5)
+    with pytest.raises(RunConflictError, match="keep differ"):
+        run_prune(cfg2, ft2, progress=False)
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["k_star"] == r["k_star"]
+    cfg2.overwrite = True
     r2 = run_prune(cfg2, ft2, progress=False).report
     assert r2["heads_kept"] == 5 and r2["k_source"] == "--keep"
     for stage in ("finetune_dense", "signatures", "salience", "curve"):

@@ -2,6 +2,9 @@
 
 Gate 0 is exactly the model without that head (`cahp.model.gates`), so scoring
 through gates equals scoring after surgery, without copying the model per k.
+The score is one metric of `cahp.train.metrics` (accuracy by default; Pearson,
+Matthews, ... with ``metric``), always higher-is-better, so the knee works the
+same for every metric and for regression.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads
 from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext, check_mask
 from cahp.train.evaluate import predict
+from cahp.train.metrics import metric_value
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,23 @@ def default_grid(n_heads: int, step: int = 0, min_ratio: float = 0.05) -> list[i
     return ks
 
 
-def score_mask(model: nn.Module, mask: torch.Tensor, batches: Sequence[dict], labels: np.ndarray) -> float:
-    """Accuracy of ``model`` with its heads gated by ``mask`` ((layers, heads) bool, or float gate values).
+def curve_score(point: dict) -> float:
+    """The score of a curve point: its ``score`` (its ``accuracy`` in curves cached before scores had a metric)."""
+    return float(point["score"] if "score" in point else point["accuracy"])
 
-    Collective under torchrun (`predict` shards the batches and gathers the logits).
+
+def score_mask(model: nn.Module, mask: torch.Tensor, batches: Sequence[dict], labels: np.ndarray,
+               metric: str = "accuracy") -> float:
+    """``metric`` of ``model`` with its heads gated by ``mask`` ((layers, heads) bool, or float gate values).
+
+    ``labels``: (n,) class ids, or float scores for a one-output (regression) model. Collective under
+    torchrun (`predict` shards the batches and gathers the logits).
     """
     with head_gates(model, init=mask.float()):
-        preds, _ = predict(model, batches, len(labels), progress=False)
-    return float((preds == labels).mean())
+        preds, logits = predict(model, batches, len(labels), progress=False)
+    if metric == "accuracy" and logits.shape[-1] > 1:
+        return float((preds == labels).mean())
+    return metric_value(metric, preds, labels, int(logits.shape[-1]))
 
 
 def selection_curve(
@@ -59,15 +72,17 @@ def selection_curve(
     labels: np.ndarray,
     ctx: SelectionContext | None = None,
     progress: bool = True,
+    metric: str = "accuracy",
 ) -> dict:
-    """Score S(k) for every k in ``ks``.
+    """Score S(k) (``metric`` on the held-out batches) for every k in ``ks``.
 
     Each selection is scored through its gate values (`HeadSelector.select_gates`:
     the 0/1 mask, or tuned values for a selector that tunes them).
 
     Returns:
-        ``{"points": [{"k", "accuracy", "kept": {layer: [heads]}}], "seconds": {"select", "total"}}``,
-        ``select`` being the time spent choosing heads, ``total`` the whole curve's.
+        ``{"points": [{"k", "score", "metric", "kept": {layer: [heads]}}], "seconds": {"select", "total"}}``,
+        ``select`` being the time spent choosing heads, ``total`` the whole curve's. Classification points
+        also carry ``accuracy`` (the score itself when ``metric`` is accuracy).
 
     Under torchrun every rank selects (selectors may themselves pass over data) and
     rank 0's selection is broadcast, so all ranks score the same heads; scoring is sharded.
@@ -80,7 +95,16 @@ def selection_curve(
         mask, gates = distributed.broadcast_object(selector.select_gates(int(k), stats, ctx))
         check_mask(mask, int(k), stats)
         select_s += time.perf_counter() - t
-        acc = score_mask(model, gates, batches, labels)
-        points.append({"k": int(k), "accuracy": acc, "kept": mask_to_heads(mask)})
-        log.debug("k=%d accuracy %.4f", k, acc)
+        if metric == "accuracy" or labels.dtype.kind in "fc":
+            value = score_mask(model, gates, batches, labels, metric)
+            point = {"k": int(k), "score": value, "metric": metric}
+            if labels.dtype.kind not in "fc":
+                point["accuracy"] = value
+        else:  # one pass for both: the metric drives the knee, accuracy stays in the record
+            with head_gates(model, init=gates.float()):
+                preds, _ = predict(model, batches, len(labels), progress=False)
+            value = metric_value(metric, preds, labels, int(model.config.num_labels))
+            point = {"k": int(k), "score": value, "metric": metric, "accuracy": float((preds == labels).mean())}
+        points.append({**point, "kept": mask_to_heads(mask)})
+        log.debug("k=%d %s %.4f", k, metric, value)
     return {"points": points, "seconds": {"select": select_s, "total": time.perf_counter() - t0}}

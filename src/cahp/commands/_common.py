@@ -12,28 +12,38 @@ def add_model_task_args(p: argparse.ArgumentParser, model_required: bool = True)
         "--model", required=model_required,
         help="short name (minilm-l6, mpnet-base), a model folder (dense or pruned by cahp) or a Hub id",
     )
+    from cahp.data.tasks import TASK_TYPES, available_tasks
+
     p.add_argument(
         "--task", required=True,
-        help="sst5, sst2, mnli, mnli-small, rte, or a folder with train/dev/test .csv/.tsv/.jsonl files",
+        help=f"{', '.join(available_tasks())}, or a folder with train/dev/test .csv/.tsv/.jsonl files",
     )
     p.add_argument(
         "--data-dir", default=None,
         help="folder with the task data (default: $CAHP_DATA_DIR, else ../shared/data if present)",
     )
-    p.add_argument("--text-column", default="text", help="user tasks: text column")
-    p.add_argument("--text-pair-column", default=None, help="user tasks: second text column, for pairs")
-    p.add_argument("--label-column", default="label", help="user tasks: label column")
+    p.add_argument("--text-column", default="text", help="user tasks: the text column (default: text)")
+    p.add_argument("--text-pair-column", default=None,
+                   help="user tasks: the second text column of sentence pairs (default: none)")
+    p.add_argument("--label-column", default="label", help="user tasks: the label column (default: label)")
+    p.add_argument("--task-type", default="auto", choices=["auto", *TASK_TYPES],
+                   help="user tasks: classification or regression (default: auto, from the labels)")
 
 
 def load_task(args):
-    from cahp.data.tasks import available_tasks, get_task
+    """The task of the options of `add_model_task_args`, every split parsed and checked (`Task.validate`)."""
+    from cahp.pipelines.guard import build_task
 
-    if args.task in available_tasks():
-        return get_task(args.task, data_dir=args.data_dir)
-    return get_task(
-        args.task, data_dir=args.data_dir, text_column=args.text_column,
-        text_pair_column=args.text_pair_column, label_column=args.label_column,
-    )
+    task = build_task(args.task, args.data_dir, args.text_column, args.text_pair_column, args.label_column,
+                      args.task_type)
+    task.validate()
+    return task
+
+
+def task_options(args) -> dict:
+    """How the task was read, for a command's JSON record."""
+    return {"text_column": args.text_column, "text_pair_column": args.text_pair_column,
+            "label_column": args.label_column, "task_type": args.task_type}
 
 
 def default_output_dir(kind: str, model: str, task: str) -> Path:

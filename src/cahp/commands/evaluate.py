@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--output", default=None, help="also write the JSON to this file")
+    p.add_argument("--allow-new-head", action="store_true",
+                   help="score a model whose classification head is new (untrained); without it that is an error")
     p.add_argument("--onnx", type=Path, default=None, metavar="FILE",
                    help="score this ONNX file (fp32 or int8, as cahp export writes it) instead of the PyTorch "
                    "model, with the tokenizer of --model")
@@ -28,9 +30,16 @@ def run(args) -> int:
     import cahp
     from cahp.core import distributed
     from cahp.core.io import write_json
+    from cahp.pipelines.guard import clip_max_length, model_config, new_head_reason
     from cahp.train.evaluate import evaluate_task
 
     task = load_task(args)
+    config = model_config(args.model)
+    args.max_length = clip_max_length(args.max_length, config)
+    reason = None if args.onnx is not None else new_head_reason(config, task.num_labels)
+    if reason and not args.allow_new_head:
+        raise ValueError(f"{args.model}'s classification head would be new (random): {reason}; fine-tune it "
+                         "first (cahp finetune), or pass --allow-new-head to score it anyway")
     if args.onnx is not None:
         from cahp.deploy.runtime import OnnxClassifier
 

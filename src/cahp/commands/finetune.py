@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from cahp.commands._common import add_model_task_args, default_output_dir, load_task
+from cahp.commands._common import add_model_task_args, default_output_dir, load_task, task_options
 from cahp.core.configs import add_dataclass_args, from_args
 from cahp.train.finetune import FinetuneConfig
 
@@ -27,16 +27,22 @@ def run(args) -> int:
     import cahp
     from cahp.core import distributed
     from cahp.core.io import add_log_file, write_json
+    from cahp.pipelines.guard import clip_max_length, model_config
     from cahp.train.evaluate import evaluate_task
-    from cahp.train.finetune import finetune
+    from cahp.train.finetune import check_config, finetune
+    from cahp.train.metrics import resolve_metric
 
     cfg = from_args(FinetuneConfig, args)
+    check_config(cfg)
+    # everything checked before the output folder exists: a bad input leaves no folder behind
+    task = load_task(args)
+    resolve_metric(cfg.metric, task.task_type, task.num_labels)
+    cfg.max_length = clip_max_length(cfg.max_length, model_config(args.model))
+    model, tok = cahp.load_model(args.model, num_labels=task.num_labels, seed=cfg.seed)
     out = Path(args.output_dir or default_output_dir("finetune", args.model, args.task))
     distributed.on_main(out.mkdir, parents=True, exist_ok=True)  # under torchrun only rank 0 writes
     if distributed.is_main():
         add_log_file(out / "log.txt")
-    task = load_task(args)
-    model, tok = cahp.load_model(args.model, num_labels=task.num_labels, seed=cfg.seed)
     distributed.sync_module(model.to(distributed.device()))
     params = cahp.count_parameters(model)
     t0 = time.perf_counter()
@@ -44,6 +50,8 @@ def run(args) -> int:
     report = {
         "model": args.model,
         "task": task.name,
+        "task_type": task.task_type,
+        "columns": task_options(args),
         "parameters": params,
         "heads_kept": cahp.num_kept(model),
         "config": asdict(cfg),

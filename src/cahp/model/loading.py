@@ -33,7 +33,7 @@ import transformers
 
 from cahp.arch import get_adapter
 from cahp.deploy.sentence import SETTINGS_KEY, SentenceSettingsError, read_settings
-from cahp.model.checkpoint import is_pruned_folder, load_pruned
+from cahp.model.checkpoint import is_pruned_folder, load_pruned, missing_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,8 @@ def load_model(
             )
         return model, tok
     source = resolve_model(name_or_path)
+    if with_tokenizer and Path(source).is_dir() and missing_tokenizer(source):
+        raise ModelLoadError(missing_tokenizer(source))  # else every word would become [UNK], silently
     kwargs = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -61,11 +61,12 @@ import torch
 from cahp.budget.curve import score_mask
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.core.io import add_log_file, environment, read_json, write_atomic, write_json
+from cahp.core.io import environment, read_json, write_atomic, write_json
 from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
+from cahp.pipelines.guard import check_run, clip_max_length, model_config, output_folder
 from cahp.pipelines.plots import plot_compare_curves, plot_compare_layers
 from cahp.pipelines.prune import (
     PruneConfig,
@@ -76,7 +77,7 @@ from cahp.pipelines.prune import (
     prepare_run,
     selector_settings,
 )
-from cahp.pipelines.report import render_markdown, verdict_lines, verdict_text
+from cahp.pipelines.report import compute_seconds, render_markdown, seconds_by_machine, verdict_lines, verdict_text
 from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp, verdict
 from cahp.selectors.base import HeadSelector, check_mask
 from cahp.selectors.fisher import fold_gates
@@ -112,21 +113,6 @@ class CompareResult:
 
     output_dir: Path
     report: dict = field(default_factory=dict)
-
-
-def _compute_seconds(record: dict) -> float:
-    """Compute time of one cached result: its "total" (curves, whose parts overlap), else the sum of its parts."""
-    secs = record["seconds"]
-    return float(secs["total"] if "total" in secs else sum(secs.values()))
-
-
-def seconds_by_machine(records: list[dict]) -> dict[str, float]:
-    """Compute seconds of cached results summed per machine that computed them ("unrecorded" for old caches)."""
-    out: dict[str, float] = {}
-    for r in records:
-        where = r.get("_machine", "unrecorded")
-        out[where] = round(out.get(where, 0.0) + _compute_seconds(r), 1)
-    return out
 
 
 def _dense_finetune_config(out: Path, ft_cfg: FinetuneConfig, cfg: PruneConfig,
@@ -175,22 +161,24 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
         raise ValueError("an output folder is needed")
     if distributed.world_size() > 1:
         raise ValueError("cahp compare runs in a single process: start it without torchrun")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = add_log_file(out / "log.txt")
-    try:
-        return _Compare(cfg, ft_cfg, ccfg, out, progress, dense_ft).run()
-    finally:
-        logging.getLogger("cahp").removeHandler(handler)
-        handler.close()
+    task, ft_cfg, _ = check_run(cfg, ft_cfg)  # every split and option, before any work
+    if task.is_regression:
+        raise ValueError(f"cahp compare pairs per-example correctness, which a regression task ({task.name}) "
+                         "does not have; use cahp prune for it")
+    if dense_ft is not None:
+        dense_ft = dataclasses.replace(dense_ft, max_length=clip_max_length(dense_ft.max_length,
+                                                                           model_config(cfg.model)))
+    with output_folder(Path(cfg.output_dir)) as out:  # log.txt, the lock, no new folder left by an early error
+        return _Compare(cfg, ft_cfg, ccfg, out, progress, dense_ft, task).run()
 
 
 class _Compare:
     """One compare call: the prepared run, the budgets, part (a), part (b) and the report."""
 
     def __init__(self, cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg: CompareConfig, out: Path, progress: bool,
-                 dense_ft: FinetuneConfig | None = None):
+                 dense_ft: FinetuneConfig | None = None, task=None):
         self.cfg, self.ft_cfg, self.ccfg, self.out, self.progress = cfg, ft_cfg, ccfg, out, progress
+        self.checked_task = task
         self.dense_ft_given = dense_ft
         self.seconds: dict[str, float] = {}
         self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
@@ -200,7 +188,7 @@ class _Compare:
         t_total = time.perf_counter()
         cfg, ccfg = self.cfg, self.ccfg
         self.dense_ft = _dense_finetune_config(self.out, self.ft_cfg, cfg, self.dense_ft_given)
-        run = self.prep = prepare_run(cfg, self.dense_ft, self.out, self.progress)
+        run = self.prep = prepare_run(cfg, self.dense_ft, self.out, self.progress, self.checked_task)
         self.model, self.tok, self.task, self.stats = run.model, run.tokenizer, run.task, run.stats
         self.split = self.task.test_split
         self.labels = np.asarray([ex.label for ex in self.task.load(self.split)])
@@ -208,8 +196,11 @@ class _Compare:
         n = self.stats.n
         self.methods = ["cahp", *dict.fromkeys(m for m in ccfg.methods if m != "cahp")]
         self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
+        # every result evaluates on the test split: its files' digests are part of every key
         self.cache = StageCache(self.out / "compare", base={"signatures": run.keys["signatures"],
-                                                            "salience": run.keys["salience"]}, log_level=logging.DEBUG)
+                                                            "salience": run.keys["salience"],
+                                                            "eval_data": run.keys["eval_data"]},
+                                log_level=logging.DEBUG)
 
         # the budget k*: the knee of CAHP's curve, by `cahp prune`'s own functions and stage cache
         t = time.perf_counter()
@@ -443,9 +434,9 @@ class _Compare:
                    **{k: round(v, 2) for k, v in self.seconds.items()},
                    **self.result_counts()}
         # compute time of every result, whether computed in this call or read from the cache
-        timings["no_finetune_seconds"] = round(sum(map(_compute_seconds, [*curves.values(), *pre.values()])), 1)
+        timings["no_finetune_seconds"] = round(sum(map(compute_seconds, [*curves.values(), *pre.values()])), 1)
         if fine is not None:
-            timings["finetune_seconds"] = round(sum(map(_compute_seconds, [*fine.values(), *dense.values()])), 1)
+            timings["finetune_seconds"] = round(sum(map(compute_seconds, [*fine.values(), *dense.values()])), 1)
         timings["seconds_by_machine"] = seconds_by_machine(
             [*curves.values(), *pre.values(), *(fine or {}).values(), *(dense or {}).values()])
         return {

@@ -14,8 +14,23 @@ depends on are unchanged, and writes it atomically when it computes it
 (`cahp.pipelines.cache.StageCache`). So an interrupted run resumes at the first
 unfinished stage, and a re-run with another knee rule, clustering or ``--keep``
 reuses the fine-tuned model, signatures and salience. ``OUTPUT/run.json``
-records the settings that define the run (model, task, data split, fine-tuning);
-an output folder holding another run is refused unless ``overwrite`` is set.
+records the settings that define the run (model, task, columns, data split,
+fine-tuning); an output folder holding another run is refused unless
+``overwrite`` is set.
+
+Cache rules: every stage's key holds, beside its settings, the SHA-256 of the
+task's data files it read (`cahp.pipelines.fingerprints`: the train file for
+fine-tuning, statistics and the curve, the test files for evaluations) and of
+the starting model's files, so an edited file re-runs exactly the stages that
+depend on it. ``model/``, ``report.json`` and the figures of a run made with
+other final settings (``--keep``, ``--knee-method``, clustering, ...) are only
+replaced with ``overwrite`` (`cahp.pipelines.guard.check_final_settings`);
+cached statistics stay reusable either way. ``OUTPUT/.cahp.lock`` (pid, host,
+start time) refuses a second run in the same folder; a lock left by a killed
+run is taken over with a warning. Everything is checked before work
+(`cahp.pipelines.guard.check_run`: every split parsed, every option against the
+task and the model's config), and a run that fails before producing anything
+leaves no new folder behind.
 
 Data: a fixed, seeded sample of the training split is held out for the curve
 (``curve_examples``, never used to fine-tune when cahp does the fine-tuning) and
@@ -32,9 +47,7 @@ output folder and no shared file system is needed.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,19 +55,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cahp.budget.curve import default_grid, score_mask, selection_curve
+from cahp.budget.curve import curve_score, default_grid, score_mask, selection_curve
 from cahp.budget.knee import KNEE_METHODS, KneeResult, find_knee
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.core.io import add_log_file, environment, read_json, write_json
+from cahp.core.io import environment, write_json
 from cahp.data.batching import encode, make_batches
-from cahp.data.tasks import get_task
+from cahp.data.tasks import TASK_TYPES
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
 from cahp.model.heads import kept_heads, kept_mask, mask_to_heads, mean_relative_depth, num_kept
 from cahp.model.loading import load_model
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache
+from cahp.pipelines.fingerprints import data_fingerprints, model_fingerprint
+from cahp.pipelines.guard import (
+    RunConflictError,
+    check_final_settings,
+    check_identity,
+    check_run,
+    output_folder,
+    split_train,
+)
 from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext
 from cahp.selectors.graph import CLUSTERING_METHODS
 from cahp.selectors.registry import make_selector
@@ -63,12 +85,9 @@ from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
+from cahp.train.metrics import resolve_metric
 
 log = logging.getLogger(__name__)
-
-
-class RunConflictError(ValueError):
-    """The output folder holds a run made with other settings."""
 
 
 @dataclass
@@ -79,7 +98,14 @@ class PruneConfig:
     task: str = cfg_field("sst5", "task name or folder of a user task")
     output_dir: str = cfg_field("", "output folder (default: runs/prune-MODEL-TASK)")
     data_dir: str = cfg_field("", "task data folder (default: $CAHP_DATA_DIR or ../shared/data)")
+    text_column: str = cfg_field("text", "user tasks: the text column")
+    text_pair_column: str = cfg_field("", "user tasks: the second text column of sentence pairs (empty: none)")
+    label_column: str = cfg_field("label", "user tasks: the label column")
+    task_type: str = cfg_field("auto", "user tasks: classification or regression (auto: from the labels)",
+                               choices=["auto", *TASK_TYPES])
     finetuned: bool = cfg_field(False, "the model is already fine-tuned on the task: skip the first fine-tuning")
+    allow_new_head: bool = cfg_field(False, "with --finetuned: accept a model whose classification head is new "
+                                            "(untrained); without it that is an error")
     calibration_examples: int = cfg_field(1024, "training examples for signatures and salience")
     curve_examples: int = cfg_field(1000, "training examples held out to score the curve (not fine-tuned on)")
     distance: str = cfg_field("js", "head distance", choices=list(DISTANCES))
@@ -89,11 +115,12 @@ class PruneConfig:
     min_ratio: float = cfg_field(0.05, "smallest k on the grid, as a share of the heads")
     knee_method: str = cfg_field("chord", "knee rule on the fitted curve", choices=list(KNEE_METHODS))
     degree: int = cfg_field(0, "polynomial degree of the fit (0: automatic, smallest adequate degree 2..5)")
-    keep: int = cfg_field(0, "keep exactly this many heads (overrides the knee)")
-    keep_ratio: float = cfg_field(0.0, "keep this share of the heads (overrides the knee)")
+    keep: int = cfg_field(0, "keep exactly this many heads, 1..heads (overrides the knee; 0: unset)")
+    keep_ratio: float = cfg_field(0.0, "keep this share of the heads, in (0, 1] (overrides the knee; 0: unset)")
     stats_batch_size: int = cfg_field(32, "batch size of the statistics passes")
     seed: int = cfg_field(0, "seed of data sampling, clustering and fine-tuning")
-    overwrite: bool = cfg_field(False, "replace an output folder that holds a run with other settings")
+    overwrite: bool = cfg_field(False, "replace model/, report.json and the figures of a run with other settings "
+                                       "(and a folder that holds another run)")
     skip_final_finetune: bool = cfg_field(False, "stop after surgery (no final fine-tuning)")
     ffn: bool = cfg_field(False, "prune FFN neurons together with heads (joint, CAHP-style)")
     target_speedup: float = cfg_field(0.0, "with --ffn: reach this estimated speedup instead of the knee (0: knee)")
@@ -114,56 +141,17 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
-def split_train(n: int, curve_examples: int, calibration_examples: int, seed: int):
-    """Seeded, disjoint (curve, calibration, finetune) index lists of the training split."""
-    if curve_examples + min(calibration_examples, 1) >= n:
-        raise ValueError(
-            f"the training split has {n} examples, too few to hold out {curve_examples} for the curve "
-            f"and still train; lower --curve-examples"
-        )
-    perm = np.random.default_rng(seed).permutation(n)
-    curve = sorted(perm[:curve_examples].tolist())
-    rest = perm[curve_examples:]
-    calib = sorted(rest[: min(calibration_examples, len(rest))].tolist())
-    train = sorted(rest.tolist())
-    return curve, calib, train
-
-
 def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: bool = True) -> PruneResult:
     """Run the whole CAHP pipeline; see the module docstring. Returns the report (on every rank)."""
     distributed.init()
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
-    if cfg.keep and cfg.keep_ratio:
-        raise ValueError("give --keep or --keep-ratio, not both")
-    if cfg.keep_ratio and not 0 < cfg.keep_ratio <= 1:
-        raise ValueError(f"--keep-ratio must be in (0, 1], got {cfg.keep_ratio}")
+    task, ft_cfg, _ = check_run(cfg, ft_cfg)  # everything that can fail before work fails here
     out = Path(cfg.output_dir)
-    distributed.on_main(out.mkdir, parents=True, exist_ok=True)
-    handler = add_log_file(out / "log.txt") if distributed.is_main() else None
-    try:
-        result = _run(cfg, ft_cfg, out, progress)
+    distributed.on_main(check_final_settings, out, cfg, ft_cfg)
+    with output_folder(out, distributed.is_main()):  # log.txt, the lock, no new folder left by an early error
+        result = _run(cfg, ft_cfg, out, progress, task)
         distributed.barrier()
         return result
-    finally:
-        if handler is not None:
-            logging.getLogger("cahp").removeHandler(handler)
-            handler.close()
-
-
-def _check_identity(out: Path, identity: dict, overwrite: bool) -> None:
-    path = out / "run.json"
-    if path.is_file():
-        old = read_json(path)
-        if old != json.loads(json.dumps(identity, default=str)):
-            if not overwrite:
-                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-                raise RunConflictError(
-                    f"{out} holds a run with other settings ({', '.join(diff)} differ); "
-                    f"choose another --output-dir or pass --overwrite"
-                )
-            log.warning("overwriting %s: it held a run with other settings", out)
-            shutil.rmtree(out / "stages", ignore_errors=True)
-    write_json(path, identity)
 
 
 @dataclass
@@ -192,6 +180,7 @@ class PreparedRun:
     dense_info: dict
     stats: HeadStats
     keys: dict
+    metric: str = "accuracy"
 
     @property
     def ks(self) -> list[int]:
@@ -203,20 +192,34 @@ class PreparedRun:
         return SelectionContext(model=self.model, batches=self.calibration_batches, seed=self.cfg.seed)
 
 
-def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PreparedRun:
+def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
+                task=None) -> PreparedRun:
     """Steps 0-2 and the salience: fine-tuned dense model, signatures, distances, salience (cached).
 
-    Collective under torchrun (joins the process group if needed); rank 0 creates ``out``.
+    ``task``: the checked task of `cahp.pipelines.guard.check_run` (checked here when None). Collective
+    under torchrun (joins the process group if needed); rank 0 creates ``out``.
     """
     distributed.init()
+    if task is None:
+        task, ft_cfg, _ = check_run(cfg, ft_cfg)
+    metric = resolve_metric(ft_cfg.metric, task.task_type, task.num_labels)
     distributed.on_main(out.mkdir, parents=True, exist_ok=True)
-    task = get_task(cfg.task, data_dir=cfg.data_dir or None)
     identity = {
         "model": cfg.model, "task": task.name, "data_dir": str(task.data_dir), "finetuned": cfg.finetuned,
         "curve_examples": cfg.curve_examples, "calibration_examples": cfg.calibration_examples,
         "seed": cfg.seed, "finetune": asdict(ft_cfg),
     }
-    distributed.on_main(_check_identity, out, identity, cfg.overwrite)
+    if task.name.startswith("csv:") or cfg.task_type != "auto":  # how a user task's files are read
+        identity["columns"] = {"text": cfg.text_column, "text_pair": cfg.text_pair_column or None,
+                               "label": cfg.label_column, "task_type": task.task_type}
+    # what the stages read: the starting model's files and each split's data (rank 0's digests)
+    data_fp = data_fingerprints(task)
+    fps = distributed.broadcast_object({"model": model_fingerprint(cfg.model), **data_fp})
+    distributed.on_main(check_identity, out, identity, cfg.overwrite, fps)
+    eval_splits = [task.test_split, *task.extra_eval_splits]
+    trained = {**identity, "model_files": fps["model"], "train_data": fps[task.train_split],
+               "dev_data": fps[task.dev_split]}
+    eval_data = {s: fps[s] for s in eval_splits}
     stages = StageCache(out / "stages")
     train_all = task.load(task.train_split)
     curve_idx, calib_idx, train_idx = split_train(len(train_all), cfg.curve_examples, cfg.calibration_examples,
@@ -225,13 +228,18 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
     calib_ex = [train_all[i] for i in calib_idx]
     train_ex = [train_all[i] for i in train_idx]
 
-    model, tok, dense_info = finetuned_dense_model(cfg, ft_cfg, task, identity, stages, train_ex, progress)
+    model, tok, dense_info = finetuned_dense_model(cfg, ft_cfg, task, trained, stages, train_ex, progress)
+    dense_info["test"] = stages.get_or_compute(
+        "evaluate_dense", {**trained, "stage": "evaluate_dense", "eval_data": eval_data},
+        lambda: evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed, keep_predictions=True,
+                              progress=progress))
+    dense_info["test"] = {s: r for s, r in dense_info["test"].items() if not s.startswith("_")}
     pad = tok.pad_token_id or 0
     calib_batches = make_batches(encode(tok, calib_ex, ft_cfg.max_length), cfg.stats_batch_size, shuffle=False,
                                  pad_token_id=pad)
-    sig_key = {**identity, "stage": "signatures", "distance": cfg.distance, "batch": cfg.stats_batch_size}
+    sig_key = {**trained, "stage": "signatures", "distance": cfg.distance, "batch": cfg.stats_batch_size}
     sig = signatures(model, calib_batches, cfg.distance, sig_key, stages, progress)
-    sal_key = {**identity, "stage": "salience", "batch": cfg.stats_batch_size}
+    sal_key = {**trained, "stage": "salience", "batch": cfg.stats_batch_size}
     sal = salience(model, calib_batches, sal_key, stages, progress)
 
     curve_ds = encode(tok, curve_ex, ft_cfg.max_length)
@@ -246,14 +254,16 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
         tokenizer=tok, train_examples=train_ex, curve_examples=curve_ex, calibration_examples=calib_ex,
         calibration_batches=calib_batches, curve_batches=curve_batches, curve_labels=np.asarray(curve_ds.labels),
         signatures=sig, gate_stats=sal, dense_info=dense_info, stats=stats,
-        keys={"signatures": sig_key, "salience": sal_key},
+        keys={"signatures": sig_key, "salience": sal_key, "eval_data": eval_data, "fingerprints": fps},
+        metric=metric,
     )
 
 
 def finetuned_dense_model(cfg: PruneConfig, ft_cfg: FinetuneConfig, task, identity: dict, stages: StageCache,
                           train_examples: list, progress: bool):
     """Step 0: (model, tokenizer, info) of the dense model fine-tuned on ``train_examples`` (unless
-    ``cfg.finetuned``), with its test scores; saved under ``stages/finetuned`` and reloaded from there."""
+    ``cfg.finetuned``); saved under ``stages/finetuned`` and reloaded from there (``prepare_run`` adds its
+    test scores, a stage of their own keyed by the test files)."""
     dense_dir = stages.root / "finetuned"
     device = distributed.device()
     made = {}
@@ -265,8 +275,6 @@ def finetuned_dense_model(cfg: PruneConfig, ft_cfg: FinetuneConfig, task, identi
         if not cfg.finetuned:
             info["finetune"] = finetune(model, tok, task, ft_cfg, train_examples=train_examples,
                                         progress=progress).to_dict()
-        info["test"] = evaluate_task(model, tok, task, max_length=ft_cfg.max_length, seed=cfg.seed,
-                                     keep_predictions=True, progress=progress)
         distributed.on_main(save_pruned, model, tok, dense_dir)
         made["model"] = model, tok
         return info
@@ -319,15 +327,17 @@ def curve(run: PreparedRun, selector: HeadSelector, progress: bool = True) -> di
     ks = run.ks
     key = {**run.keys["signatures"], **run.keys["salience"], "stage": "curve", "method": selector.name,
            "selector": selector.settings(), "ks": ks}
+    if run.metric != "accuracy":  # accuracy curves keep the key they always had
+        key["metric"] = run.metric
     return run.stages.get_or_compute(
         curve_name(selector), key, label="curve",
         compute=lambda: selection_curve(run.model, selector, run.stats, ks, run.curve_batches, run.curve_labels,
-                                        run.context(), progress=progress))
+                                        run.context(), progress=progress, metric=run.metric))
 
 
 def find_k_star(points: list[dict], cfg: PruneConfig) -> KneeResult:
     """Step 6, knee: k* of the polynomial fit to a curve's points, with ``cfg``'s degree and knee rule."""
-    knee = find_knee([p["k"] for p in points], [p["accuracy"] for p in points],
+    knee = find_knee([p["k"] for p in points], [curve_score(p) for p in points],
                      degree=cfg.degree or None, method=cfg.knee_method)
     if knee.warning:
         log.warning("knee: %s", knee.warning)
@@ -370,7 +380,8 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
         made["model"] = pruned
         return scores
 
-    key = {**run.identity, "stage": "final", "kept": kept, "skip_final_finetune": cfg.skip_final_finetune}
+    key = {**run.keys["salience"], "stage": "final", "eval_data": run.keys["eval_data"], "kept": kept,
+           "skip_final_finetune": cfg.skip_final_finetune}
     scores = run.stages.get_or_compute("final", key, compute, label="surgery_and_finetune", artifact=model_dir,
                                        artifact_check=is_pruned_folder)
     if "model" in made:
@@ -382,7 +393,11 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
     return pruned, scores
 
 
-def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) -> PruneResult:
+def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool, task=None) -> PruneResult:
+    from cahp.pipelines import decoder  # causal LMs: KV-group CAHP scored by perplexity (it imports this module)
+
+    if decoder.is_causal(cfg.model):
+        return decoder.run_decoder(cfg, ft_cfg, out, progress)
     if cfg.objective != "task":  # label-free, on sentence embeddings: cahp.pipelines.embedding (imports this module)
         from cahp.pipelines.embedding import run_embedding
 
@@ -392,14 +407,14 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
 
         return run_joint(cfg, ft_cfg, out, progress)
     t_total = time.perf_counter()
-    run = prepare_run(cfg, ft_cfg, out, progress)  # steps 0-2 and the salience
+    run = prepare_run(cfg, ft_cfg, out, progress, task)  # steps 0-2 and the salience
     params_before, heads_before = count_parameters(run.model), num_kept(run.model)
     selector = cahp_selector(cfg)  # steps 3-5
     points = curve(run, selector, progress)["points"]  # step 6
     knee = find_k_star(points, cfg)
     k_final, k_source = final_budget(cfg, knee, run.stats.n)
     mask = distributed.broadcast_object(selector.select(k_final, run.stats, run.context()))
-    held_pre = score_mask(run.model, mask, run.curve_batches, run.curve_labels)
+    held_pre = score_mask(run.model, mask, run.curve_batches, run.curve_labels, metric=run.metric)
     pruned, final = surgery_and_finetune(run, mask, progress)  # steps 7-8
 
     head_mask = kept_mask(pruned)
@@ -407,6 +422,10 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     report = {
         "model": cfg.model,
         "task": run.task.name,
+        "task_type": run.task.task_type,
+        "metric": run.metric,
+        "columns": run.identity.get("columns"),
+        "fingerprints": run.keys["fingerprints"],
         "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg)},
         "data": {"train": len(run.train_examples) + len(run.curve_examples),
                  "finetune_examples": len(run.train_examples) if not cfg.finetuned else None,
@@ -417,7 +436,8 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
         "heads_kept": int(head_mask.sum()),
         "k_source": k_source,
         "knee": knee.to_dict(),
-        "curve": [{"k": p["k"], "accuracy": p["accuracy"]} for p in points],
+        "curve": [{"k": p["k"], **({"accuracy": p["accuracy"]} if "accuracy" in p else {}),
+                   "score": curve_score(p), "metric": p.get("metric", "accuracy")} for p in points],
         "kept_heads": kept_heads(pruned),
         "heads_per_layer": head_mask.sum(1).tolist(),
         "mean_relative_depth": mean_relative_depth(head_mask),
@@ -426,8 +446,10 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
                                for k, r in run.dense_info["test"].items()},
             "after_pruning": final["test_after_pruning"],
             "after_finetune": final.get("test_after_finetune"),
-            "heldout_accuracy_dense": points[0]["accuracy"] if points[0]["k"] == run.stats.n else None,
-            "heldout_accuracy_selected": held_pre,
+            "heldout_accuracy_dense": points[0].get("accuracy") if points[0]["k"] == run.stats.n else None,
+            "heldout_accuracy_selected": held_pre if run.metric == "accuracy" else None,
+            "heldout_score_dense": curve_score(points[0]) if points[0]["k"] == run.stats.n else None,
+            "heldout_score_selected": held_pre,
         },
         "parameters": {"before": params_before, "after": count_parameters(pruned)},
         "stage_seconds": run.stages.times,
@@ -437,11 +459,11 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool) ->
     report = distributed.broadcast_object(report)
     distributed.on_main(_write_outputs, run, report, points, knee, head_mask)
     b, a, f = (report["scores"][s] for s in ("before_pruning", "after_pruning", "after_finetune"))
+    m = run.metric
     log.info(
-        "done: %d -> %d heads, %d -> %d parameters; %s accuracy %.4f -> %.4f (pruned) -> %s (fine-tuned)",
-        heads_before, report["heads_kept"], params_before, report["parameters"]["after"], test_split,
-        b[test_split]["accuracy"], a[test_split]["accuracy"],
-        f"{f[test_split]['accuracy']:.4f}" if f else "-",
+        "done: %d -> %d heads, %d -> %d parameters; %s %s %.4f -> %.4f (pruned) -> %s (fine-tuned)",
+        heads_before, report["heads_kept"], params_before, report["parameters"]["after"], test_split, m,
+        b[test_split][m], a[test_split][m], f"{f[test_split][m]:.4f}" if f else "-",
     )
     return PruneResult(output_dir=out, report=report)
 

@@ -1,12 +1,28 @@
 """Markdown of a `cahp compare` report, from its JSON alone (also used by benchmarks/bench_compare.py).
 
 `render_markdown` writes the tables and verdicts of ``compare.md``; `verdict_lines`
-and `verdict_text` give the plain-language verdicts.
+and `verdict_text` give the plain-language verdicts; `seconds_by_machine` sums the
+compute time of cached results per machine.
 """
 
 from __future__ import annotations
 
-__all__ = ["render_markdown", "verdict_lines", "verdict_text"]
+__all__ = ["compute_seconds", "render_markdown", "seconds_by_machine", "verdict_lines", "verdict_text"]
+
+
+def compute_seconds(record: dict) -> float:
+    """Compute time of one cached result: its "total" (curves, whose parts overlap), else the sum of its parts."""
+    secs = record["seconds"]
+    return float(secs["total"] if "total" in secs else sum(secs.values()))
+
+
+def seconds_by_machine(records: list[dict]) -> dict[str, float]:
+    """Compute seconds of cached results summed per machine that computed them ("unrecorded" for old caches)."""
+    out: dict[str, float] = {}
+    for r in records:
+        where = r.get("_machine", "unrecorded")
+        out[where] = round(out.get(where, 0.0) + compute_seconds(r), 1)
+    return out
 
 
 def verdict_text(method: str, label: str, k: int, cmp: dict) -> str:
