@@ -107,7 +107,8 @@ def distill(
     history = [{"epoch": 0, "heldout_fidelity": initial}]
     log.info("distillation: %d texts, %d epochs x %d steps, lr %g, %s distance; held-out fidelity %.4f",
              len(train_ds), cfg.epochs, steps_per_epoch, cfg.lr, loss.distance, initial)
-    train_model = distributed.wrap_ddp(student)  # the model itself with one process
+    # the model itself with one process; under DDP the BERT-style pooler is in the graph of no embedding
+    train_model = distributed.wrap_ddp(student, find_unused_parameters=True)
     t_start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
