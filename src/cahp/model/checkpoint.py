@@ -183,7 +183,8 @@ def is_pruned_folder(path: str | os.PathLike) -> bool:
         return False
     try:
         record = json.loads(cfg.read_text())
-        return KEPT_HEADS_KEY in record or KEPT_NEURONS_KEY in record
+        # the format key too: a folder written by save_pruned whose heads record was removed is still one
+        return KEPT_HEADS_KEY in record or KEPT_NEURONS_KEY in record or CAHP_FORMAT_KEY in record
     except (OSError, json.JSONDecodeError):
         return False
 

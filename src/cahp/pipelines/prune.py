@@ -475,7 +475,9 @@ def _write_outputs(run: PreparedRun, report: dict, points: list[dict], knee: Kne
     write_json(out / "report.json", report)
     title = f"{cfg.model} / {run.task.name}"
     per_layer = [sum(1 for layer, _ in sig.head_ids if layer == i) for i in range(run.stats.shape[0])]
-    plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title)
+    key = "score" if all("score" in p for p in points) else "accuracy"  # curves cached before scores had a metric
+    plots.plot_curve(points, knee.to_dict(), out / "curve.png", title=title, key=key,
+                     ylabel=f"held-out {report.get('metric', 'accuracy')}")
     plots.plot_heads(head_mask.numpy(), out / "heads.png",
                      title=f"{title}: {int(head_mask.sum())} of {report['heads_before']} heads kept")
     plots.plot_distances(sig.distances[cfg.distance].numpy(), per_layer, out / "distances.png",
