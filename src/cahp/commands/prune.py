@@ -34,6 +34,11 @@ def run(args) -> int:
         print(f"{summary(r)}\noutputs in {result.output_dir}: model/ (a sentence-transformers folder), report.json, "
               "curve.png, heads.png, distances.png, log.txt")
         return 0
+    if r.get("kind") == "causal-lm":  # a generative decoder: KV heads and perplexity (cahp.pipelines.decoder)
+        from cahp.pipelines.decoder import summary
+
+        print(f"{summary(r)}\noutputs in {result.output_dir}: model/, report.json, curve.png, heads.png, log.txt")
+        return 0
     split = r["data"]["test_split"]
     after = r["scores"]["after_finetune"] or r["scores"]["after_pruning"]
     before = r["scores"]["before_pruning"][split]
