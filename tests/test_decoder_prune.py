@@ -214,10 +214,15 @@ def test_decoder_pipeline_end_to_end(tiny_run, tmp_path, capsys):
     assert {s for s, v in r3["stage_seconds"].items() if not v["cached"]} == {"surgery_and_finetune"}
 
 
-def test_decoder_keep_counts_kv_heads(tiny_run, tmp_path):
+def test_decoder_keep_counts_kv_heads_and_encoder_options_are_refused(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr("cahp.pipelines.decoder.collect_signatures", None)  # refused before any pass over data
     cfg, ft = _cfgs(tiny_run, tmp_path / "bad", keep=10, skip_final_finetune=True)
     with pytest.raises(KVBudgetError, match="cannot keep 10 KV heads: the model has 9"):
         run_prune(cfg, ft, progress=False)
+    cfg, ft = _cfgs(tiny_run, tmp_path / "bad", ffn=True)
+    with pytest.raises(ValueError, match="--ffn applies to encoders"):
+        run_prune(cfg, ft, progress=False)
+    assert not (tmp_path / "bad").exists()  # nothing made: no folder left behind
 
 
 def test_remove_heads_of_one_group_shrinks_the_cache_by_one_kv_head():

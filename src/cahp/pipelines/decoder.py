@@ -58,7 +58,7 @@ from cahp.stats.signatures import Signatures, collect_signatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODER_SELECTOR", "is_causal", "kv_budget", "run_decoder", "summary"]
+__all__ = ["DECODER_SELECTOR", "check_decoder_options", "is_causal", "kv_budget", "run_decoder", "summary"]
 
 #: The registry name of CAHP over KV groups.
 DECODER_SELECTOR = "gqa-cahp"
@@ -73,6 +73,18 @@ def is_causal(name_or_path: str) -> bool:
         return bool(get_adapter(config).causal)
     except ValueError:  # an architecture cahp does not know: the encoder path's loading names it
         return False
+
+
+def check_decoder_options(cfg) -> None:
+    """Refuse the encoder-only options of `cahp prune` on a decoder (one-line ValueError naming them).
+
+    ``--finetuned`` is accepted and changes nothing: a decoder is pruned as it is, with no first fine-tuning.
+    """
+    given = [opt for opt, on in (("--ffn", cfg.ffn), ("--target-speedup", bool(cfg.target_speedup)),
+                                 ("--objective", getattr(cfg, "objective", "task") != "task")) if on]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to encoders; {cfg.model} is a "
+                         "causal LM (pruned by KV groups on language-modelling text)")
 
 
 def kv_budget(cfg, knee: KneeResult, n_kv: int) -> tuple[int, str]:
@@ -110,7 +122,12 @@ def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
         task = build_task(cfg.task, cfg.data_dir, cfg.text_column, cfg.text_pair_column, cfg.label_column,
                           cfg.task_type)
     out.mkdir(parents=True, exist_ok=True)
+    check_decoder_options(cfg)
     model, tok = load_model(cfg.model, kind="causal-lm", seed=cfg.seed)
+    n_kv = sum(len(v) for v in kept_kv_heads(model).values())
+    if cfg.keep > n_kv:  # before any pass over data
+        raise KVBudgetError(f"cannot keep {cfg.keep} KV heads: the model has {n_kv}; choose 1..{n_kv} (on a "
+                            "decoder --keep counts key/value heads)")
     model.to(distributed.device())  # the GPU when there is one; every pass reads the device from the weights
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     identity = {"model": cfg.model, "kind": "causal-lm", "task": task.name, "data_dir": str(task.data_dir),
