@@ -488,12 +488,12 @@ def _rte_as_user_task(folder: Path) -> Path | None:
 
     def rows(path, start, n):
         lines = [ln.split("\t") for ln in path.read_text().splitlines()[1:]]
-        return [[a, b, lab] for _, a, b, lab in lines[start:start + n]]
+        return [[a, b, lab] for _, a, b, lab in lines[start:start + n]]  # index, sentence1, sentence2, label
 
     header = ["premise", "hypothesis", "gold"]
     _write_csv(folder / "train.csv", header, rows(src / "train.tsv", 0, 240))
     _write_csv(folder / "dev.csv", header, rows(src / "train.tsv", 240, 60))
-    _write_csv(folder / "test.csv", header, rows(src / "dev.tsv", 0, 100))
+    _write_csv(folder / "test.csv", header, rows(src / "dev.tsv", 0, 60))
     return folder
 
 
@@ -503,14 +503,14 @@ def test_prune_and_compare_on_rte_as_a_user_pair_task(tmp_path, capsys):
     if task is None:
         pytest.skip("RTE data not found")
     cols = ["--text-column", "premise", "--text-pair-column", "hypothesis", "--label-column", "gold"]
-    small = ["--calibration-examples", "32", "--curve-examples", "40", "--grid-step", "12", "--epochs", "1",
-             "--max-train-examples", "64", "--batch-size", "16", "--max-length", "96"]
+    small = ["--calibration-examples", "32", "--curve-examples", "32", "--grid-step", "24", "--epochs", "1",
+             "--max-train-examples", "48", "--batch-size", "16", "--max-length", "64"]
     out = tmp_path / "run"
     code, err = _cli(capsys, "prune", "--model", "minilm-l6", "--task", task, "--output-dir", out, *cols, *small)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["columns"]["text_pair"] == "hypothesis" and report["data"]["test_split"] == "test"
-    assert report["scores"]["after_finetune"]["test"]["n"] == 100
+    assert report["scores"]["after_finetune"]["test"]["n"] == 60
     code, err = _cli(capsys, "compare", "--model", "minilm-l6", "--task", task, "--output-dir", out, *cols, *small,
                      "--methods", "random", "--budgets", "0.5", "--seeds", "1", "--no-dense-control")
     assert code == 0, err

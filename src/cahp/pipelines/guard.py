@@ -200,9 +200,11 @@ def check_final_settings(out: Path, cfg, ft_cfg) -> None:
     if not path.is_file():
         return
     try:
-        old = read_json(path).get("settings", {})
+        old = read_json(path).get("settings")
     except (OSError, ValueError):
         return  # a damaged report protects nothing
+    if not isinstance(old, dict) or "prune" not in old:
+        return  # a report without the settings of `cahp prune` (another pipeline's): nothing to compare
     new = final_settings(cfg, ft_cfg)
     defaults = final_settings(type(cfg)(), type(ft_cfg)())
     diff = sorted(f"{part}.{k}" if part != "prune" else k for part in new for k, v in new[part].items()

@@ -145,7 +145,11 @@ def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: 
     """Run the whole CAHP pipeline; see the module docstring. Returns the report (on every rank)."""
     distributed.init()
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
-    task, ft_cfg, _ = check_run(cfg, ft_cfg)  # everything that can fail before work fails here
+    from cahp.pipelines import decoder  # (it imports this module)
+
+    task = None
+    if cfg.objective == "task" and not decoder.is_causal(cfg.model):  # the other pipelines check their own inputs
+        task, ft_cfg, _ = check_run(cfg, ft_cfg)  # everything that can fail before work fails here
     out = Path(cfg.output_dir)
     distributed.on_main(check_final_settings, out, cfg, ft_cfg)
     with output_folder(out, distributed.is_main()):  # log.txt, the lock, no new folder left by an early error
