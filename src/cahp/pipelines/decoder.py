@@ -85,6 +85,9 @@ def check_decoder_options(cfg) -> None:
     if given:
         raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to encoders; {cfg.model} is a "
                          "causal LM (pruned by KV groups on language-modelling text)")
+    if distributed.world_size() > 1:
+        raise ValueError(f"cahp prune on a causal LM runs in one process, not {distributed.world_size()} "
+                         "(start it without torchrun)")
 
 
 def kv_budget(cfg, knee: KneeResult, n_kv: int) -> tuple[int, str]:
