@@ -18,7 +18,14 @@ from cahp.model.surgery import keep_heads, remove_heads
 from cahp.pipelines.guard import build_task
 from cahp.pipelines.prune import PruneConfig, run_prune
 from cahp.selectors.base import HeadStats, SelectionContext
-from cahp.selectors.gqa import GQA_SELECTORS, KVBudgetError, check_kv_mask, gqa_stats, group_distances
+from cahp.selectors.gqa import (
+    GQA_SELECTORS,
+    KVBudgetError,
+    check_kv_mask,
+    gqa_stats,
+    group_distances,
+    group_magnitudes,
+)
 from cahp.selectors.registry import make_selector
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import collect_signatures
@@ -230,3 +237,22 @@ def test_remove_heads_of_one_group_shrinks_the_cache_by_one_kv_head():
     dense = kv_cache_bytes_per_token(model)
     remove_heads(model, {1: [2, 3]})  # the whole KV group 1 of layer 1
     assert kv_cache_bytes_per_token(model) * 9 == dense * 8
+
+
+def test_kv_selectors_on_an_already_pruned_decoder_with_uneven_groups():
+    model = remove_heads(tiny_decoder(kv_heads=3), {0: [0, 1], 1: [3], 2: [0, 2, 5]})  # uneven groups, one gone
+    batches = lm_batches(tiny_tokenizer(), sentences(16, seed=6), max_length=16, batch_size=8)
+    sig = collect_signatures(model, batches, progress=False)
+    sal = gate_gradients(model, batches, progress=False, loss_fn=lm_loss)
+    stats = gqa_stats(HeadStats(head_ids=sig.head_ids, shape=(LAYERS, HEADS), distances=sig.distances,
+                                salience=sal["salience"], fisher=sal["fisher"], entropy=sig.entropy), model)
+    assert stats.n_kv == 8 and [len(m) for _, _, m in stats.groups] == [2, 2, 2, 1, 2, 1, 1, 1]
+    ctx = SelectionContext(model=model, batches=batches)
+    for name in GQA_SELECTORS:
+        for k in (1, 4, 8):
+            check_kv_mask(make_selector(name).select(k, stats, ctx), k, stats)
+    # magnitude of layer 1's group 1 (query head 2 alone, KV head 1): q rows and o columns at position 2
+    a, d = model.model.layers[1].self_attn, 8
+    manual = (a.q_proj.weight[2 * d:3 * d].square().sum() + a.o_proj.weight[:, 2 * d:3 * d].square().sum()
+              + a.k_proj.weight[d:2 * d].square().sum() + a.v_proj.weight[d:2 * d].square().sum()).sqrt().detach()
+    assert group_magnitudes(model, stats)[3] == pytest.approx(float(manual), rel=1e-6)
