@@ -229,6 +229,12 @@ def test_decoder_keep_counts_kv_heads_and_encoder_options_are_refused(tiny_run, 
     cfg, ft = _cfgs(tiny_run, tmp_path / "bad", ffn=True)
     with pytest.raises(ValueError, match="--ffn applies to encoders"):
         run_prune(cfg, ft, progress=False)
+    cfg, ft = _cfgs(tiny_run, tmp_path / "bad", keep=2, keep_ratio=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        run_prune(cfg, ft, progress=False)
+    cfg, ft = _cfgs(tiny_run, tmp_path / "bad")
+    with pytest.raises(ValueError, match="epochs"):
+        run_prune(cfg, FinetuneConfig(epochs=0), progress=False)
     assert not (tmp_path / "bad").exists()  # nothing made: no folder left behind
 
 

@@ -27,6 +27,7 @@ statistics and the curve. One process (no torchrun sharding here), on the GPU wh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import asdict
@@ -49,16 +50,18 @@ from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.fingerprints import data_fingerprints, model_fingerprint
-from cahp.pipelines.guard import check_identity, model_config
+from cahp.pipelines.guard import _check_counts, build_task, check_identity, clip_max_length, model_config
 from cahp.selectors.base import HeadStats, SelectionContext
 from cahp.selectors.gqa import GQAStats, KVBudgetError, gqa_stats
 from cahp.selectors.registry import make_selector
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
+from cahp.train.finetune import check_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODER_SELECTOR", "check_decoder_options", "is_causal", "kv_budget", "run_decoder", "summary"]
+__all__ = ["DECODER_SELECTOR", "check_decoder_options", "check_decoder_run", "is_causal", "kv_budget", "run_decoder",
+           "summary"]
 
 #: The registry name of CAHP over KV groups.
 DECODER_SELECTOR = "gqa-cahp"
@@ -90,6 +93,22 @@ def check_decoder_options(cfg) -> None:
                          "(start it without torchrun)")
 
 
+def check_decoder_run(cfg, ft_cfg, task=None):
+    """Every check of a decoder run that needs no weights: ``(task, ft_cfg)`` with ``max_length`` clipped.
+
+    The options (`check_decoder_options`, counts, fine-tuning settings) and every split of the task
+    (parsed and validated; the test split is read for that only, never used).
+    """
+    check_decoder_options(cfg)
+    _check_counts(cfg)
+    check_config(ft_cfg)
+    if task is None:
+        task = build_task(cfg.task, cfg.data_dir, cfg.text_column, cfg.text_pair_column, cfg.label_column,
+                          cfg.task_type)
+        task.validate()
+    return task, dataclasses.replace(ft_cfg, max_length=clip_max_length(ft_cfg.max_length, model_config(cfg.model)))
+
+
 def kv_budget(cfg, knee: KneeResult, n_kv: int) -> tuple[int, str]:
     """(KV heads to keep, where that number comes from): ``--keep``, ``--keep-ratio`` (of the KV heads) or the knee."""
     if cfg.keep:
@@ -117,15 +136,11 @@ def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
     ``cfg``: `cahp.pipelines.prune.PruneConfig` (``calibration_examples`` / ``curve_examples`` count
     sentences of calibration / held-out text; ``keep`` counts KV heads); ``task``: the checked task.
     """
-    from cahp.pipelines.guard import build_task
     from cahp.pipelines.prune import PruneResult, selector_settings  # imported here: prune imports this module
 
     t_total = time.perf_counter()
-    if task is None:
-        task = build_task(cfg.task, cfg.data_dir, cfg.text_column, cfg.text_pair_column, cfg.label_column,
-                          cfg.task_type)
+    task, ft_cfg = check_decoder_run(cfg, ft_cfg, task)
     out.mkdir(parents=True, exist_ok=True)
-    check_decoder_options(cfg)
     model, tok = load_model(cfg.model, kind="causal-lm", seed=cfg.seed)
     n_kv = sum(len(v) for v in kept_kv_heads(model).values())
     if cfg.keep > n_kv:  # before any pass over data
