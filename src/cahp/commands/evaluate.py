@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cahp.commands._common import add_model_task_args, load_task
+from cahp.commands._common import add_model_task_args, load_task, task_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,7 @@ def run(args) -> int:
                   "parameters": cahp.count_parameters(model)}
     result["splits"] = evaluate_task(model, tok, task, args.split, max_length=args.max_length,
                                      batch_size=args.batch_size, n_bootstrap=args.bootstrap, seed=args.seed)
+    result["task_type"], result["columns"] = task.task_type, task_options(args)
     if not distributed.is_main():  # under torchrun rank 0 prints and writes
         return 0
     json.dump(result, sys.stdout, indent=1)

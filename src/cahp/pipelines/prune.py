@@ -61,7 +61,7 @@ from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
 from cahp.core.io import environment, write_json
 from cahp.data.batching import encode, make_batches
-from cahp.data.tasks import TASK_TYPES
+from cahp.data.tasks import TASK_TYPES, available_tasks
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
 from cahp.model.heads import kept_heads, kept_mask, mask_to_heads, mean_relative_depth, num_kept
 from cahp.model.loading import load_model
@@ -95,7 +95,7 @@ class PruneConfig:
     """Settings of `cahp prune` (fine-tuning settings live in `FinetuneConfig`)."""
 
     model: str = cfg_field("minilm-l6", "model to prune: short name, folder or Hub id")
-    task: str = cfg_field("sst5", "task name or folder of a user task")
+    task: str = cfg_field("sst5", f"built-in task ({', '.join(available_tasks())}) or folder of a user task")
     output_dir: str = cfg_field("", "output folder (default: runs/prune-MODEL-TASK)")
     data_dir: str = cfg_field("", "task data folder (default: $CAHP_DATA_DIR or ../shared/data)")
     text_column: str = cfg_field("text", "user tasks: the text column")
