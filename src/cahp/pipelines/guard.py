@@ -153,7 +153,7 @@ def _check_counts(cfg) -> None:
         raise ValueError(f"--min-ratio must be in (0, 1], got {cfg.min_ratio}")
 
 
-def check_run(cfg, ft_cfg, compare: bool = False):
+def check_run(cfg, ft_cfg):
     """Every check of a prune or compare run that needs no weights: ``(task, ft_cfg, metric)``.
 
     Parses and validates every split of the task, checks every option (counts, ``--keep`` against the
