@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,12 +11,19 @@ import torch
 
 import cahp
 from cahp.budget.cost import BlockCost, CostTable, estimated_latency, mac_table
-from cahp.budget.joint_curve import JointBudgetError, combined_table, fair_values, knee_share, share_grid
+from cahp.budget.joint_curve import (
+    JointBudgetError,
+    combined_table,
+    fair_values,
+    floor_share,
+    knee_share,
+    share_grid,
+)
 from cahp.model.neurons import kept_neurons
 from cahp.pipelines import joint as joint_pipeline
 from cahp.pipelines.joint import JointConfig, JointSetupError, run_joint
 from cahp.pipelines.prune import PruneConfig, run_prune
-from cahp.selectors.joint import allocate
+from cahp.selectors.joint import JointSelectionError, allocate
 from cahp.stats.neurons import collect_neuron_stats
 from cahp.train.finetune import FinetuneConfig
 from tests.test_pipeline import tiny_setup  # noqa: F401  (the fixture: a tiny BERT and a synthetic task)
@@ -82,6 +90,18 @@ def test_target_speedup_and_dispatch(tiny_setup, tmp_path, monkeypatch):  # noqa
     assert rep["ffn"] and rep["k_source"] == "--target-speedup"
     assert rep["estimated_share"] <= 1 / 2.5 + 1e-9
     assert rep["scores"]["after_finetune"] is None
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run2", target_speedup=1000.0, skip_final_finetune=True)
+    with pytest.raises(JointSetupError, match="speedup of 1000.0 .at most"):
+        run_prune(cfg, ft, progress=False)
+
+
+def test_measured_cost_tables(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("CAHP_CACHE_DIR", str(tmp_path / "cache"))
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run", skip_final_finetune=True)
+    rep = run_joint(cfg, ft, tmp_path / "run", progress=False,
+                    joint=replace(FAST, cost_source="measured", speedup_budget=0)).report
+    assert rep["cost_tables"]["1x16"]["source"] == "measured" and any((tmp_path / "cache" / "cost").iterdir())
+    assert rep["measured_speedup"] is None and rep["estimated_share"] <= 1.0
 
 
 def test_bad_joint_settings(tiny_setup, tmp_path):  # noqa: F811
@@ -143,3 +163,16 @@ def test_share_grid_and_knee_snaps_to_a_grid_point():
     with pytest.raises(JointBudgetError, match="at least 4"):
         share_grid(3)
     np.testing.assert_allclose(share_grid(4, 0.4), [1.0, 0.8, 0.6, 0.4])
+
+
+def test_floor_share_bounds_every_allocation():
+    a = CostTable("measured", "s", 1, 32, [BlockCost(4, 1.0, 2.0, 0.5), BlockCost(4, 3.0, 2.0, 0.5)],
+                  [BlockCost(8, 0.5, 1.0)] * 2, 3.0)
+    floor = floor_share(a)
+    assert floor == pytest.approx((3.0 + 0.5 + 1.0 + 2.0) / a.dense_total())  # one head in layer 0, the cheaper
+    rng = np.random.default_rng(0)
+    hs, ns = rng.uniform(size=(2, 4)), rng.uniform(size=(2, 8))
+    for target in (0.9, 0.5, 0.3, 0.22):  # the greedy may stop above the floor, never below it
+        assert floor <= allocate(a, hs, ns, target).share <= target
+    with pytest.raises(JointSelectionError, match="cannot be reached"):
+        allocate(a, hs, ns, floor - 0.01)

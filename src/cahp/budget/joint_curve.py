@@ -6,7 +6,9 @@
   long its calls take; a share is linear in the block costs, so the mean of the
   shares is exactly the share of the averaged table, and `allocate` can work on
   it unchanged.
-- `share_grid`: the curve's target shares, from 1.0 (dense) down.
+- `share_grid`: the curve's target shares, from 1.0 (dense) down; `floor_share`:
+  a lower bound of every allocation's share (what stays: embeddings, LayerNorms,
+  classifier, empty blocks' residual paths, one head), so the grid stops above it.
 - `fair_values`: head and neuron salience on one scale (see its docstring).
 - `knee_share`: the knee of score against estimated share, snapped to a grid point.
 """
@@ -17,10 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cahp.budget.cost import BlockCost, CostTable
+from cahp.budget.cost import BlockCost, CostTable, estimated_latency
 from cahp.budget.knee import KneeResult, find_knee
 
-__all__ = ["JointBudgetError", "combined_table", "fair_values", "knee_share", "share_grid"]
+__all__ = ["JointBudgetError", "combined_table", "fair_values", "floor_share", "knee_share", "share_grid"]
 
 #: Shares are put on an integer axis of this many steps for `find_knee` (it takes integer ks).
 SHARE_STEPS = 1000
@@ -63,6 +65,20 @@ def share_grid(points: int = 14, low: float = 0.25) -> list[float]:
     if not 0 < low < 1:
         raise JointBudgetError(f"the smallest share must be in (0, 1), got {low!r}")
     return [round(float(s), 3) for s in np.linspace(1.0, low, points)]
+
+
+def floor_share(table: CostTable, min_heads: int = 1) -> float:
+    """A lower bound of every allocation's share: every FFN empty, ``min_heads`` heads in the cheapest layer.
+
+    `allocate`'s greedy may stop somewhat above it (it keeps the last heads where
+    they are, not in the cheapest layer); a grid point between the two is skipped.
+    """
+    heads = [0] * table.n_layers
+    if min_heads:
+        cheapest = min(range(table.n_layers),
+                       key=lambda i: table.attention[i].cost(min_heads) - table.attention[i].empty)
+        heads[cheapest] = min_heads
+    return estimated_latency(table, heads, [0] * table.n_layers)
 
 
 def fair_values(table: CostTable, head_salience, neuron_salience, head_weight: float = 1.0):

@@ -57,8 +57,10 @@ from tqdm.auto import tqdm
 
 from cahp.arch import get_adapter
 from cahp.bench.config import parse_shapes
+from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs
+from cahp.bench.variants import prepare_for_inference
 from cahp.budget.cost import SOURCES, CostTable, cost_table
-from cahp.budget.joint_curve import combined_table, fair_values, knee_share, share_grid
+from cahp.budget.joint_curve import combined_table, fair_values, floor_share, knee_share, share_grid
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
@@ -92,7 +94,7 @@ class JointConfig:
     cost_shapes: str = cfg_field("1x32,32x128", "shapes whose mean estimated share is the budget axis")
     cost_threads: int = cfg_field(1, "threads of the cost measurement")
     grid_points: int = cfg_field(14, "target shares on the curve, from 1.0 down to --min-share")
-    min_share: float = cfg_field(0.25, "smallest target share of dense latency on the curve")
+    min_share: float = cfg_field(0.25, "smallest target share on the curve (raised above the lowest reachable)")
     head_weights: str = cfg_field("0.5,1,2", "weights of head values against neuron values tried at each share")
     linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
     speedup_budget: float = cfg_field(15.0, "seconds of timing per shape for the measured speedup (0: skip)")
@@ -146,16 +148,31 @@ def neuron_stats(run: PreparedRun, progress: bool = True) -> tuple[NeuronStats, 
 
 
 def cost_tables(run: PreparedRun, joint: JointConfig) -> tuple[list[CostTable], dict]:
-    """(one `CostTable` per shape of ``joint.cost_shapes``, the cache key) for the dense model."""
+    """(one `CostTable` per shape of ``joint.cost_shapes``, the cache key) for the dense model.
+
+    Measured tables time the model as the speedup is measured (`joint_report.measure_speedup`): freed
+    memory held, and at each shape the dense model's fastest attention kernel (`choose_kernel`); the
+    kernel changes the per-call overheads that the table's fixed costs and ``rest`` hold.
+    """
     shapes = parse_shapes(joint.cost_shapes)
     key = {**run.identity, "stage": "cost", "source": joint.cost_source, "shapes": shapes,
-           "threads": joint.cost_threads}
+           "threads": joint.cost_threads, "kernel": "auto", "allocator": "held"}
+
+    def table(batch: int, seq: int) -> dict:
+        if joint.cost_source != "measured":
+            return cost_table(run.model, batch, seq, source=joint.cost_source).to_dict()
+        apply_allocator(True)
+        model = prepare_for_inference(copy.deepcopy(run.model).cpu())
+        before = torch.get_num_threads()
+        torch.set_num_threads(joint.cost_threads)
+        try:
+            choose_kernel([model], "auto", make_inputs(model, batch, seq, seed=run.cfg.seed), None, 2, {})
+        finally:
+            torch.set_num_threads(before)
+        return cost_table(model, batch, seq, source="measured", threads=joint.cost_threads).to_dict()
 
     def compute() -> dict:
-        model = copy.deepcopy(run.model).cpu().eval() if joint.cost_source == "measured" else run.model
-        tables = distributed.on_main(
-            lambda: [cost_table(model, b, s, source=joint.cost_source, threads=joint.cost_threads).to_dict()
-                     for b, s in shapes])
+        tables = distributed.on_main(lambda: [table(b, s) for b, s in shapes])
         return {"tables": distributed.broadcast_object(tables)}
 
     data = run.stages.get_or_compute("cost", key, compute, label="cost_table")
@@ -221,7 +238,9 @@ class _Scorer:
 
 def joint_curve(run: PreparedRun, scorer: _Scorer, joint: JointConfig, key: dict, progress: bool = True) -> dict:
     """The curve: the best allocation of every target share of `share_grid`, scored (cached stage)."""
-    grid = share_grid(joint.grid_points, joint.min_share)
+    # the grid stops just above the lowest share reachable (an unreachable point would be lost)
+    low = max(joint.min_share, round(floor_share(scorer.table) + 0.01, 3))
+    grid = share_grid(joint.grid_points, low)
 
     def compute() -> dict:
         t0 = time.perf_counter()
@@ -320,7 +339,9 @@ def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: boo
     if cfg.target_speedup:
         chosen = distributed.broadcast_object(scorer.best(1 / cfg.target_speedup, joint.weights()))
         if chosen is None:
-            raise JointSetupError(f"no allocation reaches an estimated speedup of {cfg.target_speedup}")
+            raise JointSetupError(f"no allocation reaches an estimated speedup of {cfg.target_speedup} "
+                                  f"(at most {1 / floor_share(table):.2f}: embeddings, LayerNorms and the "
+                                  f"classifier stay)")
         source = "--target-speedup"
     else:
         source = "knee"
