@@ -177,14 +177,16 @@ def test_column_options_on_builtin_task_are_an_error(setup, tmp_path, capsys):
 # --- task types and metrics ----------------------------------------------------------------------
 
 
-def test_regression_prune_reports_pearson_and_spearman(setup, tmp_path):
+def test_regression_prune_reports_pearson_and_spearman(setup, tmp_path, capsys):
     """Float scores make a regression task: MSE, one output, the curve and the knee on Pearson."""
-    cfg = PruneConfig(model=str(setup["model"]), task=str(setup["reg"]), output_dir=str(tmp_path / "r"),
-                      text_column="sentence1", text_pair_column="sentence2", label_column="score",
-                      calibration_examples=32, curve_examples=30, stats_batch_size=16, grid_step=4)
-    ft = FinetuneConfig(epochs=1, lr=2e-3, batch_size=16, max_train_examples=60)
+    out = tmp_path / "r"
     # the 2-label model gets a new 1-output head, fine-tuned by cahp
-    r = run_prune(cfg, ft, progress=False).report
+    code = main([str(a) for a in _prune_args(setup, setup["reg"], out, "--text-column", "sentence1",
+                                             "--text-pair-column", "sentence2", "--label-column", "score")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "test pearson" in printed and "test spearman" in printed  # the summary line of cahp prune
+    r = json.loads((out / "report.json").read_text())
     assert r["task_type"] == "regression" and r["metric"] == "pearson"
     for stage in ("before_pruning", "after_pruning", "after_finetune"):
         scores = r["scores"][stage]["test"]
