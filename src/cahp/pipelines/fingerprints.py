@@ -63,7 +63,9 @@ def file_digest(path: str | os.PathLike) -> str:
         digest = h.hexdigest()
         if path.stat().st_size >= (1 << 20):  # only large files are worth remembering on disk
             try:
-                stored = stored if isinstance(stored, dict) else {}
+                # entries of files that are gone are dropped, so the store does not grow with temporary folders
+                stored = {k: v for k, v in (stored if isinstance(stored, dict) else {}).items()
+                          if Path(k.rsplit("|", 3)[0]).exists()}
                 stored[key] = digest
                 write_json(store, stored)
             except OSError as e:  # a read-only home: hash again next time
