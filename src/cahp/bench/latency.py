@@ -62,7 +62,7 @@ from cahp.bench.figures import (
 from cahp.bench.macs import count_macs
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs, onnx_runner, time_models, torch_runner
 from cahp.bench.variants import Variant, make_variant, no_attention_model, prepare_for_inference, random_removal
-from cahp.model.heads import model_shape
+from cahp.model.heads import describe, model_shape
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,9 @@ def bench_models(
         if v.label != DENSE and v.label != NO_ATTENTION and v.share_removed <= 0:
             raise BenchError(f"pruned model {v.label!r} has every head: nothing was removed")
         prepare_for_inference(v.model)
-    n_layers, n_heads = model_shape(dense.config)
+    n_layers = model_shape(dense.config)[0]
     result = {
-        "model_type": dense.config.model_type,
-        "layers": n_layers,
-        "heads_per_layer": n_heads,
+        **describe(dense),
         "threads": threads,
         "kernel_policy": cfg.kernel,
         "devices": devices,

@@ -22,7 +22,7 @@ from cahp.bench.config import DENSE, BenchConfig, BenchError
 from cahp.bench.figures import bootstrap_medians_ci
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs, time_models, torch_runner
 from cahp.bench.variants import make_variant, no_attention_model, prepare_for_inference, uniform_removal
-from cahp.model.heads import model_shape
+from cahp.model.heads import describe, model_shape
 from cahp.model.surgery import remove_heads
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def head_count_sweep(
     log.info("sweep batch %d seq %d (%s): fixed %.3f ms + %.3f ms/head per block; uniform ceiling %.2f [%.2f, %.2f]",
              batch, seq, chosen, fit["fixed_ms"], fit["per_head_ms"], fit["uniform_ceiling"], *ci)
     return {
-        "model_type": dense.config.model_type, "layers": n_layers, "heads_per_layer": n_heads,
+        **describe(dense),
         "batch": batch, "seq": seq, "threads": torch.get_num_threads(), "kernel": chosen,
         "kernel_calibration_ms": calib, "clock": cfg.clock, "allocator": allocator, "reps": len(times[0]),
         "inputs": "random token ids, no padding",

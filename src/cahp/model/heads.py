@@ -32,6 +32,13 @@ def model_shape(model_or_config) -> tuple[int, int]:
     return adapter.num_layers(config), adapter.num_heads(config)
 
 
+def describe(model_or_config) -> dict:
+    """The family and original shape a measurement records: ``{"model_type", "layers", "heads_per_layer"}``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    n_layers, n_heads = model_shape(config)
+    return {"model_type": config.model_type, "layers": n_layers, "heads_per_layer": n_heads}
+
+
 def kept_heads(model_or_config) -> dict[int, list[int]]:
     """Original indices of the heads each layer still holds."""
     config = getattr(model_or_config, "config", model_or_config)
