@@ -31,13 +31,7 @@ from .tiny import FAMILIES, HEAD_DIM, N_HEADS, N_LAYERS, tiny_batch, tiny_model
 PATTERN = {0: [1], 1: [0, 1, 2, 3], 2: [0, 3]}  # heads left per layer: 3, 0, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle-waiting threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, batch):

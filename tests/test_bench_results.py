@@ -6,7 +6,6 @@ import json
 import shlex
 
 import pytest
-import torch
 from benchmarks import bench_latency
 from benchmarks._common import RESULTS_DIR
 
@@ -15,14 +14,7 @@ from cahp.core.io import to_jsonable
 
 from .tiny import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle-waiting threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_benchmark_render_on_a_tiny_result():

@@ -25,12 +25,7 @@ FFN_KEPT = {0: [0, 1, 2, 3, 7, 9, 10, 11, 40, 63], 1: [], 2: list(range(5, 64))}
 FFN_RECORD = {"intermediate_size": 64, "counts": [10, 0, 59], "indices": ["0-3,7,9-11,40,63", "", "5-63"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_biases(model):

@@ -35,12 +35,7 @@ from .test_deploy import WORDS, tiny_sentence_folder
 REMOVED = {0: [1, 2], 1: [0, 1, 2, 3], 2: [3]}  # uneven; layer 1 left with no head
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -31,13 +31,7 @@ TOL = 1e-5
 PATTERN = {0: [1, 5, 6, 7, 40], 1: list(range(D_FF)), 2: list(range(0, D_FF, 3))}  # uneven, layer 1 empty
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine idle threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def biased_model(family: str, seed: int = 0):

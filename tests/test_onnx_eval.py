@@ -27,13 +27,7 @@ WORDS = [f"w{i}" for i in range(94)]
 PATTERN = {0: [1], 1: [0, 1, 2, 3], 2: [0, 3]}  # uneven heads, layer 1 empty
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and idle-waiting pool threads cost seconds on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def word_tokenizer(path):
