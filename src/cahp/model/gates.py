@@ -23,41 +23,72 @@ from cahp.arch import get_adapter
 from cahp.model.heads import kept_heads, model_shape
 
 
-class HeadGates:
-    """Gates of shape (layers, heads) attached to a model through hooks.
+class Gates:
+    """A float tensor of gates (layers, units) applied by one forward pre-hook per layer.
 
-    Use as a context manager (``with head_gates(model) as gates:``) or call
-    `close()`; either way no hook is left behind.
+    The base of `HeadGates` and `cahp.model.neurons.NeuronGates`: a subclass names
+    the module each layer's gates scale the input of and how (`_make_hook`); this
+    class owns the values, the hooks and their removal. Use as a context manager
+    or call `close()`; either way no hook is left behind.
 
     Attributes:
-        values: float tensor (layers, heads); assign into it (``gates.values[2, 5] = 0``)
-            or replace it with `set`. Has ``requires_grad`` when asked for.
+        values: float tensor (layers, units) in original numbering; assign into it
+            (``gates.values[2, 5] = 0``) or replace its content with `set`. Has
+            ``requires_grad`` when asked for.
     """
 
-    def __init__(self, model: nn.Module, init: float | torch.Tensor = 1.0, requires_grad: bool = False):
+    #: the error raised for gate values of the wrong shape
+    shape_error: type[ValueError] = ValueError
+
+    def __init__(self, model: nn.Module, shape: tuple[int, int], targets, init: float | torch.Tensor,
+                 requires_grad: bool):
+        """``targets``: (layer index, module whose input is gated, kept original indices) per gated layer."""
         self.model = model
-        adapter = get_adapter(model)
-        n_layers, n_heads = model_shape(model.config)
-        self.head_dim = adapter.head_dim(model.config)
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
         if isinstance(init, torch.Tensor):
-            values = init.detach().to(device=device, dtype=dtype).clone()
-            if tuple(values.shape) != (n_layers, n_heads):
-                raise ValueError(
-                    f"gate values have shape {tuple(values.shape)}, expected ({n_layers}, {n_heads})"
-                )
+            values = init.detach().to(device=param.device, dtype=param.dtype).clone()
+            if tuple(values.shape) != tuple(shape):
+                raise self.shape_error(f"gate values have shape {tuple(values.shape)}, expected {tuple(shape)}")
         else:
-            values = torch.full((n_layers, n_heads), float(init), device=device, dtype=dtype)
+            values = torch.full(tuple(shape), float(init), device=param.device, dtype=param.dtype)
         self.values = values.requires_grad_(requires_grad)
         self._handles = []
+        for layer_idx, module, kept in targets:
+            index = torch.tensor(kept, dtype=torch.long, device=param.device)
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer_idx, index)))
+
+    def _make_hook(self, layer_idx: int, index: torch.Tensor):
+        """The pre-hook of layer ``layer_idx``; ``index``: (kept,) original indices of its units."""
+        raise NotImplementedError
+
+    def set(self, values: torch.Tensor) -> None:
+        """Copy new gate values in (e.g. a 0/1 mask of a selection)."""
+        with torch.no_grad():
+            self.values.copy_(torch.as_tensor(values, dtype=self.values.dtype))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class HeadGates(Gates):
+    """Gates of shape (layers, heads) on the heads' context vectors (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, init: float | torch.Tensor = 1.0, requires_grad: bool = False):
+        adapter = get_adapter(model)
+        self.head_dim = adapter.head_dim(model.config)
         kept = kept_heads(model.config)
-        for layer_idx, layer in enumerate(adapter.layers(model)):
-            o = adapter.heads(layer).o
-            if o is None:  # no head left in this layer: nothing to gate
-                continue
-            index = torch.tensor(kept[layer_idx], dtype=torch.long, device=device)
-            self._handles.append(o.register_forward_pre_hook(self._make_hook(layer_idx, index)))
+        # A layer with no head left has no output projection: nothing to gate.
+        targets = [(i, adapter.heads(layer).o, kept[i]) for i, layer in enumerate(adapter.layers(model))
+                   if adapter.heads(layer).o is not None]
+        super().__init__(model, model_shape(model.config), targets, init, requires_grad)
 
     def _make_hook(self, layer_idx: int, index: torch.Tensor):
         d = self.head_dim
@@ -70,22 +101,6 @@ class HeadGates:
             return (x, *rest)
 
         return hook
-
-    def set(self, values: torch.Tensor) -> None:
-        """Copy new gate values in (e.g. a 0/1 mask of a head selection)."""
-        with torch.no_grad():
-            self.values.copy_(torch.as_tensor(values, dtype=self.values.dtype))
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> HeadGates:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @contextmanager

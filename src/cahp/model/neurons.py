@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cahp.arch import get_adapter
+from cahp.model.gates import Gates
 
 KEPT_NEURONS_KEY = "cahp_kept_neurons"
 _TOKEN = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -232,7 +233,7 @@ def _as_index_array(values, layer: int) -> np.ndarray:
 # --- gates ---------------------------------------------------------------------
 
 
-class NeuronGates:
+class NeuronGates(Gates):
     """Gates of shape (layers, d_ff) on the FFN neurons, attached through hooks.
 
     A gate g[l, i] multiplies neuron i's activation (its slice of the input of
@@ -240,36 +241,19 @@ class NeuronGates:
     scales a head's context. So g = 0 gives exactly the model with that neuron
     removed, g = 1 changes nothing, and gradients reach the gates. Columns of
     removed neurons (and whole rows of empty FFNs) have no effect. Works
-    alongside `HeadGates` (they hook different modules).
-
-    Use as a context manager or call `close()`; either way no hook is left.
-
-    Attributes:
-        values: float tensor (layers, d_ff) in original neuron numbering;
-            assign into it or replace its content with `set`. Has
-            ``requires_grad`` when asked for.
+    alongside `HeadGates` (they hook different modules). Values, `set`,
+    `close` and the context manager: `cahp.model.gates.Gates`.
     """
 
+    shape_error = NeuronIndexError
+
     def __init__(self, model: nn.Module, init: float | torch.Tensor = 1.0, requires_grad: bool = False):
-        self.model = model
         adapter = get_adapter(model)
-        n_layers, size = neuron_shape(model.config)
-        param = next(model.parameters())
-        if isinstance(init, torch.Tensor):
-            values = init.detach().to(device=param.device, dtype=param.dtype).clone()
-            if tuple(values.shape) != (n_layers, size):
-                raise NeuronIndexError(f"gate values have shape {tuple(values.shape)}, expected ({n_layers}, {size})")
-        else:
-            values = torch.full((n_layers, size), float(init), device=param.device, dtype=param.dtype)
-        self.values = values.requires_grad_(requires_grad)
-        self._handles = []
         kept = kept_neurons(model.config)
-        for layer_idx, layer in enumerate(adapter.layers(model)):
-            out = adapter.ffn(layer).out
-            if out is None:  # empty FFN: nothing to gate
-                continue
-            index = torch.tensor(kept[layer_idx], dtype=torch.long, device=param.device)
-            self._handles.append(out.register_forward_pre_hook(self._make_hook(layer_idx, index)))
+        # An empty FFN has no output projection: nothing to gate.
+        targets = [(i, adapter.ffn(layer).out, kept[i]) for i, layer in enumerate(adapter.layers(model))
+                   if adapter.ffn(layer).out is not None]
+        super().__init__(model, neuron_shape(model.config), targets, init, requires_grad)
 
     def _make_hook(self, layer_idx: int, index: torch.Tensor):
         def hook(module, args):
@@ -279,22 +263,6 @@ class NeuronGates:
             return (x * g, *rest)
 
         return hook
-
-    def set(self, values: torch.Tensor) -> None:
-        """Copy new gate values in (e.g. a 0/1 mask of a neuron selection)."""
-        with torch.no_grad():
-            self.values.copy_(torch.as_tensor(values, dtype=self.values.dtype))
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> NeuronGates:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @contextmanager
