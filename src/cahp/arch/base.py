@@ -252,6 +252,24 @@ class ResidualOnlyFFN(nn.Module):
         return self._modules["LayerNorm"](residual + added)
 
 
+def post_norm_ffn(layer: nn.Module) -> LayerFFN:
+    """`LayerFFN` of a layer with ``intermediate.dense`` -> act and ``output.dense`` + LayerNorm (BERT, MPNet)."""
+    if isinstance(layer.output, ResidualOnlyFFN):
+        return LayerFFN(None, None, None)
+    inter = layer.intermediate
+    return LayerFFN(inter.dense, layer.output.dense, inter.intermediate_act_fn)
+
+
+def empty_post_norm_ffn(layer: nn.Module, config) -> None:
+    """Empty the FFN of such a layer: the layer calls ``output(intermediate(h), h)``, so an identity
+    intermediate does no work and the residual-only output reads ``h`` from its second argument."""
+    old = layer.output
+    layer.intermediate = nn.Identity()
+    layer.output = ResidualOnlyFFN(
+        old.dense.bias, old.LayerNorm, config.hidden_dropout_prob, style="post_norm"
+    ).train(old.training)
+
+
 class ArchAdapter:
     """Base class: subclasses describe one model family.
 

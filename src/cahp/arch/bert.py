@@ -14,7 +14,8 @@ from .base import (
     LayerFFN,
     LayerHeads,
     ResidualOnlyAttention,
-    ResidualOnlyFFN,
+    empty_post_norm_ffn,
+    post_norm_ffn,
     project_out_residual,
     project_qkv,
 )
@@ -69,19 +70,10 @@ class BertAdapter(ArchAdapter):
         return LayerHeads(s, s.query, s.key, s.value, attn.output.dense)
 
     def ffn(self, layer: nn.Module) -> LayerFFN:
-        if isinstance(layer.output, ResidualOnlyFFN):
-            return LayerFFN(None, None, None)
-        inter = layer.intermediate
-        return LayerFFN(inter.dense, layer.output.dense, inter.intermediate_act_fn)
+        return post_norm_ffn(layer)
 
     def make_ffn_empty(self, layer: nn.Module, config) -> None:
-        old = layer.output
-        # XLayer.feed_forward_chunk calls output(intermediate(h), h): an identity intermediate does no work,
-        # and the residual-only output reads h from its second argument.
-        layer.intermediate = nn.Identity()
-        layer.output = ResidualOnlyFFN(
-            old.dense.bias, old.LayerNorm, config.hidden_dropout_prob, style="post_norm"
-        ).train(old.training)
+        empty_post_norm_ffn(layer, config)
 
     def compact_block(self, layer: nn.Module) -> nn.Module | None:
         return None if isinstance(layer.attention, ResidualOnlyAttention) else layer.attention

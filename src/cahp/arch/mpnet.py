@@ -21,9 +21,10 @@ from .base import (
     LayerFFN,
     LayerHeads,
     ResidualOnlyAttention,
-    ResidualOnlyFFN,
     check_kernel,
     drop_fused_weights,
+    empty_post_norm_ffn,
+    post_norm_ffn,
     project_out_residual,
     project_qkv,
     set_compact,
@@ -139,18 +140,10 @@ class MPNetAdapter(ArchAdapter):
         return LayerHeads(a, a.q, a.k, a.v, a.o)
 
     def ffn(self, layer: nn.Module) -> LayerFFN:
-        if isinstance(layer.output, ResidualOnlyFFN):
-            return LayerFFN(None, None, None)
-        inter = layer.intermediate
-        return LayerFFN(inter.dense, layer.output.dense, inter.intermediate_act_fn)
+        return post_norm_ffn(layer)
 
     def make_ffn_empty(self, layer: nn.Module, config) -> None:
-        old = layer.output
-        # MPNetLayer calls output(intermediate(h), h): an identity intermediate does no work.
-        layer.intermediate = nn.Identity()
-        layer.output = ResidualOnlyFFN(
-            old.dense.bias, old.LayerNorm, config.hidden_dropout_prob, style="post_norm"
-        ).train(old.training)
+        empty_post_norm_ffn(layer, config)
 
     def set_head_count(self, attention: nn.Module, n: int, head_dim: int) -> None:
         attention.num_attention_heads = n
