@@ -16,7 +16,7 @@ from cahp.cli import main as cli_main
 from cahp.core.configs import from_args
 from cahp.core.io import machine_label
 from cahp.pipelines import cache, compare
-from cahp.pipelines import prune as pipeline
+from cahp.pipelines import stages as pipeline  # the stage functions tests patch live there
 from cahp.pipelines.compare import CompareConfig, run_compare
 from cahp.pipelines.prune import PruneConfig, run_prune
 from cahp.pipelines.report import render_markdown

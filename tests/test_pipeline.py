@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import cahp
-from cahp.pipelines import prune as pipeline
+from cahp.pipelines import stages as pipeline  # the stage functions tests patch live there
 from cahp.pipelines.prune import PruneConfig, RunConflictError, run_prune, split_train
 from cahp.train.finetune import FinetuneConfig
 

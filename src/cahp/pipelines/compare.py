@@ -68,7 +68,8 @@ from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
 from cahp.pipelines.guard import check_run, clip_max_length, model_config, output_folder
 from cahp.pipelines.plots import plot_compare_curves, plot_compare_layers
-from cahp.pipelines.prune import (
+from cahp.pipelines.report import compute_seconds, render_markdown, seconds_by_machine, verdict_lines, verdict_text
+from cahp.pipelines.stages import (
     PruneConfig,
     cahp_selector,
     curve,
@@ -77,7 +78,6 @@ from cahp.pipelines.prune import (
     prepare_run,
     selector_settings,
 )
-from cahp.pipelines.report import compute_seconds, render_markdown, seconds_by_machine, verdict_lines, verdict_text
 from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp, verdict
 from cahp.selectors.base import HeadSelector, check_mask
 from cahp.selectors.fisher import fold_gates

@@ -51,6 +51,7 @@ from cahp.pipelines.cache import StageCache
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.fingerprints import data_fingerprints, model_fingerprint
 from cahp.pipelines.guard import _check_counts, build_task, check_identity, clip_max_length, model_config
+from cahp.pipelines.stages import PruneResult, selector_settings
 from cahp.selectors.base import HeadStats, SelectionContext
 from cahp.selectors.gqa import GQAStats, KVBudgetError, gqa_stats
 from cahp.selectors.registry import make_selector
@@ -136,8 +137,6 @@ def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
     ``cfg``: `cahp.pipelines.prune.PruneConfig` (``calibration_examples`` / ``curve_examples`` count
     sentences of calibration / held-out text; ``keep`` counts KV heads); ``task``: the checked task.
     """
-    from cahp.pipelines.prune import PruneResult, selector_settings  # imported here: prune imports this module
-
     t_total = time.perf_counter()
     task, ft_cfg = check_decoder_run(cfg, ft_cfg, task)
     out.mkdir(parents=True, exist_ok=True)

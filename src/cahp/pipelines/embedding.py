@@ -70,7 +70,7 @@ from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache, fingerprint
 from cahp.pipelines.embedding_eval import THROUGHPUT, SimilaritySet, encoding_throughput, load_similarity_task
-from cahp.pipelines.prune import (
+from cahp.pipelines.stages import (
     PruneConfig,
     PruneResult,
     cahp_selector,

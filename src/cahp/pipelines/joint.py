@@ -70,7 +70,7 @@ from cahp.model.neuron_surgery import keep_neurons
 from cahp.model.neurons import KEPT_NEURONS_KEY, encode_kept_neurons, kept_neuron_mask, neuron_gates, neuron_shape
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import joint_report
-from cahp.pipelines.prune import PreparedRun, PruneConfig, PruneResult, prepare_run
+from cahp.pipelines.stages import PreparedRun, PruneConfig, PruneResult, prepare_run
 from cahp.selectors.joint import LINKAGES, Allocation, JointSelectionError, JointSelector, allocate
 from cahp.stats.neurons import NeuronStats, collect_neuron_stats
 from cahp.train.evaluate import evaluate_task, predict
