@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import cahp
-from cahp.deploy.card import base_model_info, strip_local_paths, write_model_card
+from cahp.pipelines.card import base_model_info, strip_local_paths, write_model_card
 
 from .test_deploy import pruned, tiny_sentence_folder
 

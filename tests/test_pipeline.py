@@ -169,3 +169,19 @@ def test_stage_cache(tmp_path):
     t = other.get_or_compute("t", {}, lambda: {"w": torch.arange(3.0)}, tensors=True)
     again = other.get_or_compute("t", {}, lambda: {"w": torch.zeros(3)}, tensors=True)
     assert torch.equal(t["w"], torch.arange(3.0)) and torch.equal(again["w"], t["w"])
+
+
+def test_cli_prune_writes_model_card(tiny_setup, tmp_path, capsys, monkeypatch):
+    """`cahp prune` leaves a Hub-ready model card in model/: kept heads, scores, the command, no local paths."""
+    from cahp.cli import main
+
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_setup / "model"), "--task", str(tiny_setup / "task"), "--output-dir",
+            str(out), "--calibration-examples", "64", "--curve-examples", "80", "--stats-batch-size", "16",
+            "--grid-step", "1", "--epochs", "1", "--lr", "2e-3", "--batch-size", "16", "--keep", "6"]
+    monkeypatch.setattr("sys.argv", ["cahp", *argv])
+    assert main(argv) == 0
+    assert "model card README.md" in capsys.readouterr().out
+    card = (out / "model" / "README.md").read_text()
+    assert "cahp prune" in card and "trust_remote_code=True" in card
+    assert str(tmp_path) not in card

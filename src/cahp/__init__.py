@@ -11,7 +11,8 @@ Foundation API:
 """
 
 from cahp.arch import UnsupportedArchitectureError, get_adapter, supported_model_types
-from cahp.core import distributed  # `cahp.distributed.init()` etc., as documented in the README
+from cahp.core import distributed
+from cahp.core.version import __version__  # `cahp.distributed.init()` etc., as documented in the README
 from cahp.model.capture import AttentionBatch, AttentionCapture, iter_attention
 from cahp.model.checkpoint import CheckpointError, load_pruned, save_pruned
 from cahp.model.gates import HeadGates, head_gates
@@ -20,8 +21,6 @@ from cahp.model.loading import ModelLoadError, load_model
 from cahp.model.neuron_surgery import keep_neurons, remove_neurons
 from cahp.model.neurons import NeuronGates, NeuronIndexError, kept_neurons, neuron_gates
 from cahp.model.surgery import count_parameters, keep_heads, remove_heads
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionBatch",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 
 from cahp.commands._common import prune_configs
 from cahp.core.configs import add_dataclass_args
@@ -21,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from cahp.core import distributed
+    from cahp.pipelines.card import write_model_card
     from cahp.pipelines.prune import run_prune
 
     cfg, ft = prune_configs(args)
@@ -39,6 +42,7 @@ def run(args) -> int:
 
         print(f"{summary(r)}\noutputs in {result.output_dir}: model/, report.json, curve.png, heads.png, log.txt")
         return 0
+    card = write_model_card(result.output_dir / "model", {**r, "command": shlex.join(["cahp", *sys.argv[1:]])})
     split = r["data"]["test_split"]
     after = r["scores"]["after_finetune"] or r["scores"]["after_pruning"]
     before = r["scores"]["before_pruning"][split]
@@ -49,7 +53,8 @@ def run(args) -> int:
     print(
         f"{r['model']} / {r['task']}: kept {r['heads_kept']} of {r['heads_before']} heads (k* = {r['k_star']}), "
         f"parameters {r['parameters']['before']:,} -> {r['parameters']['after']:,}; {scores}\n"
-        f"outputs in {result.output_dir}: model/, report.json, curve.png, heads.png, distances.png, log.txt"
+        f"outputs in {result.output_dir}: model/ (with its model card {card.name}), report.json, curve.png, "
+        "heads.png, distances.png, log.txt"
     )
     if r.get("ffn"):  # cahp prune --ffn: neurons and speedups too (cahp.pipelines.joint_report)
         measured = ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in (r["measured_speedup"] or {}).items()) or "-"

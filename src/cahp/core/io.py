@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cahp.core.version import __version__
+
 
 def to_jsonable(obj: Any) -> Any:
     """numpy / torch scalars and arrays, Paths and tuples -> plain JSON types; NaN and infinities -> None."""
@@ -52,12 +54,10 @@ def environment() -> dict:
     """
     import transformers
 
-    import cahp
-
     cpu = cpu_name()
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cahp": cahp.__version__,
+        "cahp": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -1,2 +1,2 @@
 """What ships: self-contained pruned folders (`folder`), sentence-transformers files (`sentence`),
-model cards (`card`), ONNX export (`onnx`), its int8 copy (`quantize`) and scoring either on a task (`runtime`)."""
+ONNX export (`onnx`), its int8 copy (`quantize`) and scoring either on a task (`runtime`)."""
