@@ -37,6 +37,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from cahp.budget.cost import CostTable, estimated_latency
+from cahp.selectors.cahp import most_salient_members
 from cahp.selectors.graph import check_distance_matrix
 
 __all__ = [
@@ -87,14 +88,6 @@ def cut_linkage(Z: np.ndarray, n: int, k: int) -> np.ndarray:
     return rank[inverse.reshape(-1)]
 
 
-def _representatives(labels: np.ndarray, salience: np.ndarray) -> np.ndarray:
-    """Each cluster's most salient member (ties: the lowest index), sorted; vectorised for thousands of units."""
-    order = np.lexsort((np.arange(len(labels)), -salience, labels))  # by label, then salience down, then index
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = labels[order][1:] != labels[order][:-1]
-    return np.sort(order[first]).astype(np.int64)
-
-
 def select_units(D: Any, salience: Any, k: int, method: str = "average", Z: np.ndarray | None = None) -> np.ndarray:
     """Keep ``k`` of a layer's units: ``k`` clusters of ``D``, each cluster's most salient member.
 
@@ -121,7 +114,7 @@ def select_units(D: Any, salience: Any, k: int, method: str = "average", Z: np.n
         return np.arange(n, dtype=np.int64)
     if Z is None:
         Z = layer_linkage(D, method)
-    return _representatives(cut_linkage(Z, n, int(k)), salience)
+    return most_salient_members(cut_linkage(Z, n, int(k)), salience)
 
 
 def select_layers(
@@ -372,7 +365,7 @@ class JointSelector:
             elif k == n:
                 out[layer] = list(ids)
             else:
-                out[layer] = [int(ids[p]) for p in _representatives(cut_linkage(Z, n, int(k)), sal)]
+                out[layer] = [int(ids[p]) for p in most_salient_members(cut_linkage(Z, n, int(k)), sal)]
         return out
 
     def select(self, allocation: Allocation) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
