@@ -56,7 +56,7 @@ def default_output_dir(kind: str, model: str, task: str) -> Path:
 def prune_configs(args):
     """(PruneConfig, FinetuneConfig) from parsed options; the fine-tuning seed follows --seed."""
     from cahp.core.configs import from_args
-    from cahp.pipelines.prune import PruneConfig
+    from cahp.pipelines.stages import PruneConfig
     from cahp.train.finetune import FinetuneConfig
 
     cfg = from_args(PruneConfig, args)

@@ -6,7 +6,7 @@ import argparse
 
 from cahp.commands._common import prune_configs
 from cahp.core.configs import add_dataclass_args, from_args
-from cahp.pipelines.prune import PruneConfig
+from cahp.pipelines.stages import PruneConfig
 from cahp.train.finetune import FinetuneConfig
 
 _NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")

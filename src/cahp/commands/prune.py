@@ -9,7 +9,7 @@ import sys
 
 from cahp.commands._common import prune_configs
 from cahp.core.configs import add_dataclass_args
-from cahp.pipelines.prune import PruneConfig
+from cahp.pipelines.stages import PruneConfig
 from cahp.train.finetune import FinetuneConfig
 
 log = logging.getLogger("cahp.prune")
