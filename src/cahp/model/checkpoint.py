@@ -256,7 +256,7 @@ def load_pruned(path: str | os.PathLike, attn_implementation: str | None = None,
     if with_tokenizer:
         # The family config, not config.json's cahp-<family> type: otherwise transformers asks on the
         # terminal whether to run the folder's remote code (and hangs without one).
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, config=load_config(path))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, config=config)
     return model, tokenizer
 
 

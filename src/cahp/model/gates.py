@@ -86,8 +86,8 @@ class HeadGates(Gates):
         self.head_dim = adapter.head_dim(model.config)
         kept = kept_heads(model.config)
         # A layer with no head left has no output projection: nothing to gate.
-        targets = [(i, adapter.heads(layer).o, kept[i]) for i, layer in enumerate(adapter.layers(model))
-                   if adapter.heads(layer).o is not None]
+        outs = [adapter.heads(layer).o for layer in adapter.layers(model)]
+        targets = [(i, o, kept[i]) for i, o in enumerate(outs) if o is not None]
         super().__init__(model, model_shape(model.config), targets, init, requires_grad)
 
     def _make_hook(self, layer_idx: int, index: torch.Tensor):

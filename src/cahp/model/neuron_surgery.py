@@ -27,7 +27,7 @@ from cahp.model.neurons import (
     neuron_shape,
     normalize_neurons,
 )
-from cahp.model.surgery import _slice_linear
+from cahp.model.surgery import _owner_of, _replace_child, _slice_linear
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,8 @@ def keep_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int]] | torch.
 
 
 def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` where ``old`` sits under ``root`` (same attribute name)."""
-    for module in root.modules():
-        for name, child in module.named_children():
-            if child is old:
-                setattr(module, name, new)
-                return
-    raise RuntimeError("FFN projection not found under its layer")  # adapter bug, not user input
+    """Put ``new`` where ``old`` sits under ``root`` (same attribute name of the same parent)."""
+    _replace_child(_owner_of(root, old), old, new, "FFN")
 
 
 __all__ = ["keep_neurons", "remove_neurons"]

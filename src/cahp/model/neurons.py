@@ -251,8 +251,8 @@ class NeuronGates(Gates):
         adapter = get_adapter(model)
         kept = kept_neurons(model.config)
         # An empty FFN has no output projection: nothing to gate.
-        targets = [(i, adapter.ffn(layer).out, kept[i]) for i, layer in enumerate(adapter.layers(model))
-                   if adapter.ffn(layer).out is not None]
+        outs = [adapter.ffn(layer).out for layer in adapter.layers(model)]
+        targets = [(i, out, kept[i]) for i, out in enumerate(outs) if out is not None]
         super().__init__(model, neuron_shape(model.config), targets, init, requires_grad)
 
     def _make_hook(self, layer_idx: int, index: torch.Tensor):

@@ -138,7 +138,7 @@ def _replace_child(parent: nn.Module, old: nn.Module, new: nn.Module, what: str)
         if sub is old:
             setattr(parent, name, new)
             return
-    raise RuntimeError(f"{what} projection not found in its attention module")
+    raise RuntimeError(f"{what} projection not found in its parent module")  # adapter bug, not user input
 
 
 def count_parameters(model: nn.Module) -> int:
