@@ -37,7 +37,7 @@ import torch
 
 from cahp.arch import get_adapter
 from cahp.budget.curve import default_grid
-from cahp.budget.knee import KneeResult, find_knee
+from cahp.budget.knee import KneeResult
 from cahp.budget.perplexity import kv_curve, lm_loss, perplexity
 from cahp.core import distributed
 from cahp.core.io import environment, write_json
@@ -51,7 +51,7 @@ from cahp.pipelines.cache import StageCache
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.fingerprints import data_fingerprints, model_fingerprint
 from cahp.pipelines.guard import _check_counts, build_task, check_identity, clip_max_length, model_config
-from cahp.pipelines.stages import PruneResult, selector_settings
+from cahp.pipelines.stages import PruneResult, find_k_star, selector_settings
 from cahp.selectors.base import HeadStats, SelectionContext
 from cahp.selectors.gqa import GQAStats, KVBudgetError, gqa_stats
 from cahp.selectors.registry import make_selector
@@ -180,10 +180,7 @@ def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
                  "selector": selector.settings(), "ks": ks}
     points = stages.get_or_compute(f"curve-{selector.tag}", curve_key, label="curve",
                                    compute=lambda: kv_curve(model, selector, stats, ks, held, ctx, progress))["points"]
-    knee = find_knee([p["k"] for p in points], [p["score"] for p in points], degree=cfg.degree or None,
-                     method=cfg.knee_method)
-    if knee.warning:
-        log.warning("knee: %s", knee.warning)
+    knee = find_k_star(points, cfg)
     k_final, k_source = kv_budget(cfg, knee, stats.n_kv)
     mask = selector.select(k_final, stats, ctx)
 

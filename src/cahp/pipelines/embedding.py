@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from cahp.budget.curve import default_grid
-from cahp.budget.knee import KneeResult, find_knee
+from cahp.budget.knee import KneeResult
 from cahp.core import distributed
 from cahp.core.io import environment, machine_label, read_json, write_json
 from cahp.data.batching import EncodedDataset, make_batches
@@ -75,6 +75,7 @@ from cahp.pipelines.stages import (
     PruneResult,
     cahp_selector,
     final_budget,
+    find_k_star,
     signatures,
     split_train,
 )
@@ -357,10 +358,7 @@ def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
     params_before, heads_before = count_parameters(run.model), num_kept(run.model)
     selector = cahp_selector(cfg)  # steps 3-5
     points = embedding_curve(run, selector, progress)["points"]  # step 6
-    knee = find_knee([p["k"] for p in points], [p["score"] for p in points], degree=cfg.degree or None,
-                     method=cfg.knee_method)
-    if knee.warning:
-        log.warning("knee: %s", knee.warning)
+    knee = find_k_star(points, cfg)
     k_final, k_source = final_budget(cfg, knee, run.stats.n)
     mask = distributed.broadcast_object(selector.select(k_final, run.stats, run.context()))
     dense = dense_scores(run)
