@@ -55,7 +55,7 @@ from cahp.model.gates import head_gates
 from cahp.model.heads import model_shape
 from cahp.model.neurons import kept_neurons, neuron_gates, neuron_shape
 from cahp.stats.salience import GateGradientAccumulator
-from cahp.train.evaluate import model_inputs
+from cahp.train.evaluate import labelled_loss
 
 log = logging.getLogger(__name__)
 
@@ -298,13 +298,12 @@ def collect_neuron_stats(
             for batch in bar:
                 t = time.perf_counter()
                 state["mask"] = batch["attention_mask"].to(device).bool()
-                out = model(**model_inputs(batch, device), labels=batch["labels"].to(device))
-                grads = torch.autograd.grad(out.loss, gate_values)
+                grads = torch.autograd.grad(labelled_loss(model, batch, device), gate_values)
                 neuron_acc.add_batch(grads[0])
                 if heads:
                     head_acc.add_batch(grads[1])
                 examples += int(batch["attention_mask"].shape[0])
-                del out, grads
+                del grads
                 release_freed_memory()
                 seconds["passes"] += time.perf_counter() - t
     finally:

@@ -21,17 +21,12 @@ from tqdm.auto import tqdm
 from cahp.core import distributed
 from cahp.model.gates import head_gates
 from cahp.model.heads import model_shape
-from cahp.train.evaluate import model_inputs
+from cahp.train.evaluate import labelled_loss
 
 log = logging.getLogger(__name__)
 
 #: ``loss_fn(model, batch, device) -> scalar tensor``: the loss whose gate gradients are taken.
 LossFn = Callable[[nn.Module, dict, torch.device], torch.Tensor]
-
-
-def labelled_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """The model's own loss against the batch's ``labels`` (the default of the gate-gradient passes)."""
-    return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).loss
 
 
 class GateGradientAccumulator:

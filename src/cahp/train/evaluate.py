@@ -45,6 +45,12 @@ def model_inputs(batch: dict, device: torch.device | str | None = None) -> dict:
     return {k: (v.to(device) if device is not None else v) for k, v in batch.items() if k in MODEL_INPUTS}
 
 
+def labelled_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """The model's own loss against the batch's ``labels``: what fine-tuning (classification) minimises and
+    what the gate-gradient passes (head salience, neuron statistics) differentiate by default."""
+    return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).loss
+
+
 class Predictor(Protocol):
     """What `predict` runs besides a torch module: ``logits(inputs) -> (batch, num_labels)`` tensor.
 

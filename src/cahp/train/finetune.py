@@ -30,7 +30,7 @@ from cahp.core.configs import field as cfg_field
 from cahp.data.batching import encode, make_batches
 from cahp.data.tasks import Task
 from cahp.model.checkpoint import save_pruned
-from cahp.train.evaluate import evaluate_examples, model_inputs
+from cahp.train.evaluate import evaluate_examples, labelled_loss, model_inputs
 from cahp.train.metrics import METRICS, resolve_metric
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def finetune(
 def _loss(model: nn.Module, batch: dict, device: torch.device, regression: bool) -> torch.Tensor:
     """The batch's mean loss: cross-entropy (the model's own) or, for regression, MSE of the one output."""
     if not regression:
-        return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).loss
+        return labelled_loss(model, batch, device)
     # logits (batch, 1) -> (batch,) against float labels (batch,)
     logits = model(**model_inputs(batch, device)).logits
     return nn.functional.mse_loss(logits[:, 0].float(), batch["labels"].to(device).float())
