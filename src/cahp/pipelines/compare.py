@@ -146,6 +146,9 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
         dense_ft: the dense model's fine-tuning when the output folder holds no run yet (default:
             ``ft_cfg``); a folder that holds a run keeps the settings in its run.json.
     """
+    if cfg.objective != "task":  # label-free: the embedding objective's comparison, by distillation
+        from cahp.pipelines.compare_embedding import run_compare_embedding
+        return run_compare_embedding(cfg, ft_cfg, ccfg, progress)
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
     ccfg = ccfg or CompareConfig()
     unknown = [m for m in ccfg.methods if m not in SELECTORS]

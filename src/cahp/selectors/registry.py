@@ -9,6 +9,7 @@ from cahp.selectors.cahp import CAHPSelector
 from cahp.selectors.fisher import FisherSearchSelector
 from cahp.selectors.gqa import GQA_SELECTORS
 from cahp.selectors.gradient import GradientSelector
+from cahp.selectors.layer_drop import LayerDropSelector
 from cahp.selectors.simple import EntropySelector, MagnitudeSelector, RandomSelector
 
 __all__ = ["KV_SELECTORS", "SELECTORS", "make_selector"]
@@ -23,6 +24,7 @@ SELECTORS: dict[str, tuple[type[HeadSelector], dict]] = {
     "entropy": (EntropySelector, {}),
     "fisher": (FisherSearchSelector, {}),
     "fisher-tuned": (FisherSearchSelector, {"tune": True}),
+    "layer-drop": (LayerDropSelector, {}),
 }
 """name -> (selector class, fixed settings). ``fisher`` = search + rearrangement; ``fisher-tuned`` adds tuning."""
 

@@ -1,0 +1,672 @@
+"""`cahp compare --objective embedding`: CAHP against the baselines on a sentence-embedding model, without labels.
+
+The label-free counterpart of `cahp.pipelines.compare` (issue 22, item 6). It
+starts from `prepare_embedding`, so it shares the output folder and stage cache
+of `cahp prune --objective embedding` (texts, dense targets, signatures,
+embedding salience, CAHP's curve). Methods: the registry's selectors
+(`cahp.selectors.registry.make_selector`), by default `EMBEDDING_METHODS`
+(CAHP, random, weight magnitude, gradient, Fisher, attention entropy and layer
+drop, `cahp.selectors.layer_drop`); the labelled compare's default list stands
+for this default. Selectors whose statistics need a loss get the embedding
+loss: salience and the Fisher diagonal are the embedding pipeline's; the Fisher
+rearrangement's per-batch gate gradients are taken of the same noisy-target
+embedding loss as the salience pass (`LabelFreeFisher`). ``gradient-iterative``
+re-scores with the labelled loss and is refused.
+
+Budgets: CAHP's knee k* (its embedding curve and `find_k_star`, as `cahp prune`
+finds it) and ``--budgets`` shares of the heads. For each method, budget and
+seed:
+
+(a) without fine-tuning, through gates on the dense model: held-out fidelity
+    (mean cosine to the dense embeddings of the curve texts), the similarity
+    task's dev Spearman and its test Spearman and Pearson;
+(b) after surgery and the same distillation (`cahp.train.distill`, the
+    ``FinetuneConfig`` given, its seed replaced by each compare seed, early
+    stopping on held-out fidelity, the training texts of the prepared run): the
+    same scores (no dev: the test split is what is compared).
+
+The dense model is a row of its own (it needs no distillation: it is the
+teacher). Seeds: ``--seeds N`` runs seeds ``seed .. seed+N-1``; a seed sets the
+distillation and the random selector; deterministic selectors pick the same
+heads for every seed.
+
+Statistics, on the similarity task's test pairs (STS-B: the GLUE dev file):
+every system's Spearman is recomputed on the same bootstrap resamples of the
+pairs (`PairedSpearman`), so differences are paired.
+
+- pooled (the verdict): the mean over seeds of the method's Spearman minus the
+  mean over seeds of CAHP's, its 95% percentile interval over the resamples;
+- per seed: method seed s against CAHP seed s, with a verdict each;
+- verdict, CAHP's (`cahp.pipelines.verdicts.verdict`): "win" when the interval
+  of (method - CAHP) lies below 0, "loss" when above, else "tie".
+
+Every (method, budget, seed) result is cached in ``OUTPUT/compare/``
+(`StageCache`, keyed by every setting it depends on), so a re-run reads what it
+has and computes only what is new. Outputs: ``compare.json`` (every number and
+setting), ``compare.md`` (a table per budget), ``compare.png`` (test Spearman
+against heads kept, per method) and ``compare_layers.png`` (kept heads per
+layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from cahp.core import distributed
+from cahp.core.io import environment, write_atomic, write_json
+from cahp.model.gates import head_gates
+from cahp.model.heads import mask_to_heads, mean_relative_depth
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines.cache import StageCache
+from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult
+from cahp.pipelines.embedding import (
+    EMBEDDING_OBJECTIVES,
+    NO_SIMILARITY,
+    SALIENCE_TARGET_NOISE,
+    dense_scores,
+    embedding_curve,
+    prepare_embedding,
+)
+from cahp.pipelines.guard import output_folder
+from cahp.pipelines.plots import plot_compare_layers
+from cahp.pipelines.report import verdict_text
+from cahp.pipelines.stages import PruneConfig, cahp_selector, find_k_star, selector_settings
+from cahp.pipelines.verdicts import VERDICT_RULE, verdict
+from cahp.selectors.base import HeadSelector, SelectionContext, check_mask, require
+from cahp.selectors.fisher import FisherSearchSelector, fold_gates
+from cahp.selectors.registry import SELECTORS, make_selector
+from cahp.stats.fisher import BatchGateGradients
+from cahp.stats.salience import iter_gate_gradients
+from cahp.train.distill import distill
+from cahp.train.finetune import FinetuneConfig
+from cahp.train.metrics import bootstrap_indices
+from cahp.train.objectives import EmbeddingLoss, fidelity
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EMBEDDING_METHODS", "LABELLED_ONLY", "STATISTICS", "LabelFreeFisher", "PairedSpearman",
+           "render_markdown", "run_compare_embedding", "versus_cahp"]
+
+#: The default methods of the embedding comparison (CAHP first).
+EMBEDDING_METHODS = ["cahp", "random", "magnitude", "gradient", "fisher", "entropy", "layer-drop"]
+#: Registered selectors that differentiate the labelled loss during selection: no labels here.
+LABELLED_ONLY = ("gradient-iterative",)
+STATISTICS = (
+    "paired bootstrap over the similarity task's test pairs: every system's Spearman recomputed on the same "
+    "resamples; pooled = mean over seeds of the method's Spearman minus the mean over seeds of CAHP's "
+    "(per-seed paired bootstraps beside it)"
+)
+#: Bootstrap resamples of each system's own Spearman and Pearson intervals (as `cahp prune` reports them).
+SCORE_BOOTSTRAP = 1000
+
+
+# --- statistics -----------------------------------------------------------------------------------------
+
+
+def _standardised_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, n) values -> (centred average ranks scaled to unit norm per row, whether the row is not constant).
+
+    Spearman is the Pearson correlation of average ranks (ties share their mean rank, as scipy ranks);
+    a constant row correlates 0 with anything, as `cahp.train.metrics` scores it.
+    """
+    r = rankdata(x, axis=-1)
+    r = r - r.mean(-1, keepdims=True)
+    norm = np.sqrt((r * r).sum(-1, keepdims=True))
+    varies = (x.max(-1) > x.min(-1)) & (norm[:, 0] > 0)
+    return r / np.where(norm > 0, norm, 1.0), varies
+
+
+class PairedSpearman:
+    """Spearman of any system's (pairs,) predictions on one fixed set of bootstrap resamples of the test pairs.
+
+    Every system is scored on the same ``n_bootstrap`` resamples (`cahp.train.metrics.bootstrap_indices` with
+    ``seed``, the stream `paired_bootstrap_metric` draws), so the difference of two systems' resampled values
+    is a paired bootstrap; the label side of each resample is ranked once here.
+
+    Args:
+        labels: (pairs,) human similarity scores.
+        n_bootstrap: resamples.
+        seed: seed of the resamples.
+    """
+
+    def __init__(self, labels, n_bootstrap: int, seed: int):
+        self.labels = np.asarray(labels, dtype=np.float64)
+        if self.labels.ndim != 1 or len(self.labels) < 2:
+            raise ValueError(f"a paired Spearman needs at least 2 scored pairs, got shape {self.labels.shape}")
+        if n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
+        self.chunks = list(bootstrap_indices(len(self.labels), n_bootstrap, seed))
+        self.label_ranks = [_standardised_ranks(self.labels[idx]) for idx in self.chunks]
+        self._memo: dict[bytes, np.ndarray] = {}  # CAHP's predictions meet every other method's
+
+    def _check(self, preds) -> np.ndarray:
+        p = np.asarray(preds, dtype=np.float64)
+        if p.shape != self.labels.shape or not np.isfinite(p).all():
+            raise ValueError(f"predictions must be {len(self.labels)} finite values, got shape {p.shape}")
+        return p
+
+    def observed(self, preds) -> float:
+        """Spearman of (pairs,) predictions with the scores, on all pairs."""
+        p = self._check(preds)
+        (rp, ok_p), (ry, ok_y) = _standardised_ranks(p[None]), _standardised_ranks(self.labels[None])
+        return float(np.where(ok_p & ok_y, (rp * ry).sum(-1), 0.0)[0])
+
+    def resampled(self, preds) -> np.ndarray:
+        """(n_bootstrap,) Spearman of (pairs,) predictions on each resample, in the fixed resample order."""
+        p = self._check(preds)
+        if p.tobytes() in self._memo:
+            return self._memo[p.tobytes()]
+        out = []
+        for idx, (ry, ok_y) in zip(self.chunks, self.label_ranks):
+            rp, ok_p = _standardised_ranks(p[idx])
+            out.append(np.where(ok_p & ok_y, (rp * ry).sum(-1), 0.0))
+        self._memo[p.tobytes()] = np.concatenate(out)
+        return self._memo[p.tobytes()]
+
+
+def _summary(diff: float, boots: np.ndarray) -> dict:
+    """``{"diff", "ci95", "p_value", "verdict"}``: percentile interval, and two-sided p as twice the share of
+    resamples on the other side of 0 from the observed difference (`cahp.train.metrics`' rule)."""
+    p = 2 * float((boots <= 0).mean()) if diff >= 0 else 2 * float((boots >= 0).mean())
+    ci = [float(x) for x in np.percentile(boots, [2.5, 97.5])]
+    return {"diff": float(diff), "ci95": ci, "p_value": min(1.0, p), "verdict": verdict(ci)}
+
+
+def versus_cahp(boot: PairedSpearman, method: list, cahp: list, seeds: list | None = None) -> dict:
+    """Pooled and per-seed paired bootstraps of a method's test Spearman minus CAHP's.
+
+    Args:
+        boot: the resamples every system is scored on.
+        method, cahp: per-seed (pairs,) predictions (cosine of each pair). A single array on one side is
+            paired with every seed of the other (a deterministic selection without fine-tuning).
+        seeds: the seed of each per-seed comparison, recorded beside it.
+
+    Returns:
+        ``{"pooled": {"diff", "ci95", "p_value", "verdict"}, "per_seed": [...], "per_seed_verdicts": counts}``,
+        as `cahp.pipelines.verdicts.compare_to_cahp` returns for accuracy.
+    """
+    if not method or not cahp:
+        raise ValueError("versus_cahp needs predictions of at least one seed on each side")
+    obs_m, obs_c = [boot.observed(p) for p in method], [boot.observed(p) for p in cahp]
+    res_m, res_c = [boot.resampled(p) for p in method], [boot.resampled(p) for p in cahp]
+    pooled = _summary(np.mean(obs_m) - np.mean(obs_c), np.mean(res_m, 0) - np.mean(res_c, 0))
+    per_seed = []
+    for i in range(max(len(method), len(cahp))):
+        m, c = min(i, len(method) - 1), min(i, len(cahp) - 1)
+        r = _summary(obs_m[m] - obs_c[c], res_m[m] - res_c[c])
+        if seeds is not None:
+            r["seed"] = seeds[i]
+        per_seed.append(r)
+    counts = {v: sum(r["verdict"] == v for r in per_seed) for v in ("win", "tie", "loss")}
+    return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
+
+
+# --- the Fisher baseline without labels -----------------------------------------------------------------
+
+
+@dataclass
+class LabelFreeFisher(FisherSearchSelector):
+    """The registry's Fisher selector (Kwon et al.), its rearrangement's per-batch gate gradients taken of
+    ``loss_fn`` (the embedding loss) instead of the labelled loss, which needs labels the texts do not have.
+
+    ``loss_fn`` is the salience pass's noisy-target embedding loss, so the block Fisher matrices and the
+    Fisher diagonal of the search (``stats.fisher``) come from the same gradients. Its settings are the
+    registered selector's: the loss is part of the run's cache keys (the salience key).
+    """
+
+    loss_fn: object = field(default=None, repr=False, compare=False)
+
+    def batch_gradients(self, ctx: SelectionContext) -> torch.Tensor:
+        """(B, L, H) per-batch gate gradients of ``loss_fn`` on ``ctx.batches``, cached for the model and
+        batches last seen."""
+        model = require(ctx, "model", "Fisher rearrangement")
+        batches = require(ctx, "batches", "Fisher rearrangement")
+        if self.loss_fn is None:
+            raise ValueError("LabelFreeFisher needs loss_fn (the embedding loss)")
+        cache = self._grads
+        if not (cache and cache["model"] is model and cache["batches"] is batches):
+            acc = BatchGateGradients()
+            for grad in iter_gate_gradients(model, batches, progress=False, desc="gate gradients",
+                                            loss_fn=self.loss_fn):
+                acc.add_batch(grad)
+            cache.clear()
+            cache.update(model=model, batches=batches, grads=acc.result())
+        return cache["grads"]
+
+
+# --- the comparison -------------------------------------------------------------------------------------
+
+
+def _methods(ccfg: CompareConfig) -> list[str]:
+    """The methods to compare, CAHP first; the labelled compare's default list stands for `EMBEDDING_METHODS`."""
+    asked = EMBEDDING_METHODS if list(ccfg.methods) == list(DEFAULT_METHODS) else list(ccfg.methods)
+    unknown = [m for m in asked if m not in SELECTORS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown}; choose from {', '.join(SELECTORS)}")
+    labelled = [m for m in asked if m in LABELLED_ONLY]
+    if labelled:
+        raise ValueError(f"{', '.join(labelled)} re-scores heads with the labelled loss; "
+                         "--objective embedding has no labels: drop it from --methods")
+    return ["cahp", *dict.fromkeys(m for m in asked if m != "cahp")]
+
+
+def _check(cfg: PruneConfig, ccfg: CompareConfig) -> None:
+    """Every setting that can fail, before any work (one-line ValueErrors)."""
+    if cfg.objective not in EMBEDDING_OBJECTIVES:
+        raise ValueError(f"objective {cfg.objective!r} is not one of {', '.join(EMBEDDING_OBJECTIVES)}")
+    if cfg.similarity_task.lower() in NO_SIMILARITY:
+        raise ValueError("cahp compare --objective embedding compares test Spearman on a similarity task; "
+                         "give --similarity-task (e.g. stsb), not none")
+    if any(not 0 < r <= 1 for r in ccfg.budgets):
+        raise ValueError(f"budgets are shares of the heads in (0, 1], got {ccfg.budgets}")
+    if ccfg.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if not ccfg.budgets and not ccfg.knee:
+        raise ValueError("no budget: give --budgets or keep --knee")
+    if ccfg.n_bootstrap < 1:
+        raise ValueError("--n-bootstrap must be at least 1")
+    if not cfg.output_dir:
+        raise ValueError("an output folder is needed")
+    if distributed.world_size() > 1:
+        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+
+
+def run_compare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None,
+                          ccfg: CompareConfig | None = None, progress: bool = True) -> CompareResult:
+    """Compare CAHP with the baselines on the embedding objective (see the module docstring).
+
+    Args:
+        cfg: the settings shared with `cahp prune --objective embedding` (model, texts, similarity task,
+            output folder, CAHP's distance / clustering / grid / knee rule, seed).
+        ft_cfg: the distillation after pruning, the same for every method; its seed is replaced by each
+            compare seed (the training texts are the prepared run's, sampled with ``cfg.seed``).
+        ccfg: methods, budgets, seeds, parts, bootstrap resamples (``dense_control`` does not apply: the
+            dense model is the teacher).
+
+    Returns:
+        A `CompareResult`; compare.json, compare.md, compare.png and compare_layers.png are written.
+    """
+    ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
+    ccfg = ccfg or CompareConfig()
+    methods = _methods(ccfg)
+    _check(cfg, ccfg)
+    with output_folder(Path(cfg.output_dir)) as out:  # log.txt, the lock, no new folder left by an early error
+        return _EmbeddingCompare(cfg, ft_cfg, ccfg, methods, out, progress).run()
+
+
+def _heads_per_layer(kept: dict, n_layers: int) -> list[int]:
+    """Kept heads per layer of a ``{layer: [heads]}`` mapping (layer keys may be JSON strings)."""
+    return [len(kept.get(str(i), kept.get(i, []))) for i in range(n_layers)]
+
+
+class _EmbeddingCompare:
+    """One compare call: the prepared run, the budgets, part (a), part (b) and the report."""
+
+    def __init__(self, cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg: CompareConfig, methods: list[str],
+                 out: Path, progress: bool):
+        self.cfg, self.ccfg, self.methods, self.out, self.progress = cfg, ccfg, methods, out, progress
+        # the prepared run's distillation subset and targets are drawn with --seed, as `cahp prune` draws them
+        self.ft_cfg = dataclasses.replace(ft_cfg, seed=cfg.seed)
+        self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
+        self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
+        self.seconds: dict[str, float] = {}
+
+    # --- setup ----------------------------------------------------------------------------------------
+    def run(self) -> CompareResult:
+        t_total = time.perf_counter()
+        cfg, ccfg = self.cfg, self.ccfg
+        run = self.prep = prepare_embedding(cfg, self.ft_cfg, self.out, self.progress)
+        self.test = run.similarity["test"]
+        self.fisher_loss = EmbeddingLoss(run.targets["calibration"], run.settings, run.distance,
+                                         target_noise=SALIENCE_TARGET_NOISE, seed=cfg.seed)
+        self.cache = StageCache(self.out / "compare", base={"identity": run.identity,
+                                                            "signatures": run.keys["signatures"],
+                                                            "salience": run.keys["salience"]},
+                                log_level=logging.DEBUG)
+        t = time.perf_counter()
+        self.knee_curve = embedding_curve(run, cahp_selector(cfg), self.progress)
+        self.knee = find_k_star(self.knee_curve["points"], cfg)
+        self.seconds["cahp_curve_and_knee"] = time.perf_counter() - t
+        n = run.stats.n
+        budgets = [{"label": "k*", "k": self.knee.k, "ratio": self.knee.k / n}] if ccfg.knee else []
+        budgets += [{"label": f"{r * 100:g}%", "k": max(1, round(r * n)), "ratio": r} for r in ccfg.budgets]
+        self.budgets = budgets
+        self.budget_ks = sorted({b["k"] for b in budgets}, reverse=True)
+        log.info("compare (%s) %s: k* = %d; budgets %s; methods %s; seeds %s", cfg.objective, cfg.model,
+                 self.knee.k, ", ".join(f"{b['label']}={b['k']}" for b in budgets), ", ".join(self.methods),
+                 self.seeds)
+        self.dense = dense_scores(run)
+        self.boot = PairedSpearman(self.test.labels, ccfg.n_bootstrap, cfg.seed)
+
+        pre = self.part_a()
+        self.write(self.report(pre, None, t_total, partial=ccfg.finetune))
+        fine = self.part_b(pre) if ccfg.finetune else None
+        report = self.report(pre, fine, t_total, partial=False)
+        self.write(report)
+        return CompareResult(output_dir=self.out, report=report)
+
+    def seeded(self, method: str) -> bool:
+        """Whether the method's selection depends on the compare seed (the random selector)."""
+        return SELECTORS[method][0].seeded
+
+    def sel_seeds(self, method: str) -> list[int | None]:
+        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
+        return list(self.seeds) if self.seeded(method) else [None]
+
+    def selector(self, method: str, seed: int | None) -> HeadSelector:
+        """One selector per (method, selection seed), built as `cahp prune` builds CAHP (the registry with the
+        run's shared settings); a Fisher selector gets the embedding loss for its gate gradients."""
+        key = (method, seed)
+        if key not in self.selectors:
+            sel = make_selector(method, self.cfg.seed if seed is None else seed, shared=selector_settings(self.cfg))
+            if isinstance(sel, FisherSearchSelector):
+                init = {f.name: getattr(sel, f.name) for f in dataclasses.fields(sel) if f.init}
+                sel = LabelFreeFisher(**init, loss_fn=self.fisher_loss)
+            self.selectors[key] = sel
+        return self.selectors[key]
+
+    @staticmethod
+    def tag(seed: int | None) -> str:
+        """The seed part of a result's name ("all": one selection for every seed)."""
+        return "all" if seed is None else f"s{seed}"
+
+    def method_key(self, method: str, seed: int | None) -> dict:
+        return {"method": method, "selector": self.selector(method, seed).settings()}
+
+    # --- (a) no fine-tuning ---------------------------------------------------------------------------
+    def part_a(self) -> dict:
+        pre: dict[tuple[str, int | None, int], dict] = {}
+        for method in self.methods:
+            for sseed in self.sel_seeds(method):
+                for k in self.budget_ks:
+                    pre[(method, sseed, k)] = self.cache.get_or_compute(
+                        f"embedding-pre-{method}-k{k}-{self.tag(sseed)}",
+                        {"part": "no_finetune", **self.method_key(method, sseed), "k": k,
+                         "score_bootstrap": SCORE_BOOTSTRAP},
+                        lambda method=method, sseed=sseed, k=k: self.score_selection(method, sseed, k))
+        return pre
+
+    def score_selection(self, method: str, sseed: int | None, k: int) -> dict:
+        """Select k heads and score the dense model gated to them: fidelity, dev Spearman, test scores."""
+        run, sel = self.prep, self.selector(method, sseed)
+        t = time.perf_counter()
+        mask, gates = sel.select_gates(k, run.stats, run.context())
+        check_mask(mask, k, run.stats)
+        t0 = time.perf_counter()
+        with head_gates(run.model, init=gates.float()):
+            held = fidelity(run.model, run.curve_batches, run.targets["curve"], run.settings)
+            dev = run.similarity["dev"].spearman(run.model, run.settings)
+            test = self.test.evaluate(run.model, run.settings, seed=self.cfg.seed, n_bootstrap=SCORE_BOOTSTRAP)
+        rec = {"k": k, "kept": mask_to_heads(mask), "heldout_fidelity": held, "similarity_dev_spearman": dev,
+               "similarity_test": test, "selection": sel.selection_info(),
+               "seconds": {"select": t0 - t, "evaluate": time.perf_counter() - t0}}
+        if not torch.equal(gates, mask.float()):
+            rec["gates"] = gates.tolist()
+        log.info("no fine-tuning: %s k=%d%s: fidelity %.4f, test Spearman %.4f", method, k,
+                 "" if sseed is None else f" seed {sseed}", held, test["spearman"])
+        return rec
+
+    # --- (b) the same distillation --------------------------------------------------------------------
+    def part_b(self, pre: dict) -> dict:
+        fine: dict[tuple[str, int, int], dict] = {}
+        for seed in self.seeds:
+            ft = dataclasses.replace(self.ft_cfg, seed=seed)
+            for k in self.budget_ks:
+                for method in self.methods:
+                    p = pre[(method, seed if self.seeded(method) else None, k)]
+                    key = {"part": "distilled", **self.method_key(method, seed if self.seeded(method) else None),
+                           "k": k, "kept": p["kept"], "gates": p.get("gates"), "distill": asdict(ft),
+                           "score_bootstrap": SCORE_BOOTSTRAP}
+                    fine[(method, seed, k)] = self.cache.get_or_compute(
+                        f"embedding-ft-{method}-k{k}-s{seed}", key,
+                        lambda p=p, ft=ft, method=method: self.distill_and_score(p, ft, method))
+        return fine
+
+    def distill_and_score(self, pre: dict, ft: FinetuneConfig, method: str) -> dict:
+        """Surgery to the selection's heads (its tuned gates folded in), one distillation, the scores."""
+        run = self.prep
+        t0 = time.perf_counter()
+        model = copy.deepcopy(run.model)
+        keep_heads(model, {int(layer): hs for layer, hs in pre["kept"].items()})
+        if pre.get("gates") is not None:
+            fold_gates(model, torch.tensor(pre["gates"]))
+        loss = EmbeddingLoss(run.targets["train"], run.settings, run.distance)
+        once = dataclasses.replace(ft, max_train_examples=0)  # the subset was taken before the targets
+        res = distill(model, run.datasets["train"], run.targets["train"], run.curve_batches, run.targets["curve"],
+                      loss, once, run.tokenizer.pad_token_id or 0, self.progress)
+        t1 = time.perf_counter()
+        held = fidelity(model, run.curve_batches, run.targets["curve"], run.settings)
+        test = self.test.evaluate(model, run.settings, seed=self.cfg.seed, n_bootstrap=SCORE_BOOTSTRAP)
+        log.info("distilled %s (%d heads, seed %d): fidelity %.4f, test Spearman %.4f", method, pre["k"], ft.seed,
+                 held, test["spearman"])
+        return {"heldout_fidelity": held, "similarity_test": test, "parameters": count_parameters(model),
+                "distillation": {"best_epoch": res.best_epoch, "epochs_run": len(res.history),
+                                 "best_fidelity": res.best_fidelity, "initial_fidelity": res.initial_fidelity},
+                "seconds": {"distill": t1 - t0, "evaluate": time.perf_counter() - t1}}
+
+    # --- report ---------------------------------------------------------------------------------------
+    def summary(self, recs: list[dict], seeds: list, cahp_recs: list[dict] | None, masks: list[dict]) -> dict:
+        """Mean scores of one method at one budget over its records, its heads, and its verdict against CAHP."""
+        rho = np.array([r["similarity_test"]["spearman"] for r in recs])
+        out = {
+            "seeds": seeds,
+            "spearman": float(rho.mean()),
+            "spearman_std": float(rho.std(ddof=1)) if len(rho) > 1 else 0.0,
+            "spearman_per_seed": rho.tolist(),
+            "pearson": float(np.mean([r["similarity_test"]["pearson"] for r in recs])),
+            "heldout_fidelity": float(np.mean([r["heldout_fidelity"] for r in recs])),
+        }
+        n_layers = self.prep.stats.shape[0]
+        per_layer = [_heads_per_layer(m, n_layers) for m in masks]
+        bool_masks = [self.prep.stats.mask_from_heads(m) for m in masks]
+        out.update(kept=masks[0], heads_kept=sum(per_layer[0]), heads_per_layer=per_layer[0],
+                   heads_per_layer_mean=np.mean(per_layer, 0).tolist(),
+                   mean_relative_depth=float(np.mean([mean_relative_depth(b) for b in bool_masks])))
+        if cahp_recs is not None:
+            out["vs_cahp"] = versus_cahp(self.boot, [r["similarity_test"]["predictions"] for r in recs],
+                                         [r["similarity_test"]["predictions"] for r in cahp_recs],
+                                         seeds if len(recs) >= len(cahp_recs) and seeds else None)
+        return out
+
+    def results(self, pre: dict, fine: dict | None) -> tuple[dict, dict]:
+        """(no fine-tuning, distilled): budget label -> method -> `summary`, with the verdict sentences."""
+        no_ft, ft_out = {}, {}
+        for b in self.budgets:
+            k, label = b["k"], b["label"]
+            no_ft[label] = {}
+            for method in self.methods:
+                sseeds = self.sel_seeds(method)
+                recs = [pre[(method, s, k)] for s in sseeds]
+                s = self.summary(recs, [x for x in sseeds if x is not None],
+                                 None if method == "cahp" else [pre[("cahp", None, k)]], [r["kept"] for r in recs])
+                s.update(k=k, similarity_dev_spearman=float(np.mean([r["similarity_dev_spearman"] for r in recs])),
+                         selection=recs[0].get("selection") or None)
+                no_ft[label][method] = s
+            if fine is None:
+                continue
+            ft_out[label] = {}
+            for method in self.methods:
+                recs = [fine[(method, seed, k)] for seed in self.seeds]
+                masks = [pre[(method, seed if self.seeded(method) else None, k)]["kept"] for seed in self.seeds]
+                s = self.summary(recs, self.seeds,
+                                 None if method == "cahp" else [fine[("cahp", seed, k)] for seed in self.seeds], masks)
+                s.update(k=k, best_epochs=[r["distillation"]["best_epoch"] for r in recs],
+                         parameters=recs[0]["parameters"],
+                         distill_seconds=float(np.mean([r["seconds"]["distill"] for r in recs])))
+                ft_out[label][method] = s
+        for part in (no_ft, ft_out):
+            for b in self.budgets:
+                for method, s in part.get(b["label"], {}).items():
+                    if "vs_cahp" in s:
+                        s["vs_cahp"]["pooled"]["text"] = verdict_text(method, b["label"], b["k"],
+                                                                      s["vs_cahp"]["pooled"])
+        return no_ft, ft_out
+
+    def dense_row(self, pre: dict, fine: dict | None) -> dict:
+        """The dense model's scores, and its Spearman minus CAHP's at every budget (after distillation when
+        it ran): how far each budget's CAHP model is from the teacher."""
+        test = self.dense["similarity_test"]
+        preds = [test["predictions"]]
+        vs = {}
+        for b in self.budgets:
+            cahp = ([fine[("cahp", s, b["k"])] for s in self.seeds] if fine is not None
+                    else [pre[("cahp", None, b["k"])]])
+            vs[b["label"]] = versus_cahp(self.boot, preds, [r["similarity_test"]["predictions"] for r in cahp])
+        return {"heads_kept": self.prep.stats.n, "heldout_fidelity": self.dense["heldout_fidelity"],
+                "spearman": test["spearman"], "spearman_ci95": test["spearman_ci95"], "pearson": test["pearson"],
+                "pearson_ci95": test["pearson_ci95"], "parameters": count_parameters(self.prep.model),
+                "vs_cahp": vs}
+
+    def report(self, pre: dict, fine: dict | None, t_total: float, partial: bool) -> dict:
+        cfg, run = self.cfg, self.prep
+        no_ft, ft_out = self.results(pre, fine)
+        records = [*pre.values(), *(fine or {}).values()]
+        timings = {"total_seconds": round(time.perf_counter() - t_total, 1), "stages": run.stages.times,
+                   **{k: round(v, 2) for k, v in self.seconds.items()},
+                   "results_cached": self.cache.hits, "results_computed": self.cache.computed,
+                   "compute_seconds": round(sum(sum(r["seconds"].values()) for r in records), 1)}
+        return {
+            "model": cfg.model,
+            "objective": cfg.objective,
+            "embedding_distance": run.distance,
+            "task": run.identity["similarity_task"],  # the task the methods are compared on (zero-shot)
+            "similarity_task": run.identity["similarity_task"],
+            "texts": run.source,
+            "test_split": "test",
+            "heads": run.stats.n,
+            "partial": partial,
+            "settings": {
+                "prune": asdict(cfg), "distillation": {k: v for k, v in asdict(self.ft_cfg).items() if k != "seed"},
+                "compare": asdict(self.ccfg), "methods_run": self.methods, "seeds": self.seeds,
+                "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
+                "salience_target_noise": SALIENCE_TARGET_NOISE, "score_bootstrap": SCORE_BOOTSTRAP,
+            },
+            "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},
+                     **{f"similarity_{k}_pairs": len(s) for k, s in run.similarity.items()}},
+            "statistics": STATISTICS,
+            "verdict_rule": VERDICT_RULE,
+            "knee_score": run.knee_score,
+            "k_star": self.knee.k,
+            "knee": self.knee.to_dict(),
+            "budgets": self.budgets,
+            "dense": self.dense_row(pre, fine),
+            "no_finetune": {"results": no_ft},
+            "finetuned": {"results": ft_out} if fine is not None else None,
+            "timings": timings,
+            "environment": environment(),
+        }
+
+    def write(self, report: dict) -> None:
+        write_json(self.out / "compare.json", report)
+        write_atomic(self.out / "compare.md", render_markdown(report))
+        plot_spearman(report, self.out / "compare.png")
+        plot_compare_layers(report, self.out / "compare_layers.png")
+        if not report["partial"]:
+            part = report["finetuned"] or report["no_finetune"]
+            for b in report["budgets"]:
+                for method, s in part["results"][b["label"]].items():
+                    if s.get("vs_cahp"):
+                        log.info("%s: %s", method, s["vs_cahp"]["pooled"]["text"])
+
+
+# --- outputs --------------------------------------------------------------------------------------------
+
+
+def _pts(x: float) -> str:
+    return f"{x * 100:.2f}"
+
+
+def _ci(cmp: dict) -> str:
+    lo, hi = cmp["ci95"]
+    return f"{cmp['diff'] * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
+
+
+def render_markdown(report: dict) -> str:
+    """compare.md: settings, then a table per budget (heads, fidelity, test Spearman before and after the
+    distillation, the difference from CAHP with its 95% interval and CAHP's verdict), from the JSON alone."""
+    st, dense = report["settings"], report["dense"]
+    fine = report["finetuned"]["results"] if report.get("finetuned") else None
+    dist = st["distillation"]
+    lines = [
+        f"# CAHP against the baselines: {report['model']} / {report['objective']} (no labels)\n",
+        f"- texts: {report['texts']}; similarity task `{report['similarity_task']}`, test split "
+        f"({report['data'].get('similarity_test_pairs')} pairs), zero-shot; Spearman and Pearson x 100",
+        f"- dense model: test Spearman {_pts(dense['spearman'])}, Pearson {_pts(dense['pearson'])}; "
+        f"{report['heads']} heads",
+        "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['heads']} heads" for b in report["budgets"])
+        + f" (CAHP's knee k* = {report['k_star']}, on {report['knee_score']})",
+        f"- seeds: {st['seeds']}; "
+        + (f"distillation after pruning ({report['embedding_distance']} distance to the dense embeddings): "
+           f"{dist['epochs']} epochs max, lr {dist['lr']}, batch {dist['batch_size']}, patience {dist['patience']} "
+           "(early stopping on held-out fidelity)" if fine is not None else "no distillation (part (a) only)"),
+        f"- statistics: {report['statistics']}; {report['verdict_rule']}",
+        "- fidelity: mean cosine to the dense embeddings of the held-out texts (gated / distilled)",
+    ]
+    if report.get("partial"):
+        lines.append("- **partial**: the distillation results are still being computed")
+    which = "after distillation" if fine is not None else "without distillation"
+    for b in report["budgets"]:
+        label, k = b["label"], b["k"]
+        pre = report["no_finetune"]["results"][label]
+        lines += [f"\n## {label}: {k} of {report['heads']} heads\n",
+                  f"| method | heads kept | fidelity | Spearman before distillation | Spearman after distillation "
+                  f"| diff vs CAHP {which} [95% CI] | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, a in pre.items():
+            f = fine[label][method] if fine is not None else None
+            s = f or a
+            fid = _pts(a["heldout_fidelity"]) + (f" / {_pts(f['heldout_fidelity'])}" if f else "")
+            after = "-" if f is None else _pts(f["spearman"]) + (
+                f" ± {_pts(f['spearman_std'])}" if len(f["seeds"]) > 1 else "")
+            v = s.get("vs_cahp")
+            lines.append(f"| {method} | {a['heads_kept']} | {fid} | {_pts(a['spearman'])} | {after} | "
+                         f"{_ci(v['pooled']) if v else '-'} | {v['pooled']['verdict'] if v else '-'} |")
+        dv = dense["vs_cahp"][label]["pooled"]
+        lines.append(f"| dense | {dense['heads_kept']} | {_pts(dense['heldout_fidelity'])} | "
+                     f"{_pts(dense['spearman'])} | {_pts(dense['spearman'])} | {_ci(dv)} | {dv['verdict']} |")
+    lines.append("\nVerdicts are CAHP's (win: CAHP better). The dense row's difference is dense minus CAHP.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_spearman(report: dict, path: Path) -> None:
+    """compare.png: test Spearman against heads kept, one line per method (after distillation when it ran,
+    without it dashed), the dense model as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    parts = [("no_finetune", "--", "no distillation")]
+    if report.get("finetuned"):
+        parts.append(("finetuned", "-", "distilled"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = sorted(report["budgets"], key=lambda b: b["k"])
+    methods = list(report["no_finetune"]["results"][budgets[0]["label"]])
+    for i, method in enumerate(methods):
+        color = "C3" if method == "cahp" else f"C{i % 10}"
+        for part, ls, what in parts:
+            res = report[part]["results"]
+            ys = [res[b["label"]][method]["spearman"] * 100 for b in budgets]
+            ax.plot([b["k"] for b in budgets], ys, ls, marker="o", ms=3, color=color, label=f"{method} ({what})",
+                    lw=2.2 if method == "cahp" else 1.0)
+    ax.axhline(report["dense"]["spearman"] * 100, color="k", ls=":", lw=1, label="dense")
+    ax.set_xlabel("heads kept")
+    ax.set_ylabel(f"{report['similarity_task']} test Spearman x 100")
+    ax.set_title(f"{report['model']} / {report['objective']}: heads kept against test Spearman")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
