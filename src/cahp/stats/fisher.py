@@ -7,18 +7,22 @@ Measure, never decide: `cahp.selectors.fisher` searches, rearranges and tunes wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cahp.arch import get_adapter
 from cahp.model.gates import head_gates
 from cahp.model.heads import kept_heads
+from cahp.model.neurons import kept_neurons, neuron_gates
 from cahp.stats.salience import iter_gate_gradients
-from cahp.train.evaluate import model_inputs
+from cahp.train.evaluate import labelled_loss, model_inputs
 
-__all__ = ["BatchGateGradients", "block_fisher_objective", "capture_layer", "collect_gate_gradients",
-           "mha_normal_equations"]
+__all__ = ["BatchGateGradients", "block_fisher_objective", "capture_block", "capture_layer",
+           "collect_gate_gradients", "collect_joint_gate_gradients", "ffn_normal_equations",
+           "joint_mha_normal_equations", "mha_normal_equations"]
 
 
 class BatchGateGradients:
@@ -152,4 +156,185 @@ def mha_normal_equations(model: nn.Module, layer_idx: int, heads: list[int], gat
         b = (teacher - bias - h_s).flatten()
         ata += A.T @ A
         atb += A.T @ b
+    return ata.cpu(), atb.cpu()
+
+
+# ---------------------------------------------------------------------------
+# Heads and FFN neurons together (Kwon et al.'s joint search, `cahp.selectors.joint_fisher`)
+# ---------------------------------------------------------------------------
+
+
+def collect_joint_gate_gradients(model: nn.Module, batches: Sequence[dict],
+                                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch gradients of the labelled loss w.r.t. head AND neuron gates: ((B, L, H), (B, L, d_ff)) float64.
+
+    One forward and backward pass per batch with `head_gates` and `neuron_gates`
+    at 1 (Kwon et al.'s ``collect_mask_grads`` for both masks), eval mode; the
+    weights' ``requires_grad`` is switched off for the passes (only the gates
+    need gradients) and restored, as is the training mode. Gates of units the
+    model no longer holds get 0.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    heads, neurons = [], []
+    try:
+        with head_gates(model, requires_grad=True) as hg, neuron_gates(model, requires_grad=True) as ng:
+            for batch in tqdm(batches, desc="joint gate gradients", disable=not progress, mininterval=2):
+                loss = labelled_loss(model, batch, device)
+                # allow_unused: a model whose every FFN (or attention) block is empty never reads those gates.
+                gh, gn = torch.autograd.grad(loss, (hg.values, ng.values), allow_unused=True)
+                heads.append(torch.zeros_like(hg.values) if gh is None else gh)
+                neurons.append(torch.zeros_like(ng.values) if gn is None else gn)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+    if not heads:
+        raise ValueError("collect_joint_gate_gradients needs at least one batch")
+    return torch.stack(heads).double().cpu(), torch.stack(neurons).double().cpu()
+
+
+def capture_block(model: nn.Module, layer_idx: int, block: str, batch: dict, device,
+                  head_values: torch.Tensor | None = None, neuron_values: torch.Tensor | None = None):
+    """(residual (B, T, D), raw input of the block's output projection (B, T, kept units)) of one layer's block.
+
+    ``block``: "attention" (the residual is the layer input; projection: the
+    attention output projection, input = the kept heads' contexts) or "ffn"
+    (the residual is the FFN input, which post-norm encoders add back before
+    the block's LayerNorm; projection: the FFN output projection, input = the
+    kept neurons' activations). The projection input is read before any gate
+    scales it; the forward pass stops there. ``head_values`` /
+    ``neuron_values`` (if given): gate values (L, H) / (L, d_ff) applied
+    during the pass (the student; None and None: the model as it is, the teacher).
+    """
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[layer_idx]
+    if block == "attention":
+        residual_module, proj = layer, adapter.heads(layer).o
+    elif block == "ffn":
+        ffn = adapter.ffn(layer)
+        residual_module, proj = ffn.inter, ffn.out
+    else:
+        raise ValueError(f"unknown block {block!r}; choose 'attention' or 'ffn'")
+    if proj is None:
+        raise ValueError(f"layer {layer_idx} has an empty {block} block: nothing to capture")
+    got = {}
+
+    def on_residual(module, args, kwargs):
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+
+    def on_proj(module, args):
+        got["x"] = args[0]
+        raise _Stop
+
+    handles = [residual_module.register_forward_pre_hook(on_residual, with_kwargs=True),
+               proj.register_forward_pre_hook(on_proj, prepend=True)]  # prepend: before any gate hook
+    try:
+        with ExitStack() as stack:
+            if head_values is not None:
+                stack.enter_context(head_gates(model, init=head_values.float()))
+            if neuron_values is not None:
+                stack.enter_context(neuron_gates(model, init=neuron_values.float()))
+            model(**model_inputs(batch, device))
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got["h"], got["x"]
+
+
+def _token_rows(batch: dict, device, first_token_only: bool) -> torch.Tensor:
+    """(B, T) bool: the real tokens, or only each row's first token (what a [CLS] classifier reads)."""
+    real = batch["attention_mask"].to(device).bool()
+    if first_token_only:
+        first = torch.zeros_like(real)
+        first[:, 0] = True
+        return first
+    return real
+
+
+@torch.no_grad()
+def joint_mha_normal_equations(model: nn.Module, layer_idx: int, heads: list[int], head_values: torch.Tensor,
+                               neuron_values: torch.Tensor,
+                               batches: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mha_normal_equations` with a student whose FFN neurons are gated too: (AᵀA (m+1, m+1), Aᵀb (m+1,)).
+
+    The teacher is the model without gates (dense); the student runs with
+    ``head_values`` (L, H) and ``neuron_values`` (L, d_ff) (pruned, earlier
+    layers tuned), as in Kwon et al.'s ``get_mha_lstsq`` (student neuron mask
+    applied). Columns of A: the m kept heads' contributions to the output
+    projection, plus a column of ones; b: the teacher's pre-LayerNorm block
+    output minus the projection bias and the student's residual. Real tokens only.
+    """
+    adapter = get_adapter(model)
+    d = adapter.head_dim(model.config)
+    o = adapter.heads(adapter.layers(model)[layer_idx]).o
+    pos = [kept_heads(model.config)[layer_idx].index(h) for h in heads]
+    W = torch.stack([o.weight[:, p * d:(p + 1) * d].double() for p in pos])  # (m, D, d)
+    bias = o.bias.double() if o.bias is not None else 0.0
+    m = len(heads)
+    device = next(model.parameters()).device
+    ata = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=device)
+    atb = torch.zeros(m + 1, dtype=torch.float64, device=device)
+    model.eval()
+    for batch in batches:
+        rows = _token_rows(batch, device, False)
+        h_t, x_t = capture_block(model, layer_idx, "attention", batch, device)
+        teacher = (o(x_t) + h_t)[rows].double()  # (N, D)
+        h_s, x_s = capture_block(model, layer_idx, "attention", batch, device, head_values, neuron_values)
+        h_s, x_s = h_s[rows].double(), x_s[rows].double()
+        xs = torch.stack([x_s[:, p * d:(p + 1) * d] for p in pos])  # (m, N, d)
+        per_head = torch.einsum("mnd,mhd->mnh", xs, W).reshape(m, -1)  # (m, N*D)
+        A = torch.cat([per_head, per_head.new_ones(1, per_head.shape[1])]).T  # (N*D, m+1)
+        b = (teacher - bias - h_s).flatten()
+        ata += A.T @ A
+        atb += A.T @ b
+    return ata.cpu(), atb.cpu()
+
+
+@torch.no_grad()
+def ffn_normal_equations(model: nn.Module, layer_idx: int, neurons: list[int], head_values: torch.Tensor,
+                         neuron_values: torch.Tensor, batches: Sequence[dict],
+                         first_token_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal equations (AᵀA (m, m), Aᵀb (m,)) of Kwon et al.'s least squares for m kept FFN neurons of a layer.
+
+    Unknowns: the kept neurons' gate values g, so that the student's
+    pre-LayerNorm FFN output ``Σ_i g_i a_i w_i + bias + h_s`` (a_i: neuron i's
+    activation, w_i: its column of the output projection, h_s: the student's
+    FFN input = residual) matches the teacher's ``out(a_t) + h_t`` over the
+    tokens (real ones, or each row's first one with ``first_token_only``: all
+    a classifier reads after the last layer, their ``cls_only``). A has one
+    row per (token, hidden unit), N·D rows, and is never built (N·D x m
+    would not fit for 3072 neurons): with X (N, m) the activations and
+    W (D, m) the columns, ``AᵀA = (XᵀX) ∘ (WᵀW)`` and
+    ``Aᵀb = Σ_n X[n] ∘ (W ᵀ b_n)``, as in their ``get_ffn_lstsq`` (no column
+    of ones there). Cost per batch O(N m² + N D m) in float64, memory O(m²).
+    """
+    adapter = get_adapter(model)
+    out = adapter.ffn(adapter.layers(model)[layer_idx]).out
+    kept = kept_neurons(model.config)[layer_idx]
+    where = {n: p for p, n in enumerate(kept)}
+    device = next(model.parameters()).device
+    pos = torch.tensor([where[n] for n in neurons], dtype=torch.long, device=device)
+    W = out.weight.double().index_select(1, pos)  # (D, m)
+    gram_w = W.T @ W  # (m, m)
+    bias = out.bias.double() if out.bias is not None else 0.0
+    m = len(neurons)
+    ata = torch.zeros(m, m, dtype=torch.float64, device=device)
+    atb = torch.zeros(m, dtype=torch.float64, device=device)
+    model.eval()
+    for batch in batches:
+        rows = _token_rows(batch, device, first_token_only)
+        h_t, x_t = capture_block(model, layer_idx, "ffn", batch, device)
+        teacher = (out(x_t) + h_t)[rows].double()  # (N, D)
+        h_s, x_s = capture_block(model, layer_idx, "ffn", batch, device, head_values, neuron_values)
+        X = x_s[rows].double().index_select(1, pos)  # (N, m)
+        b = teacher - bias - h_s[rows].double()  # (N, D)
+        ata += (X.T @ X) * gram_w
+        atb += ((b @ W) * X).sum(0)
     return ata.cpu(), atb.cpu()
