@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -140,6 +141,7 @@ def test_compare_embedding_end_to_end(tmp_path, folder):
     assert again["timings"]["results_computed"] == 0 and again["timings"]["results_cached"] > 0
     assert again["finetuned"] == report["finetuned"] and again["no_finetune"] == report["no_finetune"]
     assert again["dense"] == report["dense"]
+    assert all(t["cached"] for t in again["timings"]["stages"].values())  # the prepared run's stages too
 
 
 def test_cli_compare_objective_embedding(tmp_path, folder, capsys):
@@ -185,6 +187,8 @@ def test_compare_embedding_refuses_bad_settings(tmp_path, folder):
         run_compare_embedding(cfg, ft, CompareConfig(methods=["gradient-iterative"]))
     with pytest.raises(ValueError, match="unknown method"):
         run_compare_embedding(cfg, ft, CompareConfig(methods=["nope"]))
+    with pytest.raises(ValueError, match="ffn"):
+        run_compare_embedding(dataclasses.replace(cfg, ffn=True), ft, ccfg)
     cfg.similarity_task = "none"
     with pytest.raises(ValueError, match="similarity-task"):
         run_compare_embedding(cfg, ft, ccfg)

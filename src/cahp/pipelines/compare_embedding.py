@@ -263,6 +263,8 @@ def _check(cfg: PruneConfig, ccfg: CompareConfig) -> None:
     """Every setting that can fail, before any work (one-line ValueErrors)."""
     if cfg.objective not in EMBEDDING_OBJECTIVES:
         raise ValueError(f"objective {cfg.objective!r} is not one of {', '.join(EMBEDDING_OBJECTIVES)}")
+    if getattr(cfg, "ffn", False):
+        raise ValueError("--ffn does not combine with --objective embedding yet; compare heads only")
     if cfg.similarity_task.lower() in NO_SIMILARITY:
         raise ValueError("cahp compare --objective embedding compares test Spearman on a similarity task; "
                          "give --similarity-task (e.g. stsb), not none")
@@ -585,6 +587,11 @@ def _pts(x: float) -> str:
     return f"{x * 100:.2f}"
 
 
+def _mean_std(s: dict) -> str:
+    """Mean test Spearman x 100, with its standard deviation over seeds when there are several."""
+    return _pts(s["spearman"]) + (f" ± {_pts(s['spearman_std'])}" if len(s["seeds"]) > 1 else "")
+
+
 def _ci(cmp: dict) -> str:
     lo, hi = cmp["ci95"]
     return f"{cmp['diff'] * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
@@ -625,10 +632,9 @@ def render_markdown(report: dict) -> str:
             f = fine[label][method] if fine is not None else None
             s = f or a
             fid = _pts(a["heldout_fidelity"]) + (f" / {_pts(f['heldout_fidelity'])}" if f else "")
-            after = "-" if f is None else _pts(f["spearman"]) + (
-                f" ± {_pts(f['spearman_std'])}" if len(f["seeds"]) > 1 else "")
+            before, after = _mean_std(a), "-" if f is None else _mean_std(f)
             v = s.get("vs_cahp")
-            lines.append(f"| {method} | {a['heads_kept']} | {fid} | {_pts(a['spearman'])} | {after} | "
+            lines.append(f"| {method} | {a['heads_kept']} | {fid} | {before} | {after} | "
                          f"{_ci(v['pooled']) if v else '-'} | {v['pooled']['verdict'] if v else '-'} |")
         dv = dense["vs_cahp"][label]["pooled"]
         lines.append(f"| dense | {dense['heads_kept']} | {_pts(dense['heldout_fidelity'])} | "
@@ -653,8 +659,9 @@ def plot_spearman(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = sorted(report["budgets"], key=lambda b: b["k"])
     methods = list(report["no_finetune"]["results"][budgets[0]["label"]])
+    others = [f"C{j}" for j in range(10) if j != 3]  # C3 is CAHP's alone
     for i, method in enumerate(methods):
-        color = "C3" if method == "cahp" else f"C{i % 10}"
+        color = "C3" if method == "cahp" else others[i % len(others)]
         for part, ls, what in parts:
             res = report[part]["results"]
             ys = [res[b["label"]][method]["spearman"] * 100 for b in budgets]
@@ -662,7 +669,7 @@ def plot_spearman(report: dict, path: Path) -> None:
                     lw=2.2 if method == "cahp" else 1.0)
     ax.axhline(report["dense"]["spearman"] * 100, color="k", ls=":", lw=1, label="dense")
     ax.set_xlabel("heads kept")
-    ax.set_ylabel(f"{report['similarity_task']} test Spearman x 100")
+    ax.set_ylabel("similarity task: test Spearman x 100")
     ax.set_title(f"{report['model']} / {report['objective']}: heads kept against test Spearman")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
