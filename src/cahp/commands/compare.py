@@ -14,6 +14,7 @@ _NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from cahp.pipelines.compare import CompareConfig
+    from cahp.pipelines.joint_config import JointConfig
 
     p.epilog = (
         "The output folder defaults to the one of `cahp prune` with the same --model and --task, so a compare "
@@ -26,16 +27,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(g, FinetuneConfig, skip=("seed",))
     c = p.add_argument_group("comparison")
     add_dataclass_args(c, CompareConfig)
+    j = p.add_argument_group("heads and FFN neurons (--ffn)")
+    add_dataclass_args(j, JointConfig)
 
 
 def run(args) -> int:
     from cahp.pipelines.compare import CompareConfig, run_compare
+    from cahp.pipelines.joint_config import JointConfig
     from cahp.pipelines.report import verdict_lines
 
     cfg, ft = prune_configs(args)
     ccfg = from_args(CompareConfig, args)
-    result = run_compare(cfg, ft, ccfg)
+    result = run_compare(cfg, ft, ccfg, joint=from_args(JointConfig, args))
     r = result.report
+    if r.get("ffn"):
+        from cahp.pipelines.compare_ffn import summary_lines
+
+        print("\n".join(summary_lines(r)))
+        print(f"outputs in {result.output_dir}: compare_ffn.json, compare_ffn.md, frontier.png, compare-ffn/")
+        return 0
     print(f"{r['model']} / {r['task']}: k* = {r['k_star']} of {r['heads']} heads; budgets "
           + ", ".join(f"{b['label']}={b['k']}" for b in r["budgets"]))
     for line in verdict_lines(r):

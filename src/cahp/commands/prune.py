@@ -8,7 +8,8 @@ import shlex
 import sys
 
 from cahp.commands._common import prune_configs
-from cahp.core.configs import add_dataclass_args
+from cahp.core.configs import add_dataclass_args, from_args
+from cahp.pipelines.joint_config import JointConfig
 from cahp.pipelines.stages import PruneConfig
 from cahp.train.finetune import FinetuneConfig
 
@@ -19,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p, PruneConfig)
     g = p.add_argument_group("fine-tuning (the first one, if needed, and the single one after pruning)")
     add_dataclass_args(g, FinetuneConfig, skip=("seed",))
+    j = p.add_argument_group("heads and FFN neurons (--ffn)")
+    add_dataclass_args(j, JointConfig)
 
 
 def run(args) -> int:
@@ -27,7 +30,7 @@ def run(args) -> int:
     from cahp.pipelines.prune import run_prune
 
     cfg, ft = prune_configs(args)
-    result = run_prune(cfg, ft)
+    result = run_prune(cfg, ft, joint=from_args(JointConfig, args))
     if not distributed.is_main():  # under torchrun rank 0 reports
         return 0
     r = result.report

@@ -105,6 +105,9 @@ class CompareConfig:
                                      "without fine-tuning")
     dense_control: bool = cfg_field(True, "fine-tune the dense model again with the same budget, as a control")
     n_bootstrap: int = cfg_field(10000, "paired bootstrap resamples")
+    speedups: list[float] = cfg_field([1.5, 2.0, 3.0], "with --ffn: estimated speedups to compare at, besides CAHP's "
+                                      "knee (the methods default to cahp, fisher, p-pruning, gradient, random, "
+                                      "layer-drop)", metavar="X")
 
 
 @dataclass
@@ -134,7 +137,7 @@ def _dense_finetune_config(out: Path, ft_cfg: FinetuneConfig, cfg: PruneConfig,
 
 
 def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: CompareConfig | None = None,
-                progress: bool = True, dense_ft: FinetuneConfig | None = None) -> CompareResult:
+                progress: bool = True, dense_ft: FinetuneConfig | None = None, joint=None) -> CompareResult:
     """Compare CAHP with the baselines (see the module docstring); writes the outputs and returns the report.
 
     Args:
@@ -145,7 +148,15 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
         ccfg: methods, budgets, seeds, parts.
         dense_ft: the dense model's fine-tuning when the output folder holds no run yet (default:
             ``ft_cfg``); a folder that holds a run keeps the settings in its run.json.
+        joint: with ``cfg.ffn``, the `cahp.pipelines.joint_config.JointConfig` (`cahp.pipelines.compare_ffn`).
     """
+    if cfg.ffn and cfg.objective == "task":  # heads and FFN neurons: every method at the same estimated speed
+        from cahp.pipelines.compare_ffn import run_compare_ffn
+
+        if distributed.world_size() > 1:
+            raise ValueError("cahp compare runs in a single process: start it without torchrun")
+        return run_compare_ffn(cfg, ft_cfg or FinetuneConfig(seed=cfg.seed), ccfg or CompareConfig(), joint,
+                               progress, dense_ft)
     if cfg.objective != "task":  # label-free: the embedding objective's comparison, by distillation
         from cahp.pipelines.compare_embedding import run_compare_embedding
         return run_compare_embedding(cfg, ft_cfg, ccfg, progress)

@@ -151,6 +151,9 @@ def _check_counts(cfg) -> None:
         raise ValueError(f"--grid-step and --degree must be >= 0 (0: automatic), got {cfg.grid_step}, {cfg.degree}")
     if not 0 < cfg.min_ratio <= 1:
         raise ValueError(f"--min-ratio must be in (0, 1], got {cfg.min_ratio}")
+    if getattr(cfg, "target_speedup", 0) and not getattr(cfg, "ffn", False):
+        raise ValueError("--target-speedup sets the budget of --ffn (heads and neurons); heads only: use --keep "
+                         "or --keep-ratio")
 
 
 def check_run(cfg, ft_cfg):

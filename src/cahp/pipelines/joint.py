@@ -60,9 +60,8 @@ from cahp.bench.config import parse_shapes
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs
 from cahp.bench.variants import prepare_for_inference
 from cahp.budget.cost import SOURCES, CostTable, cost_table
-from cahp.budget.joint_curve import combined_table, fair_values, floor_share, knee_share, share_grid
+from cahp.budget.joint_curve import combined_table, floor_share, knee_share, share_grid
 from cahp.core import distributed
-from cahp.core.configs import field as cfg_field
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
 from cahp.model.gates import head_gates
 from cahp.model.heads import KEPT_HEADS_KEY, kept_mask, num_kept
@@ -70,45 +69,19 @@ from cahp.model.neuron_surgery import keep_neurons
 from cahp.model.neurons import KEPT_NEURONS_KEY, encode_kept_neurons, kept_neuron_mask, neuron_gates, neuron_shape
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import joint_report
+from cahp.pipelines.joint_config import JointConfig, JointSetupError
 from cahp.pipelines.stages import PreparedRun, PruneConfig, PruneResult, prepare_run
-from cahp.selectors.joint import LINKAGES, Allocation, JointSelectionError, JointSelector, allocate
+from cahp.selectors.joint import LINKAGES, Allocation
+from cahp.selectors.joint_base import JointProblem, JointSelection
+from cahp.selectors.joint_methods import CahpJoint
 from cahp.stats.neurons import NeuronStats, collect_neuron_stats
 from cahp.train.evaluate import evaluate_task, predict
 from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JointConfig", "JointSetupError", "cost_tables", "joint_curve", "neuron_stats", "run_joint"]
-
-
-class JointSetupError(ValueError):
-    """Settings of `cahp prune --ffn` that do not go together."""
-
-
-@dataclass
-class JointConfig:
-    """Settings of the joint pipeline beyond `PruneConfig` (defaults: see the module docstring)."""
-
-    cost_source: str = cfg_field("measured", "cost of a head and a neuron: measured here, or multiply-adds",
-                                 choices=list(SOURCES))
-    cost_shapes: str = cfg_field("1x32,32x128", "shapes whose mean estimated share is the budget axis")
-    cost_threads: int = cfg_field(1, "threads of the cost measurement")
-    grid_points: int = cfg_field(14, "target shares on the curve, from 1.0 down to --min-share")
-    min_share: float = cfg_field(0.25, "smallest target share on the curve (raised above the lowest reachable)")
-    head_weights: str = cfg_field("0.5,1,2", "weights of head values against neuron values tried at each share")
-    linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
-    speedup_budget: float = cfg_field(15.0, "seconds of timing per shape for the measured speedup (0: skip)")
-    speedup_threads: int = cfg_field(1, "threads of the speedup measurement")
-
-    def weights(self) -> list[float]:
-        """`head_weights` as numbers, 1 first (ties in score keep the neutral split)."""
-        try:
-            w = [float(x) for x in self.head_weights.split(",") if x.strip()]
-        except ValueError:
-            raise JointSetupError(f"head weights must be comma-separated numbers, got {self.head_weights!r}") from None
-        if not w or any(not x > 0 or not math.isfinite(x) for x in w):
-            raise JointSetupError(f"head weights must be positive numbers, got {self.head_weights!r}")
-        return sorted(set(w), key=lambda x: (abs(math.log(x)), x))
+__all__ = ["JointConfig", "JointRun", "JointSetupError", "best_point", "cost_tables", "find_share_star", "joint_curve",
+           "joint_problem", "neuron_stats", "prepare_joint", "run_joint", "score_units"]
 
 
 def _check(cfg: PruneConfig, joint: JointConfig) -> None:
@@ -180,73 +153,96 @@ def cost_tables(run: PreparedRun, joint: JointConfig) -> tuple[list[CostTable], 
 
 
 def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batches, labels: np.ndarray) -> float:
-    """Accuracy of ``model`` with heads and neurons gated by 0/1 masks ((layers, heads), (layers, d_ff))."""
+    """Accuracy of ``model`` with heads and neurons gated by ((layers, heads), (layers, d_ff)) gate values."""
     with head_gates(model, init=head_mask.float()), neuron_gates(model, init=neuron_mask.float()):
         preds, _ = predict(model, batches, len(labels), progress=False)
     return float((preds == labels).mean())
 
 
-def _masks(model, heads: dict, neurons: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    hm = torch.zeros_like(kept_mask(model))
-    nm = torch.zeros(neuron_shape(model.config), dtype=torch.bool)
-    for layer, hs in heads.items():
-        hm[int(layer), hs] = True
-    for layer, ns in neurons.items():
-        nm[int(layer), ns] = True
-    return hm, nm
+def joint_problem(run: PreparedRun, stats: NeuronStats, table: CostTable, score: bool = True) -> JointProblem:
+    """The `JointProblem` of a prepared run: the neuron pass's statistics, the table, the dense model and data.
+
+    ``score``: give the problem a held-out scorer (accuracy on the curve data through gates, tuned gate values
+    where a selection has them).
+    """
+    model = run.model
+    shapes = (tuple(kept_mask(model).shape), tuple(neuron_shape(model.config)))
+
+    def scorer(sel: JointSelection) -> float:
+        return score_units(model, *sel.gate_values(*shapes), run.curve_batches, run.curve_labels)
+
+    return JointProblem(
+        table=table, head_salience=stats.head_salience.numpy(), head_fisher=stats.head_fisher.numpy(),
+        neuron_salience=stats.salience.numpy(), neuron_fisher=stats.fisher.numpy(),
+        heads_present=kept_mask(model).numpy(), neurons_present=kept_neuron_mask(model).numpy(),
+        head_distances=run.stats.distances[run.cfg.distance].numpy(), head_ids=run.stats.head_ids,
+        neuron_stats=stats, model=model, batches=run.calibration_batches, score=scorer if score else None,
+        seed=run.cfg.seed,
+    )
 
 
-class _Scorer:
-    """Allocations scored once each (same counts -> same selection, whatever the head weight)."""
+@dataclass
+class JointRun:
+    """The stages `cahp prune --ffn` and `cahp compare --ffn` share: the prepared run, the neuron statistics, the
+    cost tables, the joint problem and CAHP's joint method (and the cache keys of the curve)."""
 
-    def __init__(self, run: PreparedRun, table: CostTable, stats: NeuronStats, selector: JointSelector):
-        self.run, self.table, self.selector = run, table, selector
-        self.head_sal, self.neuron_sal = stats.head_salience.numpy(), stats.salience.numpy()
-        self.present = kept_mask(run.model).numpy(), kept_neuron_mask(run.model).numpy()
-        self.memo: dict = {}
-
-    def allocation(self, share: float, weight: float) -> Allocation:
-        hv, nv = fair_values(self.table, self.head_sal, self.neuron_sal, weight)
-        return allocate(self.table, hv, nv, share, heads_present=self.present[0], neurons_present=self.present[1])
-
-    def score(self, alloc: Allocation) -> float:
-        memo_key = (tuple(alloc.heads), tuple(alloc.neurons))
-        if memo_key not in self.memo:
-            heads, neurons = self.selector.select(alloc)
-            self.memo[memo_key] = score_units(self.run.model, *_masks(self.run.model, heads, neurons),
-                                              self.run.curve_batches, self.run.curve_labels)
-        return self.memo[memo_key]
-
-    def best(self, share: float, weights: list[float]) -> dict | None:
-        """The best-scoring head weight's allocation at ``share`` (None if no weight reaches it)."""
-        tried, best = [], None
-        for w in weights:
-            try:
-                alloc = self.allocation(share, w)
-            except JointSelectionError as e:
-                log.info("share %.3f, head weight %g: %s", share, w, e)
-                continue
-            acc = self.score(alloc)
-            tried.append({"head_weight": w, "accuracy": acc, "estimated_share": alloc.share})
-            if best is None or acc > best["accuracy"]:  # ties keep the earlier weight (1 comes first)
-                best = {"target_share": share, "estimated_share": alloc.share, "accuracy": acc, "head_weight": w,
-                        "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons}
-        if best is not None:
-            best["candidates"] = tried
-        return best
+    run: PreparedRun
+    joint: JointConfig
+    stats: NeuronStats
+    tables: list[CostTable]
+    table: CostTable
+    problem: JointProblem
+    method: CahpJoint
+    key: dict
 
 
-def joint_curve(run: PreparedRun, scorer: _Scorer, joint: JointConfig, key: dict, progress: bool = True) -> dict:
+def prepare_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
+                  joint: JointConfig | None = None, task=None) -> JointRun:
+    """Steps 0-2 of `prepare_run`, then the neuron statistics and the cost tables (all cached)."""
+    joint = joint or JointConfig()
+    run = prepare_run(cfg, ft_cfg, out, progress, task)  # steps 0-2 and the head salience, shared with heads-only
+    longest = get_adapter(run.model).max_positions(run.model.config)
+    if any(seq > longest for _, seq in parse_shapes(joint.cost_shapes)):
+        raise JointSetupError(f"cost shapes {joint.cost_shapes} are longer than the model allows ({longest} tokens)")
+    stats, stats_key = neuron_stats(run, progress)
+    tables, cost_key = cost_tables(run, joint)
+    table = combined_table(tables)
+    method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage)
+    key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": cfg.distance,
+           "linkage": joint.linkage, "head_weights": joint.weights(), "stage": "curve-ffn"}
+    return JointRun(run=run, joint=joint, stats=stats, tables=tables, table=table,
+                    problem=joint_problem(run, stats, table), method=method, key=key)
+
+
+def best_point(jr: JointRun, share: float) -> dict | None:
+    """CAHP's best-scoring allocation at ``share`` as a curve point (None if no head weight reaches it)."""
+    cands = jr.method.candidates(share, jr.problem)
+    if not cands:
+        log.info("share %.3f: no head weight reaches it", share)
+        return None
+    best = cands[0]
+    for c in cands[1:]:
+        if c["score"] > best["score"]:  # ties keep the earlier weight (1 comes first)
+            best = c
+    alloc = best["allocation"]
+    return {"target_share": share, "estimated_share": alloc.share, "accuracy": best["score"],
+            "head_weight": best["head_weight"], "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons,
+            "candidates": [{"head_weight": c["head_weight"], "accuracy": c["score"],
+                            "estimated_share": c["allocation"].share} for c in cands]}
+
+
+def joint_curve(jr: JointRun, progress: bool = True) -> dict:
     """The curve: the best allocation of every target share of `share_grid`, scored (cached stage)."""
+    joint = jr.joint
     # the grid stops just above the lowest share reachable (an unreachable point would be lost)
-    low = max(joint.min_share, round(floor_share(scorer.table) + 0.01, 3))
+    low = max(joint.min_share, round(floor_share(jr.table) + 0.01, 3))
     grid = share_grid(joint.grid_points, low)
 
     def compute() -> dict:
         t0 = time.perf_counter()
         points = []
         for share in tqdm(grid, desc="joint curve", disable=not distributed.show_progress(progress), mininterval=2):
-            p = scorer.best(share, joint.weights())
+            p = best_point(jr, share)
             if p is None:
                 log.warning("no allocation reaches an estimated share of %.3f: the curve stops there", share)
                 break
@@ -256,7 +252,16 @@ def joint_curve(run: PreparedRun, scorer: _Scorer, joint: JointConfig, key: dict
                      p["head_weight"])
         return {"points": points, "seconds": round(time.perf_counter() - t0, 2)}
 
-    return run.stages.get_or_compute("curve-ffn", {**key, "grid": grid}, compute, label="curve")
+    return jr.run.stages.get_or_compute("curve-ffn", {**jr.key, "grid": grid}, compute, label="curve")
+
+
+def find_share_star(points: list[dict], cfg: PruneConfig):
+    """(knee share, `KneeResult`, the curve point at it): the knee of held-out score against estimated share."""
+    share_star, knee = knee_share([p["estimated_share"] for p in points], [p["accuracy"] for p in points],
+                                  degree=cfg.degree or None, method=cfg.knee_method)
+    if knee.warning:
+        log.warning("knee: %s", knee.warning)
+    return share_star, knee, next(p for p in points if p["estimated_share"] == share_star)
 
 
 def _kept_check(heads: dict, neurons: dict, size: int):
@@ -315,29 +320,15 @@ def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: boo
     joint = joint or JointConfig()
     _check(cfg, joint)
     t_total = time.perf_counter()
-    run = prepare_run(cfg, ft_cfg, out, progress)  # steps 0-2 and the head salience, shared with heads-only
+    jr = prepare_joint(cfg, ft_cfg, out, progress, joint)
+    run, tables, table = jr.run, jr.tables, jr.table
     params_before, heads_before = count_parameters(run.model), num_kept(run.model)
     neurons_before = int(kept_neuron_mask(run.model).sum())
-    longest = get_adapter(run.model).max_positions(run.model.config)
-    if any(seq > longest for _, seq in parse_shapes(joint.cost_shapes)):
-        raise JointSetupError(f"cost shapes {joint.cost_shapes} are longer than the model allows ({longest} tokens)")
-    stats, stats_key = neuron_stats(run, progress)
-    tables, cost_key = cost_tables(run, joint)
-    table = combined_table(tables)
-    selector = JointSelector(run.stats.distances[cfg.distance].numpy(), run.stats.head_ids,
-                             stats.head_salience.numpy(), stats, method=joint.linkage)
-    scorer = _Scorer(run, table, stats, selector)
-    key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": cfg.distance,
-           "linkage": joint.linkage, "head_weights": joint.weights(), "stage": "curve-ffn"}
-    curve = joint_curve(run, scorer, joint, key, progress)
+    curve = joint_curve(jr, progress)
     points = curve["points"]
-    share_star, knee = knee_share([p["estimated_share"] for p in points], [p["accuracy"] for p in points],
-                                  degree=cfg.degree or None, method=cfg.knee_method)
-    if knee.warning:
-        log.warning("knee: %s", knee.warning)
-    chosen = next(p for p in points if p["estimated_share"] == share_star)
+    share_star, knee, chosen = find_share_star(points, cfg)
     if cfg.target_speedup:
-        chosen = distributed.broadcast_object(scorer.best(1 / cfg.target_speedup, joint.weights()))
+        chosen = distributed.broadcast_object(best_point(jr, 1 / cfg.target_speedup))
         if chosen is None:
             raise JointSetupError(f"no allocation reaches an estimated speedup of {cfg.target_speedup} "
                                   f"(at most {1 / floor_share(table):.2f}: embeddings, LayerNorms and the "
@@ -347,7 +338,7 @@ def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: boo
         source = "knee"
     alloc = Allocation(heads=chosen["heads_per_layer"], neurons=chosen["neurons_per_layer"],
                        share=chosen["estimated_share"])
-    heads, neurons = selector.select(alloc)
+    heads, neurons = jr.method.selector(jr.problem).select(alloc)
     log.info("knee at an estimated share of %.3f; keeping %d heads and %d neurons, estimated share %.3f (%s)",
              share_star, sum(alloc.heads), sum(alloc.neurons), alloc.share, source)
     pruned, final, final_key = joint_surgery_and_finetune(run, heads, neurons, progress)

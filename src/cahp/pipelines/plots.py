@@ -153,3 +153,47 @@ def plot_kept_structure(heads: list[int], heads_total: list[int], neurons: list[
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
+
+
+def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
+    """frontier.png of a `cahp compare --ffn` report: test accuracy against measured speedup, one line per method.
+
+    The accuracy after fine-tuning where the report has it (else without fine-tuning, said in the axis label);
+    the x axis is the measured speedup at ``shape`` (default: the first cost shape), the estimated one where a
+    result was not timed. Heads-only CAHP (the paper) and the dense control are marked.
+    """
+    shape = shape or report["cost_table"]["shapes"][0]
+    finetuned = any("finetuned" in r for t in report["results"].values() for r in t.values())
+    part = "finetuned" if finetuned else "no_finetune"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(m for t in report["results"].values() for m in t))
+    for i, m in enumerate(methods):
+        pts = []
+        for t in report["targets"]:
+            r = report["results"][t["label"]].get(m, {})
+            if part not in r:
+                continue
+            ms = r.get("measured_speedup") or {}
+            x = ms[shape]["speedup"] if shape in ms else 1 / r["estimated_share"]
+            pts.append((x, r[part]["accuracy"] * 100))
+        if not pts:
+            continue
+        pts.sort()
+        style = {"lw": 2.5, "color": "C3", "zorder": 5} if m == "cahp" else {"lw": 1.2, "color": f"C{i % 10}"}
+        ax.plot(*zip(*pts), "o-", ms=4, label=m, **style)
+    ho = report.get("heads_only") or {}
+    ho_acc = (ho.get("finetuned") or {}).get("accuracy") if finetuned else None
+    if ho_acc is not None and shape in (ho.get("measured_speedup") or {}):
+        ax.plot(ho["measured_speedup"][shape]["speedup"], ho_acc * 100, "*", ms=13, color="k",
+                label=f"heads-only CAHP (k* = {ho['k']})", zorder=6)
+    dense = report["dense"]
+    ref = (dense.get("control") or {}).get("accuracy") if finetuned else None
+    ref = ref if ref is not None else dense["test"][report["test_split"]]["accuracy"]
+    ax.axhline(ref * 100, color="grey", ls="--", lw=1, label="dense control" if finetuned else "dense")
+    ax.plot(1.0, ref * 100, "s", color="grey")
+    ax.set_xlabel(f"measured speedup at {shape}, 1 thread (dense / pruned latency)")
+    ax.set_ylabel(f"{report['test_split']} accuracy (%)" + ("" if finetuned else ", no fine-tuning"))
+    ax.set_title(f"{report['model']} / {report['task']}: heads + FFN neurons")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)

@@ -87,8 +87,12 @@ from cahp.train.finetune import FinetuneConfig
 log = logging.getLogger(__name__)
 
 
-def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: bool = True) -> PruneResult:
-    """Run the whole CAHP pipeline; see the module docstring. Returns the report (on every rank)."""
+def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: bool = True,
+              joint=None) -> PruneResult:
+    """Run the whole CAHP pipeline; see the module docstring. Returns the report (on every rank).
+
+    ``joint``: the `cahp.pipelines.joint_config.JointConfig` of ``--ffn`` (default: its defaults).
+    """
     distributed.init()
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
     task = None
@@ -97,18 +101,19 @@ def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: 
     out = Path(cfg.output_dir)
     distributed.on_main(check_final_settings, out, cfg, ft_cfg)
     with output_folder(out, distributed.is_main()):  # log.txt, the lock, no new folder left by an early error
-        result = _run(cfg, ft_cfg, out, progress, task)
+        result = _run(cfg, ft_cfg, out, progress, task, joint)
         distributed.barrier()
         return result
 
 
-def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool, task=None) -> PruneResult:
+def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool, task=None,
+         joint=None) -> PruneResult:
     if decoder.is_causal(cfg.model):  # causal LMs: KV-group CAHP scored by perplexity
         return decoder.run_decoder(cfg, ft_cfg, out, progress)
     if cfg.objective != "task":  # label-free, on sentence embeddings
         return run_embedding(cfg, ft_cfg, out, progress)
     if cfg.ffn:  # heads and FFN neurons together
-        return run_joint(cfg, ft_cfg, out, progress)
+        return run_joint(cfg, ft_cfg, out, progress, joint)
     t_total = time.perf_counter()
     run = prepare_run(cfg, ft_cfg, out, progress, task)  # steps 0-2 and the salience
     params_before, heads_before = count_parameters(run.model), num_kept(run.model)

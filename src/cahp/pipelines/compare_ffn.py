@@ -1,0 +1,443 @@
+"""`cahp compare --ffn`: CAHP's joint (heads + FFN neurons) selection against the baselines at equal speed.
+
+Starts from `cahp.pipelines.joint.prepare_joint`, so it shares `cahp prune --ffn`'s
+output folder, stage cache, neuron statistics, cost tables and curve (run in a
+prune --ffn folder it reuses them). Targets: CAHP's knee (of its joint curve,
+as `cahp prune --ffn` finds it) and estimated speedups (default 1.5x, 2x, 3x,
+i.e. shares 1/x of dense latency under the run's cost table). Every method of
+the joint registry (`cahp.selectors.registry.JOINT_METHODS`) selects for the
+same target share; the pipeline never branches on which one it got.
+
+For every (method, target) and selection seed (only seeded methods vary):
+
+- the selection's estimated share and speedups per cost shape, its held-out
+  accuracy and its test accuracy through gates (no fine-tuning);
+- the pruned model (surgery, tuned gate values folded into the projections) is
+  timed against the dense model, interleaved, one thread
+  (`cahp.pipelines.joint_report.measure_speedup`): the measured speedup at
+  each shape with its 95% interval, the x axis of the frontier;
+- for each seed, one fine-tuning (the same `FinetuneConfig` for every method)
+  and the test accuracy with predictions; beside it the dense control (the
+  fine-tuned dense model fine-tuned again with the same budget) and the
+  paper's heads-only CAHP at its own k* (`cahp prune`'s curve and knee), timed
+  and fine-tuned the same way.
+
+Verdicts follow `cahp compare`: per-example correctness pooled over seeds,
+paired bootstrap of method minus CAHP over the test examples
+(`cahp.pipelines.verdicts.compare_to_cahp`); "win" when the interval lies
+below 0 (CAHP better). Methods reach the same estimated share, not exactly
+the same measured speed (layer drop moves in whole layers; the estimate is
+checked against the measurement in the report), so every row carries its
+measured speedup beside its accuracy.
+
+Outputs: ``compare_ffn.json``, ``compare_ffn.md``, ``frontier.png`` (test
+accuracy after fine-tuning against measured speedup, one line per method,
+heads-only CAHP and the dense control marked); each result is cached under
+``OUTPUT/compare-ffn/`` (atomic files keyed by their settings): an interrupted
+run resumes, a re-run with more methods, targets or seeds computes only what is new.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cahp.core import distributed
+from cahp.core.io import environment, write_atomic, write_json
+from cahp.model.gates import head_gates
+from cahp.model.heads import kept_mask, mask_to_heads
+from cahp.model.neuron_surgery import keep_neurons
+from cahp.model.neurons import neuron_gates, neuron_shape
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines.cache import StageCache
+from cahp.pipelines.guard import check_run, output_folder
+from cahp.pipelines.joint import JointRun, find_share_star, joint_curve, prepare_joint
+from cahp.pipelines.joint_config import JointConfig, JointSetupError
+from cahp.pipelines.joint_report import estimated_speedups, measure_speedup
+from cahp.pipelines.stages import PruneConfig, cahp_selector, curve, find_k_star
+from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp
+from cahp.selectors.fisher import fold_gates
+from cahp.selectors.joint_base import JointSelection, check_selection
+from cahp.selectors.registry import JOINT_METHODS, make_joint_method
+from cahp.train.evaluate import evaluate_task
+from cahp.train.finetune import FinetuneConfig, finetune
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_JOINT_METHODS", "build_pruned", "render_ffn_markdown", "run_compare_ffn", "summary_lines"]
+
+DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
+
+
+def build_pruned(model, sel: JointSelection):
+    """A copy of ``model`` keeping the selection's heads and neurons, tuned gate values folded in."""
+    pruned = copy.deepcopy(model)
+    keep_heads(pruned, sel.heads)
+    keep_neurons(pruned, sel.neurons)
+    if sel.head_gates is not None:
+        fold_gates(pruned, sel.head_gates)
+    if sel.neuron_gates is not None:
+        from cahp.selectors.joint_fisher import fold_neuron_gates
+
+        fold_neuron_gates(pruned, sel.neuron_gates)
+    return pruned
+
+
+def _methods(ccfg) -> list[str]:
+    """The joint methods to compare: CAHP first; `cahp compare`'s heads-only default stands for the joint one."""
+    from cahp.pipelines.compare import DEFAULT_METHODS
+
+    methods = DEFAULT_JOINT_METHODS if list(ccfg.methods) == DEFAULT_METHODS else list(ccfg.methods)
+    unknown = [m for m in methods if m not in JOINT_METHODS]
+    if unknown:
+        raise JointSetupError(f"method {', '.join(unknown)} has no joint (heads + neurons) version; with --ffn "
+                              f"choose from {', '.join(JOINT_METHODS)}")
+    return ["cahp", *dict.fromkeys(m for m in methods if m != "cahp")]
+
+
+def run_compare_ffn(cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg, joint: JointConfig | None = None,
+                    progress: bool = True, dense_ft: FinetuneConfig | None = None):
+    """Compare the joint methods at equal estimated speed (see the module docstring); returns a `CompareResult`.
+
+    Args:
+        cfg, ft_cfg, dense_ft: as for `cahp.pipelines.compare.run_compare` (``cfg.ffn`` set).
+        ccfg: a `cahp.pipelines.compare.CompareConfig` (methods, speedups, seeds, parts).
+        joint: the joint pipeline's settings (cost source and shapes, curve grid, timing budget).
+    """
+    from cahp.pipelines.compare import CompareResult, _dense_finetune_config
+
+    joint = joint or JointConfig()
+    methods = _methods(ccfg)
+    speedups = [float(x) for x in ccfg.speedups]
+    if any(not x > 1 for x in speedups):
+        raise JointSetupError(f"--speedups must be above 1, got {ccfg.speedups}")
+    if not speedups and not ccfg.knee:
+        raise JointSetupError("no target: give --speedups or keep --knee")
+    if cfg.keep or cfg.keep_ratio or cfg.target_speedup:
+        raise JointSetupError("cahp compare --ffn sets its targets with --speedups (and --knee)")
+    JointConfig.weights(joint)
+    task, ft_cfg, _ = check_run(dataclasses.replace(cfg, target_speedup=0.0), ft_cfg)
+    with output_folder(Path(cfg.output_dir)) as out:
+        dense = _dense_finetune_config(out, ft_cfg, cfg, dense_ft)
+        jr = prepare_joint(cfg, dense, out, progress, joint, task)
+        report = _CompareFfn(cfg, ft_cfg, ccfg, joint, jr, methods, speedups, progress).run()
+        return CompareResult(output_dir=out, report=report)
+
+
+class _CompareFfn:
+    """One compare --ffn call: targets, per-method selections, timings, fine-tunings and the report."""
+
+    def __init__(self, cfg, ft_cfg, ccfg, joint, jr: JointRun, methods, speedups, progress):
+        self.cfg, self.ft_cfg, self.ccfg, self.joint, self.jr = cfg, ft_cfg, ccfg, joint, jr
+        self.methods, self.speedups, self.progress = methods, speedups, progress
+        run = jr.run
+        self.run_, self.model, self.tok, self.task = run, run.model, run.tokenizer, run.task
+        self.split = self.task.test_split
+        self.labels = np.asarray([ex.label for ex in self.task.load(self.split)])
+        self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
+        self.shapes = (tuple(kept_mask(self.model).shape), tuple(neuron_shape(self.model.config)))
+        self.cache = StageCache(run.out / "compare-ffn", base={"curve": jr.key, "eval_data": run.keys["eval_data"]},
+                                log_level=logging.DEBUG)
+        self.methods_built: dict = {}
+
+    # --- setup ------------------------------------------------------------------------------
+    def method(self, name: str, seed: int | None):
+        key = (name, seed)
+        if key not in self.methods_built:
+            self.methods_built[key] = make_joint_method(name, self.cfg.seed if seed is None else seed,
+                                                        shared={"linkage": self.joint.linkage,
+                                                                "head_weights": tuple(self.joint.weights())})
+        return self.methods_built[key]
+
+    def sel_seeds(self, name: str) -> list[int | None]:
+        return list(self.seeds) if JOINT_METHODS[name][0].seeded else [None]
+
+    def targets(self) -> list[dict]:
+        points = joint_curve(self.jr, self.progress)["points"]
+        share_star, knee, _ = find_share_star(points, self.cfg)
+        self.knee = knee.to_dict()
+        out = [{"label": "knee", "share": share_star, "speedup": 1 / share_star}] if self.ccfg.knee else []
+        out += [{"label": f"{x:g}x", "share": round(1 / x, 6), "speedup": x} for x in self.speedups]
+        return out
+
+    # --- per (method, target, selection seed) --------------------------------------------------
+    def gated_test(self, sel: JointSelection) -> dict:
+        hg, ng = sel.gate_values(*self.shapes)
+        with head_gates(self.model, init=hg), neuron_gates(self.model, init=ng):
+            return evaluate_task(self.model, self.tok, self.task, max_length=self.ft_cfg.max_length,
+                                 seed=self.cfg.seed, keep_predictions=True, progress=False)
+
+    def selection(self, name: str, sseed: int | None, target: dict) -> dict:
+        """Selection, estimates, held-out and gated test scores, measured speedup (one cached result)."""
+        method = self.method(name, sseed)
+        key = {"part": "select", "method": name, "settings": method.settings(), "share": target["share"],
+               "speedup_budget": self.joint.speedup_budget, "threads": self.joint.speedup_threads,
+               "max_length": self.ft_cfg.max_length}
+
+        def compute() -> dict:
+            t0 = time.perf_counter()
+            try:
+                sel = method.select(target["share"], self.jr.problem)
+                share = check_selection(sel, self.jr.problem, target["share"], who=name)
+            except ValueError as e:
+                log.warning("%s cannot reach %s: %s", name, target["label"], e)
+                return {"unreachable": str(e)}
+            t1 = time.perf_counter()
+            heldout = self.jr.problem.score(sel)
+            test = self.gated_test(sel)
+            heads, neurons = sel.counts(self.jr.table.n_layers)
+            rec = {"selection": sel.to_dict(), "estimated_share": share,
+                   "estimated_speedup": estimated_speedups(self.jr.tables, heads, neurons),
+                   "heads_per_layer": heads, "neurons_per_layer": neurons, "heldout_accuracy": heldout,
+                   "test": test, "seconds": {"select": t1 - t0, "evaluate": time.perf_counter() - t1}}
+            if self.joint.speedup_budget:
+                pruned = build_pruned(self.model, sel)
+                rec["measured_speedup"] = measure_speedup(self.model, pruned, self.joint.cost_shapes,
+                                                          self.joint.speedup_budget, self.joint.speedup_threads,
+                                                          seed=self.cfg.seed)
+                rec["parameters"] = count_parameters(pruned)
+            log.info("%s at %s%s: %d heads, %d neurons, estimated share %.3f, no fine-tuning %s accuracy %.4f",
+                     name, target["label"], "" if sseed is None else f" seed {sseed}", sum(heads), sum(neurons),
+                     share, self.split, test[self.split]["accuracy"])
+            return rec
+
+        tag = "all" if sseed is None else f"s{sseed}"
+        return self.cache.get_or_compute(f"select-{name}-{target['label']}-{tag}", key, compute)
+
+    def finetuned(self, what: str, rec: dict | None, ft: FinetuneConfig, model=None) -> dict:
+        """One fine-tuning and the test evaluation of a selection (``rec``), of ``model``, or of the dense model."""
+        key = {"part": "finetune", "what": what, "finetune_after": asdict(ft), "split": self.split,
+               "selection": None if rec is None else rec["selection"]}
+
+        def compute() -> dict:
+            t0 = time.perf_counter()
+            if model is not None:
+                m = copy.deepcopy(model)
+            elif rec is None:
+                m = copy.deepcopy(self.model)
+            else:
+                m = build_pruned(self.model, JointSelection.from_dict(rec["selection"]))
+            res = finetune(m, self.tok, self.task, ft, train_examples=self.run_.train_examples,
+                           progress=self.progress)
+            t1 = time.perf_counter()
+            test = evaluate_task(m, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
+                                 keep_predictions=True, progress=False)
+            log.info("fine-tuned %s (seed %d): %s accuracy %.4f", what, ft.seed, self.split,
+                     test[self.split]["accuracy"])
+            return {"test": test, "finetune": {"best_epoch": res.best_epoch, "epochs_run": len(res.history),
+                                               "best_dev": res.best_dev},
+                    "parameters": count_parameters(m), "seconds": {"finetune": t1 - t0,
+                                                                   "evaluate": time.perf_counter() - t1}}
+
+        return self.cache.get_or_compute(f"ft-{what}-s{ft.seed}", key, compute)
+
+    def heads_only(self) -> dict:
+        """The paper's CAHP at its own k*: kept heads, measured speedup (one cached result)."""
+        run = self.run_
+        points = curve(run, cahp_selector(self.cfg), self.progress)["points"]
+        knee = find_k_star(points, self.cfg)
+        mask = cahp_selector(self.cfg).select(knee.k, run.stats, run.context())
+        heads = mask_to_heads(mask)
+        sel = JointSelection(heads={int(k): v for k, v in heads.items()},
+                             neurons={i: list(range(self.shapes[1][1])) for i in range(self.shapes[1][0])})
+        key = {"part": "heads-only", "k": knee.k, "kept": heads, "speedup_budget": self.joint.speedup_budget}
+
+        def compute() -> dict:
+            rec = {"selection": sel.to_dict(), "k": knee.k, "estimated_share": sel.share(self.jr.table),
+                   "heads_per_layer": sel.counts(self.shapes[0][0])[0]}
+            if self.joint.speedup_budget:
+                rec["measured_speedup"] = measure_speedup(self.model, build_pruned(self.model, sel),
+                                                          self.joint.cost_shapes, self.joint.speedup_budget,
+                                                          self.joint.speedup_threads, seed=self.cfg.seed)
+            return rec
+
+        return self.cache.get_or_compute("heads-only", key, compute)
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        targets = self.targets()
+        log.info("compare --ffn %s on %s: targets %s; methods %s; seeds %s", self.cfg.model, self.task.name,
+                 ", ".join(f"{t['label']} (share {t['share']:.3f})" for t in targets), ", ".join(self.methods),
+                 self.seeds)
+        sels = {(m, s, t["label"]): self.selection(m, s, t) for m in self.methods for s in self.sel_seeds(m)
+                for t in targets}
+        heads_only = self.heads_only()
+        self.write(self.report(targets, sels, heads_only, None, None, t0, partial=self.ccfg.finetune))
+        fine, dense, heads_ft = {}, {}, {}
+        if self.ccfg.finetune:
+            for seed in self.seeds:
+                ft = dataclasses.replace(self.ft_cfg, seed=seed)
+                if self.ccfg.dense_control:
+                    dense[seed] = self.finetuned("dense", None, ft)
+                heads_ft[seed] = self.finetuned("cahp-heads", heads_only, ft)
+                for t in targets:
+                    for m in self.methods:
+                        rec = sels[(m, seed if JOINT_METHODS[m][0].seeded else None, t["label"])]
+                        if "unreachable" not in rec:
+                            fine[(m, seed, t["label"])] = self.finetuned(f"{m}-{t['label']}", rec, ft)
+        report = self.report(targets, sels, heads_only, fine if self.ccfg.finetune else None, dense, t0,
+                             partial=False, heads_ft=heads_ft)
+        self.write(report)
+        return report
+
+    # --- report -------------------------------------------------------------------------------
+    def correct(self, rec: dict) -> np.ndarray:
+        return np.asarray(rec["test"][self.split]["predictions"]) == self.labels
+
+    def _acc(self, recs: list[dict]) -> dict:
+        acc = np.array([r["test"][self.split]["accuracy"] for r in recs])
+        return {"accuracy": float(acc.mean()), "accuracy_per_seed": acc.tolist(),
+                "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0}
+
+    def report(self, targets, sels, heads_only, fine, dense, t0, partial, heads_ft=None) -> dict:
+        n_boot, seed0 = self.ccfg.n_bootstrap, self.cfg.seed
+        results = {}
+        for t in targets:
+            label = t["label"]
+            results[label] = {}
+            have_cahp = bool(fine) and all(("cahp", s, label) in fine for s in self.seeds)
+            cahp_ft = [fine[("cahp", s, label)] for s in self.seeds] if have_cahp else None
+            for m in self.methods:
+                recs = [sels[(m, s, label)] for s in self.sel_seeds(m)]
+                if "unreachable" in recs[0]:
+                    results[label][m] = {"unreachable": recs[0]["unreachable"]}
+                    continue
+                r0 = recs[0]
+                row = {
+                    "heads": sum(r0["heads_per_layer"]), "neurons": sum(r0["neurons_per_layer"]),
+                    "heads_per_layer": r0["heads_per_layer"], "neurons_per_layer": r0["neurons_per_layer"],
+                    "estimated_share": float(np.mean([r["estimated_share"] for r in recs])),
+                    "estimated_speedup": r0["estimated_speedup"],
+                    "measured_speedup": r0.get("measured_speedup"), "parameters": r0.get("parameters"),
+                    "heldout_accuracy": float(np.mean([r["heldout_accuracy"] for r in recs])),
+                    "no_finetune": self._acc(recs), "info": r0["selection"]["info"],
+                }
+                if m != "cahp":
+                    row["no_finetune"]["vs_cahp"] = compare_to_cahp(
+                        [self.correct(r) for r in recs], [self.correct(sels[("cahp", None, label)])], n_boot, seed0)
+                if fine and all((m, s, label) in fine for s in self.seeds):
+                    frecs = [fine[(m, s, label)] for s in self.seeds]
+                    row["finetuned"] = self._acc(frecs)
+                    row["finetuned"]["best_epochs"] = [r["finetune"]["best_epoch"] for r in frecs]
+                    if m != "cahp" and cahp_ft:
+                        row["finetuned"]["vs_cahp"] = compare_to_cahp([self.correct(r) for r in frecs],
+                                                                      [self.correct(r) for r in cahp_ft],
+                                                                      n_boot, seed0, self.seeds)
+                results[label][m] = row
+        dense_out = None
+        if dense:
+            recs = [dense[s] for s in self.seeds]
+            dense_out = self._acc(recs)
+            dense_out["vs_cahp"] = {}
+            for t in targets:
+                if fine and all(("cahp", s, t["label"]) in fine for s in self.seeds):
+                    dense_out["vs_cahp"][t["label"]] = compare_to_cahp(
+                        [self.correct(r) for r in recs], [self.correct(fine[("cahp", s, t["label"])])
+                                                          for s in self.seeds], n_boot, seed0, self.seeds)
+        ho = {k: v for k, v in heads_only.items() if k != "selection"}
+        ho["kept"] = heads_only["selection"]["heads"]
+        if heads_ft:
+            ho["finetuned"] = self._acc([heads_ft[s] for s in self.seeds])
+        run = self.run_
+        dense_test = {s: {k: v for k, v in r.items() if k != "predictions"} for s, r in run.dense_info["test"].items()}
+        return {
+            "model": self.cfg.model, "task": self.task.name, "test_split": self.split, "ffn": True,
+            "partial": partial,
+            "settings": {"prune": asdict(self.cfg), "finetune_after": {k: v for k, v in asdict(self.ft_cfg).items()
+                                                                       if k != "seed"},
+                         "compare": asdict(self.ccfg), "joint": asdict(self.joint), "seeds": self.seeds,
+                         "methods": {m: self.method(m, self.sel_seeds(m)[0]).settings() for m in self.methods}},
+            "data": {"finetune_examples": len(run.train_examples), "curve_examples": len(run.curve_examples),
+                     "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels)},
+            "statistics": STATISTICS, "verdict_rule": VERDICT_RULE,
+            "cost_table": {"source": self.jr.table.source, "shapes": [f"{t.batch}x{t.seq}" for t in self.jr.tables]},
+            "knee": self.knee, "targets": targets,
+            "dense": {"test": dense_test, "control": dense_out},
+            "heads_only": ho,
+            "results": results,
+            "timings": {"total_seconds": round(time.perf_counter() - t0, 1), "stages": run.stages.times,
+                        "results_cached": self.cache.hits, "results_computed": self.cache.computed},
+            "environment": environment(),
+        }
+
+    def write(self, report: dict) -> None:
+        from cahp.pipelines.plots import plot_frontier
+
+        out = self.run_.out
+        distributed.on_main(write_json, out / "compare_ffn.json", report)
+        distributed.on_main(write_atomic, out / "compare_ffn.md", render_ffn_markdown(report))
+        distributed.on_main(plot_frontier, report, out / "frontier.png")
+
+
+def _fmt_speed(ms: dict | None, shape: str) -> str:
+    if not ms or shape not in ms:
+        return "-"
+    v = ms[shape]
+    return f"{v['speedup']:.2f}x [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+
+
+def _fmt_vs(v: dict | None) -> str:
+    if not v:
+        return "-"
+    p = v["pooled"]
+    return f"{p['diff'] * 100:+.2f} [{p['ci95'][0] * 100:+.2f}, {p['ci95'][1] * 100:+.2f}] {p['verdict']}"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """One line per target: each method's accuracy (fine-tuned where run) and measured speedup, CAHP's verdict."""
+    shape = report["cost_table"]["shapes"][0]
+    out = []
+    for t in report["targets"]:
+        parts = []
+        for m, r in report["results"][t["label"]].items():
+            if "unreachable" in r:
+                parts.append(f"{m} unreachable")
+                continue
+            part = r.get("finetuned") or r["no_finetune"]
+            v = (part.get("vs_cahp") or {}).get("pooled")
+            parts.append(f"{m} {part['accuracy'] * 100:.2f} ({_fmt_speed(r.get('measured_speedup'), shape)})"
+                         + (f" CAHP {v['verdict']}" if v else ""))
+        out.append(f"{t['label']}: " + "; ".join(parts))
+    return out
+
+
+def render_ffn_markdown(report: dict) -> str:
+    """compare_ffn.md: one table per target (method, kept units, speedups, accuracies, verdict against CAHP)."""
+    split = report["test_split"]
+    shapes = report["cost_table"]["shapes"]
+    lines = [f"# cahp compare --ffn: {report['model']} / {report['task']}", "",
+             f"Seeds {report['settings']['seeds']}; test split {split}; accuracies in %; speedups dense / pruned "
+             f"latency, 1 thread, median [95% interval]; verdict: {report['verdict_rule']}", ""]
+    dense = report["dense"]
+    lines.append(f"Dense model before the comparison: {dense['test'][split]['accuracy'] * 100:.2f}"
+                 + (f"; dense control (fine-tuned again): {dense['control']['accuracy'] * 100:.2f}"
+                    if dense.get("control") else ""))
+    ho = report["heads_only"]
+    ho_ft = f", fine-tuned {ho['finetuned']['accuracy'] * 100:.2f}" if ho.get("finetuned") else ""
+    lines += [f"Heads-only CAHP (the paper) at k* = {ho['k']}: measured "
+              + ", ".join(f"{s} {_fmt_speed(ho.get('measured_speedup'), s)}" for s in shapes) + ho_ft, ""]
+    for t in report["targets"]:
+        lines += [f"## {t['label']} (estimated share {t['share']:.3f})", "",
+                  "| method | heads | neurons | est. speedup | " + " | ".join(f"measured {s}" for s in shapes)
+                  + " | no FT | fine-tuned | vs CAHP (fine-tuned) |",
+                  "|---|---|---|---|" + "---|" * len(shapes) + "---|---|---|"]
+        for m, r in report["results"][t["label"]].items():
+            if "unreachable" in r:
+                lines.append(f"| {m} | unreachable: {r['unreachable']} |")
+                continue
+            ft = r.get("finetuned")
+            lines.append(
+                f"| {m} | {r['heads']} | {r['neurons']} | {1 / r['estimated_share']:.2f}x | "
+                + " | ".join(_fmt_speed(r.get("measured_speedup"), s) for s in shapes)
+                + f" | {r['no_finetune']['accuracy'] * 100:.2f} | "
+                + (f"{ft['accuracy'] * 100:.2f}" if ft else "-") + f" | {_fmt_vs(ft.get('vs_cahp') if ft else None)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,45 @@
+"""Settings of the joint (heads + FFN neurons) pipelines, `cahp prune --ffn` and `cahp compare --ffn`.
+
+Apart from `cahp.pipelines.joint` so that building the command line does not import the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cahp.budget.cost import SOURCES
+from cahp.core.configs import field as cfg_field
+from cahp.selectors.joint import LINKAGES
+
+__all__ = ["JointConfig", "JointSetupError"]
+
+
+class JointSetupError(ValueError):
+    """Settings of `cahp prune --ffn` that do not go together."""
+
+
+@dataclass
+class JointConfig:
+    """Settings of the joint pipeline beyond `PruneConfig` (defaults: see the module docstring)."""
+
+    cost_source: str = cfg_field("measured", "cost of a head and a neuron: measured here, or multiply-adds",
+                                 choices=list(SOURCES))
+    cost_shapes: str = cfg_field("1x32,32x128", "shapes whose mean estimated share is the budget axis")
+    cost_threads: int = cfg_field(1, "threads of the cost measurement")
+    grid_points: int = cfg_field(14, "target shares on the curve, from 1.0 down to --min-share")
+    min_share: float = cfg_field(0.25, "smallest target share on the curve (raised above the lowest reachable)")
+    head_weights: str = cfg_field("0.5,1,2", "weights of head values against neuron values tried at each share")
+    linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
+    speedup_budget: float = cfg_field(15.0, "seconds of timing per shape for the measured speedup (0: skip)")
+    speedup_threads: int = cfg_field(1, "threads of the speedup measurement")
+
+    def weights(self) -> list[float]:
+        """`head_weights` as numbers, 1 first (ties in score keep the neutral split)."""
+        try:
+            w = [float(x) for x in self.head_weights.split(",") if x.strip()]
+        except ValueError:
+            raise JointSetupError(f"head weights must be comma-separated numbers, got {self.head_weights!r}") from None
+        if not w or any(not x > 0 or not math.isfinite(x) for x in w):
+            raise JointSetupError(f"head weights must be positive numbers, got {self.head_weights!r}")
+        return sorted(set(w), key=lambda x: (abs(math.log(x)), x))

@@ -1,0 +1,181 @@
+"""Joint methods behind `JointMethod` and `cahp compare --ffn` on a tiny random model and a tiny synthetic task."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cahp.budget.cost import BlockCost, CostTable, estimated_latency
+from cahp.pipelines import compare_ffn
+from cahp.pipelines.compare import CompareConfig, run_compare
+from cahp.pipelines.joint_config import JointConfig, JointSetupError
+from cahp.pipelines.prune import PruneConfig
+from cahp.selectors.joint import JointSelectionError
+from cahp.selectors.joint_base import JointProblem, JointSelection, check_selection
+from cahp.selectors.registry import JOINT_METHODS, make_joint_method
+from cahp.stats.neurons import ActivationCorrelationAccumulator, NeuronStats
+from cahp.train.finetune import FinetuneConfig
+from tests.test_pipeline import tiny_setup  # noqa: F401  (the fixture: a tiny BERT and a synthetic task)
+
+L, H, F = 3, 4, 16
+
+
+def _table() -> CostTable:
+    att = [BlockCost(units=H, fixed=1.0, per_unit=1.0, empty=0.1) for _ in range(L)]
+    ffn = [BlockCost(units=F, fixed=1.0, per_unit=0.5, empty=0.1) for _ in range(L)]
+    return CostTable(source="macs", unit="macs", batch=1, seq=8, attention=att, ffn=ffn, rest=1.0)
+
+
+def _problem(seed: int = 0, score=None) -> JointProblem:
+    rng = np.random.default_rng(seed)
+    acts = rng.normal(size=(200, F))
+    corr, const = [], []
+    for _ in range(L):
+        acc = ActivationCorrelationAccumulator(F, torch.float64)
+        acc.add_batch(torch.tensor(acts + 0.3 * rng.normal(size=acts.shape)))
+        r = acc.result()
+        corr.append(r["correlation"])
+        const.append(r["constant"])
+    ns = NeuronStats(neuron_ids=[list(range(F))] * L, salience=torch.tensor(rng.uniform(size=(L, F))),
+                     fisher=torch.tensor(rng.uniform(size=(L, F))), correlation=corr, constant=const)
+    n = L * H
+    D = rng.uniform(0.1, 1.0, size=(n, n))
+    D = (D + D.T) / 2
+    np.fill_diagonal(D, 0)
+    return JointProblem(table=_table(), head_salience=rng.uniform(size=(L, H)), head_fisher=rng.uniform(size=(L, H)),
+                        neuron_salience=ns.salience.numpy(), neuron_fisher=ns.fisher.numpy(),
+                        heads_present=np.ones((L, H), bool), neurons_present=np.ones((L, F), bool),
+                        head_distances=D, head_ids=[(i, h) for i in range(L) for h in range(H)], neuron_stats=ns,
+                        score=score, seed=seed)
+
+
+STATS_ONLY = [m for m in JOINT_METHODS if not m.startswith("fisher")]  # Kwon's needs a model: tests/test_joint_fisher
+
+
+@pytest.mark.parametrize("name", STATS_ONLY)
+@pytest.mark.parametrize("share", [0.9, 0.6, 0.4])
+def test_every_method_meets_the_share_with_units_the_model_holds(name, share):
+    problem = _problem()
+    sel = make_joint_method(name, 0).select(share, problem)
+    got = check_selection(sel, problem, share, who=name)
+    assert got <= share + 1e-9
+    again = make_joint_method(name, 0).select(share, problem)  # deterministic for a fixed seed
+    assert again.heads == sel.heads and again.neurons == sel.neurons
+
+
+def test_check_selection_refuses_what_breaks_the_contract():
+    problem = _problem()
+    full = {i: list(range(H)) for i in range(L)}
+    with pytest.raises(ValueError, match="above its target"):
+        check_selection(JointSelection(heads=full, neurons={i: list(range(F)) for i in range(L)}), problem, 0.5)
+    with pytest.raises(ValueError, match="keeps no head"):
+        check_selection(JointSelection(heads={}, neurons={}), problem, 0.9)
+    absent = _problem()
+    absent.heads_present[0, 0] = False
+    with pytest.raises(ValueError, match="does not hold"):
+        check_selection(JointSelection(heads={0: [0]}, neurons={}), absent, 0.9)
+
+
+def test_layer_drop_keeps_whole_leading_layers_and_random_follows_its_seed():
+    problem = _problem()
+    sel = make_joint_method("layer-drop").select(0.6, problem)
+    kept_layers = sel.info["layers_kept"]
+    assert all(sel.heads[i] == list(range(H)) and sel.neurons[i] == list(range(F)) for i in range(kept_layers))
+    assert all(not sel.heads[i] and not sel.neurons[i] for i in range(kept_layers, L))
+    # one more layer would not fit
+    heads = [H if i <= kept_layers else 0 for i in range(L)]
+    assert kept_layers == L or estimated_latency(problem.table, heads, [F if h else 0 for h in heads]) > 0.6
+    a, b = (make_joint_method("random", s).select(0.5, problem) for s in (0, 1))
+    assert (a.heads, a.neurons) != (b.heads, b.neurons)
+
+
+def test_p_pruning_keeps_one_ratio_in_every_layer():
+    sel = make_joint_method("p-pruning").select(0.6, _problem())
+    heads, neurons = sel.counts(L)
+    assert len(set(heads)) == 1 and len(set(neurons)) == 1 and 0 < sel.info["ratio"] < 1
+
+
+def test_gradient_keeps_each_layers_most_salient_units():
+    problem = _problem()
+    sel = make_joint_method("gradient").select(0.6, problem)
+    for i in range(L):
+        k = len(sel.neurons[i])
+        assert sorted(sel.neurons[i]) == sorted(np.argsort(-problem.neuron_salience[i])[:k].tolist())
+
+
+def test_cahp_picks_the_best_scoring_head_weight():
+    calls = []
+
+    def score(sel):  # prefers selections keeping more heads
+        calls.append(sel)
+        return sum(len(v) for v in sel.heads.values())
+
+    problem = _problem(score=score)
+    method = make_joint_method("cahp", shared={"head_weights": (0.5, 1.0, 2.0)})
+    sel = method.select(0.6, problem)
+    cands = sel.info["candidates"]
+    assert [c["head_weight"] for c in cands] == [1.0, 0.5, 2.0]
+    assert sel.info["heldout_score"] == max(c["heldout_score"] for c in cands)
+    n_calls = len(calls)
+    method.select(0.6, problem)  # memoised by counts: nothing scored twice
+    assert len(calls) == n_calls
+    # without a scorer only the neutral weight is tried
+    assert make_joint_method("cahp").select(0.6, _problem()).info["head_weight"] == 1.0
+
+
+def test_unreachable_share_is_a_clear_error():
+    for name in STATS_ONLY:
+        with pytest.raises(JointSelectionError):
+            make_joint_method(name, 0).select(0.05, _problem())
+
+
+FAST = JointConfig(cost_source="macs", cost_shapes="1x16,4x32", grid_points=5, min_share=0.4, speedup_budget=0.2)
+
+
+def _cfgs(root, out):
+    cfg = PruneConfig(model=str(root / "model"), task=str(root / "task"), output_dir=str(out), ffn=True,
+                      calibration_examples=64, curve_examples=80, stats_batch_size=16)
+    return cfg, FinetuneConfig(epochs=1, lr=2e-3, batch_size=16, seed=0)
+
+
+def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    cfg, ft = _cfgs(tiny_setup, out)
+    ccfg = CompareConfig(methods=["cahp", "fisher", "layer-drop", "random"], speedups=[1.5], seeds=2,
+                         n_bootstrap=200)
+    r = run_compare(cfg, ft, ccfg, progress=False, joint=FAST).report
+    assert r["ffn"] and not r["partial"]
+    assert [t["label"] for t in r["targets"]] == ["knee", "1.5x"]
+    for t in r["targets"]:
+        rows = r["results"][t["label"]]
+        assert list(rows)[0] == "cahp" and set(rows) == {"cahp", "fisher", "layer-drop", "random"}
+        for m, row in rows.items():
+            if "unreachable" in row:
+                continue
+            assert row["estimated_share"] <= t["share"] + 1e-9, (m, t)
+            assert set(row["measured_speedup"]) == {"1x16", "4x32"}
+            assert len(row["finetuned"]["accuracy_per_seed"]) == 2
+            if m != "cahp":
+                assert row["finetuned"]["vs_cahp"]["pooled"]["verdict"] in ("win", "tie", "loss")
+    assert len(r["dense"]["control"]["accuracy_per_seed"]) == 2
+    assert r["heads_only"]["k"] >= 1 and "finetuned" in r["heads_only"]
+    for name in ("compare_ffn.json", "compare_ffn.md", "frontier.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "compare_ffn.json").read_text())["results"] == json.loads(json.dumps(r["results"]))
+    # a re-run computes nothing: every selection, timing and fine-tuning comes from the cache
+    for name in ("finetune", "measure_speedup", "build_pruned"):
+        monkeypatch.setattr(compare_ffn, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = run_compare(cfg, ft, ccfg, progress=False, joint=FAST).report
+    assert again["results"] == r["results"] and again["timings"]["results_computed"] == 0
+
+
+def test_compare_ffn_refuses_heads_only_methods_and_bad_targets(tiny_setup, tmp_path):  # noqa: F811
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "r")
+    with pytest.raises(JointSetupError, match="no joint"):
+        run_compare(cfg, ft, CompareConfig(methods=["cahp", "entropy"]), progress=False, joint=FAST)
+    with pytest.raises(JointSetupError, match="above 1"):
+        run_compare(cfg, ft, CompareConfig(speedups=[0.5]), progress=False, joint=FAST)
+    assert not (tmp_path / "r").exists()
