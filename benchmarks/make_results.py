@@ -25,6 +25,7 @@ SECTIONS = [
     ("finetune_speed", "bench_finetune", "Fine-tuning speed: data handling against bare forward+backward (issue 3)"),
     ("prune_minilm_sst5", "bench_prune", "CAHP end to end: `cahp prune` on minilm-l6 / SST-5 (issue 4)"),
     ("signature_cost", "bench_signatures", "Signature and distance cost, memory (issue 4)"),
+    ("neuron_stats_cost", "bench_neuron_stats", "Neuron statistics and joint selection cost, memory (issue 19)"),
     ("latency*", "bench_latency", "Latency goals of issue 6: every measurement of each cell"),
     ("latency", "bench_latency", "Latency of pruned models (issue 6)"),
     ("latency_1x32", "bench_latency", "Latency at batch 1 x 32 tokens, more repetitions (issue 6)"),
