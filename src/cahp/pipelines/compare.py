@@ -150,6 +150,10 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
             ``ft_cfg``); a folder that holds a run keeps the settings in its run.json.
         joint: with ``cfg.ffn``, the `cahp.pipelines.joint_config.JointConfig` (`cahp.pipelines.compare_ffn`).
     """
+    from cahp.pipelines import decoder
+    if decoder.is_causal(cfg.model):  # a generative decoder: KV-head budgets scored by held-out perplexity
+        from cahp.pipelines.compare_decoder import run_compare_decoder
+        return run_compare_decoder(cfg, ft_cfg or FinetuneConfig(seed=cfg.seed), ccfg or CompareConfig(), progress)
     if cfg.ffn and cfg.objective == "task":  # heads and FFN neurons: every method at the same estimated speed
         from cahp.pipelines.compare_ffn import run_compare_ffn
 
