@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -61,8 +61,9 @@ from cahp.train.finetune import check_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODER_SELECTOR", "check_decoder_options", "check_decoder_run", "is_causal", "kv_budget", "run_decoder",
-           "summary"]
+__all__ = ["DECODER_SELECTOR", "DecoderRun", "check_decoder_options", "check_decoder_run", "decoder_curve",
+           "decoder_curve_key", "is_causal", "kv_budget", "lm_finetune_settings", "prepare_decoder", "run_decoder",
+           "summary", "text_summary"]
 
 #: The registry name of CAHP over KV groups.
 DECODER_SELECTOR = "gqa-cahp"
@@ -125,19 +126,56 @@ def kv_budget(cfg, knee: KneeResult, n_kv: int) -> tuple[int, str]:
     return k, source
 
 
-def _finetune_settings(ft_cfg) -> dict:
+def lm_finetune_settings(ft_cfg) -> dict:
     """The fine-tuning settings the LM stages read (the classification-only ones left out)."""
     return {k: v for k, v in asdict(ft_cfg).items() if k not in ("metric", "patience", "eval_batch_size",
                                                                  "max_train_examples")}
 
 
-def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
-    """CAHP over KV groups on a causal LM; see the module docstring. Returns a `PruneResult`.
+@dataclass
+class DecoderRun:
+    """The prepared stages of a decoder run, shared by `run_decoder` and `cahp compare` on a decoder.
 
-    ``cfg``: `cahp.pipelines.prune.PruneConfig` (``calibration_examples`` / ``curve_examples`` count
-    sentences of calibration / held-out text; ``keep`` counts KV heads); ``task``: the checked task.
+    Attributes:
+        cfg, ft_cfg, task: the checked settings (``ft_cfg.max_length`` clipped to the model) and task.
+        model, tokenizer: the dense causal LM (on the run's device) and its tokenizer.
+        stages: the stage cache under ``OUTPUT/stages``; ``keys``: the keys of its stages ("identity",
+            "base" (model and training text), "held" (model and dev text), "signatures", "salience").
+        fingerprints: what run.json records (model files, the training and dev splits).
+        calib_text, held_text: the calibration (train) and held-out (dev) sentences.
+        calib, held: their `lm_batches` (right-padded, ``cfg.stats_batch_size`` rows each).
+        signatures, salience: the signature and salience stages; dense_ppl: the dense held-out perplexity.
+        stats: the `GQAStats` of the dense model; ctx: the selection context (model, calibration batches, seed);
+        ks: the grid of kept KV heads of the curve.
     """
-    t_total = time.perf_counter()
+
+    cfg: object
+    ft_cfg: object
+    task: object
+    model: torch.nn.Module
+    tokenizer: object
+    stages: StageCache
+    keys: dict
+    fingerprints: dict
+    calib_text: list
+    held_text: list
+    calib: list
+    held: list
+    signatures: Signatures
+    salience: dict
+    dense_ppl: dict
+    stats: GQAStats
+    ctx: SelectionContext
+    ks: list
+
+
+def prepare_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None) -> DecoderRun:
+    """Steps 1-2 and the salience of a decoder run, every stage cached under ``out/stages`` (a `DecoderRun`).
+
+    Checks every option first (`check_decoder_run`), writes run.json (`check_identity`: a folder of a run with
+    other settings is refused), loads the model and computes or reads the signatures, the salience and the
+    dense held-out perplexity with the keys `run_decoder` has always used, so a prune folder is reused.
+    """
     task, ft_cfg = check_decoder_run(cfg, ft_cfg, task)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model, kind="causal-lm", seed=cfg.seed)
@@ -173,25 +211,59 @@ def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
                                       lambda: perplexity(model, held, progress=progress))
     stats = gqa_stats(HeadStats(head_ids=sig.head_ids, shape=tuple(kept_mask(model).shape), distances=sig.distances,
                                 salience=sal["salience"], fisher=sal["fisher"], entropy=sig.entropy), model)
+    return DecoderRun(cfg=cfg, ft_cfg=ft_cfg, task=task, model=model, tokenizer=tok, stages=stages,
+                      keys={"identity": identity, "base": base, "held": held_key, "signatures": sig_key,
+                            "salience": sal_key},
+                      fingerprints=fps, calib_text=calib_text, held_text=held_text, calib=calib, held=held,
+                      signatures=sig, salience=sal, dense_ppl=dense_ppl, stats=stats,
+                      ctx=SelectionContext(model=model, batches=calib, seed=cfg.seed),
+                      ks=default_grid(stats.n_kv, cfg.grid_step, cfg.min_ratio))
+
+
+def decoder_curve_key(run: DecoderRun, selector) -> dict:
+    """The key of ``selector``'s perplexity curve: signatures, salience, held-out text, selector, grid."""
+    return {**run.keys["signatures"], **run.keys["salience"], **run.keys["held"], "stage": "curve",
+            "method": selector.name, "selector": selector.settings(), "ks": run.ks}
+
+
+def decoder_curve(run: DecoderRun, selector, progress: bool = True) -> dict:
+    """Step 6: ``selector``'s held-out perplexity over the run's grid (`kv_curve`; stage ``curve-TAG``, cached).
+
+    Returns ``{"points", "seconds"}`` (and the cache's fields); see `cahp.budget.perplexity.kv_curve`.
+    """
+    return run.stages.get_or_compute(
+        f"curve-{selector.tag}", decoder_curve_key(run, selector), label="curve",
+        compute=lambda: kv_curve(run.model, selector, run.stats, run.ks, run.held, run.ctx, progress))
+
+
+def text_summary(run: DecoderRun) -> dict:
+    """How much text the run read, and from which splits (the ``data`` of its reports)."""
+    return {"calibration_texts": len(run.calib_text), "heldout_texts": len(run.held_text),
+            "calibration_tokens": int(sum(int(b["attention_mask"].sum()) for b in run.calib)),
+            "heldout_tokens": run.dense_ppl["tokens"], "calibration_split": run.task.train_split,
+            "heldout_split": run.task.dev_split, "calibration_rows": run.signatures.rows}
+
+
+def run_decoder(cfg, ft_cfg, out: Path, progress: bool = True, task=None):
+    """CAHP over KV groups on a causal LM; see the module docstring. Returns a `PruneResult`.
+
+    ``cfg``: `cahp.pipelines.prune.PruneConfig` (``calibration_examples`` / ``curve_examples`` count
+    sentences of calibration / held-out text; ``keep`` counts KV heads); ``task``: the checked task.
+    """
+    t_total = time.perf_counter()
+    run = prepare_decoder(cfg, ft_cfg, out, progress, task)
+    task, ft_cfg, model, tok, stats = run.task, run.ft_cfg, run.model, run.tokenizer, run.stats
+    calib, held, stages, dense_ppl = run.calib, run.held, run.stages, run.dense_ppl
     selector = make_selector(DECODER_SELECTOR, cfg.seed, shared=selector_settings(cfg))
-    ctx = SelectionContext(model=model, batches=calib, seed=cfg.seed)
-    ks = default_grid(stats.n_kv, cfg.grid_step, cfg.min_ratio)
-    curve_key = {**sig_key, **sal_key, **held_key, "stage": "curve", "method": selector.name,
-                 "selector": selector.settings(), "ks": ks}
-    points = stages.get_or_compute(f"curve-{selector.tag}", curve_key, label="curve",
-                                   compute=lambda: kv_curve(model, selector, stats, ks, held, ctx, progress))["points"]
+    points = decoder_curve(run, selector, progress)["points"]
     knee = find_k_star(points, cfg)
     k_final, k_source = kv_budget(cfg, knee, stats.n_kv)
-    mask = selector.select(k_final, stats, ctx)
+    mask = selector.select(k_final, stats, run.ctx)
 
     pruned, final = _surgery_and_finetune(cfg, ft_cfg, model, tok, mask, calib, held, stages,
-                                          {**curve_key, **held_key}, out / "model", progress)
+                                          decoder_curve_key(run, selector), out / "model", progress)
     report = _report(cfg, ft_cfg, task, model, pruned, stats, points, knee, k_final, k_source, dense_ppl, final,
-                     {"calibration_texts": len(calib_text), "heldout_texts": len(held_text),
-                      "calibration_tokens": int(sum(int(b["attention_mask"].sum()) for b in calib)),
-                      "heldout_tokens": dense_ppl["tokens"], "calibration_split": task.train_split,
-                      "heldout_split": task.dev_split, "calibration_rows": sig.rows},
-                     selector, fps)
+                     text_summary(run), selector, run.fingerprints)
     report["stage_seconds"] = stages.times
     report["total_seconds"] = round(time.perf_counter() - t_total, 1)
     write_json(out / "report.json", report)
@@ -235,7 +307,7 @@ def _surgery_and_finetune(cfg, ft_cfg, model, tok, mask: torch.Tensor, calib: li
         return scores
 
     final_key = {**key, "stage": "final", "kept": kept, "skip_final_finetune": cfg.skip_final_finetune,
-                 "finetune": _finetune_settings(ft_cfg)}
+                 "finetune": lm_finetune_settings(ft_cfg)}
     scores = stages.get_or_compute("final", final_key, compute, label="surgery_and_finetune", artifact=model_dir,
                                    artifact_check=is_pruned_folder)
     if "model" in made:
