@@ -6,6 +6,7 @@ weights and rewrites config.json to name them, so that
 
     AutoModel.from_pretrained(folder, trust_remote_code=True)
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)  # Llama, Qwen2, Mistral decoders
 
 build the pruned model without cahp, and the same calls without
 ``trust_remote_code`` ask for it. A model with sentence-transformers settings

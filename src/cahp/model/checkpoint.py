@@ -14,7 +14,7 @@ mislabelled heads. Every malformed record or weights file is a one-line
 
 Beside the weights `cahp.deploy.folder` writes the modeling and configuration
 code of `cahp.arch.hub` and an ``auto_map``, and config.json declares its own
-model type (``cahp-bert``, ...): ``AutoModel*.from_pretrained(path,
+model type (``cahp-bert``, ``cahp-llama``, ...): ``AutoModel*.from_pretrained(path,
 trust_remote_code=True)`` loads the pruned model without cahp, and without
 ``trust_remote_code`` transformers asks for it instead of building the
 full-size architecture. `load_pruned` reads these folders and older ones.

@@ -2,7 +2,7 @@
 
 `CODE_FILES` (configuration_cahp.py, modeling_cahp.py, both in this folder)
 go beside the weights; they import only torch and transformers, never cahp.
-A saved config.json then names its own model type (``cahp-bert``, ...) and an
+A saved config.json then names its own model type (``cahp-bert``, ``cahp-llama``, ...) and an
 ``auto_map`` pointing at those files, so that transformers' Auto classes load
 the pruned model with ``trust_remote_code=True`` and ask for that flag
 without it. `to_remote` and `from_remote` convert a config dict between
@@ -23,9 +23,25 @@ CODE_FILES = ("configuration_cahp.py", "modeling_cahp.py")
 _PREFIX = "Cahp"
 
 # transformers' model type -> class-name stem in the hub files (CahpBertConfig, CahpBertModel, ...)
-STEMS = {"bert": "Bert", "roberta": "Roberta", "electra": "Electra", "distilbert": "DistilBert", "mpnet": "MPNet"}
-# The heads each hub file provides, besides the bare encoder (AutoModel).
-_HEADS = {"ForSequenceClassification": "AutoModelForSequenceClassification"}
+STEMS = {
+    "bert": "Bert",
+    "roberta": "Roberta",
+    "electra": "Electra",
+    "distilbert": "DistilBert",
+    "mpnet": "MPNet",
+    "llama": "Llama",
+    "qwen2": "Qwen2",
+    "mistral": "Mistral",
+}
+#: The decoder families (grouped-query attention), which also have a causal language-modelling head.
+DECODERS = ("llama", "qwen2", "mistral")
+# The heads the hub files provide per family, besides the bare model (AutoModel).
+_ENCODER_HEADS = {"ForSequenceClassification": "AutoModelForSequenceClassification"}
+_DECODER_HEADS = {"ForCausalLM": "AutoModelForCausalLM", **_ENCODER_HEADS}
+
+
+def _heads(family: str) -> dict[str, str]:
+    return _DECODER_HEADS if family in DECODERS else _ENCODER_HEADS
 
 
 def remote_type(family_type: str) -> str | None:
@@ -42,8 +58,9 @@ def to_remote(config_dict: dict) -> dict:
     """A family config dict -> the dict a self-contained folder stores (model type, architectures, auto_map).
 
     ``architectures`` becomes the hub class of the same head where the hub
-    files have one (``BertForSequenceClassification`` -> ``CahpBertForSequenceClassification``);
-    other heads keep their name and load through ``AutoModel`` only.
+    files have one (``BertForSequenceClassification`` -> ``CahpBertForSequenceClassification``,
+    ``LlamaForCausalLM`` -> ``CahpLlamaForCausalLM``); other heads keep their
+    name and load through ``AutoModel`` only.
     """
     family = config_dict["model_type"]
     stem = STEMS[family]
@@ -53,10 +70,11 @@ def to_remote(config_dict: dict) -> dict:
         "AutoConfig": f"configuration_cahp.{_PREFIX}{stem}Config",
         "AutoModel": f"modeling_cahp.{_PREFIX}{stem}Model",
     }
-    for suffix, auto in _HEADS.items():
+    heads = _heads(family)
+    for suffix, auto in heads.items():
         auto_map[auto] = f"modeling_cahp.{_PREFIX}{stem}{suffix}"
     out["auto_map"] = auto_map
-    known = {f"{stem}Model", *(f"{stem}{s}" for s in _HEADS)}
+    known = {f"{stem}Model", *(f"{stem}{s}" for s in heads)}
     out["architectures"] = [_PREFIX + a if a in known else a for a in config_dict.get("architectures") or []]
     return out
 
@@ -87,6 +105,7 @@ def load_config(folder: str | Path) -> transformers.PretrainedConfig:
 
 __all__ = [
     "CODE_FILES",
+    "DECODERS",
     "HUB_DIR",
     "STEMS",
     "from_remote",
