@@ -1,0 +1,771 @@
+"""`cahp compare` on a generative decoder: CAHP over KV groups against the KV-group baselines, by perplexity.
+
+What `cahp.pipelines.compare.run_compare` runs when the model is a causal LM
+(`cahp.pipelines.decoder.is_causal`); issue 23, items 4-5. It starts from
+`prepare_decoder`, so it shares the output folder, run.json and stage cache of
+`cahp prune` on the same decoder (calibration and held-out text, signatures,
+salience, the dense perplexity and CAHP's curve are read, not recomputed).
+
+- Methods: the KV-group selectors of `cahp.selectors.registry.KV_SELECTORS`
+  (CAHP over KV groups, random, weight magnitude, gradient, Fisher), every one
+  by default (the heads-only compare's default list stands for them). A
+  heads-only name with a KV-group peer means that peer (``random`` is
+  ``gqa-random``); the others (entropy, layer drop, ...) are refused.
+- Budgets, in KV heads (a kept KV head keeps its whole group of query heads):
+  CAHP's knee k* (its held-out perplexity curve and `find_k_star`, as `cahp
+  prune` finds it) and shares of the KV heads kept: by default 2/3 and 1/3
+  (1/3 and 2/3 of the KV heads removed); ``--budgets`` other than the heads
+  default (0.5, 0.25, 0.125) are taken as shares of KV heads kept.
+- For each method, budget and seed: (a) held-out perplexity of the dense model
+  through gates (no fine-tuning); (b) surgery of the kept KV groups, the same
+  `finetune_lm` as `cahp prune` (on the calibration batches, its seed the
+  compare seed) and the held-out perplexity after it; beside them the KV cache
+  bytes per token and the parameters after surgery; and a dense control (the
+  dense model fine-tuned the same way) per seed. Seeds: ``--seeds N`` runs
+  ``seed .. seed+N-1``; only seeded selections (random) vary with the seed
+  without fine-tuning.
+- Speed of the dense model against CAHP's pruned model at each budget
+  (`DecodeTimingConfig`, on the CPU with one thread by default): greedy
+  `generate` with the KV cache (batch 1 and 8, 32 new tokens, a 16-token random
+  prompt), the two models interleaved call by call (`time_round_robin`),
+  generated tokens per second from the median call, and the median ratio with a
+  95% bootstrap interval over the aligned repetitions (`ratio_ci`); prefill
+  latency is one forward of batch 1 x 128 tokens. ``seconds = 0`` skips it.
+
+Statistics (`paired_nll`), paired on the same held-out sentences: every model's
+per-sentence NLL sums and token counts (`sentence_nll`); a resample draws
+sentences with replacement and recomputes each model's token-weighted mean NLL
+(nats per token) on it. ``diff`` = method's mean NLL minus CAHP's = the log of
+the ratio of their perplexities: **positive means the method's perplexity is
+higher (worse) than CAHP's**. Pooled (the verdict): per-sentence NLL averaged
+over each side's seeds (every seed scores the same tokens); per seed: method
+seed s against CAHP seed s. CAHP's verdict (`nll_verdict`, through
+`cahp.pipelines.verdicts.verdict` on CAHP minus method): "win" when the 95%
+interval of (method - CAHP) lies above 0, "loss" when below 0, else "tie".
+
+Every result is cached in ``OUTPUT/compare/`` (`StageCache`, keyed by every
+setting it depends on, and by the identity, text and statistics keys of the
+prepared run), so a re-run reads what it has and computes only what is new.
+Outputs: ``compare.json`` (every number and setting) and ``compare.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cahp.bench.figures import ratio_ci, summarize
+from cahp.bench.timing import make_inputs, time_round_robin, torch_runner
+from cahp.core import distributed
+from cahp.core.configs import field as cfg_field
+from cahp.core.io import environment, write_atomic, write_json
+from cahp.model.gates import head_gates
+from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads
+from cahp.model.surgery import count_parameters, keep_heads
+from cahp.pipelines.cache import StageCache
+from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult
+from cahp.pipelines.decoder import (
+    DECODER_SELECTOR,
+    DecoderRun,
+    check_decoder_run,
+    decoder_curve,
+    lm_finetune_settings,
+    prepare_decoder,
+    text_summary,
+)
+from cahp.pipelines.decoder_finetune import finetune_lm
+from cahp.pipelines.guard import output_folder
+from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
+from cahp.pipelines.verdicts import verdict
+from cahp.selectors.base import HeadSelector
+from cahp.selectors.gqa import check_kv_mask
+from cahp.selectors.registry import KV_SELECTORS, make_selector
+from cahp.train.finetune import FinetuneConfig
+from cahp.train.metrics import bootstrap_indices
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_KV_SHARES", "DecodeTimingConfig", "STATISTICS", "VERDICT_RULE", "kv_budgets", "kv_methods",
+           "nll_verdict", "paired_nll", "render_markdown", "run_compare_decoder", "sentence_nll", "time_decode"]
+
+#: Shares of the KV heads kept by default: 1/3 and 2/3 of them removed (issue 23's budgets).
+DEFAULT_KV_SHARES = (2 / 3, 1 / 3)
+#: `CompareConfig`'s heads-only default budgets; given as they are, they stand for `DEFAULT_KV_SHARES`.
+HEADS_DEFAULT_BUDGETS = tuple(CompareConfig().budgets)
+
+STATISTICS = (
+    "paired bootstrap over held-out sentences: each resample draws sentences with replacement and recomputes "
+    "every model's token-weighted mean NLL on them; diff = method NLL - CAHP NLL (nats per token, the log of the "
+    "perplexity ratio method / CAHP); pooled = per-sentence NLL averaged over seeds (per-seed bootstraps beside it)"
+)
+VERDICT_RULE = (
+    "verdicts are CAHP's, on diff = method - CAHP in held-out NLL (lower is better): win = the 95% interval of "
+    "diff lies above 0 (CAHP's perplexity lower), loss = it lies below 0, tie = it contains 0"
+)
+
+
+@dataclass
+class DecodeTimingConfig:
+    """How the dense decoder and CAHP's pruned ones are timed (generation with the KV cache, and prefill)."""
+
+    seconds: float = cfg_field(20.0, "seconds of interleaved repetitions per measurement (0: no timing)")
+    new_tokens: int = cfg_field(32, "tokens generated per call (greedy, with the KV cache)")
+    prompt_tokens: int = cfg_field(16, "random prompt tokens per sequence before generation")
+    batch_sizes: list[int] = cfg_field([1, 8], "generation batch sizes", metavar="B")
+    prefill_tokens: int = cfg_field(128, "tokens of the prefill forward (batch 1; clipped to the positions)")
+    threads: int = cfg_field(1, "torch threads while timing")
+    device: str = cfg_field("cpu", "device the timed copies run on")
+    min_reps: int = cfg_field(5, "fewest repetitions per measurement, whatever the seconds")
+    max_reps: int = cfg_field(200, "most repetitions per measurement")
+    n_bootstrap: int = cfg_field(2000, "bootstrap resamples of each ratio's interval")
+
+
+# --- checks ---------------------------------------------------------------------------------------------
+
+
+def kv_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` as `KV_SELECTORS` names, CAHP first; the heads-only default list means all of them.
+
+    A heads-only name with a KV-group peer (``random`` -> ``gqa-random``) means that peer; one without is a
+    ValueError naming the choices.
+    """
+    asked = list(KV_SELECTORS) if list(methods) == list(DEFAULT_METHODS) else list(methods)
+    names = [m if m in KV_SELECTORS else f"gqa-{m}" for m in asked]
+    unknown = [m for m, n in zip(asked, names) if n not in KV_SELECTORS]
+    if unknown:
+        raise ValueError(f"no KV-group method {', '.join(unknown)} for a decoder; choose from "
+                         f"{', '.join(KV_SELECTORS)} (or the same names without gqa-)")
+    return [DECODER_SELECTOR, *dict.fromkeys(n for n in names if n != DECODER_SELECTOR)]
+
+
+def _shares(budgets: Sequence[float]) -> list[float]:
+    """Shares of the KV heads kept: `DEFAULT_KV_SHARES` for the heads-only default, else ``budgets``."""
+    return list(DEFAULT_KV_SHARES) if tuple(budgets) == HEADS_DEFAULT_BUDGETS else list(budgets)
+
+
+def kv_budgets(budgets: Sequence[float], knee_k: int | None, n_kv: int) -> list[dict]:
+    """``[{"label", "k", "ratio"}]``: CAHP's knee (unless ``knee_k`` is None), then each share of ``n_kv`` kept.
+
+    ``budgets``: `CompareConfig.budgets` (see `_shares`); k = round(share x n_kv), at least 1.
+    """
+    out = [{"label": "k*", "k": int(knee_k), "ratio": knee_k / n_kv}] if knee_k is not None else []
+    for r in _shares(budgets):
+        if math.isclose(r, 2 / 3) or math.isclose(r, 1 / 3):
+            label = f"{round(3 * (1 - r))}/3 removed"
+        else:
+            label = f"{r * 100:g}% kept"
+        out.append({"label": label, "k": max(1, round(r * n_kv)), "ratio": r})
+    return out
+
+
+def _check(cfg: PruneConfig, ccfg: CompareConfig, timing: DecodeTimingConfig) -> list[str]:
+    """Every compare setting that can fail without weights (one-line ValueErrors); returns the methods."""
+    methods = kv_methods(ccfg.methods)
+    if any(not 0 < r <= 1 for r in ccfg.budgets):
+        raise ValueError(f"budgets are shares of the KV heads kept, in (0, 1], got {ccfg.budgets}")
+    if ccfg.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if not ccfg.budgets and not ccfg.knee:
+        raise ValueError("no budget: give --budgets or keep --knee")
+    if ccfg.n_bootstrap < 1:
+        raise ValueError("--n-bootstrap must be at least 1")
+    if cfg.keep or cfg.keep_ratio:
+        raise ValueError("--keep and --keep-ratio set cahp prune's budget; cahp compare on a decoder compares at "
+                         "CAHP's knee and --budgets (shares of the KV heads kept)")
+    if not cfg.output_dir:
+        raise ValueError("an output folder is needed")
+    if distributed.world_size() > 1:
+        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+    if timing.seconds < 0:
+        raise ValueError(f"the timing seconds must be >= 0 (0: no timing), got {timing.seconds}")
+    counts = {"new_tokens": timing.new_tokens, "prompt_tokens": timing.prompt_tokens,
+              "prefill_tokens": timing.prefill_tokens, "threads": timing.threads, "min_reps": timing.min_reps,
+              "n_bootstrap": timing.n_bootstrap, "batch size": min(timing.batch_sizes, default=0)}
+    bad = [f"{k} {v}" for k, v in counts.items() if v < 1]
+    if bad:
+        raise ValueError(f"timing counts must be at least 1, got {', '.join(bad)}")
+    if timing.max_reps < timing.min_reps:
+        raise ValueError(f"timing max_reps {timing.max_reps} is below min_reps {timing.min_reps}")
+    return methods
+
+
+# --- per-sentence NLL and the paired bootstrap ---------------------------------------------------------
+
+
+@torch.no_grad()
+def sentence_nll(model: nn.Module, batches: Sequence[dict], mask: torch.Tensor | None = None) -> dict:
+    """``{"nll", "tokens", "mean_nll", "perplexity"}`` of every row of ``batches``, the heads gated by ``mask``.
+
+    ``nll``: (sentences,) summed next-token NLL of each row (float64 sums, batch order: `lm_batches` sorts by
+    length, the same for every model); ``tokens``: (sentences,) its predicted tokens (a token counts when it
+    and the one before it are real, as `cahp.budget.perplexity.token_nll` counts). ``mean_nll`` = sum(nll) /
+    sum(tokens), so ``perplexity`` equals `cahp.budget.perplexity.perplexity` of the same batches.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, tokens = [], []
+
+    def score(batch: dict) -> None:
+        ids = batch["input_ids"].to(device)
+        real = batch["attention_mask"].to(device).bool()
+        logits = model(input_ids=ids, attention_mask=real.long()).logits[:, :-1].float()  # (B, T-1, V)
+        valid = real[:, 1:] & real[:, :-1]  # (B, T-1)
+        target = ids[:, 1:].masked_fill(~valid, -100)
+        per_token = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                reduction="none")  # (B, T-1), 0 where ignored
+        nll.extend(per_token.double().sum(1).tolist())
+        tokens.extend(valid.sum(1).tolist())
+
+    try:
+        if mask is None:
+            for b in batches:
+                score(b)
+        else:
+            with head_gates(model, init=mask.float()):
+                for b in batches:
+                    score(b)
+    finally:
+        model.train(was_training)
+    total = int(sum(tokens))
+    if total == 0:
+        raise ValueError("the held-out batches hold no token to predict")
+    mean = float(sum(nll)) / total
+    return {"nll": nll, "tokens": tokens, "mean_nll": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+def nll_verdict(ci95) -> str:
+    """CAHP's verdict from the 95% interval of (method - CAHP) in NLL, lower better: "win" when it lies above
+    0, "loss" when below, else "tie" (`cahp.pipelines.verdicts.verdict` on CAHP - method)."""
+    lo, hi = ci95
+    return verdict((-hi, -lo))
+
+
+def _pooled_nll(recs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """((sentences,) per-sentence NLL averaged over ``recs`` (seeds), (sentences,) tokens); refuses records
+    that scored different sentences."""
+    tokens = np.asarray(recs[0]["tokens"], dtype=np.float64)
+    for r in recs[1:]:
+        if not np.array_equal(np.asarray(r["tokens"], dtype=np.float64), tokens):
+            raise ValueError("the records scored different held-out sentences: no paired comparison")
+    return np.mean([np.asarray(r["nll"], dtype=np.float64) for r in recs], 0), tokens
+
+
+def _summary(diff: float, boots: np.ndarray) -> dict:
+    """``{"diff", "ci95", "p_value", "verdict", "perplexity_ratio", "perplexity_ratio_ci95"}`` of NLL
+    differences; two-sided p = twice the share of resamples on the other side of 0 (capped at 1)."""
+    p = 2 * float((boots <= 0).mean()) if diff >= 0 else 2 * float((boots >= 0).mean())
+    ci = [float(x) for x in np.percentile(boots, [2.5, 97.5])]
+    return {"diff": float(diff), "ci95": ci, "p_value": min(1.0, p), "verdict": nll_verdict(ci),
+            "perplexity_ratio": math.exp(diff), "perplexity_ratio_ci95": [math.exp(x) for x in ci]}
+
+
+def paired_nll(method: Sequence[dict], cahp: Sequence[dict], n_bootstrap: int, seed: int,
+               seeds: Sequence | None = None) -> dict:
+    """Pooled and per-seed paired bootstraps over held-out sentences of (method - CAHP) mean NLL.
+
+    Args:
+        method, cahp: per-seed `sentence_nll` records of the same sentences; a single record on one side is
+            paired with every seed of the other.
+        n_bootstrap: resamples (of sentences, with replacement; the same resamples for every model).
+        seed: seed of the resamples.
+        seeds: the seed of each per-seed comparison, recorded beside it.
+
+    Returns:
+        ``{"pooled": summary, "per_seed": [summary, ...], "per_seed_verdicts": {"win", "tie", "loss"}}`` with
+        each summary's ``diff`` (nats per token; > 0: the method's perplexity is higher than CAHP's), ``ci95``,
+        ``p_value``, ``verdict`` (`nll_verdict`) and the perplexity ratio method / CAHP with its interval.
+    """
+    if not method or not cahp:
+        raise ValueError("paired_nll needs at least one record on each side")
+    m_nll, tokens = _pooled_nll(method)
+    c_nll, c_tokens = _pooled_nll(cahp)
+    if not np.array_equal(tokens, c_tokens):
+        raise ValueError("the method and CAHP scored different held-out sentences: no paired comparison")
+    chunks = list(bootstrap_indices(len(tokens), n_bootstrap, seed))
+    denom = np.concatenate([tokens[idx].sum(1) for idx in chunks])
+
+    def resampled(nll: np.ndarray) -> np.ndarray:
+        return np.concatenate([nll[idx].sum(1) for idx in chunks]) / denom
+
+    def compare(a: np.ndarray, b: np.ndarray) -> dict:
+        return _summary(float(a.sum() - b.sum()) / float(tokens.sum()), resampled(a) - resampled(b))
+
+    pooled = compare(m_nll, c_nll)
+    per_seed = []
+    for i in range(max(len(method), len(cahp))):
+        a = np.asarray(method[min(i, len(method) - 1)]["nll"], dtype=np.float64)
+        b = np.asarray(cahp[min(i, len(cahp) - 1)]["nll"], dtype=np.float64)
+        r = compare(a, b)
+        if seeds is not None:
+            r["seed"] = seeds[i]
+        per_seed.append(r)
+    counts = {v: sum(r["verdict"] == v for r in per_seed) for v in ("win", "tie", "loss")}
+    return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
+
+
+def verdict_text(method: str, label: str, k: int, cmp: dict) -> str:
+    """One plain-language sentence for a pooled NLL comparison."""
+    lo, hi = cmp["ci95"]
+    stats = (f"{method} minus CAHP = {cmp['diff']:+.4f} nats/token (perplexity x{cmp['perplexity_ratio']:.3f}), "
+             f"95% CI [{lo:+.4f}, {hi:+.4f}], p = {cmp['p_value']:.3g}")
+    where = f"at {label} ({k} KV heads)"
+    if cmp["verdict"] == "win":
+        return f"{where}: CAHP beats {method} ({stats})."
+    if cmp["verdict"] == "loss":
+        return f"{where}: {method} beats CAHP ({stats})."
+    return f"{where}: tie, the difference is inside the confidence interval ({stats})."
+
+
+# --- speed ----------------------------------------------------------------------------------------------
+
+
+def _pair(times: dict[str, list[float]], batch: int, seq: int, n_bootstrap: int) -> dict:
+    """Dense and pruned summaries (`summarize`: median ms, tokens/s) and the speed ratio dense / pruned time
+    (> 1: the pruned model is faster) with its 95% bootstrap interval over the aligned repetitions."""
+    d, p = times["dense"], times["pruned"]
+    return {"dense": summarize(d, batch, seq), "pruned": summarize(p, batch, seq),
+            "speedup": float(np.median(d) / np.median(p)), "speedup_ci95": ratio_ci(d, p, n_bootstrap)}
+
+
+def time_decode(dense: nn.Module, pruned: nn.Module, timing: DecodeTimingConfig, pad_token_id: int,
+                seed: int = 0) -> dict:
+    """Decode throughput and prefill latency of copies of ``dense`` and ``pruned`` on ``timing.device``.
+
+    Decode: greedy `generate` with the KV cache of exactly ``new_tokens`` tokens after a random prompt of
+    ``prompt_tokens`` (batch ``b`` for each of ``batch_sizes``), so a call's time is its prompt's prefill plus
+    ``new_tokens`` steps and ``tokens_per_s`` = b x new_tokens / median call. Prefill: one forward of batch 1 x
+    ``prefill_tokens`` (clipped to the model's positions). The two models run interleaved call by call
+    (`time_round_robin`, ``timing.threads`` torch threads). Returns ``{"decode": {b: pair}, "prefill": pair,
+    "settings"}`` with each pair as `_pair` makes it.
+    """
+    threads = torch.get_num_threads()
+    models = {"dense": copy.deepcopy(dense).to(timing.device).eval(),
+              "pruned": copy.deepcopy(pruned).to(timing.device).eval()}
+    limit = getattr(dense.config, "max_position_embeddings", None) or timing.prefill_tokens
+    prompt = min(timing.prompt_tokens, max(1, limit - timing.new_tokens))
+    reps = {"warmup": 1, "budget_s": timing.seconds, "min_reps": timing.min_reps, "max_reps": timing.max_reps}
+    out: dict = {"decode": {}, "settings": {**asdict(timing), "prompt_tokens_used": prompt}}
+    n = timing.new_tokens
+    kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "use_cache": True,
+          "pad_token_id": pad_token_id}
+    torch.set_num_threads(timing.threads)
+    try:
+        for b in timing.batch_sizes:
+            inputs = make_inputs(models["dense"], b, prompt, timing.device, seed)
+
+            def generate(m, inputs=inputs):
+                with torch.inference_mode():
+                    return m.generate(**inputs, **kw)
+
+            runners = {name: (lambda m=m: generate(m)) for name, m in models.items()}
+            out["decode"][str(b)] = _pair(time_round_robin(runners, **reps), b, n, timing.n_bootstrap)
+        seq = min(timing.prefill_tokens, limit)
+        inputs = make_inputs(models["dense"], 1, seq, timing.device, seed)
+        runners = {name: torch_runner(m, inputs) for name, m in models.items()}
+        out["prefill"] = _pair(time_round_robin(runners, **reps), 1, seq, timing.n_bootstrap)
+        out["settings"]["prefill_tokens_used"] = seq
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# --- the comparison -------------------------------------------------------------------------------------
+
+
+def run_compare_decoder(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: CompareConfig | None = None,
+                        progress: bool = True, timing: DecodeTimingConfig | None = None) -> CompareResult:
+    """Compare CAHP over KV groups with the KV-group baselines on a causal LM (see the module docstring).
+
+    Args:
+        cfg: the settings shared with `cahp prune` on a decoder (model, task, output folder, calibration /
+            held-out sentences, CAHP's distance / clustering / grid / knee rule, seed).
+        ft_cfg: the single LM fine-tuning after surgery, the same for every method (and the dense control);
+            its seed is replaced by each compare seed.
+        ccfg: methods, budgets (shares of the KV heads kept; the heads default means 2/3 and 1/3), seeds,
+            parts, bootstrap resamples.
+        timing: the speed measurement (`DecodeTimingConfig`; ``seconds = 0`` skips it).
+
+    Returns:
+        A `CompareResult`; compare.json and compare.md are written into ``cfg.output_dir``.
+    """
+    ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
+    ccfg = ccfg or CompareConfig()
+    timing = timing or DecodeTimingConfig()
+    methods = _check(cfg, ccfg, timing)
+    task, ft_cfg = check_decoder_run(cfg, ft_cfg)  # every option and split, before any work
+    with output_folder(Path(cfg.output_dir)) as out:  # log.txt, the lock, no new folder left by an early error
+        return _DecoderCompare(cfg, ft_cfg, ccfg, timing, methods, out, progress, task).run()
+
+
+def _kept(kept: dict) -> dict[int, list[int]]:
+    """``{layer: heads}`` with int layers (JSON gives strings)."""
+    return {int(layer): list(hs) for layer, hs in kept.items()}
+
+
+class _DecoderCompare:
+    """One compare call on a decoder: the prepared run, the budgets, parts (a) and (b), speed, the report."""
+
+    def __init__(self, cfg, ft_cfg, ccfg, timing, methods, out: Path, progress: bool, task):
+        self.cfg, self.ft_cfg, self.ccfg, self.timing = cfg, ft_cfg, ccfg, timing
+        self.methods, self.out, self.progress, self.checked_task = methods, out, progress, task
+        self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
+        self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
+        self.seconds: dict[str, float] = {}
+
+    def run(self) -> CompareResult:
+        t_total = time.perf_counter()
+        run: DecoderRun = prepare_decoder(self.cfg, self.ft_cfg, self.out, self.progress, self.checked_task)
+        self.prep, self.stats = run, run.stats
+        self.cache = StageCache(self.out / "compare", base={"signatures": run.keys["signatures"],
+                                                            "salience": run.keys["salience"],
+                                                            "held": run.keys["held"]},
+                                log_level=logging.DEBUG)
+        t = time.perf_counter()
+        self.knee_curve = decoder_curve(run, self.selector(DECODER_SELECTOR, None), self.progress)
+        self.knee = find_k_star(self.knee_curve["points"], self.cfg)
+        self.seconds["cahp_curve_and_knee"] = time.perf_counter() - t
+        self.budgets = kv_budgets(self.ccfg.budgets, self.knee.k if self.ccfg.knee else None, self.stats.n_kv)
+        self.budget_ks = sorted({b["k"] for b in self.budgets}, reverse=True)
+        log.info("compare %s on %s text: k* = %d of %d KV heads; budgets %s; methods %s; seeds %s", self.cfg.model,
+                 run.task.name, self.knee.k, self.stats.n_kv, ", ".join(f"{b['label']}={b['k']}" for b in self.budgets),
+                 ", ".join(self.methods), self.seeds)
+        self.dense = self.cache.get_or_compute("lm-dense", {"part": "dense"}, self.score_dense)
+        pre = self.part_a()
+        speed = self.speed(pre)
+        self.write(self.report(pre, None, None, speed, t_total, partial=self.ccfg.finetune))
+        fine, control = self.part_b(pre) if self.ccfg.finetune else (None, None)
+        report = self.report(pre, fine, control, speed, t_total, partial=False)
+        self.write(report)
+        return CompareResult(output_dir=self.out, report=report)
+
+    # --- selectors ------------------------------------------------------------------------------------
+    @staticmethod
+    def seeded(method: str) -> bool:
+        """Whether the method's selection depends on the compare seed (the random selector)."""
+        return KV_SELECTORS[method][0].seeded
+
+    def sel_seeds(self, method: str) -> list[int | None]:
+        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
+        return list(self.seeds) if self.seeded(method) else [None]
+
+    def selector(self, method: str, seed: int | None) -> HeadSelector:
+        """One selector per (method, selection seed), built as `cahp prune` builds CAHP over KV groups."""
+        key = (method, seed)
+        if key not in self.selectors:
+            self.selectors[key] = make_selector(method, self.cfg.seed if seed is None else seed,
+                                                shared=selector_settings(self.cfg))
+        return self.selectors[key]
+
+    def method_key(self, method: str, seed: int | None) -> dict:
+        return {"method": method, "selector": self.selector(method, seed).settings()}
+
+    @staticmethod
+    def tag(seed: int | None) -> str:
+        return "all" if seed is None else f"s{seed}"
+
+    def sizes(self, model: nn.Module) -> dict:
+        """KV cache bytes per token, KV heads and parameters of a (pruned) model."""
+        kv = kept_kv_heads(model)
+        return {"kv_cache_bytes_per_token": kv_cache_bytes_per_token(model), "parameters": count_parameters(model),
+                "kv_heads": sum(len(v) for v in kv.values()), "kv_heads_per_layer": [len(kv[i]) for i in sorted(kv)]}
+
+    # --- (a) no fine-tuning ---------------------------------------------------------------------------
+    def score_dense(self) -> dict:
+        t0 = time.perf_counter()
+        return {**sentence_nll(self.prep.model, self.prep.held), **self.sizes(self.prep.model),
+                "heads": self.stats.n, "seconds": {"evaluate": time.perf_counter() - t0}}
+
+    def part_a(self) -> dict:
+        pre: dict[tuple[str, int | None, int], dict] = {}
+        for method in self.methods:
+            for sseed in self.sel_seeds(method):
+                for k in self.budget_ks:
+                    pre[(method, sseed, k)] = self.cache.get_or_compute(
+                        f"lm-pre-{method}-k{k}-{self.tag(sseed)}",
+                        {"part": "no_finetune", **self.method_key(method, sseed), "k": k},
+                        lambda method=method, sseed=sseed, k=k: self.score_selection(method, sseed, k))
+        return pre
+
+    def score_selection(self, method: str, sseed: int | None, k: int) -> dict:
+        """Select k KV groups, score the dense model gated to them, and measure the pruned model's sizes."""
+        run, sel = self.prep, self.selector(method, sseed)
+        t = time.perf_counter()
+        mask = check_kv_mask(sel.select(k, self.stats, run.ctx), k, self.stats)
+        t0 = time.perf_counter()
+        scores = sentence_nll(run.model, run.held, mask)
+        kept = mask_to_heads(mask)
+        sizes = self.sizes(keep_heads(copy.deepcopy(run.model), kept))
+        log.info("no fine-tuning: %s k=%d%s: held-out perplexity %.3f", method, k,
+                 "" if sseed is None else f" seed {sseed}", scores["perplexity"])
+        return {"k": k, "kept": kept, "heads": int(mask.sum()), **scores, **sizes,
+                "selection": sel.selection_info(), "seconds": {"select": t0 - t, "evaluate": time.perf_counter() - t0}}
+
+    # --- (b) the same fine-tuning ---------------------------------------------------------------------
+    def part_b(self, pre: dict) -> tuple[dict, dict]:
+        fine: dict[tuple[str, int, int], dict] = {}
+        control: dict[int, dict] = {}
+        for seed in self.seeds:
+            ft = dataclasses.replace(self.ft_cfg, seed=seed)
+            ft_key = {"finetune": lm_finetune_settings(ft)}
+            if self.ccfg.dense_control:
+                control[seed] = self.cache.get_or_compute(
+                    f"lm-ft-dense-s{seed}", {"part": "dense_control", **ft_key},
+                    lambda ft=ft: self.finetune_score(None, ft, "dense control"))
+            for k in self.budget_ks:
+                for method in self.methods:
+                    sseed = seed if self.seeded(method) else None
+                    p = pre[(method, sseed, k)]
+                    fine[(method, seed, k)] = self.cache.get_or_compute(
+                        f"lm-ft-{method}-k{k}-s{seed}",
+                        {"part": "finetune", **self.method_key(method, sseed), "k": k, "kept": p["kept"], **ft_key},
+                        lambda p=p, ft=ft, method=method: self.finetune_score(p["kept"], ft, method))
+        return fine, control
+
+    def finetune_score(self, kept: dict | None, ft: FinetuneConfig, what: str) -> dict:
+        """Surgery to ``kept`` (None: the dense model), one `finetune_lm` on the calibration batches, the
+        held-out per-sentence NLL after it."""
+        run = self.prep
+        t0 = time.perf_counter()
+        model = copy.deepcopy(run.model)
+        if kept is not None:
+            keep_heads(model, _kept(kept))
+        info = finetune_lm(model, run.calib, ft, progress=self.progress)
+        t1 = time.perf_counter()
+        scores = sentence_nll(model, run.held)
+        log.info("fine-tuned %s (%s KV heads, seed %d): held-out perplexity %.3f", what,
+                 sum(len(v) for v in kept_kv_heads(model).values()), ft.seed, scores["perplexity"])
+        return {**scores, **self.sizes(model), "finetune": {k: v for k, v in info.items() if k != "config"},
+                "seconds": {"finetune": t1 - t0, "evaluate": time.perf_counter() - t1}}
+
+    # --- speed ----------------------------------------------------------------------------------------
+    def speed(self, pre: dict) -> dict | None:
+        """`time_decode` of the dense model against CAHP's pruned model at each budget (None: no timing)."""
+        if not self.timing.seconds:
+            return None
+        run, out = self.prep, {}
+        tok = run.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        for k in self.budget_ks:
+            kept = pre[(DECODER_SELECTOR, None, k)]["kept"]
+
+            def compute(kept=kept):
+                t0 = time.perf_counter()
+                pruned = keep_heads(copy.deepcopy(run.model), _kept(kept))
+                res = time_decode(run.model, pruned, self.timing, pad, self.cfg.seed)
+                return {**res, "seconds": {"timing": time.perf_counter() - t0}}
+
+            out[k] = self.cache.get_or_compute(f"lm-speed-k{k}", {"part": "speed", "kept": kept,
+                                                                  "timing": asdict(self.timing)}, compute)
+        return out
+
+    # --- report ---------------------------------------------------------------------------------------
+    def summary(self, recs: list[dict], seeds: list, cahp_recs: list[dict] | None) -> dict:
+        """Mean held-out perplexity and NLL of one method at one budget over its records, its sizes, and its
+        paired comparison with CAHP."""
+        ppl = np.array([r["perplexity"] for r in recs])
+        out = {"seeds": seeds, "perplexity": float(ppl.mean()),
+               "perplexity_std": float(ppl.std(ddof=1)) if len(ppl) > 1 else 0.0,
+               "perplexity_per_seed": ppl.tolist(), "mean_nll": float(np.mean([r["mean_nll"] for r in recs])),
+               **{k: recs[0][k] for k in ("kv_cache_bytes_per_token", "parameters", "kv_heads",
+                                          "kv_heads_per_layer")}}
+        if cahp_recs is not None:
+            out["vs_cahp"] = paired_nll(recs, cahp_recs, self.ccfg.n_bootstrap, self.cfg.seed,
+                                        seeds if len(recs) >= len(cahp_recs) and seeds else None)
+        return out
+
+    def results(self, pre: dict, fine: dict | None) -> tuple[dict, dict]:
+        no_ft, ft_out = {}, {}
+        for b in self.budgets:
+            k, label = b["k"], b["label"]
+            no_ft[label] = {}
+            cahp_pre = [pre[(DECODER_SELECTOR, None, k)]]
+            for method in self.methods:
+                sseeds = self.sel_seeds(method)
+                recs = [pre[(method, s, k)] for s in sseeds]
+                s = self.summary(recs, [x for x in sseeds if x is not None],
+                                 None if method == DECODER_SELECTOR else cahp_pre)
+                s.update(k=k, heads=recs[0]["heads"], kept=recs[0]["kept"], selection=recs[0].get("selection"))
+                no_ft[label][method] = s
+            if fine is None:
+                continue
+            ft_out[label] = {}
+            cahp_ft = [fine[(DECODER_SELECTOR, seed, k)] for seed in self.seeds]
+            for method in self.methods:
+                recs = [fine[(method, seed, k)] for seed in self.seeds]
+                s = self.summary(recs, self.seeds, None if method == DECODER_SELECTOR else cahp_ft)
+                s.update(k=k, train_loss=[r["finetune"]["train_loss"][-1] for r in recs],
+                         finetune_seconds=float(np.mean([r["seconds"]["finetune"] for r in recs])))
+                ft_out[label][method] = s
+        for part in (no_ft, ft_out):
+            for b in self.budgets:
+                for method, s in part.get(b["label"], {}).items():
+                    if "vs_cahp" in s:
+                        s["vs_cahp"]["pooled"]["text"] = verdict_text(method, b["label"], b["k"],
+                                                                      s["vs_cahp"]["pooled"])
+        return no_ft, ft_out
+
+    def report(self, pre: dict, fine: dict | None, control: dict | None, speed: dict | None, t_total: float,
+               partial: bool) -> dict:
+        cfg, run = self.cfg, self.prep
+        no_ft, ft_out = self.results(pre, fine)
+        dense = {k: self.dense[k] for k in ("perplexity", "mean_nll", "kv_cache_bytes_per_token", "parameters",
+                                            "kv_heads", "kv_heads_per_layer", "heads")}
+        control_out = None
+        if control:
+            recs = [control[s] for s in self.seeds]
+            control_out = self.summary(recs, self.seeds, None)
+            control_out["vs_cahp"] = {b["label"]: paired_nll(recs, [fine[(DECODER_SELECTOR, s, b["k"])]
+                                                                    for s in self.seeds],
+                                                             self.ccfg.n_bootstrap, cfg.seed, self.seeds)
+                                      for b in self.budgets}
+        records = [self.dense, *pre.values(), *(fine or {}).values(), *(control or {}).values(),
+                   *(speed or {}).values()]
+        timings = {"total_seconds": round(time.perf_counter() - t_total, 1), "stages": run.stages.times,
+                   **{k: round(v, 2) for k, v in self.seconds.items()},
+                   "results_cached": self.cache.hits, "results_computed": self.cache.computed,
+                   "compute_seconds": round(sum(sum(r["seconds"].values()) for r in records), 1)}
+        return {
+            "model": cfg.model,
+            "kind": "causal-lm",
+            "task": run.task.name,
+            "metric": "perplexity",
+            "budget_unit": "kv_heads",
+            "heads": self.stats.n,
+            "kv_heads": self.stats.n_kv,
+            "partial": partial,
+            "settings": {
+                "prune": asdict(cfg), "finetune_after": {k: v for k, v in asdict(self.ft_cfg).items() if k != "seed"},
+                "compare": asdict(self.ccfg), "timing": asdict(self.timing), "seeds": self.seeds,
+                "methods_run": self.methods,
+                "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
+            },
+            "data": {**text_summary(run), "heldout_sentences": len(self.dense["tokens"])},
+            "statistics": STATISTICS,
+            "verdict_rule": VERDICT_RULE,
+            "k_star": self.knee.k,
+            "knee": self.knee.to_dict(),
+            "budgets": self.budgets,
+            "dense": dense,
+            "no_finetune": {"results": no_ft},
+            "finetuned": {"results": ft_out, "dense_control": control_out} if fine is not None else None,
+            "speed": ({b["label"]: {"k": b["k"], **{x: speed[b["k"]][x] for x in ("decode", "prefill", "settings")}}
+                       for b in self.budgets} if speed is not None else None),
+            "timings": timings,
+            "environment": environment(),
+        }
+
+    def write(self, report: dict) -> None:
+        write_json(self.out / "compare.json", report)
+        write_atomic(self.out / "compare.md", render_markdown(report))
+        if not report["partial"]:
+            part = report["finetuned"] or report["no_finetune"]
+            for b in report["budgets"]:
+                for method, s in part["results"][b["label"]].items():
+                    if s.get("vs_cahp"):
+                        log.info("%s: %s", method, s["vs_cahp"]["pooled"]["text"])
+
+
+# --- outputs --------------------------------------------------------------------------------------------
+
+
+def _ppl(s: dict | None) -> str:
+    """Mean held-out perplexity, with its standard deviation over seeds when there are several."""
+    if s is None:
+        return "-"
+    return f"{s['perplexity']:.3f}" + (f" ± {s['perplexity_std']:.3f}" if len(s["seeds"]) > 1 else "")
+
+
+def _diff(s: dict | None) -> str:
+    if s is None or not s.get("vs_cahp"):
+        return "-"
+    c = s["vs_cahp"]["pooled"]
+    lo, hi = c["ci95"]
+    return f"{c['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] {c['verdict']}"
+
+
+def _speed_cell(pair: dict, what: str) -> str:
+    lo, hi = pair["speedup_ci95"]
+    if what == "prefill":
+        d, p = pair["dense"]["median_ms"], pair["pruned"]["median_ms"]
+        return f"{d:.2f} / {p:.2f} ms, x{pair['speedup']:.3f} [{lo:.3f}, {hi:.3f}]"
+    d, p = pair["dense"]["tokens_per_s"], pair["pruned"]["tokens_per_s"]
+    return f"{d:.1f} / {p:.1f}, x{pair['speedup']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def render_markdown(report: dict) -> str:
+    """compare.md from the JSON alone: settings, a table per budget (sizes, held-out perplexity without and
+    after the fine-tuning, (method - CAHP) NLL with its 95% interval and CAHP's verdict), and the speed table."""
+    st, dense, data = report["settings"], report["dense"], report["data"]
+    fine = report["finetuned"]["results"] if report.get("finetuned") else None
+    ft = st["finetune_after"]
+    lines = [
+        f"# CAHP against the baselines: {report['model']} / {report['task']} text (causal LM, KV-head budgets)\n",
+        f"- text: {data['calibration_texts']} calibration sentences ({data['calibration_split']} split), "
+        f"{data['heldout_sentences']} held-out sentences, {data['heldout_tokens']:,} predicted tokens "
+        f"({data['heldout_split']} split)",
+        f"- dense model: held-out perplexity {dense['perplexity']:.3f}, {report['kv_heads']} KV heads "
+        f"({report['heads']} query heads), KV cache {dense['kv_cache_bytes_per_token']:,} bytes per token, "
+        f"{dense['parameters']:,} parameters",
+        "- budgets: " + ", ".join(f"{b['label']} = {b['k']} of {report['kv_heads']} KV heads"
+                                  for b in report["budgets"]) + f" (CAHP's knee k* = {report['k_star']})",
+        f"- seeds: {st['seeds']}; "
+        + (f"one LM fine-tuning after surgery on the calibration text: {ft['epochs']} epochs, lr {ft['lr']}, "
+           f"max length {ft['max_length']}" if fine is not None else "no fine-tuning (part (a) only)"),
+        f"- statistics: {report['statistics']}",
+        f"- {report['verdict_rule']}",
+    ]
+    if report.get("partial"):
+        lines.append("- **partial**: the fine-tuned results are still being computed")
+    for b in report["budgets"]:
+        label, k = b["label"], b["k"]
+        pre = report["no_finetune"]["results"][label]
+        lines += [f"\n## {label}: {k} of {report['kv_heads']} KV heads\n",
+                  "| method | query heads | KV cache bytes/token | parameters | perplexity, no fine-tuning | "
+                  "NLL diff vs CAHP [95% CI], verdict | perplexity after fine-tuning | "
+                  "NLL diff vs CAHP after fine-tuning [95% CI], verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method, a in pre.items():
+            f = fine[label][method] if fine is not None else None
+            lines.append(f"| {method} | {a['heads']} | {a['kv_cache_bytes_per_token']:,} | {a['parameters']:,} | "
+                         f"{_ppl(a)} | {_diff(a)} | {_ppl(f)} | {_diff(f)} |")
+        control = report["finetuned"].get("dense_control") if fine is not None else None
+        if control:
+            c = control["vs_cahp"][label]["pooled"]
+            lo, hi = c["ci95"]
+            lines.append(f"| dense control (fine-tuned) | {report['heads']} | {dense['kv_cache_bytes_per_token']:,} "
+                         f"| {dense['parameters']:,} | {dense['perplexity']:.3f} | - | {_ppl(control)} | "
+                         f"{c['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] (dense - CAHP) |")
+    lines.append("\nNLL diff = method minus CAHP in nats per held-out token (> 0: the method's perplexity is "
+                 "higher); verdicts are CAHP's (win: CAHP's perplexity lower).")
+    speed = report.get("speed")
+    if speed:
+        s0 = next(iter(speed.values()))["settings"]
+        sizes = [str(b) for b in s0["batch_sizes"]]
+        lines += [f"\n## Speed: dense against CAHP's pruned model ({s0['device']}, {s0['threads']} thread"
+                  f"{'s' if s0['threads'] > 1 else ''})\n",
+                  f"Greedy generation with the KV cache, {s0['new_tokens']} new tokens after a "
+                  f"{s0['prompt_tokens_used']}-token prompt: generated tokens/s, dense / pruned, and the speed ratio "
+                  f"(dense time / pruned time, > 1: pruned faster) with its 95% bootstrap interval; prefill: one "
+                  f"forward of 1 x {s0['prefill_tokens_used']} tokens, median ms. Interleaved, about "
+                  f"{s0['seconds']:g} s per measurement.\n",
+                  "| budget | KV heads | KV cache ratio | " + " | ".join(f"decode batch {b}" for b in sizes)
+                  + " | prefill |",
+                  "|---|---|---|" + "---|" * len(sizes) + "---|"]
+        for b in report["budgets"]:
+            sp = speed[b["label"]]
+            kv = report["no_finetune"]["results"][b["label"]][st["methods_run"][0]]["kv_cache_bytes_per_token"]
+            lines.append(f"| {b['label']} | {b['k']} | {kv / dense['kv_cache_bytes_per_token']:.3f} | "
+                         + " | ".join(_speed_cell(sp["decode"][x], "decode") for x in sizes)
+                         + f" | {_speed_cell(sp['prefill'], 'prefill')} |")
+    return "\n".join(lines) + "\n"

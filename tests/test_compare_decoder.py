@@ -1,0 +1,223 @@
+"""`cahp compare` on a grouped-query decoder: KV-group methods, perplexity verdicts, speed, cache, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cahp.budget.perplexity import perplexity
+from cahp.core.io import read_json
+from cahp.data.lm import lm_batches
+from cahp.model.surgery import keep_heads
+from cahp.pipelines import compare_decoder
+from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, run_compare
+from cahp.pipelines.compare_decoder import (
+    DecodeTimingConfig,
+    kv_budgets,
+    kv_methods,
+    paired_nll,
+    run_compare_decoder,
+    sentence_nll,
+)
+from cahp.pipelines.prune import PruneConfig, run_prune
+from cahp.selectors.registry import KV_SELECTORS
+from cahp.train.finetune import FinetuneConfig
+
+from .test_decoder import tiny_decoder
+from .test_decoder_prune import sentences, tiny_tokenizer
+
+TIMING = DecodeTimingConfig(seconds=0.01, new_tokens=4, prompt_tokens=6, batch_sizes=[1, 2], prefill_tokens=16,
+                            min_reps=3, max_reps=5, n_bootstrap=100)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """(root with model/ (a tiny Llama, 3 layers x 3 KV heads, groups of 2 query heads) and task/ (jsonl))."""
+    root = tmp_path_factory.mktemp("compare_decoder")
+    tiny_decoder(kv_heads=3).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "task").mkdir()
+    for i, (split, n) in enumerate((("train", 80), ("dev", 30), ("test", 10))):
+        rows = [json.dumps({"text": t, "label": j % 2}) for j, t in enumerate(sentences(n, seed=10 + i))]
+        (root / "task" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _cfgs(root, out, **kw):
+    cfg = PruneConfig(model=str(root / "model"), task=str(root / "task"), output_dir=str(out),
+                      calibration_examples=40, curve_examples=24, stats_batch_size=8, grid_step=1, **kw)
+    return cfg, FinetuneConfig(epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=0)
+
+
+def test_sentence_nll_sums_to_the_perplexity_and_gates_equal_surgery():
+    model, tok = tiny_decoder(kv_heads=3), tiny_tokenizer()
+    batches = lm_batches(tok, sentences(13, seed=3), max_length=16, batch_size=4)
+    dense = sentence_nll(model, batches)
+    ref = perplexity(model, batches)
+    assert len(dense["nll"]) == 13 and sum(dense["tokens"]) == ref["tokens"]
+    assert dense["mean_nll"] == pytest.approx(ref["nll"], rel=1e-6)  # float32 sums there, float64 here
+    assert dense["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    # a row's tokens: its real length minus one (right padding is never predicted or read)
+    lengths = sorted(int(b["attention_mask"][i].sum()) for b in batches for i in range(len(b["input_ids"])))
+    assert sorted(dense["tokens"]) == [n - 1 for n in lengths]
+    mask = np.zeros((3, 6), dtype=bool)
+    mask[0, :2] = mask[2, 2:] = True  # KV group 0 of layer 0, groups 1 and 2 of layer 2, layer 1 empty
+    mask = torch.from_numpy(mask)
+    gated = sentence_nll(model, batches, mask)
+    pruned = sentence_nll(keep_heads(tiny_decoder(kv_heads=3), mask), batches)
+    assert gated["tokens"] == pruned["tokens"] == dense["tokens"]
+    np.testing.assert_allclose(gated["nll"], pruned["nll"], rtol=1e-5)
+    assert not np.allclose(gated["nll"], dense["nll"], rtol=1e-5)  # the gates act
+
+
+def _rec(nll, tokens):
+    nll = np.asarray(nll, dtype=np.float64)
+    return {"nll": nll.tolist(), "tokens": list(tokens), "mean_nll": float(nll.sum() / sum(tokens))}
+
+
+def test_verdict_sign_higher_method_nll_is_a_cahp_win():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 30, size=200)
+    cahp = rng.gamma(2.0, 1.5, size=200) * tokens  # per-sentence NLL sums
+    worse = cahp + 0.4 * tokens + rng.normal(0, 0.2, 200) * tokens  # ~0.4 nats/token more than CAHP
+    r = paired_nll([_rec(worse, tokens)], [_rec(cahp, tokens)], n_bootstrap=2000, seed=0)["pooled"]
+    # diff is token-weighted: (sum method - sum CAHP) / sum tokens, not a mean of per-sentence means
+    assert r["diff"] == pytest.approx((worse.sum() - cahp.sum()) / tokens.sum(), rel=1e-12)
+    assert r["diff"] > 0 and r["ci95"][0] > 0 and r["verdict"] == "win"
+    assert r["perplexity_ratio"] == pytest.approx(math.exp(r["diff"]))
+    back = paired_nll([_rec(cahp, tokens)], [_rec(worse, tokens)], n_bootstrap=2000, seed=0)["pooled"]
+    assert back["diff"] == pytest.approx(-r["diff"]) and back["ci95"][1] < 0 and back["verdict"] == "loss"
+    noise = cahp + rng.normal(0, 0.01, 200) * tokens
+    assert paired_nll([_rec(noise, tokens)], [_rec(cahp, tokens)], 2000, 0)["pooled"]["verdict"] == "tie"
+    # seeds are pooled by averaging per-sentence NLL (the same tokens): two seeds straddling CAHP tie
+    two = paired_nll([_rec(cahp + 0.4 * tokens, tokens), _rec(cahp - 0.4 * tokens, tokens)], [_rec(cahp, tokens)],
+                     500, 0, seeds=[0, 1])
+    assert two["pooled"]["diff"] == pytest.approx(0, abs=1e-12)
+    assert [s["verdict"] for s in two["per_seed"]] == ["win", "loss"] and [s["seed"] for s in two["per_seed"]] == [0, 1]
+    with pytest.raises(ValueError, match="different held-out sentences"):
+        paired_nll([_rec(cahp[:-1], tokens[:-1])], [_rec(cahp, tokens)], 10, 0)
+
+
+def test_methods_and_budgets_in_kv_heads():
+    assert kv_methods(DEFAULT_METHODS) == list(KV_SELECTORS)
+    assert kv_methods(["random", "gqa-fisher", "cahp"]) == ["gqa-cahp", "gqa-random", "gqa-fisher"]
+    with pytest.raises(ValueError, match="no KV-group method entropy"):
+        kv_methods(["random", "entropy"])
+    heads_default = CompareConfig().budgets
+    assert [(b["label"], b["k"]) for b in kv_budgets(heads_default, 5, 90)] == [
+        ("k*", 5), ("1/3 removed", 60), ("2/3 removed", 30)]
+    assert [(b["label"], b["k"]) for b in kv_budgets(heads_default, None, 3)] == [("1/3 removed", 2),
+                                                                                  ("2/3 removed", 1)]
+    assert [(b["label"], b["k"]) for b in kv_budgets([0.5, 0.01], None, 9)] == [("50% kept", 4), ("1% kept", 1)]
+
+
+def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cache(tiny_lm, tmp_path):
+    out = tmp_path / "run"
+    cfg, ft = _cfgs(tiny_lm, out)
+    run_prune(dataclasses.replace(cfg, skip_final_finetune=True), ft, progress=False)
+    ccfg = CompareConfig(methods=["random"], seeds=2, knee=False, n_bootstrap=200)  # heads default budgets
+    r = run_compare_decoder(cfg, ft, ccfg, progress=False, timing=TIMING).report
+    # the prune run's stages are read, not recomputed
+    assert all(v["cached"] for v in r["timings"]["stages"].values()), r["timings"]["stages"]
+    for name in ("compare.json", "compare.md", "run.json", "log.txt"):
+        assert (out / name).is_file(), name
+    assert r["kind"] == "causal-lm" and r["kv_heads"] == 9 and r["heads"] == 18 and not r["partial"]
+    assert [(b["label"], b["k"]) for b in r["budgets"]] == [("1/3 removed", 6), ("2/3 removed", 3)]
+    assert r["settings"]["methods_run"] == ["gqa-cahp", "gqa-random"]
+    dense = r["dense"]
+    stages = read_json(out / "stages" / "perplexity_dense.json")
+    assert dense["perplexity"] == pytest.approx(stages["perplexity"], rel=1e-6)
+    curve = {p["k"]: p for p in read_json(out / "stages" / "curve-gqa-cahp.json")["points"]}
+    for b in r["budgets"]:
+        label, k = b["label"], b["k"]
+        pre, fine = r["no_finetune"]["results"][label], r["finetuned"]["results"][label]
+        # CAHP through gates here is CAHP's curve point of cahp prune at the same k
+        assert pre["gqa-cahp"]["perplexity"] == pytest.approx(curve[k]["perplexity"], rel=1e-6)
+        assert pre["gqa-cahp"]["seeds"] == [] and pre["gqa-random"]["seeds"] == [0, 1]
+        assert "vs_cahp" not in pre["gqa-cahp"] and "vs_cahp" not in fine["gqa-cahp"]
+        for part in (pre, fine):
+            for s in part.values():
+                assert s["kv_heads"] == k and s["kv_cache_bytes_per_token"] * 9 == dense["kv_cache_bytes_per_token"] * k
+                assert s["parameters"] < dense["parameters"] and s["perplexity"] > 1
+        # no fine-tuning: random's two selections pooled; the diff is the difference of mean NLLs
+        v = pre["gqa-random"]["vs_cahp"]
+        assert v["pooled"]["diff"] == pytest.approx(pre["gqa-random"]["mean_nll"] - pre["gqa-cahp"]["mean_nll"],
+                                                    rel=1e-6)
+        assert v["pooled"]["verdict"] in ("win", "tie", "loss") and len(v["per_seed"]) == 2
+        assert v["pooled"]["text"].startswith(f"at {label} ({k} KV heads)")
+        f = fine["gqa-random"]["vs_cahp"]
+        assert [s["seed"] for s in f["per_seed"]] == [0, 1] and sum(f["per_seed_verdicts"].values()) == 2
+        assert len(fine["gqa-cahp"]["perplexity_per_seed"]) == 2
+        # speed: dense against CAHP's pruned model, interleaved
+        sp = r["speed"][label]
+        assert sp["k"] == k and set(sp["decode"]) == {"1", "2"}
+        for pair in (*sp["decode"].values(), sp["prefill"]):
+            assert pair["dense"]["n"] == pair["pruned"]["n"] >= 3 and pair["speedup"] > 0
+            assert len(pair["speedup_ci95"]) == 2
+        assert sp["decode"]["2"]["dense"]["tokens_per_s"] > 0
+    control = r["finetuned"]["dense_control"]
+    assert control["kv_heads"] == 9 and set(control["vs_cahp"]) == {"1/3 removed", "2/3 removed"}
+    md = (out / "compare.md").read_text()
+    assert "## 1/3 removed: 6 of 9 KV heads" in md and "## Speed" in md and "dense control" in md
+    assert json.loads((out / "compare.json").read_text())["budgets"] == r["budgets"]
+    # a re-run reads every result from the caches
+    again = run_compare_decoder(cfg, ft, ccfg, progress=False, timing=TIMING).report
+    assert again["timings"]["results_computed"] == 0 and again["timings"]["results_cached"] > 0
+    assert again["finetuned"]["results"] == r["finetuned"]["results"] and again["speed"] == r["speed"]
+    # another fine-tuning setting recomputes the fine-tuned results only
+    third = run_compare_decoder(cfg, ft, CompareConfig(methods=["random"], seeds=1, knee=False, finetune=False,
+                                                       n_bootstrap=200), progress=False, timing=TIMING).report
+    assert third["timings"]["results_computed"] == 0 and third["finetuned"] is None
+
+
+def test_run_compare_dispatches_a_decoder(tiny_lm, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(cfg, ft_cfg, ccfg, progress):
+        seen.update(cfg=cfg, ft=ft_cfg, ccfg=ccfg)
+        return "decoder"
+
+    monkeypatch.setattr(compare_decoder, "run_compare_decoder", fake)
+    cfg, ft = _cfgs(tiny_lm, tmp_path / "d")
+    assert run_compare(cfg, ft, progress=False) == "decoder"
+    assert seen["ft"] is ft and seen["ccfg"].methods == DEFAULT_METHODS
+
+
+@pytest.mark.parametrize(("change", "timing", "match"), [
+    ({"methods": ["entropy"]}, {}, "no KV-group method entropy"),
+    ({"budgets": [1.5]}, {}, r"shares of the KV heads kept, in \(0, 1\]"),
+    ({"seeds": 0}, {}, "--seeds must be at least 1"),
+    ({"budgets": [], "knee": False}, {}, "no budget"),
+    ({}, {"seconds": -1}, "timing seconds must be >= 0"),
+    ({}, {"batch_sizes": [8, 0]}, "timing counts must be at least 1, got batch size 0"),
+    ({}, {"min_reps": 10, "max_reps": 2}, "max_reps 2 is below min_reps 10"),
+])
+def test_bad_compare_options_are_refused_before_any_work(tiny_lm, tmp_path, monkeypatch, change, timing, match):
+    monkeypatch.setattr(compare_decoder, "prepare_decoder", None)  # any work would fail differently
+    cfg, ft = _cfgs(tiny_lm, tmp_path / "bad")
+    with pytest.raises(ValueError, match=match):
+        run_compare_decoder(cfg, ft, CompareConfig(**change), progress=False, timing=DecodeTimingConfig(**timing))
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(("prune", "match"), [
+    ({"keep": 2}, "--keep and --keep-ratio set cahp prune's budget"),
+    ({"ffn": True}, "--ffn applies to encoders"),
+    ({"output_dir": ""}, "an output folder is needed"),
+])
+def test_prune_options_that_do_not_apply_are_refused(tiny_lm, tmp_path, monkeypatch, prune, match):
+    monkeypatch.setattr(compare_decoder, "prepare_decoder", None)
+    cfg, ft = _cfgs(tiny_lm, tmp_path / "bad", **{k: v for k, v in prune.items() if k != "output_dir"})
+    if "output_dir" in prune:
+        cfg.output_dir = ""
+    with pytest.raises(ValueError, match=match):
+        run_compare_decoder(cfg, ft, CompareConfig(), progress=False, timing=TIMING)
+    with pytest.raises(ValueError, match="epochs"):
+        run_compare_decoder(_cfgs(tiny_lm, tmp_path / "bad")[0], FinetuneConfig(epochs=0), CompareConfig(),
+                            progress=False, timing=TIMING)
+    assert not (tmp_path / "bad").exists()
