@@ -165,6 +165,14 @@ def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypat
     for name in ("compare_ffn.json", "compare_ffn.md", "frontier.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "compare_ffn.json").read_text())["results"] == json.loads(json.dumps(r["results"]))
+    # the benchmark renders the report (tables and the frontier figure, regenerated from the file)
+    from benchmarks import bench_frontier
+    from benchmarks._common import metadata
+
+    monkeypatch.setattr(bench_frontier, "IMAGES", tmp_path / "images")
+    text = bench_frontier.render({"meta": metadata(), "configuration": "tiny", **r})
+    assert "![frontier](docs/images/frontier_tiny.png)" in text and (tmp_path / "images/frontier_tiny.png").is_file()
+    assert "| cahp |" in text and "Heads-only CAHP" in text
     # a re-run computes nothing: every selection, timing and fine-tuning comes from the cache
     for name in ("finetune", "measure_speedup", "build_pruned"):
         monkeypatch.setattr(compare_ffn, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
