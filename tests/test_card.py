@@ -87,3 +87,14 @@ def test_base_model_info(name, hub_id, monkeypatch):
     info = base_model_info(name)
     assert info["hub_id"] == hub_id
     assert (info["license"] == "apache-2.0") == (name == "minilm-l6")
+
+
+def test_card_of_a_decoder_loads_it_as_a_causal_lm(tmp_path):
+    from cahp.pipelines.card import model_card
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "cahp-llama", "architectures": ["CahpLlamaForCausalLM"]}')
+    card = model_card(folder, {**report(tmp_path, model="smollm2-135m"), "task": "sst5"})
+    assert "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" in card
+    assert 'cahp.load_model("path/to/this/folder", kind="causal-lm")' in card

@@ -125,8 +125,10 @@ def _command(report: dict) -> str | None:
 
 
 def _loading(folder: Path, config: dict) -> list[str]:
-    head = any("ForSequenceClassification" in a for a in config.get("architectures") or [])
-    auto = "AutoModelForSequenceClassification" if head else "AutoModel"
+    archs = config.get("architectures") or []
+    head = any("ForSequenceClassification" in a for a in archs)
+    causal = not head and any(a.endswith("ForCausalLM") for a in archs)
+    auto = "AutoModelForSequenceClassification" if head else "AutoModelForCausalLM" if causal else "AutoModel"
     lines = [
         "## How to load",
         "",
@@ -153,7 +155,7 @@ def _loading(folder: Path, config: dict) -> list[str]:
             'embeddings = model.encode(["A sentence.", "Another one."])',
             "```",
         ]
-    kind = "" if head else ', kind="encoder"'
+    kind = "" if head else ', kind="causal-lm"' if causal else ', kind="encoder"'
     lines += ["", "With cahp (to prune further or fine-tune):", "", "```python", "import cahp", "",
               f'model, tokenizer = cahp.load_model("path/to/this/folder"{kind})', "```"]
     return lines
