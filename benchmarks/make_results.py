@@ -72,6 +72,12 @@ SECTIONS = [
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
+    ("decoder_smollm2_sst5", "bench_decoder",
+     "Generative decoder: SmolLM2-135M on SST-5 text, CAHP over KV groups against the baselines, KV cache and decode "
+     "speed (issue 23)"),
+    ("decoder_smollm2_mnli_small", "bench_decoder",
+     "Generative decoder: SmolLM2-135M on mnli-small text, CAHP over KV groups against the baselines, KV cache and "
+     "decode speed (issue 23)"),
     ("distributed", "bench_distributed", "One process against torchrun (issue 5)"),
     ("deploy_minilm_sst5", "bench_deploy",
      "Deployment: minilm-l6 / SST-5 pruned, in PyTorch, ONNX and int8 ONNX against dense PyTorch (issue 20)"),

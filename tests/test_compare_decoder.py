@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from benchmarks import bench_decoder, make_results
+from benchmarks._common import metadata
 
 from cahp.budget.perplexity import perplexity
 from cahp.core.io import read_json
@@ -165,6 +167,11 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
     md = (out / "compare.md").read_text()
     assert "## 1/3 removed: 6 of 9 KV heads" in md and "## Speed" in md and "dense control" in md
     assert json.loads((out / "compare.json").read_text())["budgets"] == r["budgets"]
+    # the benchmark's section of RESULTS.md renders from the JSON alone
+    text = bench_decoder.render(json.loads(json.dumps({**r, "meta": metadata()})))
+    assert "### 1/3 removed: 6 of 9 KV heads" in text and "### Speed" in text
+    assert "1/3 removed (6 of 9 KV heads), after one fine-tuning: CAHP wins" in text
+    assert "KV cache 384 of 576 bytes per token (0.667; 6 / 9 = 0.667); decode at batch 2" in text
     # a re-run reads every result from the caches
     again = run_compare_decoder(cfg, ft, ccfg, progress=False, timing=TIMING).report
     assert again["timings"]["results_computed"] == 0 and again["timings"]["results_cached"] > 0
@@ -221,3 +228,16 @@ def test_prune_options_that_do_not_apply_are_refused(tiny_lm, tmp_path, monkeypa
         run_compare_decoder(_cfgs(tiny_lm, tmp_path / "bad")[0], FinetuneConfig(epochs=0), CompareConfig(),
                             progress=False, timing=TIMING)
     assert not (tmp_path / "bad").exists()
+
+
+def test_benchmark_options_become_the_compare_settings(tmp_path):
+    args = bench_decoder.build_parser().parse_args(
+        ["smollm2_sst5", "--seeds", "1", "--methods", "random", "fisher", "--epochs", "2", "--calibration-examples",
+         "128", "--curve-examples", "64", "--timing-seconds", "5", "--timing-batch-sizes", "1", "8",
+         "--output-dir", str(tmp_path / "o")])
+    cfg, ft, ccfg, timing = bench_decoder.settings("smollm2_sst5", args)
+    assert (cfg.model, cfg.task, cfg.calibration_examples, cfg.curve_examples) == ("smollm2-135m", "sst5", 128, 64)
+    assert ft.epochs == 2 and ccfg.seeds == 1 and kv_methods(ccfg.methods) == ["gqa-cahp", "gqa-random", "gqa-fisher"]
+    assert ccfg.budgets == CompareConfig().budgets  # the heads default: 2/3 and 1/3 of the KV heads kept
+    assert timing.seconds == 5 and timing.batch_sizes == [1, 8] and timing.new_tokens == 32
+    assert [s for s, m, _ in make_results.SECTIONS if m == "bench_decoder"][0] == "decoder_smollm2_sst5"
