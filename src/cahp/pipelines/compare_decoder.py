@@ -354,7 +354,10 @@ def time_decode(dense: nn.Module, pruned: nn.Module, timing: DecodeTimingConfig,
               "pruned": copy.deepcopy(pruned).to(timing.device).eval()}
     limit = getattr(dense.config, "max_position_embeddings", None) or timing.prefill_tokens
     prompt = min(timing.prompt_tokens, max(1, limit - timing.new_tokens))
-    reps = {"warmup": 1, "budget_s": timing.seconds, "min_reps": timing.min_reps, "max_reps": timing.max_reps}
+    # a GPU runs asynchronously: each timed call ends when its kernels have
+    sync = torch.cuda.synchronize if str(timing.device).startswith("cuda") else None
+    reps = {"warmup": 1, "budget_s": timing.seconds, "min_reps": timing.min_reps, "max_reps": timing.max_reps,
+            "sync": sync}
     out: dict = {"decode": {}, "settings": {**asdict(timing), "prompt_tokens_used": prompt}}
     n = timing.new_tokens
     kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "use_cache": True,

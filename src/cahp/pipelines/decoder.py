@@ -18,6 +18,9 @@ causal LM (`is_causal`). Its body reads as the steps:
   kept heads per layer go into ``report.json``, with ``curve.png`` and
   ``heads.png``.
 
+`prepare_decoder` (text, signatures, salience, dense perplexity) and
+`decoder_curve` are the stages `cahp compare` on a decoder
+(`cahp.pipelines.compare_decoder`) starts from, with the same cache keys.
 Every stage is cached under ``OUTPUT/stages`` by `StageCache` with the
 fingerprints of the model's files and of the splits it read, so a re-run with
 the same settings computes nothing and one with another ``--keep`` reuses the
