@@ -241,3 +241,19 @@ def test_benchmark_options_become_the_compare_settings(tmp_path):
     assert ccfg.budgets == CompareConfig().budgets  # the heads default: 2/3 and 1/3 of the KV heads kept
     assert timing.seconds == 5 and timing.batch_sizes == [1, 8] and timing.new_tokens == 32
     assert [s for s, m, _ in make_results.SECTIONS if m == "bench_decoder"][0] == "decoder_smollm2_sst5"
+
+
+def test_cahp_compare_command_on_a_decoder_prints_the_kv_verdicts(tiny_lm, tmp_path, monkeypatch, capsys):
+    from cahp.cli import main
+
+    monkeypatch.setattr(compare_decoder, "DecodeTimingConfig", lambda: TIMING)  # the command's timing, made tiny
+    out = tmp_path / "cli"
+    argv = ["compare", "--model", str(tiny_lm / "model"), "--task", str(tiny_lm / "task"), "--output-dir", str(out),
+            "--calibration-examples", "40", "--curve-examples", "24", "--stats-batch-size", "8", "--grid-step", "1",
+            "--epochs", "1", "--lr", "1e-3", "--batch-size", "8", "--max-length", "16", "--methods", "magnitude",
+            "--seeds", "1", "--no-knee", "--no-finetune", "--n-bootstrap", "100"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gqa-magnitude, without fine-tuning, at 1/3 removed (6 KV heads)" in printed
+    r = json.loads((out / "compare.json").read_text())
+    assert r["settings"]["methods_run"] == ["gqa-cahp", "gqa-magnitude"] and r["speed"]["2/3 removed"]["k"] == 3
