@@ -126,7 +126,7 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
     r = run_compare_decoder(cfg, ft, ccfg, progress=False, timing=TIMING).report
     # the prune run's stages are read, not recomputed
     assert all(v["cached"] for v in r["timings"]["stages"].values()), r["timings"]["stages"]
-    for name in ("compare.json", "compare.md", "run.json", "log.txt"):
+    for name in ("compare.json", "compare.md", "compare.png", "compare_layers.png", "run.json", "log.txt"):
         assert (out / name).is_file(), name
     assert r["kind"] == "causal-lm" and r["kv_heads"] == 9 and r["heads"] == 18 and not r["partial"]
     assert [(b["label"], b["k"]) for b in r["budgets"]] == [("1/3 removed", 6), ("2/3 removed", 3)]
@@ -141,6 +141,7 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
         # CAHP through gates here is CAHP's curve point of cahp prune at the same k
         assert pre["gqa-cahp"]["perplexity"] == pytest.approx(curve[k]["perplexity"], rel=1e-6)
         assert pre["gqa-cahp"]["seeds"] == [] and pre["gqa-random"]["seeds"] == [0, 1]
+        assert sum(pre["gqa-cahp"]["heads_per_layer"]) == 2 * k and 0 <= pre["gqa-cahp"]["mean_relative_depth"] <= 1
         assert "vs_cahp" not in pre["gqa-cahp"] and "vs_cahp" not in fine["gqa-cahp"]
         for part in (pre, fine):
             for s in part.values():

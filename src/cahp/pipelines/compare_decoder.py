@@ -46,7 +46,10 @@ interval of (method - CAHP) lies above 0, "loss" when below 0, else "tie".
 Every result is cached in ``OUTPUT/compare/`` (`StageCache`, keyed by every
 setting it depends on, and by the identity, text and statistics keys of the
 prepared run), so a re-run reads what it has and computes only what is new.
-Outputs: ``compare.json`` (every number and setting) and ``compare.md``.
+Outputs: ``compare.json`` (every number and setting), ``compare.md`` (a
+table per budget, the speed table), ``compare.png`` (held-out perplexity
+against KV heads kept, per method) and ``compare_layers.png`` (query heads
+kept per layer, per method and budget).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
 from cahp.core.io import environment, write_atomic, write_json
 from cahp.model.gates import head_gates
-from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads
+from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
 from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult
@@ -85,6 +88,7 @@ from cahp.pipelines.decoder import (
 )
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.guard import output_folder
+from cahp.pipelines.plots import plot_compare_layers
 from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
 from cahp.pipelines.verdicts import verdict
 from cahp.selectors.base import HeadSelector
@@ -96,7 +100,8 @@ from cahp.train.metrics import bootstrap_indices
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_KV_SHARES", "DecodeTimingConfig", "STATISTICS", "VERDICT_RULE", "kv_budgets", "kv_methods",
-           "nll_verdict", "paired_nll", "render_markdown", "run_compare_decoder", "sentence_nll", "time_decode"]
+           "nll_verdict", "paired_nll", "plot_perplexity", "render_markdown", "run_compare_decoder", "sentence_nll",
+           "time_decode"]
 
 #: Shares of the KV heads kept by default: 1/3 and 2/3 of them removed (issue 23's budgets).
 DEFAULT_KV_SHARES = (2 / 3, 1 / 3)
@@ -587,6 +592,14 @@ class _DecoderCompare:
                                         seeds if len(recs) >= len(cahp_recs) and seeds else None)
         return out
 
+    def layers(self, kept: list[dict]) -> dict:
+        """Query heads kept per layer (of the first selection, and the mean over selections) and the mean
+        relative depth of the kept heads (0: first layer, 1: last), as `plot_compare_layers` reads them."""
+        masks = [self.stats.mask_from_heads(m) for m in kept]
+        per_layer = [m.sum(1).tolist() for m in masks]
+        return {"heads_per_layer": per_layer[0], "heads_per_layer_mean": np.mean(per_layer, 0).tolist(),
+                "mean_relative_depth": float(np.mean([mean_relative_depth(m) for m in masks]))}
+
     def results(self, pre: dict, fine: dict | None) -> tuple[dict, dict]:
         no_ft, ft_out = {}, {}
         for b in self.budgets:
@@ -598,7 +611,8 @@ class _DecoderCompare:
                 recs = [pre[(method, s, k)] for s in sseeds]
                 s = self.summary(recs, [x for x in sseeds if x is not None],
                                  None if method == DECODER_SELECTOR else cahp_pre)
-                s.update(k=k, heads=recs[0]["heads"], kept=recs[0]["kept"], selection=recs[0].get("selection"))
+                s.update(k=k, heads=recs[0]["heads"], kept=recs[0]["kept"], selection=recs[0].get("selection"),
+                         **self.layers([r["kept"] for r in recs]))
                 no_ft[label][method] = s
             if fine is None:
                 continue
@@ -671,6 +685,8 @@ class _DecoderCompare:
     def write(self, report: dict) -> None:
         write_json(self.out / "compare.json", report)
         write_atomic(self.out / "compare.md", render_markdown(report))
+        plot_perplexity(report, self.out / "compare.png")
+        plot_compare_layers(report, self.out / "compare_layers.png")
         if not report["partial"]:
             part = report["finetuned"] or report["no_finetune"]
             for b in report["budgets"]:
@@ -772,3 +788,42 @@ def render_markdown(report: dict) -> str:
                          + " | ".join(_speed_cell(sp["decode"][x], "decode") for x in sizes)
                          + f" | {_speed_cell(sp['prefill'], 'prefill')} |")
     return "\n".join(lines) + "\n"
+
+
+def plot_perplexity(report: dict, path: Path) -> None:
+    """compare.png: held-out perplexity against KV heads kept, one line per method (after the fine-tuning
+    solid, without it dashed), the dense model (and its fine-tuned control) as horizontal lines."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("no_finetune", "--", "no fine-tuning")]
+    if report.get("finetuned"):
+        parts.append(("finetuned", "-", "fine-tuned"))
+    budgets = sorted(report["budgets"], key=lambda b: b["k"])
+    others = [f"C{j}" for j in range(10) if j != 3]  # C3 is CAHP's alone
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(report["settings"]["methods_run"]):
+        color = "C3" if method == DECODER_SELECTOR else others[i % len(others)]
+        for part, ls, what in parts:
+            res = report[part]["results"]
+            ax.plot([b["k"] for b in budgets], [res[b["label"]][method]["perplexity"] for b in budgets], ls,
+                    marker="o", ms=3, color=color, lw=2.2 if method == DECODER_SELECTOR else 1.0,
+                    label=f"{method} ({what})")
+    ax.axhline(report["dense"]["perplexity"], color="k", ls=":", lw=1, label="dense")
+    control = (report.get("finetuned") or {}).get("dense_control")
+    if control:
+        ax.axhline(control["perplexity"], color="k", ls="-.", lw=1, label="dense, fine-tuned (control)")
+    ax.set_xlabel(f"KV heads kept (of {report['kv_heads']})")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"{report['model']} / {report['task']} text: KV heads kept against perplexity", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
