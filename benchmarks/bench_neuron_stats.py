@@ -23,7 +23,6 @@ import logging
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import RESULTS_DIR, meta_lines, metadata  # noqa: E402
-from benchmarks.bench_signatures import _batches, _rss_mb  # noqa: E402
+from benchmarks.bench_signatures import _batches, sampled_peak  # noqa: E402
 from cahp.budget.cost import mac_table  # noqa: E402
 from cahp.budget.joint_curve import fair_values  # noqa: E402
 from cahp.core.io import write_json  # noqa: E402
@@ -61,23 +60,9 @@ def select_once(model, stats, head_D, head_ids) -> dict:
 
 
 def memory_child(n: int) -> None:
-    """Runs in a subprocess: RSS before, and the highest RSS sampled every 5 ms during, collect_neuron_stats."""
+    """Runs in a subprocess: RSS before, and the highest RSS sampled during, collect_neuron_stats (`sampled_peak`)."""
     model, batches = _batches(n)
-    before = _rss_mb()
-    peak = [before]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.005)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    stats = collect_neuron_stats(model, batches, progress=False)
-    stop.set()
-    th.join()
-    top = max(peak[0], _rss_mb())
+    before, top, stats = sampled_peak(lambda: collect_neuron_stats(model, batches, progress=False))
     print(json.dumps({"n": n, "tokens": stats.tokens, "rss_before_mb": before, "peak_rss_mb": top,
                       "pass_growth_mb": top - before}))
 

@@ -58,8 +58,8 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def memory_child(n: int, kind: str) -> None:
-    """Runs in a subprocess: RSS before, and the highest RSS sampled every 5 ms during, collect_signatures.
+def sampled_peak(fn):
+    """(RSS before, highest RSS sampled every 5 ms while ``fn()`` runs, its result), in MB.
 
     The process-wide peak (ru_maxrss) is dominated by loading the model, so the
     pass itself is sampled: its growth above the loaded model is what scales
@@ -67,7 +67,6 @@ def memory_child(n: int, kind: str) -> None:
     """
     import threading
 
-    model, batches = _batches(n)
     before = _rss_mb()
     peak = [before]
     stop = threading.Event()
@@ -79,10 +78,18 @@ def memory_child(n: int, kind: str) -> None:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    sig = collect_signatures(model, batches, kinds=(kind,), progress=False)
-    stop.set()
-    th.join()
-    top = max(peak[0], _rss_mb())
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        th.join()
+    return before, max(peak[0], _rss_mb()), out
+
+
+def memory_child(n: int, kind: str) -> None:
+    """Runs in a subprocess: RSS before, and the highest RSS sampled during, collect_signatures (`sampled_peak`)."""
+    model, batches = _batches(n)
+    before, top, sig = sampled_peak(lambda: collect_signatures(model, batches, kinds=(kind,), progress=False))
     print(json.dumps({"n": n, "rows": sig.rows, "rss_before_mb": before, "peak_rss_mb": top,
                       "pass_growth_mb": top - before,
                       "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -89,6 +89,7 @@ from cahp.pipelines.decoder import (
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.guard import output_folder
 from cahp.pipelines.plots import plot_compare_layers
+from cahp.pipelines.report import pooled_verdict_texts
 from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
 from cahp.pipelines.verdicts import verdict
 from cahp.selectors.base import HeadSelector
@@ -688,11 +689,8 @@ class _DecoderCompare:
         plot_perplexity(report, self.out / "compare.png")
         plot_compare_layers(report, self.out / "compare_layers.png")
         if not report["partial"]:
-            part = report["finetuned"] or report["no_finetune"]
-            for b in report["budgets"]:
-                for method, s in part["results"][b["label"]].items():
-                    if s.get("vs_cahp"):
-                        log.info("%s: %s", method, s["vs_cahp"]["pooled"]["text"])
+            for line in pooled_verdict_texts(report):
+                log.info("%s", line)
 
 
 # --- outputs --------------------------------------------------------------------------------------------

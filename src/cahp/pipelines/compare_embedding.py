@@ -78,7 +78,7 @@ from cahp.pipelines.embedding import (
 )
 from cahp.pipelines.guard import output_folder
 from cahp.pipelines.plots import plot_compare_layers
-from cahp.pipelines.report import verdict_text
+from cahp.pipelines.report import pooled_verdict_texts, verdict_text
 from cahp.pipelines.stages import PruneConfig, cahp_selector, find_k_star, selector_settings
 from cahp.pipelines.verdicts import VERDICT_RULE, verdict
 from cahp.selectors.base import HeadSelector, SelectionContext, check_mask, require
@@ -573,11 +573,8 @@ class _EmbeddingCompare:
         plot_spearman(report, self.out / "compare.png")
         plot_compare_layers(report, self.out / "compare_layers.png")
         if not report["partial"]:
-            part = report["finetuned"] or report["no_finetune"]
-            for b in report["budgets"]:
-                for method, s in part["results"][b["label"]].items():
-                    if s.get("vs_cahp"):
-                        log.info("%s: %s", method, s["vs_cahp"]["pooled"]["text"])
+            for line in pooled_verdict_texts(report):
+                log.info("%s", line)
 
 
 # --- outputs --------------------------------------------------------------------------------------------

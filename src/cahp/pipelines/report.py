@@ -7,7 +7,8 @@ compute time of cached results per machine.
 
 from __future__ import annotations
 
-__all__ = ["compute_seconds", "render_markdown", "seconds_by_machine", "verdict_lines", "verdict_text"]
+__all__ = ["compute_seconds", "pooled_verdict_texts", "render_markdown", "seconds_by_machine", "verdict_lines",
+           "verdict_text"]
 
 
 def compute_seconds(record: dict) -> float:
@@ -188,3 +189,10 @@ def render_markdown(report: dict) -> str:
     if by_machine and list(by_machine) != ["unrecorded"]:
         lines.append("Computed on: " + "; ".join(f"{m}: {v:.0f} s" for m, v in by_machine.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def pooled_verdict_texts(report: dict) -> list[str]:
+    """"method: text" of every pooled verdict of a compare report (after fine-tuning where it ran), budget by budget."""
+    part = report["finetuned"] or report["no_finetune"]
+    return [f"{method}: {s['vs_cahp']['pooled']['text']}" for b in report["budgets"]
+            for method, s in part["results"][b["label"]].items() if s.get("vs_cahp")]

@@ -95,32 +95,7 @@ def capture_layer(model: nn.Module, layer_idx: int, batch: dict, device, gates: 
 
     The forward pass stops at that projection; ``gates`` (if given) act on the layers before.
     """
-    adapter = get_adapter(model)
-    layer = adapter.layers(model)[layer_idx]
-    o = adapter.heads(layer).o
-    got = {}
-
-    def on_layer(module, args, kwargs):
-        got["h"] = args[0] if args else kwargs["hidden_states"]
-
-    def on_o(module, args):
-        got["x"] = args[0]
-        raise _Stop
-
-    handles = [layer.register_forward_pre_hook(on_layer, with_kwargs=True),
-               o.register_forward_pre_hook(on_o, prepend=True)]
-    try:
-        if gates is not None:
-            with head_gates(model, init=gates.float()):
-                model(**model_inputs(batch, device))
-        else:
-            model(**model_inputs(batch, device))
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return got["h"], got["x"]
+    return capture_block(model, layer_idx, "attention", batch, device, gates)
 
 
 @torch.no_grad()
@@ -133,30 +108,7 @@ def mha_normal_equations(model: nn.Module, layer_idx: int, heads: list[int], gat
     input, plus a column of ones; b: the teacher's (dense) pre-LayerNorm block
     output minus the projection bias and the student's residual. Real tokens only.
     """
-    adapter = get_adapter(model)
-    d = adapter.head_dim(model.config)
-    o = adapter.heads(adapter.layers(model)[layer_idx]).o
-    pos = [kept_heads(model.config)[layer_idx].index(h) for h in heads]
-    W = torch.stack([o.weight[:, p * d:(p + 1) * d].double() for p in pos])  # (m, D, d)
-    bias = o.bias.double() if o.bias is not None else 0.0
-    m = len(heads)
-    device = next(model.parameters()).device
-    ata = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=device)
-    atb = torch.zeros(m + 1, dtype=torch.float64, device=device)
-    model.eval()
-    for batch in batches:
-        real = batch["attention_mask"].to(device).bool()
-        h_t, x_t = capture_layer(model, layer_idx, batch, device, None)
-        teacher = (o(x_t) + h_t)[real].double()  # (N, D) over the N real tokens
-        h_s, x_s = capture_layer(model, layer_idx, batch, device, gates)
-        h_s, x_s = h_s[real].double(), x_s[real].double()
-        xs = torch.stack([x_s[:, p * d:(p + 1) * d] for p in pos])  # (m, N, d)
-        per_head = torch.einsum("mnd,mhd->mnh", xs, W).reshape(m, -1)  # (m, N*D)
-        A = torch.cat([per_head, per_head.new_ones(1, per_head.shape[1])]).T  # (N*D, m+1)
-        b = (teacher - bias - h_s).flatten()
-        ata += A.T @ A
-        atb += A.T @ b
-    return ata.cpu(), atb.cpu()
+    return joint_mha_normal_equations(model, layer_idx, heads, gates, None, batches)
 
 
 # ---------------------------------------------------------------------------
