@@ -256,5 +256,6 @@ def test_cahp_compare_command_on_a_decoder_prints_the_kv_verdicts(tiny_lm, tmp_p
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "gqa-magnitude, without fine-tuning, at 1/3 removed (6 KV heads)" in printed
+    assert " of 9 KV heads; budgets" in printed  # the budget unit of a decoder: KV heads, not query heads
     r = json.loads((out / "compare.json").read_text())
     assert r["settings"]["methods_run"] == ["gqa-cahp", "gqa-magnitude"] and r["speed"]["2/3 removed"]["k"] == 3

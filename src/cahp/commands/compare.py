@@ -46,7 +46,8 @@ def run(args) -> int:
         print("\n".join(summary_lines(r)))
         print(f"outputs in {result.output_dir}: compare_ffn.json, compare_ffn.md, frontier.png, compare-ffn/")
         return 0
-    print(f"{r['model']} / {r['task']}: k* = {r['k_star']} of {r['heads']} heads; budgets "
+    unit, total = ("KV heads", r["kv_heads"]) if r.get("budget_unit") == "kv_heads" else ("heads", r["heads"])
+    print(f"{r['model']} / {r['task']}: k* = {r['k_star']} of {total} {unit}; budgets "
           + ", ".join(f"{b['label']}={b['k']}" for b in r["budgets"]))
     for line in verdict_lines(r):
         print(f"  {line}")
