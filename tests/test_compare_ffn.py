@@ -187,3 +187,13 @@ def test_compare_ffn_refuses_heads_only_methods_and_bad_targets(tiny_setup, tmp_
     with pytest.raises(JointSetupError, match="above 1"):
         run_compare(cfg, ft, CompareConfig(speedups=[0.5]), progress=False, joint=FAST)
     assert not (tmp_path / "r").exists()
+
+
+def test_command_line_takes_the_joint_peers(tmp_path, capsys):
+    from cahp.cli import main
+
+    # p-pruning is a joint peer only: the parser takes it, and the one-line error is about the bad target
+    out = str(tmp_path / "o")
+    code = main(["compare", "--ffn", "--methods", "p-pruning", "--speedups", "0.5", "--output-dir", out])
+    assert code != 0 and "--speedups must be above 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

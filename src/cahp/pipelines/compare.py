@@ -81,7 +81,7 @@ from cahp.pipelines.stages import (
 from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp, verdict
 from cahp.selectors.base import HeadSelector, check_mask
 from cahp.selectors.fisher import fold_gates
-from cahp.selectors.registry import SELECTORS, make_selector
+from cahp.selectors.registry import JOINT_METHODS, KV_SELECTORS, SELECTORS, make_selector
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
 
@@ -95,8 +95,10 @@ DEFAULT_METHODS = ["cahp", "random", "magnitude", "gradient", "gradient-layernor
 class CompareConfig:
     """Settings of `cahp compare` beyond those of `cahp prune` and the fine-tuning."""
 
-    methods: list[str] = cfg_field(DEFAULT_METHODS, "methods to compare (cahp is always included)",
-                                   choices=list(SELECTORS), metavar="METHOD")
+    methods: list[str] = cfg_field(DEFAULT_METHODS, "methods to compare (cahp is always included; --ffn and decoders "
+                                   "take their own peers)", choices=list(dict.fromkeys([*SELECTORS, *JOINT_METHODS,
+                                                                                      *KV_SELECTORS])),
+                                   metavar="METHOD")
     budgets: list[float] = cfg_field([0.5, 0.25, 0.125], "budgets besides CAHP's k*, as shares of the heads kept",
                                      metavar="RATIO")
     seeds: int = cfg_field(3, "number of seeds (seed, seed+1, ...): fine-tuning and the random selector")
