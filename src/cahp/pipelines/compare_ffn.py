@@ -439,5 +439,49 @@ def render_ffn_markdown(report: dict) -> str:
                 + f" | {r['no_finetune']['accuracy'] * 100:.2f} | "
                 + (f"{ft['accuracy'] * 100:.2f}" if ft else "-") + f" | {_fmt_vs(ft.get('vs_cahp') if ft else None)} |")
         lines.append("")
+        lines += _goal_lines(report, t, shapes)
     return "\n".join(lines) + "\n"
+
+
+def _decide(lo: float, hi: float, goal: float) -> str:
+    """A "at least ``goal``" verdict from a 95% interval: met above it, not met below it, else undecided."""
+    return "met" if lo >= goal else "not met" if hi < goal else "undecided"
+
+
+def _goal_lines(report: dict, target: dict, shapes: list[str]) -> list[str]:
+    """Issue 19's goals at one target, in words: CAHP's speed and accuracy, and its verdict against each method."""
+    rows = report["results"][target["label"]]
+    cahp = rows.get("cahp", {})
+    if "unreachable" in cahp or not cahp:
+        return []
+    n_seeds = len(report["settings"]["seeds"])
+    out = []
+    speed = []
+    for s in shapes:
+        m = (cahp.get("measured_speedup") or {}).get(s)
+        if m:
+            speed.append(f"{s} {m['speedup']:.2f}x [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}] "
+                         f"({_decide(m['ci95'][0], m['ci95'][1], 2.0)})")
+    control = (report["dense"].get("control") or {}).get("vs_cahp", {}).get(target["label"])
+    if speed or control:
+        text = f"- Speed at accuracy (goal: at least 2.0x at each shape, and CAHP at most 1.0 point below the dense " \
+               f"control): measured {', '.join(speed) or '-'}"
+        if control:
+            p = control["pooled"]  # dense minus CAHP: flip it to CAHP minus dense
+            d, lo, hi = -p["diff"] * 100, -p["ci95"][1] * 100, -p["ci95"][0] * 100
+            text += f"; CAHP minus dense control {d:+.2f} [{lo:+.2f}, {hi:+.2f}] points ({_decide(lo, hi, -1.0)})"
+        out.append(text + f"; {n_seeds} seed{'s' if n_seeds > 1 else ''}.")
+    verdicts: dict[str, list[str]] = {"win": [], "tie": [], "loss": []}
+    for m, r in rows.items():
+        v = ((r.get("finetuned") or {}).get("vs_cahp") or {}).get("pooled")
+        if v:
+            verdicts[v["verdict"]].append(m)
+    if any(verdicts.values()):
+        out.append(f"- Against the field after the same fine-tuning ({n_seeds} seed{'s' if n_seeds > 1 else ''}): "
+                   + "; ".join(f"CAHP {k}s against {', '.join(v) if v else 'none'}"
+                               .replace("CAHP ties against", "CAHP ties with")
+                               .replace("CAHP losss against", "CAHP loses against") for k, v in verdicts.items())
+                   + ("." if n_seeds > 1 else " (with one seed the intervals cover the test-set sampling, not the "
+                      "spread between fine-tuning runs)."))
+    return out + [""] if out else []
 

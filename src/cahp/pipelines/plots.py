@@ -179,8 +179,10 @@ def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
         if not pts:
             continue
         pts.sort()
-        style = {"lw": 2.5, "color": "C3", "zorder": 5} if m == "cahp" else {"lw": 1.2, "color": f"C{i % 10}"}
-        ax.plot(*zip(*pts), "o-", ms=4, label=m, **style)
+        others = [c for c in range(10) if c != 3]  # C3 (red) is CAHP's alone
+        style = {"lw": 2.5, "color": "C3", "zorder": 5} if m == "cahp" else \
+            {"lw": 1.2, "color": f"C{others[i % len(others)]}"}
+        ax.plot(*zip(*pts), "o-", ms=5 if m == "cahp" else 4, label=m, **style)
     ho = report.get("heads_only") or {}
     ho_acc = (ho.get("finetuned") or {}).get("accuracy") if finetuned else None
     if ho_acc is not None and shape in (ho.get("measured_speedup") or {}):
@@ -191,6 +193,9 @@ def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
     ref = ref if ref is not None else dense["test"][report["test_split"]]["accuracy"]
     ax.axhline(ref * 100, color="grey", ls="--", lw=1, label="dense control" if finetuned else "dense")
     ax.plot(1.0, ref * 100, "s", color="grey")
+    if finetuned:  # the dense model every method starts from, before its extra fine-tuning
+        first = dense["test"][report["test_split"]]["accuracy"] * 100
+        ax.axhline(first, color="grey", ls=":", lw=1, label="dense model pruned from")
     ax.set_xlabel(f"measured speedup at {shape}, 1 thread (dense / pruned latency)")
     ax.set_ylabel(f"{report['test_split']} accuracy (%)" + ("" if finetuned else ", no fine-tuning"))
     ax.set_title(f"{report['model']} / {report['task']}: heads + FFN neurons")
