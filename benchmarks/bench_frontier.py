@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -59,12 +60,19 @@ def run(name: str, args) -> Path:
     return write_result(args.result_name or f"frontier_{name}", report, metadata())
 
 
+def result_stem(result: dict) -> str:
+    """The results file's stem: ``--result-name`` of its recorded command, else frontier_CONFIGURATION."""
+    argv = shlex.split((result.get("meta") or {}).get("command", ""))
+    if "--result-name" in argv[:-1]:
+        return argv[argv.index("--result-name") + 1]
+    return f"frontier_{result.get('configuration', result['model'] + '_' + result['task'])}"
+
+
 def render(result: dict) -> str:
     """Markdown from a results/frontier_*.json file: the frontier figure, tables, verdicts (generated)."""
     from cahp.pipelines.plots import plot_frontier
 
-    name = result.get("configuration", f"{result['model']}_{result['task']}")
-    image = IMAGES / f"frontier_{name}.png"
+    image = IMAGES / f"{result_stem(result)}.png"
     plot_frontier(result, image)
     body = render_ffn_markdown(result).splitlines()
     body = [("#" + line if line.startswith("## ") else line) for line in body[1:]]

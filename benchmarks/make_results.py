@@ -68,8 +68,8 @@ SECTIONS = [
      "CAHP against the baselines: mpnet-base / SST-5, after one fine-tuning (issue 7)"),
     ("frontier_minilm_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5 (issue 19)"),
-    ("frontier_minilm_sst5_3seeds", "bench_frontier",
-     "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 3 seeds, CAHP against Fisher and gradient "
+    ("frontier_minilm_sst5_2seeds", "bench_frontier",
+     "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 2 seeds, CAHP against Fisher and gradient "
      "(issue 19)"),
     ("frontier_minilm_mnli_small", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small (issue 19)"),
