@@ -61,14 +61,21 @@ import torch
 from cahp.budget.curve import score_mask
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.core.io import environment, read_json, write_atomic, write_json
+from cahp.core.io import environment, read_json
 from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
 from cahp.pipelines.guard import check_run, clip_max_length, model_config, output_folder
-from cahp.pipelines.plots import plot_compare_curves, plot_compare_layers
-from cahp.pipelines.report import compute_seconds, render_markdown, seconds_by_machine, verdict_lines, verdict_text
+from cahp.pipelines.plots import plot_compare_curves
+from cahp.pipelines.report import (
+    compute_seconds,
+    render_markdown,
+    seconds_by_machine,
+    verdict_lines,
+    verdict_text,
+    write_compare_outputs,
+)
 from cahp.pipelines.stages import (
     PruneConfig,
     cahp_selector,
@@ -490,13 +497,8 @@ class _Compare:
         }
 
     def write(self, report: dict) -> None:
-        write_json(self.out / "compare.json", report)
-        write_atomic(self.out / "compare.md", render_markdown(report))
-        plot_compare_curves(report, self.out / "compare.png")
-        plot_compare_layers(report, self.out / "compare_layers.png")
-        if not report["partial"]:
-            for line in verdict_lines(report):
-                log.info("%s", line)
+        write_compare_outputs(self.out, report, render_markdown(report), plot_compare_curves,
+                              verdict_lines(report) if not report["partial"] else [])
 
 
 __all__ = ["CompareConfig", "CompareResult", "DEFAULT_METHODS", "STATISTICS", "VERDICT_RULE", "compare_to_cahp",

@@ -71,7 +71,7 @@ from cahp.bench.figures import ratio_ci, summarize
 from cahp.bench.timing import make_inputs, time_round_robin, torch_runner
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.core.io import environment, write_atomic, write_json
+from cahp.core.io import environment, write_atomic
 from cahp.model.gates import head_gates
 from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
@@ -88,8 +88,7 @@ from cahp.pipelines.decoder import (
 )
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.guard import output_folder
-from cahp.pipelines.plots import plot_compare_layers
-from cahp.pipelines.report import pooled_verdict_texts
+from cahp.pipelines.report import pooled_verdict_texts, write_compare_outputs
 from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
 from cahp.pipelines.verdicts import verdict
 from cahp.selectors.base import HeadSelector
@@ -684,13 +683,8 @@ class _DecoderCompare:
         }
 
     def write(self, report: dict) -> None:
-        write_json(self.out / "compare.json", report)
-        write_atomic(self.out / "compare.md", render_markdown(report))
-        plot_perplexity(report, self.out / "compare.png")
-        plot_compare_layers(report, self.out / "compare_layers.png")
-        if not report["partial"]:
-            for line in pooled_verdict_texts(report):
-                log.info("%s", line)
+        write_compare_outputs(self.out, report, render_markdown(report), plot_perplexity,
+                              pooled_verdict_texts(report) if not report["partial"] else [])
 
 
 # --- outputs --------------------------------------------------------------------------------------------

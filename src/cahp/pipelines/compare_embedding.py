@@ -62,7 +62,7 @@ import torch
 from scipy.stats import rankdata
 
 from cahp.core import distributed
-from cahp.core.io import environment, write_atomic, write_json
+from cahp.core.io import environment, write_atomic
 from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
@@ -77,8 +77,7 @@ from cahp.pipelines.embedding import (
     prepare_embedding,
 )
 from cahp.pipelines.guard import output_folder
-from cahp.pipelines.plots import plot_compare_layers
-from cahp.pipelines.report import pooled_verdict_texts, verdict_text
+from cahp.pipelines.report import pooled_verdict_texts, verdict_text, write_compare_outputs
 from cahp.pipelines.stages import PruneConfig, cahp_selector, find_k_star, selector_settings
 from cahp.pipelines.verdicts import VERDICT_RULE, verdict
 from cahp.selectors.base import HeadSelector, SelectionContext, check_mask, require
@@ -568,13 +567,8 @@ class _EmbeddingCompare:
         }
 
     def write(self, report: dict) -> None:
-        write_json(self.out / "compare.json", report)
-        write_atomic(self.out / "compare.md", render_markdown(report))
-        plot_spearman(report, self.out / "compare.png")
-        plot_compare_layers(report, self.out / "compare_layers.png")
-        if not report["partial"]:
-            for line in pooled_verdict_texts(report):
-                log.info("%s", line)
+        write_compare_outputs(self.out, report, render_markdown(report), plot_spearman,
+                              pooled_verdict_texts(report) if not report["partial"] else [])
 
 
 # --- outputs --------------------------------------------------------------------------------------------

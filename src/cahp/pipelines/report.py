@@ -7,6 +7,10 @@ compute time of cached results per machine.
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("cahp.pipelines.compare")  # the comparisons' verdict lines
+
 __all__ = ["compute_seconds", "pooled_verdict_texts", "render_markdown", "seconds_by_machine", "verdict_lines",
            "verdict_text"]
 
@@ -196,3 +200,21 @@ def pooled_verdict_texts(report: dict) -> list[str]:
     part = report["finetuned"] or report["no_finetune"]
     return [f"{method}: {s['vs_cahp']['pooled']['text']}" for b in report["budgets"]
             for method, s in part["results"][b["label"]].items() if s.get("vs_cahp")]
+
+
+def write_compare_outputs(out, report: dict, markdown: str, plot_scores, verdicts: list[str]) -> None:
+    """A compare run's files: compare.json, compare.md, compare.png (``plot_scores(report, path)``) and
+    compare_layers.png; once the report is final, ``verdicts`` go to the log, a line each."""
+    from pathlib import Path
+
+    from cahp.core.io import write_atomic, write_json
+    from cahp.pipelines.plots import plot_compare_layers
+
+    out = Path(out)
+    write_json(out / "compare.json", report)
+    write_atomic(out / "compare.md", markdown)
+    plot_scores(report, out / "compare.png")
+    plot_compare_layers(report, out / "compare_layers.png")
+    if not report["partial"]:
+        for line in verdicts:
+            log.info("%s", line)
