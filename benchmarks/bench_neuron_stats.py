@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: the repository root makes `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import RESULTS_DIR, meta_lines, metadata  # noqa: E402
-from benchmarks.bench_signatures import _batches, sampled_peak  # noqa: E402
+from benchmarks.bench_signatures import _batches, measure_memory, sampled_peak  # noqa: E402
 from cahp.budget.cost import mac_table  # noqa: E402
 from cahp.budget.joint_curve import fair_values  # noqa: E402
 from cahp.core.io import write_json  # noqa: E402
@@ -65,17 +64,6 @@ def memory_child(n: int) -> None:
     before, top, stats = sampled_peak(lambda: collect_neuron_stats(model, batches, progress=False))
     print(json.dumps({"n": n, "tokens": stats.tokens, "rss_before_mb": before, "peak_rss_mb": top,
                       "pass_growth_mb": top - before}))
-
-
-def measure_memory(sizes) -> dict:
-    """``{"memory": one child's figures per size, "memory_growth": last peak / first peak - 1}``."""
-    memory = []
-    for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n)], check=True,
-                             capture_output=True, text=True).stdout
-        memory.append(json.loads(out.strip().splitlines()[-1]))
-        log.info("memory: %s", memory[-1])
-    return {"memory": memory, "memory_growth": memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1}
 
 
 def main() -> None:
@@ -120,7 +108,7 @@ def main() -> None:
         "ratio_to_forward": {"neuron_stats": med["neuron_stats"] / med["forward"],
                              "selection": med["selection"] / med["forward"],
                              "total": (med["neuron_stats"] + med["selection"]) / med["forward"]},
-        **measure_memory(args.memory_sizes),
+        **measure_memory(args.memory_sizes, __file__, ()),
     }
     write_json(path, {"meta": meta, **result})
     log.info("wrote %s; ratios %s, memory growth %.3f", path, result["ratio_to_forward"], result["memory_growth"])

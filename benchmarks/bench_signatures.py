@@ -149,11 +149,14 @@ def main() -> None:
     log.info("ratios %s, memory growth %.3f", result["ratio_to_forward"], result["memory_growth"])
 
 
-def measure_memory(sizes) -> dict:
-    """``{"memory": one child's figures per size, "memory_growth": last peak / first peak - 1}``."""
+def measure_memory(sizes, script: str = __file__, extra: tuple[str, ...] = ("js",)) -> dict:
+    """``{"memory": one child's figures per size, "memory_growth": last peak / first peak - 1}``.
+
+    Each size runs ``script --memory-child N *extra`` in a fresh process, which prints its figures as a JSON line.
+    """
     memory = []
     for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "js"], check=True,
+        out = subprocess.run([sys.executable, script, "--memory-child", str(n), *extra], check=True,
                              capture_output=True, text=True).stdout
         memory.append(json.loads(out.strip().splitlines()[-1]))
         log.info("memory: %s", memory[-1])
