@@ -121,7 +121,7 @@ def run_compare_ffn(cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg, joint: Joint
         raise JointSetupError("no target: give --speedups or keep --knee")
     if cfg.keep or cfg.keep_ratio or cfg.target_speedup:
         raise JointSetupError("cahp compare --ffn sets its targets with --speedups (and --knee)")
-    JointConfig.weights(joint)
+    joint.weights()  # bad head weights: a one-line error before any work
     task, ft_cfg, _ = check_run(dataclasses.replace(cfg, target_speedup=0.0), ft_cfg)
     with output_folder(Path(cfg.output_dir)) as out:
         dense = _dense_finetune_config(out, ft_cfg, cfg, dense_ft)
@@ -210,16 +210,14 @@ class _CompareFfn:
         tag = "all" if sseed is None else f"s{sseed}"
         return self.cache.get_or_compute(f"select-{name}-{target['label']}-{tag}", key, compute)
 
-    def finetuned(self, what: str, rec: dict | None, ft: FinetuneConfig, model=None) -> dict:
-        """One fine-tuning and the test evaluation of a selection (``rec``), of ``model``, or of the dense model."""
+    def finetuned(self, what: str, rec: dict | None, ft: FinetuneConfig) -> dict:
+        """One fine-tuning and the test evaluation of a selection (``rec``), or of the dense model (None)."""
         key = {"part": "finetune", "what": what, "finetune_after": asdict(ft), "split": self.split,
                "selection": None if rec is None else rec["selection"]}
 
         def compute() -> dict:
             t0 = time.perf_counter()
-            if model is not None:
-                m = copy.deepcopy(model)
-            elif rec is None:
+            if rec is None:
                 m = copy.deepcopy(self.model)
             else:
                 m = build_pruned(self.model, JointSelection.from_dict(rec["selection"]))
