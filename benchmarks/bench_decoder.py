@@ -34,9 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
+from cahp.bench.decode import DecodeTimingConfig  # noqa: E402
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
-from cahp.pipelines.compare_decoder import DecodeTimingConfig, render_markdown, run_compare_decoder  # noqa: E402
+from cahp.pipelines.compare_decoder import render_markdown, run_compare_decoder  # noqa: E402
 from cahp.pipelines.prune import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 

@@ -12,6 +12,7 @@ import torch
 from benchmarks import bench_decoder, make_results
 from benchmarks._common import metadata
 
+from cahp.bench.decode import DecodeTimingConfig
 from cahp.budget.perplexity import perplexity
 from cahp.core.io import read_json
 from cahp.data.lm import lm_batches
@@ -19,7 +20,6 @@ from cahp.model.surgery import keep_heads
 from cahp.pipelines import compare_decoder
 from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, run_compare
 from cahp.pipelines.compare_decoder import (
-    DecodeTimingConfig,
     kv_budgets,
     kv_methods,
     paired_nll,

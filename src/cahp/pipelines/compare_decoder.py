@@ -25,12 +25,13 @@ salience, the dense perplexity and CAHP's curve are read, not recomputed).
   ``seed .. seed+N-1``; only seeded selections (random) vary with the seed
   without fine-tuning.
 - Speed of the dense model against CAHP's pruned model at each budget
-  (`DecodeTimingConfig`, on the CPU with one thread by default): greedy
-  `generate` with the KV cache (batch 1 and 8, 32 new tokens, a 16-token random
-  prompt), the two models interleaved call by call (`time_round_robin`),
-  generated tokens per second from the median call, and the median ratio with a
-  95% bootstrap interval over the aligned repetitions (`ratio_ci`); prefill
-  latency is one forward of batch 1 x 128 tokens. ``seconds = 0`` skips it.
+  (`cahp.bench.decode.time_decode`; its `DecodeTimingConfig` is set by the
+  ``--timing-*`` options of `cahp compare`; on the CPU with one thread by
+  default): greedy `generate` with the KV cache (batch 1 and 8, 32 new tokens,
+  a 16-token random prompt), the two models interleaved call by call, generated
+  tokens per second from the median call, and the median ratio with a 95%
+  bootstrap interval over the aligned repetitions; prefill latency is one
+  forward of batch 1 x 128 tokens. ``seconds = 0`` skips it.
 
 Statistics (`paired_nll`), paired on the same held-out sentences: every model's
 per-sentence NLL sums and token counts (`sentence_nll`); a resample draws
@@ -56,22 +57,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from cahp.bench.figures import ratio_ci, summarize
-from cahp.bench.timing import make_inputs, time_round_robin, torch_runner
+from cahp.bench.decode import DecodeTimingConfig, check_timing, time_decode
 from cahp.core import distributed
-from cahp.core.configs import field as cfg_field
-from cahp.core.io import environment, write_atomic
+from cahp.core.io import environment
 from cahp.model.gates import head_gates
 from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
@@ -88,6 +88,7 @@ from cahp.pipelines.decoder import (
 )
 from cahp.pipelines.decoder_finetune import finetune_lm
 from cahp.pipelines.guard import output_folder
+from cahp.pipelines.plots import plot_perplexity
 from cahp.pipelines.report import pooled_verdict_texts, write_compare_outputs
 from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
 from cahp.pipelines.verdicts import verdict
@@ -99,9 +100,8 @@ from cahp.train.metrics import bootstrap_indices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_KV_SHARES", "DecodeTimingConfig", "STATISTICS", "VERDICT_RULE", "kv_budgets", "kv_methods",
-           "nll_verdict", "paired_nll", "plot_perplexity", "render_markdown", "run_compare_decoder", "sentence_nll",
-           "time_decode"]
+__all__ = ["DEFAULT_KV_SHARES", "STATISTICS", "VERDICT_RULE", "kv_budgets", "kv_methods", "nll_verdict",
+           "paired_nll", "render_markdown", "run_compare_decoder", "sentence_nll"]
 
 #: Shares of the KV heads kept by default: 1/3 and 2/3 of them removed (issue 23's budgets).
 DEFAULT_KV_SHARES = (2 / 3, 1 / 3)
@@ -117,22 +117,6 @@ VERDICT_RULE = (
     "verdicts are CAHP's, on diff = method - CAHP in held-out NLL (lower is better): win = the 95% interval of "
     "diff lies above 0 (CAHP's perplexity lower), loss = it lies below 0, tie = it contains 0"
 )
-
-
-@dataclass
-class DecodeTimingConfig:
-    """How the dense decoder and CAHP's pruned ones are timed (generation with the KV cache, and prefill)."""
-
-    seconds: float = cfg_field(20.0, "seconds of interleaved repetitions per measurement (0: no timing)")
-    new_tokens: int = cfg_field(32, "tokens generated per call (greedy, with the KV cache)")
-    prompt_tokens: int = cfg_field(16, "random prompt tokens per sequence before generation")
-    batch_sizes: list[int] = cfg_field([1, 8], "generation batch sizes", metavar="B")
-    prefill_tokens: int = cfg_field(128, "tokens of the prefill forward (batch 1; clipped to the positions)")
-    threads: int = cfg_field(1, "torch threads while timing")
-    device: str = cfg_field("cpu", "device the timed copies run on")
-    min_reps: int = cfg_field(5, "fewest repetitions per measurement, whatever the seconds")
-    max_reps: int = cfg_field(200, "most repetitions per measurement")
-    n_bootstrap: int = cfg_field(2000, "bootstrap resamples of each ratio's interval")
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -191,16 +175,7 @@ def _check(cfg: PruneConfig, ccfg: CompareConfig, timing: DecodeTimingConfig) ->
         raise ValueError("an output folder is needed")
     if distributed.world_size() > 1:
         raise ValueError("cahp compare runs in a single process: start it without torchrun")
-    if timing.seconds < 0:
-        raise ValueError(f"the timing seconds must be >= 0 (0: no timing), got {timing.seconds}")
-    counts = {"new_tokens": timing.new_tokens, "prompt_tokens": timing.prompt_tokens,
-              "prefill_tokens": timing.prefill_tokens, "threads": timing.threads, "min_reps": timing.min_reps,
-              "n_bootstrap": timing.n_bootstrap, "batch size": min(timing.batch_sizes, default=0)}
-    bad = [f"{k} {v}" for k, v in counts.items() if v < 1]
-    if bad:
-        raise ValueError(f"timing counts must be at least 1, got {', '.join(bad)}")
-    if timing.max_reps < timing.min_reps:
-        raise ValueError(f"timing max_reps {timing.max_reps} is below min_reps {timing.min_reps}")
+    check_timing(timing)
     return methods
 
 
@@ -330,62 +305,6 @@ def verdict_text(method: str, label: str, k: int, cmp: dict) -> str:
     if cmp["verdict"] == "loss":
         return f"{where}: {method} beats CAHP ({stats})."
     return f"{where}: tie, the difference is inside the confidence interval ({stats})."
-
-
-# --- speed ----------------------------------------------------------------------------------------------
-
-
-def _pair(times: dict[str, list[float]], batch: int, seq: int, n_bootstrap: int) -> dict:
-    """Dense and pruned summaries (`summarize`: median ms, tokens/s) and the speed ratio dense / pruned time
-    (> 1: the pruned model is faster) with its 95% bootstrap interval over the aligned repetitions."""
-    d, p = times["dense"], times["pruned"]
-    return {"dense": summarize(d, batch, seq), "pruned": summarize(p, batch, seq),
-            "speedup": float(np.median(d) / np.median(p)), "speedup_ci95": ratio_ci(d, p, n_bootstrap)}
-
-
-def time_decode(dense: nn.Module, pruned: nn.Module, timing: DecodeTimingConfig, pad_token_id: int,
-                seed: int = 0) -> dict:
-    """Decode throughput and prefill latency of copies of ``dense`` and ``pruned`` on ``timing.device``.
-
-    Decode: greedy `generate` with the KV cache of exactly ``new_tokens`` tokens after a random prompt of
-    ``prompt_tokens`` (batch ``b`` for each of ``batch_sizes``), so a call's time is its prompt's prefill plus
-    ``new_tokens`` steps and ``tokens_per_s`` = b x new_tokens / median call. Prefill: one forward of batch 1 x
-    ``prefill_tokens`` (clipped to the model's positions). The two models run interleaved call by call
-    (`time_round_robin`, ``timing.threads`` torch threads). Returns ``{"decode": {b: pair}, "prefill": pair,
-    "settings"}`` with each pair as `_pair` makes it.
-    """
-    threads = torch.get_num_threads()
-    models = {"dense": copy.deepcopy(dense).to(timing.device).eval(),
-              "pruned": copy.deepcopy(pruned).to(timing.device).eval()}
-    limit = getattr(dense.config, "max_position_embeddings", None) or timing.prefill_tokens
-    prompt = min(timing.prompt_tokens, max(1, limit - timing.new_tokens))
-    # a GPU runs asynchronously: each timed call ends when its kernels have
-    sync = torch.cuda.synchronize if str(timing.device).startswith("cuda") else None
-    reps = {"warmup": 1, "budget_s": timing.seconds, "min_reps": timing.min_reps, "max_reps": timing.max_reps,
-            "sync": sync}
-    out: dict = {"decode": {}, "settings": {**asdict(timing), "prompt_tokens_used": prompt}}
-    n = timing.new_tokens
-    kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "use_cache": True,
-          "pad_token_id": pad_token_id}
-    torch.set_num_threads(timing.threads)
-    try:
-        for b in timing.batch_sizes:
-            inputs = make_inputs(models["dense"], b, prompt, timing.device, seed)
-
-            def generate(m, inputs=inputs):
-                with torch.inference_mode():
-                    return m.generate(**inputs, **kw)
-
-            runners = {name: (lambda m=m: generate(m)) for name, m in models.items()}
-            out["decode"][str(b)] = _pair(time_round_robin(runners, **reps), b, n, timing.n_bootstrap)
-        seq = min(timing.prefill_tokens, limit)
-        inputs = make_inputs(models["dense"], 1, seq, timing.device, seed)
-        runners = {name: torch_runner(m, inputs) for name, m in models.items()}
-        out["prefill"] = _pair(time_round_robin(runners, **reps), 1, seq, timing.n_bootstrap)
-        out["settings"]["prefill_tokens_used"] = seq
-    finally:
-        torch.set_num_threads(threads)
-    return out
 
 
 # --- the comparison -------------------------------------------------------------------------------------
@@ -683,7 +602,8 @@ class _DecoderCompare:
         }
 
     def write(self, report: dict) -> None:
-        write_compare_outputs(self.out, report, render_markdown(report), plot_perplexity,
+        write_compare_outputs(self.out, report, render_markdown(report),
+                              functools.partial(plot_perplexity, cahp=DECODER_SELECTOR),
                               pooled_verdict_texts(report) if not report["partial"] else [])
 
 
@@ -781,41 +701,3 @@ def render_markdown(report: dict) -> str:
                          + f" | {_speed_cell(sp['prefill'], 'prefill')} |")
     return "\n".join(lines) + "\n"
 
-
-def plot_perplexity(report: dict, path: Path) -> None:
-    """compare.png: held-out perplexity against KV heads kept, one line per method (after the fine-tuning
-    solid, without it dashed), the dense model (and its fine-tuned control) as horizontal lines."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    parts = [("no_finetune", "--", "no fine-tuning")]
-    if report.get("finetuned"):
-        parts.append(("finetuned", "-", "fine-tuned"))
-    budgets = sorted(report["budgets"], key=lambda b: b["k"])
-    others = [f"C{j}" for j in range(10) if j != 3]  # C3 is CAHP's alone
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, method in enumerate(report["settings"]["methods_run"]):
-        color = "C3" if method == DECODER_SELECTOR else others[i % len(others)]
-        for part, ls, what in parts:
-            res = report[part]["results"]
-            ax.plot([b["k"] for b in budgets], [res[b["label"]][method]["perplexity"] for b in budgets], ls,
-                    marker="o", ms=3, color=color, lw=2.2 if method == DECODER_SELECTOR else 1.0,
-                    label=f"{method} ({what})")
-    ax.axhline(report["dense"]["perplexity"], color="k", ls=":", lw=1, label="dense")
-    control = (report.get("finetuned") or {}).get("dense_control")
-    if control:
-        ax.axhline(control["perplexity"], color="k", ls="-.", lw=1, label="dense, fine-tuned (control)")
-    ax.set_xlabel(f"KV heads kept (of {report['kv_heads']})")
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title(f"{report['model']} / {report['task']} text: KV heads kept against perplexity", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())

@@ -1,4 +1,5 @@
-"""Figures: of a prune run (curve, fit and knee; kept heads and neurons; distances) and of a compare report."""
+"""Figures: of a prune run (curve, fit and knee; kept heads and neurons; distances) and of compare reports
+(labelled, embedding, decoder, --ffn)."""
 
 from __future__ import annotations
 
@@ -201,4 +202,62 @@ def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
     ax.set_title(f"{report['model']} / {report['task']}: heads + FFN neurons")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_perplexity(report: dict, path: Path, *, cahp: str) -> None:
+    """compare.png of a decoder comparison: held-out perplexity against KV heads kept, one line per method (after
+    the fine-tuning solid, without it dashed), the dense model (and its fine-tuned control) as horizontal lines.
+
+    ``cahp``: the name CAHP runs under in the report (its KV-group selector), drawn thick in C3.
+    """
+    parts = [("no_finetune", "--", "no fine-tuning")]
+    if report.get("finetuned"):
+        parts.append(("finetuned", "-", "fine-tuned"))
+    budgets = sorted(report["budgets"], key=lambda b: b["k"])
+    others = [f"C{j}" for j in range(10) if j != 3]  # C3 is CAHP's alone
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, method in enumerate(report["settings"]["methods_run"]):
+        color = "C3" if method == cahp else others[i % len(others)]
+        for part, ls, what in parts:
+            res = report[part]["results"]
+            ax.plot([b["k"] for b in budgets], [res[b["label"]][method]["perplexity"] for b in budgets], ls,
+                    marker="o", ms=3, color=color, lw=2.2 if method == cahp else 1.0,
+                    label=f"{method} ({what})")
+    ax.axhline(report["dense"]["perplexity"], color="k", ls=":", lw=1, label="dense")
+    control = (report.get("finetuned") or {}).get("dense_control")
+    if control:
+        ax.axhline(control["perplexity"], color="k", ls="-.", lw=1, label="dense, fine-tuned (control)")
+    ax.set_xlabel(f"KV heads kept (of {report['kv_heads']})")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"{report['model']} / {report['task']} text: KV heads kept against perplexity", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+def plot_spearman(report: dict, path: Path) -> None:
+    """compare.png of an embedding comparison: test Spearman against heads kept, one line per method (after
+    distillation when it ran, without it dashed), the dense model as a horizontal line."""
+    parts = [("no_finetune", "--", "no distillation")]
+    if report.get("finetuned"):
+        parts.append(("finetuned", "-", "distilled"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = sorted(report["budgets"], key=lambda b: b["k"])
+    methods = list(report["no_finetune"]["results"][budgets[0]["label"]])
+    others = [f"C{j}" for j in range(10) if j != 3]  # C3 is CAHP's alone
+    for i, method in enumerate(methods):
+        color = "C3" if method == "cahp" else others[i % len(others)]
+        for part, ls, what in parts:
+            res = report[part]["results"]
+            ys = [res[b["label"]][method]["spearman"] * 100 for b in budgets]
+            ax.plot([b["k"] for b in budgets], ys, ls, marker="o", ms=3, color=color, label=f"{method} ({what})",
+                    lw=2.2 if method == "cahp" else 1.0)
+    ax.axhline(report["dense"]["spearman"] * 100, color="k", ls=":", lw=1, label="dense")
+    ax.set_xlabel("heads kept")
+    ax.set_ylabel("similarity task: test Spearman x 100")
+    ax.set_title(f"{report['model']} / {report['objective']}: heads kept against test Spearman")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
     _save(fig, path)
