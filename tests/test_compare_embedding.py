@@ -13,18 +13,17 @@ from scipy.stats import spearmanr
 from cahp.pipelines.compare import CompareConfig, run_compare
 from cahp.pipelines.compare_embedding import (
     EMBEDDING_METHODS,
-    LabelFreeFisher,
-    PairedSpearman,
     run_compare_embedding,
     versus_cahp,
 )
 from cahp.pipelines.embedding import SALIENCE_TARGET_NOISE, prepare_embedding
 from cahp.pipelines.stages import PruneConfig
 from cahp.selectors.base import HeadStats, check_mask
+from cahp.selectors.label_free import LabelFreeFisher
 from cahp.selectors.layer_drop import LayerDropSelector
 from cahp.selectors.registry import make_selector
 from cahp.train.finetune import FinetuneConfig
-from cahp.train.metrics import paired_bootstrap_metric
+from cahp.train.metrics import PairedSpearman, paired_bootstrap_metric
 from cahp.train.objectives import EmbeddingLoss
 
 from .test_embedding import lively_sentence_folder, task_folder

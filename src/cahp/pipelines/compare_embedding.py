@@ -10,8 +10,8 @@ drop, `cahp.selectors.layer_drop`); the labelled compare's default list stands
 for this default. Selectors whose statistics need a loss get the embedding
 loss: salience and the Fisher diagonal are the embedding pipeline's; the Fisher
 rearrangement's per-batch gate gradients are taken of the same noisy-target
-embedding loss as the salience pass (`LabelFreeFisher`). ``gradient-iterative``
-re-scores with the labelled loss and is refused.
+embedding loss as the salience pass (`cahp.selectors.label_free.LabelFreeFisher`).
+``gradient-iterative`` re-scores with the labelled loss and is refused.
 
 Budgets: CAHP's knee k* (its embedding curve and `find_k_star`, as `cahp prune`
 finds it) and ``--budgets`` shares of the heads. For each method, budget and
@@ -32,7 +32,7 @@ heads for every seed.
 
 Statistics, on the similarity task's test pairs (STS-B: the GLUE dev file):
 every system's Spearman is recomputed on the same bootstrap resamples of the
-pairs (`PairedSpearman`), so differences are paired.
+pairs (`cahp.train.metrics.PairedSpearman`), so differences are paired.
 
 - pooled (the verdict): the mean over seeds of the method's Spearman minus the
   mean over seeds of CAHP's, its 95% percentile interval over the resamples;
@@ -54,15 +54,14 @@ import copy
 import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from cahp.core import distributed
-from cahp.core.io import environment, write_atomic
+from cahp.core.io import environment
 from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
@@ -77,23 +76,23 @@ from cahp.pipelines.embedding import (
     prepare_embedding,
 )
 from cahp.pipelines.guard import output_folder
+from cahp.pipelines.plots import plot_spearman
 from cahp.pipelines.report import pooled_verdict_texts, verdict_text, write_compare_outputs
 from cahp.pipelines.stages import PruneConfig, cahp_selector, find_k_star, selector_settings
 from cahp.pipelines.verdicts import VERDICT_RULE, verdict
-from cahp.selectors.base import HeadSelector, SelectionContext, check_mask, require
+from cahp.selectors.base import HeadSelector, check_mask
 from cahp.selectors.fisher import FisherSearchSelector, fold_gates
+from cahp.selectors.label_free import LabelFreeFisher
 from cahp.selectors.registry import SELECTORS, make_selector
-from cahp.stats.fisher import BatchGateGradients
-from cahp.stats.salience import iter_gate_gradients
 from cahp.train.distill import distill
 from cahp.train.finetune import FinetuneConfig
-from cahp.train.metrics import bootstrap_indices
+from cahp.train.metrics import PairedSpearman
 from cahp.train.objectives import EmbeddingLoss, fidelity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMBEDDING_METHODS", "LABELLED_ONLY", "STATISTICS", "LabelFreeFisher", "PairedSpearman",
-           "render_markdown", "run_compare_embedding", "versus_cahp"]
+__all__ = ["EMBEDDING_METHODS", "LABELLED_ONLY", "STATISTICS", "render_markdown", "run_compare_embedding",
+           "versus_cahp"]
 
 #: The default methods of the embedding comparison (CAHP first).
 EMBEDDING_METHODS = ["cahp", "random", "magnitude", "gradient", "fisher", "entropy", "layer-drop"]
@@ -109,67 +108,6 @@ SCORE_BOOTSTRAP = 1000
 
 
 # --- statistics -----------------------------------------------------------------------------------------
-
-
-def _standardised_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, n) values -> (centred average ranks scaled to unit norm per row, whether the row is not constant).
-
-    Spearman is the Pearson correlation of average ranks (ties share their mean rank, as scipy ranks);
-    a constant row correlates 0 with anything, as `cahp.train.metrics` scores it.
-    """
-    r = rankdata(x, axis=-1)
-    r = r - r.mean(-1, keepdims=True)
-    norm = np.sqrt((r * r).sum(-1, keepdims=True))
-    varies = (x.max(-1) > x.min(-1)) & (norm[:, 0] > 0)
-    return r / np.where(norm > 0, norm, 1.0), varies
-
-
-class PairedSpearman:
-    """Spearman of any system's (pairs,) predictions on one fixed set of bootstrap resamples of the test pairs.
-
-    Every system is scored on the same ``n_bootstrap`` resamples (`cahp.train.metrics.bootstrap_indices` with
-    ``seed``, the stream `paired_bootstrap_metric` draws), so the difference of two systems' resampled values
-    is a paired bootstrap; the label side of each resample is ranked once here.
-
-    Args:
-        labels: (pairs,) human similarity scores.
-        n_bootstrap: resamples.
-        seed: seed of the resamples.
-    """
-
-    def __init__(self, labels, n_bootstrap: int, seed: int):
-        self.labels = np.asarray(labels, dtype=np.float64)
-        if self.labels.ndim != 1 or len(self.labels) < 2:
-            raise ValueError(f"a paired Spearman needs at least 2 scored pairs, got shape {self.labels.shape}")
-        if n_bootstrap < 1:
-            raise ValueError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
-        self.chunks = list(bootstrap_indices(len(self.labels), n_bootstrap, seed))
-        self.label_ranks = [_standardised_ranks(self.labels[idx]) for idx in self.chunks]
-        self._memo: dict[bytes, np.ndarray] = {}  # CAHP's predictions meet every other method's
-
-    def _check(self, preds) -> np.ndarray:
-        p = np.asarray(preds, dtype=np.float64)
-        if p.shape != self.labels.shape or not np.isfinite(p).all():
-            raise ValueError(f"predictions must be {len(self.labels)} finite values, got shape {p.shape}")
-        return p
-
-    def observed(self, preds) -> float:
-        """Spearman of (pairs,) predictions with the scores, on all pairs."""
-        p = self._check(preds)
-        (rp, ok_p), (ry, ok_y) = _standardised_ranks(p[None]), _standardised_ranks(self.labels[None])
-        return float(np.where(ok_p & ok_y, (rp * ry).sum(-1), 0.0)[0])
-
-    def resampled(self, preds) -> np.ndarray:
-        """(n_bootstrap,) Spearman of (pairs,) predictions on each resample, in the fixed resample order."""
-        p = self._check(preds)
-        if p.tobytes() in self._memo:
-            return self._memo[p.tobytes()]
-        out = []
-        for idx, (ry, ok_y) in zip(self.chunks, self.label_ranks):
-            rp, ok_p = _standardised_ranks(p[idx])
-            out.append(np.where(ok_p & ok_y, (rp * ry).sum(-1), 0.0))
-        self._memo[p.tobytes()] = np.concatenate(out)
-        return self._memo[p.tobytes()]
 
 
 def _summary(diff: float, boots: np.ndarray) -> dict:
@@ -207,39 +145,6 @@ def versus_cahp(boot: PairedSpearman, method: list, cahp: list, seeds: list | No
         per_seed.append(r)
     counts = {v: sum(r["verdict"] == v for r in per_seed) for v in ("win", "tie", "loss")}
     return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
-
-
-# --- the Fisher baseline without labels -----------------------------------------------------------------
-
-
-@dataclass
-class LabelFreeFisher(FisherSearchSelector):
-    """The registry's Fisher selector (Kwon et al.), its rearrangement's per-batch gate gradients taken of
-    ``loss_fn`` (the embedding loss) instead of the labelled loss, which needs labels the texts do not have.
-
-    ``loss_fn`` is the salience pass's noisy-target embedding loss, so the block Fisher matrices and the
-    Fisher diagonal of the search (``stats.fisher``) come from the same gradients. Its settings are the
-    registered selector's: the loss is part of the run's cache keys (the salience key).
-    """
-
-    loss_fn: object = field(default=None, repr=False, compare=False)
-
-    def batch_gradients(self, ctx: SelectionContext) -> torch.Tensor:
-        """(B, L, H) per-batch gate gradients of ``loss_fn`` on ``ctx.batches``, cached for the model and
-        batches last seen."""
-        model = require(ctx, "model", "Fisher rearrangement")
-        batches = require(ctx, "batches", "Fisher rearrangement")
-        if self.loss_fn is None:
-            raise ValueError("LabelFreeFisher needs loss_fn (the embedding loss)")
-        cache = self._grads
-        if not (cache and cache["model"] is model and cache["batches"] is batches):
-            acc = BatchGateGradients()
-            for grad in iter_gate_gradients(model, batches, progress=False, desc="gate gradients",
-                                            loss_fn=self.loss_fn):
-                acc.add_batch(grad)
-            cache.clear()
-            cache.update(model=model, batches=batches, grads=acc.result())
-        return cache["grads"]
 
 
 # --- the comparison -------------------------------------------------------------------------------------
@@ -633,38 +538,3 @@ def render_markdown(report: dict) -> str:
     lines.append("\nVerdicts are CAHP's (win: CAHP better). The dense row's difference is dense minus CAHP.")
     return "\n".join(lines) + "\n"
 
-
-def plot_spearman(report: dict, path: Path) -> None:
-    """compare.png: test Spearman against heads kept, one line per method (after distillation when it ran,
-    without it dashed), the dense model as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    parts = [("no_finetune", "--", "no distillation")]
-    if report.get("finetuned"):
-        parts.append(("finetuned", "-", "distilled"))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    budgets = sorted(report["budgets"], key=lambda b: b["k"])
-    methods = list(report["no_finetune"]["results"][budgets[0]["label"]])
-    others = [f"C{j}" for j in range(10) if j != 3]  # C3 is CAHP's alone
-    for i, method in enumerate(methods):
-        color = "C3" if method == "cahp" else others[i % len(others)]
-        for part, ls, what in parts:
-            res = report[part]["results"]
-            ys = [res[b["label"]][method]["spearman"] * 100 for b in budgets]
-            ax.plot([b["k"] for b in budgets], ys, ls, marker="o", ms=3, color=color, label=f"{method} ({what})",
-                    lw=2.2 if method == "cahp" else 1.0)
-    ax.axhline(report["dense"]["spearman"] * 100, color="k", ls=":", lw=1, label="dense")
-    ax.set_xlabel("heads kept")
-    ax.set_ylabel("similarity task: test Spearman x 100")
-    ax.set_title(f"{report['model']} / {report['objective']}: heads kept against test Spearman")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())

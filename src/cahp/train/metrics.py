@@ -3,7 +3,7 @@
 Classification: accuracy, macro-F1, binary F1 (F1 of class id 1, two classes only), Matthews correlation
 (multi-class by Gorodkin's R_K, as sklearn computes it). Regression: Pearson and Spearman correlation (and
 MSE). Every score also carries its constant baseline: the majority class of the scored labels, or their
-mean for regression.
+mean for regression. `PairedSpearman` scores many systems' Spearman on one fixed set of resamples.
 
 Conventions: a class with no true and no predicted example has F1 0, a correlation with a constant
 side is 0 (sklearn's choices for F1 and Matthews), so no metric is ever NaN.
@@ -25,6 +25,7 @@ __all__ = [
     "METRICS",
     "REGRESSION_METRICS",
     "MetricError",
+    "PairedSpearman",
     "bootstrap_indices",
     "default_metric",
     "macro_f1",
@@ -311,3 +312,67 @@ def paired_bootstrap_metric(
         [value(pa[idx], y[idx]) - value(pb[idx], y[idx]) for idx in bootstrap_indices(len(y), n_bootstrap, seed)]
     )
     return _paired_summary(float(value(pa, y) - value(pb, y)), boots)
+
+
+# ------------------------------------------------------------------------------------ paired Spearman
+
+
+def _standardised_ranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, n) values -> (centred average ranks scaled to unit norm per row, whether the row is not constant).
+
+    Spearman is the Pearson correlation of average ranks (ties share their mean rank, as scipy ranks);
+    a constant row correlates 0 with anything, as `_pearson` scores it.
+    """
+    r = rankdata(x, axis=-1)
+    r = r - r.mean(-1, keepdims=True)
+    norm = np.sqrt((r * r).sum(-1, keepdims=True))
+    varies = (x.max(-1) > x.min(-1)) & (norm[:, 0] > 0)
+    return r / np.where(norm > 0, norm, 1.0), varies
+
+
+class PairedSpearman:
+    """Spearman of any system's (pairs,) predictions on one fixed set of bootstrap resamples of the test pairs.
+
+    Every system is scored on the same ``n_bootstrap`` resamples (`bootstrap_indices` with ``seed``, the
+    stream `paired_bootstrap_metric` draws), so the difference of two systems' resampled values is a paired
+    bootstrap; the label side of each resample is ranked once here.
+
+    Args:
+        labels: (pairs,) human similarity scores.
+        n_bootstrap: resamples.
+        seed: seed of the resamples.
+    """
+
+    def __init__(self, labels, n_bootstrap: int, seed: int):
+        self.labels = np.asarray(labels, dtype=np.float64)
+        if self.labels.ndim != 1 or len(self.labels) < 2:
+            raise ValueError(f"a paired Spearman needs at least 2 scored pairs, got shape {self.labels.shape}")
+        if n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
+        self.chunks = list(bootstrap_indices(len(self.labels), n_bootstrap, seed))
+        self.label_ranks = [_standardised_ranks(self.labels[idx]) for idx in self.chunks]
+        self._memo: dict[bytes, np.ndarray] = {}  # CAHP's predictions meet every other method's
+
+    def _check(self, preds) -> np.ndarray:
+        p = np.asarray(preds, dtype=np.float64)
+        if p.shape != self.labels.shape or not np.isfinite(p).all():
+            raise ValueError(f"predictions must be {len(self.labels)} finite values, got shape {p.shape}")
+        return p
+
+    def observed(self, preds) -> float:
+        """Spearman of (pairs,) predictions with the scores, on all pairs."""
+        p = self._check(preds)
+        (rp, ok_p), (ry, ok_y) = _standardised_ranks(p[None]), _standardised_ranks(self.labels[None])
+        return float(np.where(ok_p & ok_y, (rp * ry).sum(-1), 0.0)[0])
+
+    def resampled(self, preds) -> np.ndarray:
+        """(n_bootstrap,) Spearman of (pairs,) predictions on each resample, in the fixed resample order."""
+        p = self._check(preds)
+        if p.tobytes() in self._memo:
+            return self._memo[p.tobytes()]
+        out = []
+        for idx, (ry, ok_y) in zip(self.chunks, self.label_ranks):
+            rp, ok_p = _standardised_ranks(p[idx])
+            out.append(np.where(ok_p & ok_y, (rp * ry).sum(-1), 0.0))
+        self._memo[p.tobytes()] = np.concatenate(out)
+        return self._memo[p.tobytes()]
