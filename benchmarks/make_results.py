@@ -81,6 +81,12 @@ SECTIONS = [
     ("decoder_smollm2_mnli_small", "bench_decoder",
      "Generative decoder: SmolLM2-135M on mnli-small text, CAHP over KV groups against the baselines, KV cache and "
      "decode speed (issue 23)"),
+    ("embedding_minilm_stsb", "bench_embedding",
+     "Embedding model without labels: minilm-l6 distilled on SST-5 + mnli-small sentences, zero-shot on STS-B test, "
+     "CAHP against the baselines and measured throughput (issue 22)"),
+    ("embedding_mpnet_stsb", "bench_embedding",
+     "Embedding model without labels: mpnet-base distilled on SST-5 + mnli-small sentences, zero-shot on STS-B test, "
+     "CAHP against the baselines and measured throughput (issue 22)"),
     ("distributed", "bench_distributed", "One process against torchrun (issue 5)"),
     ("deploy_minilm_sst5", "bench_deploy",
      "Deployment: minilm-l6 / SST-5 pruned, in PyTorch, ONNX and int8 ONNX against dense PyTorch (issue 20)"),

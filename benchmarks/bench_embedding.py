@@ -1,0 +1,357 @@
+"""Embedding models pruned without labels (issue 22): `cahp compare --objective embedding`, zero-shot on STS-B.
+
+    python benchmarks/bench_embedding.py minilm_stsb                               # defaults (hours on a CPU)
+    python benchmarks/bench_embedding.py minilm_stsb --seeds 1 --methods cahp random --budgets 0.5 \\
+        --epochs 1 --max-train-examples 2000 --throughput-seconds 2               # cheaper
+    python benchmarks/bench_embedding.py mpnet_stsb --seeds 1
+
+Runs `cahp.pipelines.compare_embedding.run_compare_embedding` for a
+sentence-transformers model (``minilm-l6``: all-MiniLM-L6-v2, ``mpnet-base``:
+all-mpnet-base-v2): CAHP and the baselines select heads without labels, each
+selection is distilled once on unlabeled sentences (the same distillation for
+every method), and every model is scored zero-shot on STS-B test (the GLUE dev
+file): Spearman of the cosine of each pair's embeddings, paired bootstraps
+over the test pairs.
+
+Texts: the training sentences of SST-5 and of mnli-small (premises and
+hypotheses), labels ignored, read in place from the data folder
+(``../shared/data`` or ``--data-dir``). `text_union` joins them in a fixed
+order (SST-5 first, each task's file order, each sentence once) and drops
+every sentence that also occurs in any split of the similarity task (STS-B),
+compared after case folding and whitespace normalisation, so no STS-B sentence
+is distilled on, calibrated on or held out. The pipeline takes one text file,
+so `write_texts` writes the union into the run folder as a derived file,
+``texts-<sha256 of its content, 16 hex>.jsonl`` (one JSON string a line,
+atomically): it is rebuilt from the data sets on every run and never committed
+(``runs/`` is git-ignored).
+
+The run folder is ``runs/bench/embedding-MODEL-sst5+mnli-small`` under the
+repository (or ``--output-dir``): texts, dense targets, signatures, salience,
+CAHP's curve, every (method, budget, seed) result and the throughput are
+cached there, so an interrupted benchmark resumes.
+
+Throughput (the compare itself measures none): `encoding_throughput` times the
+dense encoder against CAHP's selection at every budget, interleaved, on the
+run's held-out sentences (1 and 2 threads, batch 32 and 1). CAHP's pruned
+encoder is the dense one after surgery to CAHP's kept heads; its distilled
+weights have the same shapes, so the timing is the same. Writes
+``results/embedding_<configuration>.json`` (or ``--result-name``): the compare
+report, the throughput, the texts' provenance, the bench settings and the
+provenance of the run; `render` turns it into RESULTS.md's section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
+from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
+from cahp.core.io import machine_label, write_atomic  # noqa: E402
+from cahp.data.tasks import get_task  # noqa: E402
+from cahp.data.text import task_texts, unique_texts  # noqa: E402
+from cahp.model.surgery import count_parameters, keep_heads  # noqa: E402
+from cahp.pipelines.cache import StageCache  # noqa: E402
+from cahp.pipelines.compare import CompareConfig  # noqa: E402
+from cahp.pipelines.compare_embedding import EMBEDDING_METHODS, render_markdown, run_compare_embedding  # noqa: E402
+from cahp.pipelines.embedding import prepare_embedding  # noqa: E402
+from cahp.pipelines.embedding_eval import THROUGHPUT, encoding_throughput, load_similarity_task  # noqa: E402
+from cahp.pipelines.stages import PruneConfig  # noqa: E402
+from cahp.train.finetune import FinetuneConfig  # noqa: E402
+
+log = logging.getLogger("bench_embedding")
+
+# configuration name -> (model, tasks whose training sentences are distilled on, similarity task);
+# results/embedding_<name>.json
+CONFIGS = {
+    "minilm_stsb": ("minilm-l6", ("sst5", "mnli-small"), "stsb"),
+    "mpnet_stsb": ("mpnet-base", ("sst5", "mnli-small"), "stsb"),
+}
+#: The issue's goals: CAHP at its knee within this many Spearman points (x 100) of the dense model ...
+SPEARMAN_BOUND = 1.0
+#: ... and at least this much faster in measured throughput (heads only).
+SPEEDUP_GOAL = 1.5
+#: The throughput measurement the speed goal is read from (1 thread, batch 32), when it was measured.
+HEADLINE = "t1_b32"
+
+
+# --- texts ----------------------------------------------------------------------------------------------
+
+
+def _norm(text: str) -> str:
+    """The form sentences are compared in for the STS-B exclusion: whitespace collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def text_union(tasks, similarity_task: str, data_dir: str = "") -> tuple[list[str], dict]:
+    """The unique training texts of ``tasks`` (labels ignored), minus every sentence of ``similarity_task``.
+
+    Args:
+        tasks: task names (built-in or folders); their training splits are read in place, in this order,
+            both sides of a sentence pair each on its own (`cahp.data.text.task_texts`).
+        similarity_task: the task scored zero-shot (stsb); no sentence of any of its splits is kept.
+        data_dir: the data folder ("" for the default, ../shared/data).
+
+    Returns:
+        (texts in a fixed order: each task's file order, each text once at its first occurrence;
+        ``{"sources": {task: unique texts}, "union", "similarity_task", "similarity_sentences",
+        "excluded_similarity_sentences", "texts"}``).
+    """
+    per_task = {}
+    for name in tasks:
+        task = get_task(name, data_dir=data_dir or None)
+        per_task[task.name] = task_texts(task)
+    union = unique_texts(t for texts in per_task.values() for t in texts)
+    sim = load_similarity_task(similarity_task, data_dir or None)
+    banned = {_norm(s) for split in sim.splits for ex in sim.load(split)
+              for s in (ex.text, ex.text_pair) if s is not None}
+    texts = [t for t in union if _norm(t) not in banned]
+    info = {"sources": {k: len(v) for k, v in per_task.items()}, "union": len(union), "similarity_task": sim.name,
+            "similarity_sentences": len(banned), "excluded_similarity_sentences": len(union) - len(texts),
+            "texts": len(texts)}
+    log.info("%d unique texts from %s; %d of them also in %s (dropped); %d texts kept", len(union),
+             " + ".join(per_task), info["excluded_similarity_sentences"], sim.name, len(texts))
+    return texts, info
+
+
+def write_texts(texts: list[str], folder: Path) -> Path:
+    """``folder/texts-<sha256[:16]>.jsonl``: one JSON string a line, written atomically unless it exists
+    (its name is its content's hash, so an existing file holds these texts)."""
+    data = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
+    path = Path(folder) / f"texts-{hashlib.sha256(data).hexdigest()[:16]}.jsonl"
+    if not path.is_file():
+        write_atomic(path, data)
+    return path
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+def settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, CompareConfig, dict]:
+    """The run's settings from the configuration and the options (the text file is set by `run`)."""
+    model, tasks, similarity = CONFIGS[name]
+    out = Path(args.output_dir) if args.output_dir else REPO / "runs" / "bench" / f"embedding-{model}-{'+'.join(tasks)}"
+    cfg = PruneConfig(model=model, task="+".join(tasks), output_dir=str(out), data_dir=args.data_dir or "",
+                      objective=args.objective, similarity_task=similarity,
+                      calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
+                      stats_batch_size=args.stats_batch_size, seed=args.seed)
+    ft = dataclasses.replace(from_args(FinetuneConfig, args), seed=args.seed)
+    timing = {"threads": list(args.throughput_threads), "budget_s": args.throughput_seconds}
+    return cfg, ft, from_args(CompareConfig, args), timing
+
+
+def run(name: str, args) -> Path:
+    """Texts, the comparison, the throughput of CAHP's selections; writes and returns the results file."""
+    cfg, ft, ccfg, timing = settings(name, args)
+    _, tasks, similarity = CONFIGS[name]
+    texts, texts_info = text_union(tasks, similarity, cfg.data_dir)
+    out = Path(cfg.output_dir)
+    cfg.text_file = str(write_texts(texts, out))
+    texts_info["file"] = cfg.text_file
+    result = run_compare_embedding(cfg, ft, ccfg, progress=not args.quiet)
+    report = dict(result.report)
+    report["configuration"] = name
+    report["output_dir"] = cfg.output_dir
+    report["texts_union"] = texts_info
+    report["throughput"] = measure_throughput(cfg, ft, report, timing, progress=not args.quiet)
+    report["bench_settings"] = {"prune": asdict(cfg), "distillation": asdict(ft), "compare": asdict(ccfg),
+                                "throughput": timing}
+    path = write_result(args.result_name or f"embedding_{name}", report, metadata())
+    for line in goal_lines(report):
+        log.info("%s", line)
+    return path
+
+
+def measure_throughput(cfg: PruneConfig, ft: FinetuneConfig, report: dict, timing: dict,
+                       progress: bool = True) -> dict | None:
+    """Sentences per second of the dense encoder and of CAHP's selection at every budget, interleaved
+    (`encoding_throughput`, cached in ``OUTPUT/bench`` per machine); None with ``timing["budget_s"]`` 0."""
+    if timing["budget_s"] <= 0:
+        return None
+    part = report["finetuned"] or report["no_finetune"]
+    kept = {b["label"]: part["results"][b["label"]]["cahp"]["kept"] for b in report["budgets"]}
+    config = {**THROUGHPUT, **timing}
+    key = {"texts": cfg.text_file, "model": cfg.model, "seed": cfg.seed, "kept": kept, "config": config,
+           "machine": machine_label()}
+
+    def compute() -> dict:
+        # the compare's own prepared run (every stage cached): the dense encoder and the held-out sentences
+        run = prepare_embedding(cfg, ft, Path(cfg.output_dir), progress)
+        models, shapes = {"dense": run.model}, {"dense": {"heads": run.stats.n,
+                                                          "parameters": count_parameters(run.model)}}
+        for label, heads in kept.items():
+            pruned = copy.deepcopy(run.model)
+            keep_heads(pruned, {int(layer): hs for layer, hs in heads.items()})
+            models[label] = pruned
+            shapes[label] = {"heads": sum(len(hs) for hs in heads.values()), "parameters": count_parameters(pruned)}
+        max_len = (run.settings.get("sentence_bert_config") or {}).get("max_seq_length") or ft.max_length
+        return {"models": shapes, "config": config, "machine": machine_label(),
+                "measurements": encoding_throughput(models, run.tokenizer, run.curve_texts, run.settings, max_len,
+                                                    cfg.seed, config)}
+
+    data = StageCache(Path(cfg.output_dir) / "bench").get_or_compute("throughput", key, compute)
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+# --- the goals in words ---------------------------------------------------------------------------------
+
+
+def _pts(x: float) -> str:
+    return f"{x * 100:.2f}"
+
+
+def _bound_verdict(diff: float, ci: list | None, bound: float) -> str:
+    """Whether dense - CAHP (Spearman x 100) stays within ``bound``: by the point and by the 95% interval."""
+    point = "within" if diff <= bound else "beyond"
+    if ci is None:
+        return f"{point} the {bound:.1f}-point bound"
+    where = "wholly within" if ci[1] <= bound else "wholly beyond" if ci[0] > bound else "across"
+    return f"{point} the {bound:.1f}-point bound; its 95% interval lies {where} it"
+
+
+def goal_lines(report: dict) -> list[str]:
+    """Plain-language lines on issue 22's goals: CAHP's knee, dense against CAHP's test Spearman at every
+    budget (the difference against the 1.0-point bound with its paired interval), the measured throughput
+    ratio against 1.5x, and per budget CAHP's win / tie / loss counts against the baselines."""
+    fine = report.get("finetuned")
+    part = fine or report["no_finetune"]
+    when = "after distillation" if fine else "without distillation"
+    dense, heads = report["dense"], report["heads"]
+    speed = report.get("throughput")
+    seeds = report["settings"]["seeds"]
+    lines = [f"{report['model']}: CAHP's knee k* = {report['k_star']} of {heads} heads (on {report['knee_score']}); "
+             f"{report['similarity_task']} test ({report['data'].get('similarity_test_pairs')} pairs), zero-shot, "
+             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}, heads only"]
+    for b in report["budgets"]:
+        label, cahp = b["label"], part["results"][b["label"]]["cahp"]
+        dv = dense["vs_cahp"][label]["pooled"]  # dense minus CAHP, paired over the test pairs
+        diff, ci = dv["diff"] * 100, [x * 100 for x in dv["ci95"]]
+        line = (f"{label} ({b['k']} of {heads} heads), {when}: test Spearman dense {_pts(dense['spearman'])}, "
+                f"CAHP {_pts(cahp['spearman'])}; dense - CAHP {diff:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] points, "
+                + _bound_verdict(diff, ci, SPEARMAN_BOUND))
+        lines.append(line)
+        if speed and label in speed["models"]:
+            lines.append("  " + _speed_line(speed, label))
+    for b in report["budgets"]:
+        per = part["results"][b["label"]]
+        rivals = {m: s["vs_cahp"] for m, s in per.items() if s.get("vs_cahp")}
+        counts = {v: sum(1 for c in rivals.values() if c["pooled"]["verdict"] == v) for v in ("win", "tie", "loss")}
+        lines.append(f"{b['label']} ({b['k']} of {heads} heads), {when}: CAHP wins {counts['win']}, ties "
+                     f"{counts['tie']}, loses {counts['loss']} against the {len(rivals)} baselines")
+        for m, c in rivals.items():
+            p, ps = c["pooled"], c["per_seed_verdicts"]
+            lines.append(f"  {m}: {p['verdict']}, {m} - CAHP {p['diff'] * 100:+.2f} [{p['ci95'][0] * 100:+.2f}, "
+                         f"{p['ci95'][1] * 100:+.2f}] points; per seed win / tie / loss "
+                         f"{ps['win']} / {ps['tie']} / {ps['loss']}")
+    return lines
+
+
+def _speed_line(speed: dict, label: str) -> str:
+    """CAHP's measured throughput ratio at one budget against the 1.5x goal, at the headline setting first."""
+    meas = speed["measurements"]
+    order = [HEADLINE, *(c for c in meas if c != HEADLINE)] if HEADLINE in meas else list(meas)
+    first = meas[order[0]]
+    ratio = first["speedup"][label]
+    line = (f"measured throughput at {_combo(order[0])}: {first[label]['sentences_per_s']:.1f} against "
+            f"{first['dense']['sentences_per_s']:.1f} sentences/s, x{ratio:.2f} (median of per-repetition ratios "
+            f"over {first['reps']} repetitions, no interval), {'at least' if ratio >= SPEEDUP_GOAL else 'below'} "
+            f"the {SPEEDUP_GOAL:g}x goal")
+    rest = [f"{_combo(c)} x{meas[c]['speedup'][label]:.2f}" for c in order[1:]]
+    return line + (f"; {', '.join(rest)}" if rest else "")
+
+
+def _combo(name: str) -> str:
+    """"t1_b32" -> "1 thread, batch 32"."""
+    threads, batch = name[1:].split("_b")
+    return f"{threads} thread{'s' if threads != '1' else ''}, batch {batch}"
+
+
+def render(result: dict) -> str:
+    """Markdown from a results/embedding_*.json file: provenance, the texts, the goals in plain words, the
+    throughput table and the compare tables."""
+    body = render_markdown(result).splitlines()
+    # drop the document title; nest the sections under make_results' section heading
+    body = [("#" + line if line.startswith("## ") else line) for line in body[1:]]
+    tu = result["texts_union"]
+    sources = " + ".join(f"{k} ({v:,})" for k, v in tu["sources"].items())
+    texts = (f"- distillation texts: the training sentences of {sources}, labels ignored: {tu['union']:,} unique, "
+             f"{tu['excluded_similarity_sentences']} of them also in "
+             f"{tu['similarity_task']} and dropped, {tu['texts']:,} used "
+             f"({result['data']['train_texts']:,} distilled on, {result['data']['calibration_texts']:,} calibration, "
+             f"{result['data']['curve_texts']:,} held out)\n")
+    goals = "\n".join(f"- {line.strip()}" for line in goal_lines(result))
+    return (meta_lines(result["meta"]) + texts + "\n" + goals + "\n" + _speed_table(result.get("throughput"))
+            + "\n".join(body).strip("\n") + "\n")
+
+
+def _speed_table(speed: dict | None) -> str:
+    """The throughput of every measured model, sentences/s per setting, and its ratio to dense."""
+    if not speed:
+        return ""
+    meas = speed["measurements"]
+    lines = ["", f"### Measured throughput (sentences/s; {speed['machine']})", "",
+             "| model | heads | parameters | " + " | ".join(_combo(c) for c in meas) + " |",
+             "|---|---|---|" + "---|" * len(meas)]
+    for name, shape in speed["models"].items():
+        cells = [f"{meas[c][name]['sentences_per_s']:.1f}" + ("" if name == "dense" else
+                                                              f" (x{meas[c]['speedup'][name]:.2f})") for c in meas]
+        lines.append(f"| {'dense' if name == 'dense' else 'CAHP ' + name} | {shape['heads']} | "
+                     f"{shape['parameters']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", choices=list(CONFIGS), help="named configurations to run, in order")
+    # --methods (default: the embedding comparison's), --budgets, --seeds, --[no-]knee, --[no-]finetune,
+    # --n-bootstrap; the dense model is the teacher (no dense control), heads only (no speedups)
+    add_dataclass_args(p.add_argument_group("comparison"), CompareConfig(methods=list(EMBEDDING_METHODS)),
+                       skip=("dense_control", "speedups"))
+    # --epochs, --lr, --batch-size, --max-length, --patience, --max-train-examples (texts distilled on), ...
+    add_dataclass_args(p.add_argument_group("distillation"), FinetuneConfig, skip=("seed", "metric"))
+    p.add_argument("--objective", default="embedding", choices=["embedding", "embedding-mse"],
+                   help="embedding distance: cosine (embedding) or squared error (embedding-mse)")
+    p.add_argument("--calibration-examples", type=int, default=PruneConfig.calibration_examples,
+                   help="texts for signatures and salience")
+    p.add_argument("--curve-examples", type=int, default=PruneConfig.curve_examples,
+                   help="texts held out for the curve, the distillation's early stopping and the throughput")
+    p.add_argument("--stats-batch-size", type=int, default=PruneConfig.stats_batch_size,
+                   help="texts per batch of the statistics passes")
+    p.add_argument("--throughput-seconds", type=float, default=THROUGHPUT["budget_s"],
+                   help="seconds of interleaved repetitions per throughput setting (0: no throughput)")
+    p.add_argument("--throughput-threads", type=int, nargs="+", default=list(THROUGHPUT["threads"]),
+                   help="torch threads of the throughput measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/bench/embedding-MODEL-TASKS); "
+                                                      "only with a single configuration")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $CAHP_DATA_DIR or ../shared/data)")
+    p.add_argument("--result-name", default=None,
+                   help="results/NAME.json instead of results/embedding_CONFIGURATION.json (an absolute path: "
+                        "PATH.json, outside results/); one configuration")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = build_parser()
+    args = p.parse_args()
+    if (args.output_dir or args.result_name) and len(args.configs) > 1:
+        p.error("--output-dir and --result-name take a single configuration")
+    for name in args.configs:
+        log.info("wrote %s", run(name, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""benchmarks/bench_embedding.py (issue 22): the text union, the run end to end on a tiny model, its goal lines."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from benchmarks import bench_embedding, make_results
+
+from cahp.data.folder import resolve_data_dir
+from cahp.data.text import read_text_file
+from cahp.pipelines.embedding_eval import THROUGHPUT
+
+from .test_embedding import _jsonl, lively_sentence_folder, task_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def quick_throughput(monkeypatch):
+    """Throughput on a few sentences: the test checks its bookkeeping, not the speed."""
+    monkeypatch.setitem(THROUGHPUT, "sentences", {32: 16, 1: 3})
+
+
+def _texts_folder(folder, texts, pairs=None):
+    """A user task of single texts (or sentence pairs with float scores) in train/dev/test .jsonl."""
+    folder.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        rows = ([{"text": t, "label": i % 2} for i, t in enumerate(texts)] if pairs is None
+                else [{"text": a, "text_pair": b, "label": 1.0 + i} for i, (a, b) in enumerate(pairs[split])])
+        _jsonl(folder / f"{split}.jsonl", rows)
+    return str(folder)
+
+
+def test_text_union_is_deduplicated_ordered_and_free_of_similarity_sentences(tmp_path):
+    a = _texts_folder(tmp_path / "a", ["w1 w2", "w3 w4", "w1 w2", "shared one", "  w5  "])
+    b = _texts_folder(tmp_path / "b", ["w3 w4", "Shared  ONE", "w6", "w7 w8"])
+    sim = _texts_folder(tmp_path / "sim", [], pairs={"train": [("w7 w8", "x1"), ("x5", "x6")], "dev": [("x2", "x3")],
+                                                     "test": [("x4", "shared one")]})
+    texts, info = bench_embedding.text_union([a, b], sim)
+    # first-seen order over the tasks in order; "shared one" (test side) and "w7 w8" (train) are STS sentences,
+    # "Shared  ONE" is the same sentence after case folding and whitespace normalisation
+    assert texts == ["w1 w2", "w3 w4", "w5", "w6"]
+    assert info["union"] == 7 and info["excluded_similarity_sentences"] == 3 and info["texts"] == 4
+    assert info["similarity_sentences"] == 8 and list(info["sources"].values()) == [4, 4]
+    again, _ = bench_embedding.text_union([a, b], sim)
+    assert again == texts
+    path = bench_embedding.write_texts(texts, tmp_path / "run")
+    assert re.fullmatch(r"texts-[0-9a-f]{16}\.jsonl", path.name)
+    assert read_text_file(path) == texts and bench_embedding.write_texts(again, tmp_path / "run") == path
+    assert bench_embedding.write_texts(texts[::-1], tmp_path / "run") != path  # order is part of the content
+    assert [p.name for p in (tmp_path / "run").iterdir()].count(path.name) == 1
+
+
+@pytest.mark.skipif(resolve_data_dir() is None or not (resolve_data_dir() / "glue" / "STS-B").is_dir(),
+                    reason="needs ../shared/data (SST-5, MNLI, STS-B)")
+def test_the_real_text_union_holds_no_stsb_sentence():
+    from cahp.data.tasks import get_task
+
+    texts, info = bench_embedding.text_union(("sst5", "mnli-small"), "stsb")
+    stsb = get_task("stsb")
+    banned = {bench_embedding._norm(s) for split in stsb.splits for ex in stsb.load(split)
+              for s in (ex.text, ex.text_pair)}
+    assert not any(bench_embedding._norm(t) in banned for t in texts)
+    assert len(set(texts)) == len(texts) == info["texts"] > 8000  # SST-5's 8,544 training sentences and more
+    assert info["sources"]["sst5"] == len({ex.text for ex in get_task("sst5").load("train")})  # 10 repeats
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    folder = lively_sentence_folder(tmp_path / "st")
+    tasks = (str(task_folder(tmp_path / "t1")), str(task_folder(tmp_path / "t2", seed=2)))
+    sim = str(task_folder(tmp_path / "sim", pairs=True, seed=1))
+    monkeypatch.setitem(bench_embedding.CONFIGS, "tiny", (str(folder), tasks, sim))
+    args = bench_embedding.build_parser().parse_args(
+        ["tiny", "--methods", "cahp", "random", "fisher", "--budgets", "0.5", "--seeds", "2", "--n-bootstrap", "200",
+         "--epochs", "1", "--lr", "2e-3", "--batch-size", "16", "--max-length", "16", "--max-train-examples", "40",
+         "--calibration-examples", "32", "--curve-examples", "24", "--stats-batch-size", "16",
+         "--throughput-seconds", "0.01", "--throughput-threads", "1", "--output-dir", str(tmp_path / "run"),
+         "--result-name", str(tmp_path / "result"), "--quiet"])
+    path = bench_embedding.run("tiny", args)
+    assert path == tmp_path / "result.json"
+    r = json.loads(path.read_text())
+    assert r["configuration"] == "tiny" and r["meta"]["git_revision"]
+    assert r["texts"] == r["texts_union"]["file"] and r["texts_union"]["file"].startswith(str(tmp_path / "run"))
+    assert r["bench_settings"]["distillation"]["max_train_examples"] == 40
+    assert r["settings"]["seeds"] == [0, 1] and r["settings"]["methods_run"] == ["cahp", "random", "fisher"]
+    # throughput: dense against CAHP's selection at each budget, at the options' one thread
+    speed = r["throughput"]
+    assert list(speed["measurements"]) == ["t1_b32", "t1_b1"] and list(speed["models"]) == ["dense", "k*", "50%"]
+    assert speed["models"]["50%"]["heads"] == 6 and speed["models"]["dense"]["heads"] == 12
+
+    lines = bench_embedding.goal_lines(r)
+    assert lines[0].startswith(f"{folder}: CAHP's knee k* = {r['k_star']} of 12 heads")
+    fine, dense = r["finetuned"]["results"], r["dense"]
+    for b in r["budgets"]:
+        label = b["label"]
+        dv = dense["vs_cahp"][label]["pooled"]
+        want = (f"{label} ({b['k']} of 12 heads), after distillation: test Spearman dense "
+                f"{dense['spearman'] * 100:.2f}, CAHP {fine[label]['cahp']['spearman'] * 100:.2f}; dense - CAHP "
+                f"{dv['diff'] * 100:+.2f} [{dv['ci95'][0] * 100:+.2f}, {dv['ci95'][1] * 100:+.2f}] points, ")
+        line = next(x for x in lines if x.startswith(want))
+        assert ("within the 1.0-point bound" in line) == (dv["diff"] * 100 <= 1.0)
+        ratio = speed["measurements"]["t1_b32"]["speedup"][label]
+        assert "  measured throughput at 1 thread, batch 32: " in lines[lines.index(line) + 1]
+        assert f"x{ratio:.2f} (median" in lines[lines.index(line) + 1]
+        verdicts = [fine[label][m]["vs_cahp"]["pooled"]["verdict"] for m in ("random", "fisher")]
+        counts = [verdicts.count(v) for v in ("win", "tie", "loss")]
+        assert (f"{label} ({b['k']} of 12 heads), after distillation: CAHP wins {counts[0]}, ties {counts[1]}, "
+                f"loses {counts[2]} against the 2 baselines") in lines
+        per = fine[label]["random"]["vs_cahp"]["per_seed_verdicts"]
+        assert any(x.startswith(f"  random: {verdicts[0]}, random - CAHP ") and x.endswith(
+            f"per seed win / tie / loss {per['win']} / {per['tie']} / {per['loss']}") for x in lines)
+
+    text = bench_embedding.render(r)
+    assert "### k*:" in text and "### 50%: 6 of 12 heads" in text and "### Measured throughput" in text
+    assert "| CAHP 50% | 6 |" in text and "- distillation texts: the training sentences of " in text
+    assert f"{r['texts_union']['texts']:,} used ({r['data']['train_texts']:,} distilled on" in text
+    assert all(f"- {line.strip()}" in text for line in lines)
+
+    # a re-run reads every result from the run folder's caches, the throughput too
+    again = json.loads(bench_embedding.run("tiny", args).read_text())
+    assert again["timings"]["results_computed"] == 0 and again["throughput"] == speed
+    # without timing, no throughput: the goal lines say nothing of speed
+    args.throughput_seconds = 0
+    quiet = json.loads(bench_embedding.run("tiny", args).read_text())
+    assert quiet["throughput"] is None and not any("throughput" in x for x in bench_embedding.goal_lines(quiet))
+    assert "Measured throughput" not in bench_embedding.render(quiet)
+
+
+def test_results_sections_name_both_configurations():
+    sections = {s: (m, t) for s, m, t in make_results.SECTIONS}
+    for name in bench_embedding.CONFIGS:
+        module, title = sections[f"embedding_{name}"]
+        assert module == "bench_embedding" and title.endswith("(issue 22)")
