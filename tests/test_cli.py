@@ -67,3 +67,32 @@ def test_finetune_evaluate_prune_real_minilm(tmp_path):
     assert r["parameters"]["before"] - r["parameters"]["after"] == 36 * (3 * (32 * 384 + 32) + 384 * 32)
     for name in ("curve.png", "heads.png", "distances.png", "log.txt"):
         assert (pr / name).is_file()
+
+
+def test_prefixed_dataclass_options_parse_back_without_clashing():
+    """`add_dataclass_args(prefix=...)` names the options --prefix-field and `from_args` reads them back, beside
+    another config's field of the same name (here n_bootstrap, in CompareConfig and DecodeTimingConfig)."""
+    import argparse
+
+    from cahp.bench.decode import DecodeTimingConfig
+    from cahp.core.configs import add_dataclass_args, from_args
+    from cahp.pipelines.compare import CompareConfig
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, CompareConfig)
+    add_dataclass_args(p, DecodeTimingConfig, prefix="timing")
+    args = p.parse_args(["--n-bootstrap", "300", "--timing-n-bootstrap", "40", "--timing-seconds", "2.5",
+                         "--timing-batch-sizes", "2", "4"])
+    timing = from_args(DecodeTimingConfig, args, prefix="timing")
+    assert from_args(CompareConfig, args).n_bootstrap == 300
+    assert (timing.n_bootstrap, timing.seconds, timing.batch_sizes) == (40, 2.5, [2, 4])
+    assert timing.new_tokens == DecodeTimingConfig().new_tokens
+
+
+def test_cahp_compare_help_lists_the_decode_timing_options(capsys):
+    from cahp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "--timing-seconds" in out and "--timing-new-tokens" in out and "--timing-batch-sizes" in out

@@ -186,14 +186,15 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
 def test_run_compare_dispatches_a_decoder(tiny_lm, tmp_path, monkeypatch):
     seen = {}
 
-    def fake(cfg, ft_cfg, ccfg, progress):
-        seen.update(cfg=cfg, ft=ft_cfg, ccfg=ccfg)
+    def fake(cfg, ft_cfg, ccfg, progress, timing=None):
+        seen.update(cfg=cfg, ft=ft_cfg, ccfg=ccfg, timing=timing)
         return "decoder"
 
     monkeypatch.setattr(compare_decoder, "run_compare_decoder", fake)
     cfg, ft = _cfgs(tiny_lm, tmp_path / "d")
     assert run_compare(cfg, ft, progress=False) == "decoder"
-    assert seen["ft"] is ft and seen["ccfg"].methods == DEFAULT_METHODS
+    assert seen["ft"] is ft and seen["ccfg"].methods == DEFAULT_METHODS and seen["timing"] is None
+    assert run_compare(cfg, ft, progress=False, timing=TIMING) == "decoder" and seen["timing"] is TIMING
 
 
 @pytest.mark.parametrize(("change", "timing", "match"), [
@@ -247,15 +248,21 @@ def test_benchmark_options_become_the_compare_settings(tmp_path):
 def test_cahp_compare_command_on_a_decoder_prints_the_kv_verdicts(tiny_lm, tmp_path, monkeypatch, capsys):
     from cahp.cli import main
 
-    monkeypatch.setattr(compare_decoder, "DecodeTimingConfig", lambda: TIMING)  # the command's timing, made tiny
     out = tmp_path / "cli"
+    # the command's decode timing, made tiny through its --timing-* options
+    timing = ["--timing-seconds", str(TIMING.seconds), "--timing-new-tokens", str(TIMING.new_tokens),
+              "--timing-prompt-tokens", str(TIMING.prompt_tokens), "--timing-batch-sizes",
+              *map(str, TIMING.batch_sizes), "--timing-prefill-tokens", str(TIMING.prefill_tokens),
+              "--timing-min-reps", str(TIMING.min_reps), "--timing-max-reps", str(TIMING.max_reps),
+              "--timing-n-bootstrap", str(TIMING.n_bootstrap)]
     argv = ["compare", "--model", str(tiny_lm / "model"), "--task", str(tiny_lm / "task"), "--output-dir", str(out),
             "--calibration-examples", "40", "--curve-examples", "24", "--stats-batch-size", "8", "--grid-step", "1",
             "--epochs", "1", "--lr", "1e-3", "--batch-size", "8", "--max-length", "16", "--methods", "magnitude",
-            "--seeds", "1", "--no-knee", "--no-finetune", "--n-bootstrap", "100"]
+            "--seeds", "1", "--no-knee", "--no-finetune", "--n-bootstrap", "100", *timing]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "gqa-magnitude, without fine-tuning, at 1/3 removed (6 KV heads)" in printed
     assert " of 9 KV heads; budgets" in printed  # the budget unit of a decoder: KV heads, not query heads
     r = json.loads((out / "compare.json").read_text())
     assert r["settings"]["methods_run"] == ["gqa-cahp", "gqa-magnitude"] and r["speed"]["2/3 removed"]["k"] == 3
+    assert r["settings"]["timing"] == dataclasses.asdict(TIMING)  # every --timing-* option reached the timing

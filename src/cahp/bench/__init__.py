@@ -1,4 +1,4 @@
-"""Latency of dense, pruned and attention-free models.
+"""Latency of dense, pruned and attention-free models (and of generation, for decoders).
 
 - `config`: `BenchConfig` (how models are timed), shapes, devices;
 - `variants`: the models timed (random and uniform selections, the attention-free floor, inference preparation);
@@ -7,7 +7,9 @@
 - `figures`: floor-relative figures, bootstrap intervals, summaries;
 - `latency`: `bench_models` and `run_bench`, the benchmark itself;
 - `sweep`: `head_count_sweep`, one attention block's cost against its head count;
-- `report`: plain-text and markdown tables.
+- `report`: plain-text and markdown tables;
+- `decode`: a generative decoder's timing (`DecodeTimingConfig`, `time_decode`: decode throughput and prefill latency,
+  dense against pruned, interleaved).
 """
 
 from cahp.bench.config import BenchConfig, BenchError, parse_shapes

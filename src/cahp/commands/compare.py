@@ -13,6 +13,7 @@ _NOT_FOR_COMPARE = ("keep", "keep_ratio", "skip_final_finetune", "overwrite")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cahp.bench.decode import DecodeTimingConfig
     from cahp.pipelines.compare import CompareConfig
     from cahp.pipelines.joint_config import JointConfig
 
@@ -29,16 +30,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(c, CompareConfig)
     j = p.add_argument_group("heads and FFN neurons (--ffn)")
     add_dataclass_args(j, JointConfig)
+    t = p.add_argument_group("decoder speed (generative decoders only): dense against CAHP's pruned models")
+    add_dataclass_args(t, DecodeTimingConfig, prefix="timing")
 
 
 def run(args) -> int:
+    from cahp.bench.decode import DecodeTimingConfig
     from cahp.pipelines.compare import CompareConfig, run_compare
     from cahp.pipelines.joint_config import JointConfig
     from cahp.pipelines.report import verdict_lines
 
     cfg, ft = prune_configs(args)
     ccfg = from_args(CompareConfig, args)
-    result = run_compare(cfg, ft, ccfg, joint=from_args(JointConfig, args))
+    result = run_compare(cfg, ft, ccfg, joint=from_args(JointConfig, args),
+                         timing=from_args(DecodeTimingConfig, args, prefix="timing"))
     r = result.report
     if r.get("ffn"):
         from cahp.pipelines.compare_ffn import summary_lines

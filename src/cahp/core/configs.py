@@ -34,13 +34,16 @@ def _base_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), prefix: str = "") -> None:
     """A ``--field-name`` option on ``parser`` for every field of ``cls`` that has help text.
 
     ``cls`` is a dataclass, or an instance of one whose values are the options'
     defaults (a script that shares a command's settings but not all its
     defaults). Booleans become ``--x/--no-x``, lists take one or more values.
-    Fields named in ``skip`` get no option.
+    Fields named in ``skip`` get no option. ``prefix`` (e.g. ``"timing"``) names
+    the options ``--timing-field-name`` (read back with ``from_args(cls, args,
+    prefix="timing")``), for a config whose field names clash with another's
+    on the same parser.
     """
     instance = None if isinstance(cls, type) else cls
     cls = type(cls) if instance is not None else cls
@@ -54,9 +57,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             default = list(default) if is_list else default  # not the instance's own list
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        opt = "--" + f.name.replace("_", "-")
+        name = f"{prefix}_{f.name}" if prefix else f.name
+        opt = "--" + name.replace("_", "-")
         shown = " ".join(map(str, default)) if is_list else default
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
+        kwargs: dict[str, Any] = {"dest": name, "default": default, "help": f.metadata["help"]}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
             if "metavar" in f.metadata:  # argparse then no longer lists the choices itself
@@ -72,7 +76,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             parser.add_argument(opt, type=tp, **kwargs)
 
 
-def from_args(cls, args: argparse.Namespace):
-    """An instance of the dataclass ``cls`` from the parsed options of `add_dataclass_args` (other keys ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+def from_args(cls, args: argparse.Namespace, prefix: str = ""):
+    """An instance of the dataclass ``cls`` from the parsed options of `add_dataclass_args` (other keys ignored;
+    ``prefix`` as given there)."""
+    dests = {(f"{prefix}_{f.name}" if prefix else f.name): f.name for f in dataclasses.fields(cls)}
+    return cls(**{dests[k]: v for k, v in vars(args).items() if k in dests})

@@ -146,7 +146,8 @@ def _dense_finetune_config(out: Path, ft_cfg: FinetuneConfig, cfg: PruneConfig,
 
 
 def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: CompareConfig | None = None,
-                progress: bool = True, dense_ft: FinetuneConfig | None = None, joint=None) -> CompareResult:
+                progress: bool = True, dense_ft: FinetuneConfig | None = None, joint=None,
+                timing=None) -> CompareResult:
     """Compare CAHP with the baselines (see the module docstring); writes the outputs and returns the report.
 
     Args:
@@ -158,11 +159,14 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
         dense_ft: the dense model's fine-tuning when the output folder holds no run yet (default:
             ``ft_cfg``); a folder that holds a run keeps the settings in its run.json.
         joint: with ``cfg.ffn``, the `cahp.pipelines.joint_config.JointConfig` (`cahp.pipelines.compare_ffn`).
+        timing: on a generative decoder, the `cahp.bench.decode.DecodeTimingConfig` of its decode speed
+            (default: that config's defaults).
     """
     from cahp.pipelines import decoder
     if decoder.is_causal(cfg.model):  # a generative decoder: KV-head budgets scored by held-out perplexity
         from cahp.pipelines.compare_decoder import run_compare_decoder
-        return run_compare_decoder(cfg, ft_cfg or FinetuneConfig(seed=cfg.seed), ccfg or CompareConfig(), progress)
+        return run_compare_decoder(cfg, ft_cfg or FinetuneConfig(seed=cfg.seed), ccfg or CompareConfig(), progress,
+                                   timing=timing)
     if cfg.ffn and cfg.objective == "task":  # heads and FFN neurons: every method at the same estimated speed
         from cahp.pipelines.compare_ffn import run_compare_ffn
 
