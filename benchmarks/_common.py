@@ -37,14 +37,20 @@ def git_revision() -> str:
 MACHINE_KEYS = ("cpu", "cores", "torch_threads", "gpu", "python", "torch", "platform")
 
 
+#: The revision when the benchmark started: a long run's code is what was checked out then, whatever is
+#: committed while it runs (`metadata` is often called only when the result is written).
+REVISION_AT_START = git_revision()
+
+
 def metadata() -> dict:
+    """The command, date, machine and git revision (the one at start, `REVISION_AT_START`) of a result."""
     from cahp.core.io import environment
 
     env = environment()  # one probe: the date, versions and machine of the result
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": env["date"],
-        "git_revision": git_revision(),
+        "git_revision": REVISION_AT_START,
         "machine": {k: env[k] for k in MACHINE_KEYS},
         "transformers": env["transformers"],
     }
