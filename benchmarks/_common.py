@@ -78,3 +78,18 @@ def meta_lines(meta: dict) -> str:
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
         + "\n"
     )
+
+
+def run_configurations(build_parser, run, log) -> None:
+    """The ``main`` of a benchmark over named configurations: parse ``build_parser()``'s options (a
+    ``configs`` list, ``--output-dir`` and ``--result-name``, which take a single configuration), then
+    ``run(name, args)`` for each configuration in order, logging the results file it wrote."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = build_parser()
+    args = p.parse_args()
+    if (args.output_dir or args.result_name) and len(args.configs) > 1:
+        p.error("--output-dir and --result-name take a single configuration")
+    for name in args.configs:
+        log.info("wrote %s", run(name, args))

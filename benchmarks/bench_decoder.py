@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
+from _common import REPO, meta_lines, metadata, run_configurations, write_result  # noqa: E402
 from cahp.bench.decode import DecodeTimingConfig  # noqa: E402
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
@@ -149,13 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = build_parser()
-    args = p.parse_args()
-    if (args.output_dir or args.result_name) and len(args.configs) > 1:
-        p.error("--output-dir and --result-name take a single configuration")
-    for name in args.configs:
-        log.info("wrote %s", run(name, args))
+    run_configurations(build_parser, run, log)
 
 
 if __name__ == "__main__":
