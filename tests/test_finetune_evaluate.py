@@ -156,8 +156,12 @@ def test_finetune_and_evaluate_regression(toy_regression_task, tmp_path):
     assert out["pearson_ci95"][0] < out["pearson"] < out["pearson_ci95"][1]
     assert out["mse"] < out["baseline"]["mse"]  # better than predicting the mean
     loaded, _ = cahp.load_pruned(tmp_path / "out", with_tokenizer=False)
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)  # the weights exactly
     again = evaluate_task(loaded, CharTokenizer(), task, n_bootstrap=100)["test"]
-    assert again["pearson"] == pytest.approx(out["pearson"], abs=1e-6)
+    # The tiny model in memory runs eager attention, the reloaded one transformers' default (sdpa): the same
+    # weights, outputs equal up to float32 rounding (~1e-7), which moves Pearson by up to a few 1e-6.
+    assert again["pearson"] == pytest.approx(out["pearson"], abs=1e-5)
 
 
 def test_finetune_regression_deterministic(toy_regression_task):
