@@ -80,6 +80,19 @@ def meta_lines(meta: dict) -> str:
     )
 
 
+def add_configuration_options(p, folder: str, result: str, result_note: str = "") -> None:
+    """The options `run_configurations` reads, on a benchmark's parser: ``--output-dir`` (default
+    ``runs/bench/FOLDER``), ``--data-dir``, ``--result-name`` (default ``results/RESULT_CONFIGURATION.json``;
+    ``result_note`` adds to its help) and ``--quiet``."""
+    p.add_argument("--output-dir", default=None, help=f"run folder (default: runs/bench/{folder}); "
+                                                      "only with a single configuration")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $CAHP_DATA_DIR or ../shared/data)")
+    p.add_argument("--result-name", default=None,
+                   help=f"results/NAME.json instead of results/{result}_CONFIGURATION.json (an absolute path: "
+                        f"PATH.json, outside results/){result_note}; one configuration")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def run_configurations(build_parser, run, log) -> None:
     """The ``main`` of a benchmark over named configurations: parse ``build_parser()``'s options (a
     ``configs`` list, ``--output-dir`` and ``--result-name``, which take a single configuration), then

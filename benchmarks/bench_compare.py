@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, meta_lines, metadata, run_configurations, write_result  # noqa: E402
+from _common import REPO, add_configuration_options, meta_lines, metadata, run_configurations, write_result  # noqa: E402,E501
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.pipelines.compare import CompareConfig, render_markdown, run_compare, verdict_lines  # noqa: E402
 from cahp.pipelines.prune import PruneConfig  # noqa: E402
@@ -141,13 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-examples", type=int, default=PruneConfig.calibration_examples)
     p.add_argument("--curve-examples", type=int, default=PruneConfig.curve_examples)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=None, help="compare folder (default: runs/bench/prune-MODEL-TASK); "
-                                                      "only with a single configuration")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--result-name", default=None,
-                   help="results/NAME.json instead of results/compare_CONFIGURATION.json (e.g. one file for "
-                        "the no-fine-tuning part over 3 seeds, another for a fine-tuned subset); one configuration")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_configuration_options(p, "prune-MODEL-TASK", "compare", result_note=" (e.g. one file for the no-fine-tuning "
+                              "part over 3 seeds, another for a fine-tuned subset)")
     return p
 
 

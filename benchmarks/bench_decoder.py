@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, meta_lines, metadata, run_configurations, write_result  # noqa: E402
+from _common import REPO, add_configuration_options, meta_lines, metadata, run_configurations, write_result  # noqa: E402,E501
 from cahp.bench.decode import DecodeTimingConfig  # noqa: E402
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
@@ -139,12 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=int, default=t.prefill_tokens, help="tokens of the timed prefill")
     p.add_argument("--threads", type=int, default=t.threads, help="torch threads while timing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=None, help="run folder (default: runs/bench/prune-MODEL-TASK); "
-                                                      "only with a single configuration")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--result-name", default=None,
-                   help="results/NAME.json instead of results/decoder_CONFIGURATION.json; one configuration")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_configuration_options(p, "prune-MODEL-TASK", "decoder")
     return p
 
 

@@ -53,7 +53,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, meta_lines, metadata, run_configurations, write_result  # noqa: E402
+from _common import REPO, add_configuration_options, meta_lines, metadata, run_configurations, write_result  # noqa: E402,E501
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.core.io import machine_label, write_atomic  # noqa: E402
 from cahp.data.tasks import get_task  # noqa: E402
@@ -62,7 +62,7 @@ from cahp.model.surgery import count_parameters, keep_heads  # noqa: E402
 from cahp.pipelines.cache import StageCache  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
 from cahp.pipelines.compare_embedding import EMBEDDING_METHODS, render_markdown, run_compare_embedding  # noqa: E402
-from cahp.pipelines.embedding import prepare_embedding  # noqa: E402
+from cahp.pipelines.embedding import prepare_embedding, sentence_length  # noqa: E402
 from cahp.pipelines.embedding_eval import THROUGHPUT, encoding_throughput, load_similarity_task  # noqa: E402
 from cahp.pipelines.stages import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
@@ -192,7 +192,7 @@ def measure_throughput(cfg: PruneConfig, ft: FinetuneConfig, report: dict, timin
             keep_heads(pruned, {int(layer): hs for layer, hs in heads.items()})
             models[label] = pruned
             shapes[label] = {"heads": sum(len(hs) for hs in heads.values()), "parameters": count_parameters(pruned)}
-        max_len = (run.settings.get("sentence_bert_config") or {}).get("max_seq_length") or ft.max_length
+        max_len = sentence_length(run.settings, ft)
         return {"models": shapes, "config": config, "machine": machine_label(),
                 "measurements": encoding_throughput(models, run.tokenizer, run.curve_texts, run.settings, max_len,
                                                     cfg.seed, config)}
@@ -333,13 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-threads", type=int, nargs="+", default=list(THROUGHPUT["threads"]),
                    help="torch threads of the throughput measurements")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=None, help="run folder (default: runs/bench/embedding-MODEL-TASKS); "
-                                                      "only with a single configuration")
-    p.add_argument("--data-dir", default=None, help="data folder (default: $CAHP_DATA_DIR or ../shared/data)")
-    p.add_argument("--result-name", default=None,
-                   help="results/NAME.json instead of results/embedding_CONFIGURATION.json (an absolute path: "
-                        "PATH.json, outside results/); one configuration")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_configuration_options(p, "embedding-MODEL-TASKS", "embedding")
     return p
 
 

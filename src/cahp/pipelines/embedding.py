@@ -88,7 +88,7 @@ from cahp.train.objectives import EmbeddingLoss, fidelity, sentence_settings, te
 log = logging.getLogger(__name__)
 
 __all__ = ["EMBEDDING_OBJECTIVES", "SALIENCE_TARGET_NOISE", "EmbeddingRun", "embedding_curve", "prepare_embedding",
-           "run_embedding", "summary"]
+           "run_embedding", "sentence_length", "summary"]
 
 #: ``--objective`` values of the embedding pipeline and the embedding distance each one uses.
 EMBEDDING_OBJECTIVES = {"embedding": "cosine", "embedding-mse": "mse"}
@@ -222,7 +222,7 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
 
     similarity = {}
     if sim_task is not None:
-        max_len = (settings.get("sentence_bert_config") or {}).get("max_seq_length") or ft_cfg.max_length
+        max_len = sentence_length(settings, ft_cfg)
         for split in ("dev", "test"):
             name = sim_task.dev_split if split == "dev" else sim_task.test_split
             similarity[split] = SimilaritySet(sim_task.load(name), tok, max_len, ft_cfg.eval_batch_size, pad)
@@ -325,10 +325,16 @@ def surgery_and_distill(run: EmbeddingRun, mask: torch.Tensor, progress: bool = 
     return pruned, scores
 
 
+def sentence_length(settings: dict, ft_cfg: FinetuneConfig) -> int:
+    """Tokens per sentence at most when encoding: the sentence-transformers config's ``max_seq_length``, else
+    the fine-tuning's ``max_length``."""
+    return (settings.get("sentence_bert_config") or {}).get("max_seq_length") or ft_cfg.max_length
+
+
 def throughput(run: EmbeddingRun, pruned, kept: dict) -> dict:
     """Measured encoding throughput of the dense and the pruned encoder on the held-out texts (rank 0; cached
     per machine). See `cahp.pipelines.embedding_eval.encoding_throughput`."""
-    max_len = (run.settings.get("sentence_bert_config") or {}).get("max_seq_length") or run.ft_cfg.max_length
+    max_len = sentence_length(run.settings, run.ft_cfg)
     key = {**run.identity, "stage": "throughput", "kept": kept, "settings": THROUGHPUT, "machine": machine_label()}
     return run.stages.get_or_compute("throughput", key, lambda: distributed.on_main(
         encoding_throughput, {"dense": run.model, "pruned": pruned}, run.tokenizer, run.curve_texts, run.settings,
