@@ -101,9 +101,14 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
                 f"{dv['diff'] * 100:+.2f} [{dv['ci95'][0] * 100:+.2f}, {dv['ci95'][1] * 100:+.2f}] points, ")
         line = next(x for x in lines if x.startswith(want))
         assert ("within the 1.0-point bound" in line) == (dv["diff"] * 100 <= 1.0)
-        ratio = speed["measurements"]["t1_b32"]["speedup"][label]
-        assert "  measured throughput at 1 thread, batch 32: " in lines[lines.index(line) + 1]
-        assert f"x{ratio:.2f} (median" in lines[lines.index(line) + 1]
+        head = speed["measurements"]["t1_b32"]
+        ratio, (lo, hi) = head["speedup"][label], head["speedup_ci95"][label]
+        assert lo <= ratio <= hi
+        verdict = "met" if lo >= 1.5 else "not met" if hi < 1.5 else "undecided"
+        speed_line = lines[lines.index(line) + 1]
+        assert speed_line.startswith("  measured throughput at 1 thread, batch 32: ")
+        assert f"{ratio:.2f}x [{lo:.2f}, {hi:.2f}] (median" in speed_line
+        assert f"the 1.5x goal is {verdict} (" in speed_line
         verdicts = [fine[label][m]["vs_cahp"]["pooled"]["verdict"] for m in ("random", "fisher")]
         counts = [verdicts.count(v) for v in ("win", "tie", "loss")]
         assert (f"{label} ({b['k']} of 12 heads), after distillation: CAHP wins {counts[0]}, ties {counts[1]}, "
@@ -114,6 +119,9 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
 
     text = bench_embedding.render(r)
     assert "### k*:" in text and "### 50%: 6 of 12 heads" in text and "### Measured throughput" in text
+    b32 = speed["measurements"]["t1_b32"]
+    assert f"{b32['50%']['sentences_per_s']:.1f} ({b32['speedup']['50%']:.2f}x [{b32['speedup_ci95']['50%'][0]:.2f}, " \
+        in text
     assert "| CAHP 50% | 6 |" in text and "- distillation texts: the training sentences of " in text
     assert f"{r['texts_union']['texts']:,} used ({r['data']['train_texts']:,} distilled on" in text
     assert all(f"- {line.strip()}" in text for line in lines)
@@ -133,3 +141,26 @@ def test_results_sections_name_both_configurations():
     for name in bench_embedding.CONFIGS:
         module, title = sections[f"embedding_{name}"]
         assert module == "bench_embedding" and title.endswith("(issue 22)")
+
+
+@pytest.mark.parametrize("ci, verdict, why", [
+    ([1.52, 1.8], "met", "the interval's low end is at or above it"),
+    ([1.3, 1.45], "not met", "the interval's high end is below it"),
+    ([1.45, 1.7], "undecided", "the interval straddles it"),
+    ([None, None], "undecided", "no interval"),
+])
+def test_speed_goal_is_read_from_the_interval(ci, verdict, why):
+    # the point estimate is above the goal in every case: only the interval decides
+    entry = {"reps": 7, "dense": {"sentences_per_s": 100.0}, "50%": {"sentences_per_s": 160.0},
+             "speedup": {"50%": 1.6}, "speedup_ci95": {"50%": ci}}
+    speed = {"machine": "m", "models": {"dense": {"heads": 12, "parameters": 100}, "50%": {"heads": 6,
+                                                                                         "parameters": 80}},
+             "measurements": {"t1_b1": {**entry, "speedup": {"50%": 1.1}, "speedup_ci95": {"50%": [1.0, 1.2]}},
+                              "t1_b32": entry}}
+    line = bench_embedding._speed_line(speed, "50%")
+    shown = "1.60x [no interval]" if ci[0] is None else f"1.60x [{ci[0]:.2f}, {ci[1]:.2f}]"
+    assert line == (f"measured throughput at 1 thread, batch 32: 160.0 against 100.0 sentences/s, {shown} (median "
+                    f"of per-repetition ratios over 7 repetitions, 95% bootstrap interval): the 1.5x goal is "
+                    f"{verdict} ({why}); 1 thread, batch 1 1.10x [1.00, 1.20]")
+    table = bench_embedding._speed_table(speed)
+    assert f"| CAHP 50% | 6 | 80 | 160.0 (1.10x [1.00, 1.20]) | 160.0 ({shown}) |" in table

@@ -26,7 +26,8 @@ from cahp.train.objectives import sentence_embeddings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["THROUGHPUT", "SimilaritySet", "SimilarityTaskError", "encoding_throughput", "load_similarity_task"]
+__all__ = ["THROUGHPUT", "SimilaritySet", "SimilarityTaskError", "encoding_throughput", "load_similarity_task",
+           "speedup_goal", "speedup_interval", "speedup_text"]
 
 
 class SimilarityTaskError(ValueError):
@@ -115,8 +116,11 @@ def _encode_all(model: nn.Module, batches: list[dict], settings: dict) -> None:
         embed(model, b, settings)
 
 
-#: Throughput settings: thread counts, batch sizes, and seconds of interleaved repetitions per combination.
-THROUGHPUT = {"threads": (1, 2), "batch_sizes": (32, 1), "budget_s": 10.0, "sentences": {32: 512, 1: 64}}
+#: Throughput settings: thread counts, batch sizes, seconds of interleaved repetitions per combination, sentences
+#: per batch size, and bootstrap resamples of each speedup's interval (part of the stage caches' keys, so a
+#: throughput stored before the interval existed is measured again).
+THROUGHPUT = {"threads": (1, 2), "batch_sizes": (32, 1), "budget_s": 10.0, "sentences": {32: 512, 1: 64},
+              "n_bootstrap": 2000}
 
 
 def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dict, max_length: int,
@@ -129,10 +133,18 @@ def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dic
     no tokenisation), and the models' calls are interleaved round-robin (`cahp.bench.timing.time_round_robin`)
     so a slow stretch of a shared machine touches every model alike.
 
+    A model's speedup is the median over repetitions of the per-repetition ratio (first model's seconds /
+    this model's, both from the same round): a slowdown of the machine lasting a round multiplies both and
+    cancels. Its 95% interval is the percentile bootstrap of that median over the repetitions
+    (`cahp.bench.figures.bootstrap_medians_ci`, ``config["n_bootstrap"]`` resamples, seeded by ``seed``);
+    ``[nan, nan]`` with fewer than 2 repetitions.
+
     Returns:
         ``{"t{threads}_b{batch}": {"sentences", "tokens", "reps", name: {"sentences_per_s", "seconds_median"},
-        "speedup": {name: median over repetitions of (first model's seconds / this model's)}}}``.
+        "speedup": {name: median over repetitions of (first model's seconds / this model's)},
+        "speedup_ci95": {name: [lo, hi]}}}`` (the speedups of every model but the first).
     """
+    from cahp.bench.figures import bootstrap_medians_ci
     from cahp.bench.timing import time_round_robin
 
     config = {**THROUGHPUT, **(config or {})}
@@ -156,11 +168,45 @@ def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dic
                 for m in names:
                     med = float(np.median(times[m]))
                     entry[m] = {"sentences_per_s": n / med, "seconds_median": med}
-                entry["speedup"] = {m: float(np.median(np.asarray(times[names[0]]) / np.asarray(times[m])))
-                                    for m in names[1:]}
+                # (reps,) per-repetition ratios: the first model's call and this model's from the same round
+                ratios = {m: np.asarray(times[names[0]]) / np.asarray(times[m]) for m in names[1:]}
+                entry["speedup"] = {m: float(np.median(r)) for m, r in ratios.items()}
+                entry["speedup_ci95"] = {m: bootstrap_medians_ci([r], lambda med: med, config["n_bootstrap"], seed)
+                                         for m, r in ratios.items()}
                 out[f"t{threads}_b{batch}"] = entry
                 log.info("throughput, %d thread(s), batch %d: %s", threads, batch, ", ".join(
                     f"{m} {entry[m]['sentences_per_s']:.1f}/s" for m in names))
     finally:
         torch.set_num_threads(before)
     return out
+
+
+
+def speedup_interval(entry: dict, name: str) -> list[float] | None:
+    """Model ``name``'s 95% speedup interval ``[lo, hi]`` in one `encoding_throughput` entry, or None when there is
+    none (fewer than 2 repetitions, stored as ``[null, null]`` in JSON, or a result from before intervals)."""
+    ci = (entry.get("speedup_ci95") or {}).get(name)
+    if ci is None or any(x is None or not np.isfinite(x) for x in ci):
+        return None
+    return [float(ci[0]), float(ci[1])]
+
+
+def speedup_text(entry: dict, name: str) -> str:
+    """``"1.23x [1.10, 1.35]"``: model ``name``'s speedup in one `encoding_throughput` entry with its 95% interval
+    (``"1.23x [no interval]"`` when there is none)."""
+    ratio, ci = entry["speedup"][name], speedup_interval(entry, name)
+    return f"{ratio:.2f}x [no interval]" if ci is None else f"{ratio:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def speedup_goal(entry: dict, name: str, goal: float) -> str:
+    """Whether model ``name``'s speedup in one `encoding_throughput` entry meets ``goal``, decided by its 95%
+    interval: "met" when the interval's low end is at least ``goal``, "not met" when its high end is below,
+    "undecided" when it straddles ``goal`` or there is no interval."""
+    ci = speedup_interval(entry, name)
+    if ci is None:
+        return "undecided"
+    if ci[0] >= goal:
+        return "met"
+    if ci[1] < goal:
+        return "not met"
+    return "undecided"
