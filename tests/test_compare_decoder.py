@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
-import numpy as np
 import pytest
-import torch
 from benchmarks import bench_decoder, make_results
 from benchmarks._common import metadata
 
 from cahp.bench.decode import DecodeTimingConfig
-from cahp.budget.perplexity import perplexity
 from cahp.core.io import read_json
-from cahp.data.lm import lm_batches
-from cahp.model.surgery import keep_heads
 from cahp.pipelines import compare_decoder
 from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, run_compare
-from cahp.pipelines.compare_decoder import (
-    kv_budgets,
-    kv_methods,
-    paired_nll,
-    run_compare_decoder,
-    sentence_nll,
-)
+from cahp.pipelines.compare_decoder import kv_budgets, kv_methods, run_compare_decoder
 from cahp.pipelines.prune import PruneConfig, run_prune
 from cahp.selectors.registry import KV_SELECTORS
 from cahp.train.finetune import FinetuneConfig
@@ -54,55 +42,6 @@ def _cfgs(root, out, **kw):
     cfg = PruneConfig(model=str(root / "model"), task=str(root / "task"), output_dir=str(out),
                       calibration_examples=40, curve_examples=24, stats_batch_size=8, grid_step=1, **kw)
     return cfg, FinetuneConfig(epochs=1, lr=1e-3, batch_size=8, max_length=16, seed=0)
-
-
-def test_sentence_nll_sums_to_the_perplexity_and_gates_equal_surgery():
-    model, tok = tiny_decoder(kv_heads=3), tiny_tokenizer()
-    batches = lm_batches(tok, sentences(13, seed=3), max_length=16, batch_size=4)
-    dense = sentence_nll(model, batches)
-    ref = perplexity(model, batches)
-    assert len(dense["nll"]) == 13 and sum(dense["tokens"]) == ref["tokens"]
-    assert dense["mean_nll"] == pytest.approx(ref["nll"], rel=1e-6)  # float32 sums there, float64 here
-    assert dense["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
-    # a row's tokens: its real length minus one (right padding is never predicted or read)
-    lengths = sorted(int(b["attention_mask"][i].sum()) for b in batches for i in range(len(b["input_ids"])))
-    assert sorted(dense["tokens"]) == [n - 1 for n in lengths]
-    mask = np.zeros((3, 6), dtype=bool)
-    mask[0, :2] = mask[2, 2:] = True  # KV group 0 of layer 0, groups 1 and 2 of layer 2, layer 1 empty
-    mask = torch.from_numpy(mask)
-    gated = sentence_nll(model, batches, mask)
-    pruned = sentence_nll(keep_heads(tiny_decoder(kv_heads=3), mask), batches)
-    assert gated["tokens"] == pruned["tokens"] == dense["tokens"]
-    np.testing.assert_allclose(gated["nll"], pruned["nll"], rtol=1e-5)
-    assert not np.allclose(gated["nll"], dense["nll"], rtol=1e-5)  # the gates act
-
-
-def _rec(nll, tokens):
-    nll = np.asarray(nll, dtype=np.float64)
-    return {"nll": nll.tolist(), "tokens": list(tokens), "mean_nll": float(nll.sum() / sum(tokens))}
-
-
-def test_verdict_sign_higher_method_nll_is_a_cahp_win():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(2, 30, size=200)
-    cahp = rng.gamma(2.0, 1.5, size=200) * tokens  # per-sentence NLL sums
-    worse = cahp + 0.4 * tokens + rng.normal(0, 0.2, 200) * tokens  # ~0.4 nats/token more than CAHP
-    r = paired_nll([_rec(worse, tokens)], [_rec(cahp, tokens)], n_bootstrap=2000, seed=0)["pooled"]
-    # diff is token-weighted: (sum method - sum CAHP) / sum tokens, not a mean of per-sentence means
-    assert r["diff"] == pytest.approx((worse.sum() - cahp.sum()) / tokens.sum(), rel=1e-12)
-    assert r["diff"] > 0 and r["ci95"][0] > 0 and r["verdict"] == "win"
-    assert r["perplexity_ratio"] == pytest.approx(math.exp(r["diff"]))
-    back = paired_nll([_rec(cahp, tokens)], [_rec(worse, tokens)], n_bootstrap=2000, seed=0)["pooled"]
-    assert back["diff"] == pytest.approx(-r["diff"]) and back["ci95"][1] < 0 and back["verdict"] == "loss"
-    noise = cahp + rng.normal(0, 0.01, 200) * tokens
-    assert paired_nll([_rec(noise, tokens)], [_rec(cahp, tokens)], 2000, 0)["pooled"]["verdict"] == "tie"
-    # seeds are pooled by averaging per-sentence NLL (the same tokens): two seeds straddling CAHP tie
-    two = paired_nll([_rec(cahp + 0.4 * tokens, tokens), _rec(cahp - 0.4 * tokens, tokens)], [_rec(cahp, tokens)],
-                     500, 0, seeds=[0, 1])
-    assert two["pooled"]["diff"] == pytest.approx(0, abs=1e-12)
-    assert [s["verdict"] for s in two["per_seed"]] == ["win", "loss"] and [s["seed"] for s in two["per_seed"]] == [0, 1]
-    with pytest.raises(ValueError, match="different held-out sentences"):
-        paired_nll([_rec(cahp[:-1], tokens[:-1])], [_rec(cahp, tokens)], 10, 0)
 
 
 def test_methods_and_budgets_in_kv_heads():

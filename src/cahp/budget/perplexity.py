@@ -8,6 +8,9 @@ how the text is cut into batches beyond rounding. Gate 0 is exactly the model
 without that head (`cahp.model.gates`), so the perplexity through a 0/1 mask
 equals the perplexity after surgery; the curve needs no model copy per k.
 
+`sentence_nll` keeps the same sums per held-out sentence (the records of the
+paired bootstrap of `cahp.pipelines.verdicts.paired_nll`).
+
 The curve's score is -log perplexity (= minus the mean NLL), higher is better,
 as `cahp.budget.knee.find_knee` expects.
 """
@@ -30,7 +33,7 @@ from cahp.selectors.gqa import GQAStats, check_kv_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["kv_curve", "lm_loss", "perplexity", "token_nll"]
+__all__ = ["kv_curve", "lm_loss", "perplexity", "sentence_nll", "token_nll"]
 
 
 def token_nll(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +85,48 @@ def perplexity(model: nn.Module, batches: Sequence[dict], mask: torch.Tensor | N
         raise ValueError("the held-out batches hold no token to predict")
     mean = total / count
     return {"perplexity": math.exp(min(mean, 700.0)), "nll": mean, "tokens": count}
+
+
+@torch.no_grad()
+def sentence_nll(model: nn.Module, batches: Sequence[dict], mask: torch.Tensor | None = None) -> dict:
+    """``{"nll", "tokens", "mean_nll", "perplexity"}`` of every row of ``batches``, the heads gated by ``mask``.
+
+    ``nll``: (sentences,) summed next-token NLL of each row (float64 sums, batch order: `lm_batches` sorts by
+    length, the same for every model); ``tokens``: (sentences,) its predicted tokens (a token counts when it
+    and the one before it are real, as `token_nll` counts). ``mean_nll`` = sum(nll) / sum(tokens), so ``perplexity``
+    equals `perplexity` of the same batches. The records `cahp.pipelines.verdicts.paired_nll` compares.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, tokens = [], []
+
+    def score(batch: dict) -> None:
+        ids = batch["input_ids"].to(device)
+        real = batch["attention_mask"].to(device).bool()
+        logits = model(input_ids=ids, attention_mask=real.long()).logits[:, :-1].float()  # (B, T-1, V)
+        valid = real[:, 1:] & real[:, :-1]  # (B, T-1)
+        target = ids[:, 1:].masked_fill(~valid, -100)
+        per_token = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                reduction="none")  # (B, T-1), 0 where ignored
+        nll.extend(per_token.double().sum(1).tolist())
+        tokens.extend(valid.sum(1).tolist())
+
+    try:
+        if mask is None:
+            for b in batches:
+                score(b)
+        else:
+            with head_gates(model, init=mask.float()):
+                for b in batches:
+                    score(b)
+    finally:
+        model.train(was_training)
+    total = int(sum(tokens))
+    if total == 0:
+        raise ValueError("the held-out batches hold no token to predict")
+    mean = float(sum(nll)) / total
+    return {"nll": nll, "tokens": tokens, "mean_nll": mean, "perplexity": math.exp(min(mean, 700.0))}
 
 
 def kv_curve(model: nn.Module, selector: HeadSelector, stats: GQAStats, ks: Sequence[int],

@@ -33,14 +33,15 @@ salience, the dense perplexity and CAHP's curve are read, not recomputed).
   bootstrap interval over the aligned repetitions; prefill latency is one
   forward of batch 1 x 128 tokens. ``seconds = 0`` skips it.
 
-Statistics (`paired_nll`), paired on the same held-out sentences: every model's
-per-sentence NLL sums and token counts (`sentence_nll`); a resample draws
-sentences with replacement and recomputes each model's token-weighted mean NLL
-(nats per token) on it. ``diff`` = method's mean NLL minus CAHP's = the log of
-the ratio of their perplexities: **positive means the method's perplexity is
-higher (worse) than CAHP's**. Pooled (the verdict): per-sentence NLL averaged
-over each side's seeds (every seed scores the same tokens); per seed: method
-seed s against CAHP seed s. CAHP's verdict (`nll_verdict`, through
+Statistics (`cahp.pipelines.verdicts.paired_nll`), paired on the same held-out
+sentences: every model's per-sentence NLL sums and token counts
+(`cahp.budget.perplexity.sentence_nll`); a resample draws sentences with
+replacement and recomputes each model's token-weighted mean NLL (nats per
+token) on it. ``diff`` = method's mean NLL minus CAHP's = the log of the ratio
+of their perplexities: **positive means the method's perplexity is higher
+(worse) than CAHP's**. Pooled (the verdict): per-sentence NLL averaged over
+each side's seeds (every seed scores the same tokens); per seed: method seed s
+against CAHP seed s. CAHP's verdict (`cahp.pipelines.verdicts.nll_verdict`:
 `cahp.pipelines.verdicts.verdict` on CAHP minus method): "win" when the 95%
 interval of (method - CAHP) lies above 0, "loss" when below 0, else "tie".
 
@@ -66,13 +67,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from cahp.bench.decode import DecodeTimingConfig, check_timing, time_decode
+from cahp.budget.perplexity import sentence_nll
 from cahp.core import distributed
 from cahp.core.io import environment
-from cahp.model.gates import head_gates
 from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
@@ -91,17 +91,16 @@ from cahp.pipelines.guard import output_folder
 from cahp.pipelines.plots import plot_perplexity
 from cahp.pipelines.report import pooled_verdict_texts, write_compare_outputs
 from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
-from cahp.pipelines.verdicts import verdict
+from cahp.pipelines.verdicts import paired_nll
 from cahp.selectors.base import HeadSelector
 from cahp.selectors.gqa import check_kv_mask
 from cahp.selectors.registry import KV_SELECTORS, make_selector
 from cahp.train.finetune import FinetuneConfig
-from cahp.train.metrics import bootstrap_indices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_KV_SHARES", "STATISTICS", "VERDICT_RULE", "kv_budgets", "kv_methods", "nll_verdict",
-           "paired_nll", "render_markdown", "run_compare_decoder", "sentence_nll"]
+__all__ = ["DEFAULT_KV_SHARES", "STATISTICS", "VERDICT_RULE", "kv_budgets", "kv_methods", "render_markdown",
+           "run_compare_decoder"]
 
 #: Shares of the KV heads kept by default: 1/3 and 2/3 of them removed (issue 23's budgets).
 DEFAULT_KV_SHARES = (2 / 3, 1 / 3)
@@ -179,119 +178,7 @@ def _check(cfg: PruneConfig, ccfg: CompareConfig, timing: DecodeTimingConfig) ->
     return methods
 
 
-# --- per-sentence NLL and the paired bootstrap ---------------------------------------------------------
-
-
-@torch.no_grad()
-def sentence_nll(model: nn.Module, batches: Sequence[dict], mask: torch.Tensor | None = None) -> dict:
-    """``{"nll", "tokens", "mean_nll", "perplexity"}`` of every row of ``batches``, the heads gated by ``mask``.
-
-    ``nll``: (sentences,) summed next-token NLL of each row (float64 sums, batch order: `lm_batches` sorts by
-    length, the same for every model); ``tokens``: (sentences,) its predicted tokens (a token counts when it
-    and the one before it are real, as `cahp.budget.perplexity.token_nll` counts). ``mean_nll`` = sum(nll) /
-    sum(tokens), so ``perplexity`` equals `cahp.budget.perplexity.perplexity` of the same batches.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    nll, tokens = [], []
-
-    def score(batch: dict) -> None:
-        ids = batch["input_ids"].to(device)
-        real = batch["attention_mask"].to(device).bool()
-        logits = model(input_ids=ids, attention_mask=real.long()).logits[:, :-1].float()  # (B, T-1, V)
-        valid = real[:, 1:] & real[:, :-1]  # (B, T-1)
-        target = ids[:, 1:].masked_fill(~valid, -100)
-        per_token = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                                reduction="none")  # (B, T-1), 0 where ignored
-        nll.extend(per_token.double().sum(1).tolist())
-        tokens.extend(valid.sum(1).tolist())
-
-    try:
-        if mask is None:
-            for b in batches:
-                score(b)
-        else:
-            with head_gates(model, init=mask.float()):
-                for b in batches:
-                    score(b)
-    finally:
-        model.train(was_training)
-    total = int(sum(tokens))
-    if total == 0:
-        raise ValueError("the held-out batches hold no token to predict")
-    mean = float(sum(nll)) / total
-    return {"nll": nll, "tokens": tokens, "mean_nll": mean, "perplexity": math.exp(min(mean, 700.0))}
-
-
-def nll_verdict(ci95) -> str:
-    """CAHP's verdict from the 95% interval of (method - CAHP) in NLL, lower better: "win" when it lies above
-    0, "loss" when below, else "tie" (`cahp.pipelines.verdicts.verdict` on CAHP - method)."""
-    lo, hi = ci95
-    return verdict((-hi, -lo))
-
-
-def _pooled_nll(recs: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """((sentences,) per-sentence NLL averaged over ``recs`` (seeds), (sentences,) tokens); refuses records
-    that scored different sentences."""
-    tokens = np.asarray(recs[0]["tokens"], dtype=np.float64)
-    for r in recs[1:]:
-        if not np.array_equal(np.asarray(r["tokens"], dtype=np.float64), tokens):
-            raise ValueError("the records scored different held-out sentences: no paired comparison")
-    return np.mean([np.asarray(r["nll"], dtype=np.float64) for r in recs], 0), tokens
-
-
-def _summary(diff: float, boots: np.ndarray) -> dict:
-    """``{"diff", "ci95", "p_value", "verdict", "perplexity_ratio", "perplexity_ratio_ci95"}`` of NLL
-    differences; two-sided p = twice the share of resamples on the other side of 0 (capped at 1)."""
-    p = 2 * float((boots <= 0).mean()) if diff >= 0 else 2 * float((boots >= 0).mean())
-    ci = [float(x) for x in np.percentile(boots, [2.5, 97.5])]
-    return {"diff": float(diff), "ci95": ci, "p_value": min(1.0, p), "verdict": nll_verdict(ci),
-            "perplexity_ratio": math.exp(diff), "perplexity_ratio_ci95": [math.exp(x) for x in ci]}
-
-
-def paired_nll(method: Sequence[dict], cahp: Sequence[dict], n_bootstrap: int, seed: int,
-               seeds: Sequence | None = None) -> dict:
-    """Pooled and per-seed paired bootstraps over held-out sentences of (method - CAHP) mean NLL.
-
-    Args:
-        method, cahp: per-seed `sentence_nll` records of the same sentences; a single record on one side is
-            paired with every seed of the other.
-        n_bootstrap: resamples (of sentences, with replacement; the same resamples for every model).
-        seed: seed of the resamples.
-        seeds: the seed of each per-seed comparison, recorded beside it.
-
-    Returns:
-        ``{"pooled": summary, "per_seed": [summary, ...], "per_seed_verdicts": {"win", "tie", "loss"}}`` with
-        each summary's ``diff`` (nats per token; > 0: the method's perplexity is higher than CAHP's), ``ci95``,
-        ``p_value``, ``verdict`` (`nll_verdict`) and the perplexity ratio method / CAHP with its interval.
-    """
-    if not method or not cahp:
-        raise ValueError("paired_nll needs at least one record on each side")
-    m_nll, tokens = _pooled_nll(method)
-    c_nll, c_tokens = _pooled_nll(cahp)
-    if not np.array_equal(tokens, c_tokens):
-        raise ValueError("the method and CAHP scored different held-out sentences: no paired comparison")
-    chunks = list(bootstrap_indices(len(tokens), n_bootstrap, seed))
-    denom = np.concatenate([tokens[idx].sum(1) for idx in chunks])
-
-    def resampled(nll: np.ndarray) -> np.ndarray:
-        return np.concatenate([nll[idx].sum(1) for idx in chunks]) / denom
-
-    def compare(a: np.ndarray, b: np.ndarray) -> dict:
-        return _summary(float(a.sum() - b.sum()) / float(tokens.sum()), resampled(a) - resampled(b))
-
-    pooled = compare(m_nll, c_nll)
-    per_seed = []
-    for i in range(max(len(method), len(cahp))):
-        a = np.asarray(method[min(i, len(method) - 1)]["nll"], dtype=np.float64)
-        b = np.asarray(cahp[min(i, len(cahp) - 1)]["nll"], dtype=np.float64)
-        r = compare(a, b)
-        if seeds is not None:
-            r["seed"] = seeds[i]
-        per_seed.append(r)
-    counts = {v: sum(r["verdict"] == v for r in per_seed) for v in ("win", "tie", "loss")}
-    return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
+# --- the verdict in words ------------------------------------------------------------------------------
 
 
 def verdict_text(method: str, label: str, k: int, cmp: dict) -> str:
