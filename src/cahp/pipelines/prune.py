@@ -96,7 +96,7 @@ def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: 
     distributed.init()
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
     task = None
-    if cfg.objective == "task" and not decoder.is_causal(cfg.model):  # the other pipelines check their own inputs
+    if not decoder.prunes_as_lm(cfg) and cfg.objective == "task":  # the other pipelines check their own inputs
         task, ft_cfg, _ = check_run(cfg, ft_cfg)  # everything that can fail before work fails here
     out = Path(cfg.output_dir)
     distributed.on_main(check_final_settings, out, cfg, ft_cfg)
@@ -108,7 +108,7 @@ def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: 
 
 def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool, task=None,
          joint=None) -> PruneResult:
-    if decoder.is_causal(cfg.model):  # causal LMs: KV-group CAHP scored by perplexity
+    if decoder.prunes_as_lm(cfg):  # causal LMs: KV-group CAHP by perplexity (--decoder-head classifier: below)
         return decoder.run_decoder(cfg, ft_cfg, out, progress)
     if cfg.objective != "task":  # label-free, on sentence embeddings
         return run_embedding(cfg, ft_cfg, out, progress)

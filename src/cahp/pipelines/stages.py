@@ -90,6 +90,13 @@ class PruneConfig:
                                    "(a text file, one a line, or .jsonl)")
     similarity_task: str = cfg_field("stsb", "--objective embedding: sentence-pair regression task scored zero-shot "
                                              "(dev drives the knee, test is reported; none: fidelity only)")
+    decoder_head: str = cfg_field("lm", "decoders (Llama family) only: lm prunes the causal LM by KV groups scored "
+                                  "by held-out perplexity; classifier prunes it as a sequence classifier on the "
+                                  "task's labels (LlamaForSequenceClassification: a new seeded score head on the "
+                                  "last non-pad token, the pad token the tokenizer's, else eos), as encoders are "
+                                  "pruned: query heads scored by accuracy, one fine-tuning, test accuracy (a KV "
+                                  "head goes when all its query heads go); cahp compare likewise",
+                                  choices=["lm", "classifier"])
 
 
 @dataclass
@@ -155,6 +162,8 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
         "curve_examples": cfg.curve_examples, "calibration_examples": cfg.calibration_examples,
         "seed": cfg.seed, "finetune": asdict(ft_cfg),
     }
+    if cfg.decoder_head != "lm":  # a decoder pruned as a classifier (encoders keep the identity they always had)
+        identity["kind"] = f"{cfg.decoder_head}-decoder"
     if task.name.startswith("csv:") or cfg.task_type != "auto":  # how a user task's files are read
         identity["columns"] = {"text": cfg.text_column, "text_pair": cfg.text_pair_column or None,
                                "label": cfg.label_column, "task_type": task.task_type}
