@@ -36,6 +36,9 @@ pruned model's sentence embedding from the dense model's (`cahp.train.objectives
 - `throughput`: measured sentences per second of the dense and the pruned
   encoder on the held-out sentences (1 and 2 threads, batch 32 and 1).
 
+With ``--ffn`` the same dense model, texts, targets and signatures feed the joint
+(heads + FFN neurons) pipeline instead (`cahp.pipelines.embedding_joint`).
+
 Outputs: ``OUTPUT/model`` (a sentence-transformers folder, `cahp.save_pruned`),
 ``report.json``, ``curve.png``, ``heads.png``, ``distances.png``; every stage is
 cached under ``OUTPUT/stages`` (`cahp.pipelines.cache.StageCache`).
@@ -49,6 +52,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,14 +66,17 @@ from cahp.core.io import environment, machine_label, read_json, write_json
 from cahp.data.batching import EncodedDataset, make_batches
 from cahp.data.tasks import get_task
 from cahp.data.text import encode_texts, read_text_file, task_texts
-from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
+from cahp.model.checkpoint import load_pruned, save_pruned
 from cahp.model.gates import head_gates
 from cahp.model.heads import kept_heads, kept_mask, mask_to_heads, mean_relative_depth, num_kept
 from cahp.model.loading import load_model
+from cahp.model.neuron_surgery import keep_neurons
+from cahp.model.neurons import neuron_gates, neuron_shape
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache, fingerprint
 from cahp.pipelines.embedding_eval import THROUGHPUT, SimilaritySet, encoding_throughput, load_similarity_task
+from cahp.pipelines.joint import kept_check
 from cahp.pipelines.stages import (
     PruneConfig,
     PruneResult,
@@ -87,8 +94,9 @@ from cahp.train.objectives import EmbeddingLoss, fidelity, sentence_settings, te
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMBEDDING_OBJECTIVES", "SALIENCE_TARGET_NOISE", "EmbeddingRun", "embedding_curve", "prepare_embedding",
-           "run_embedding", "sentence_length", "summary"]
+__all__ = ["EMBEDDING_OBJECTIVES", "SALIENCE_TARGET_NOISE", "EmbeddingRun", "dense_scores", "embedding_curve",
+           "prepare_embedding", "report_fields", "run_embedding", "salience_loss", "score_gates", "sentence_length",
+           "summary", "surgery_and_distill", "throughput"]
 
 #: ``--objective`` values of the embedding pipeline and the embedding distance each one uses.
 EMBEDDING_OBJECTIVES = {"embedding": "cosine", "embedding-mse": "mse"}
@@ -172,8 +180,6 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
     """Text, dense targets, signatures and embedding salience of the dense encoder (each stage cached)."""
     if cfg.objective not in EMBEDDING_OBJECTIVES:
         raise EmbeddingPipelineError(f"objective {cfg.objective!r} is not one of {', '.join(EMBEDDING_OBJECTIVES)}")
-    if getattr(cfg, "ffn", False):
-        raise EmbeddingPipelineError("--ffn does not combine with --objective embedding yet; prune heads only")
     distributed.on_main(out.mkdir, parents=True, exist_ok=True)
     distance = EMBEDDING_OBJECTIVES[cfg.objective]
     texts, source = _texts(cfg)
@@ -216,7 +222,7 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
     sig_key = {**identity, "stage": "signatures", "distance": cfg.distance, "batch": cfg.stats_batch_size}
     sig = signatures(model, calib_batches, cfg.distance, sig_key, stages, progress)
     sal_key = {**identity, "stage": "salience", "batch": cfg.stats_batch_size, "noise": SALIENCE_TARGET_NOISE}
-    noisy = EmbeddingLoss(targets["calibration"], settings, distance, target_noise=SALIENCE_TARGET_NOISE, seed=cfg.seed)
+    noisy = salience_loss(targets["calibration"], settings, distance, cfg.seed)
     sal = stages.get_or_compute("salience-embedding", sal_key, tensors=True, label="salience", compute=lambda: (
         gate_gradients(model, calib_batches, progress=progress, loss_fn=noisy)))
 
@@ -238,13 +244,23 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
     )
 
 
-def score_gates(run: EmbeddingRun, gates: torch.Tensor) -> dict:
-    """Held-out fidelity and (with a similarity task) dev Spearman of the dense model gated by ``gates`` (L, H)."""
-    with head_gates(run.model, init=gates.float()):
+def score_gates(run: EmbeddingRun, gates: torch.Tensor, neuron_gate_values: torch.Tensor | None = None) -> dict:
+    """Held-out fidelity and (with a similarity task) dev Spearman of the dense model gated by ``gates`` (L, H)
+    and, if given, FFN neuron gates ``neuron_gate_values`` (L, d_ff)."""
+    with ExitStack() as stack:
+        stack.enter_context(head_gates(run.model, init=gates.float()))
+        if neuron_gate_values is not None:
+            stack.enter_context(neuron_gates(run.model, init=neuron_gate_values.float()))
         point = {"fidelity": fidelity(run.model, run.curve_batches, run.targets["curve"], run.settings)}
         if run.similarity:
             point["similarity_dev_spearman"] = run.similarity["dev"].spearman(run.model, run.settings)
     return point
+
+
+def salience_loss(targets: torch.Tensor, settings: dict, distance: str, seed: int) -> EmbeddingLoss:
+    """The loss of the salience passes (heads, and with ``--ffn`` neurons): the embedding ``distance`` to the
+    dense embeddings ``targets`` (N, D) moved by seeded noise (`SALIENCE_TARGET_NOISE`; see the module docstring)."""
+    return EmbeddingLoss(targets, settings, distance, target_noise=SALIENCE_TARGET_NOISE, seed=seed)
 
 
 def embedding_curve(run: EmbeddingRun, selector: HeadSelector, progress: bool = True) -> dict:
@@ -286,13 +302,17 @@ def dense_scores(run: EmbeddingRun) -> dict:
                                                                     **_similarity_scores(run, run.model)})
 
 
-def surgery_and_distill(run: EmbeddingRun, mask: torch.Tensor, progress: bool = True):
-    """Steps 7-8: (pruned encoder, scores): surgery, scores, one distillation (unless skipped), scores again;
-    the pruned encoder saved as ``OUTPUT/model`` (a sentence-transformers folder)."""
+def surgery_and_distill(run: EmbeddingRun, kept: dict, progress: bool = True, neurons: dict | None = None):
+    """Steps 7-8: (pruned encoder, scores, cache key): surgery, scores, one distillation (unless skipped), scores
+    again; the pruned encoder saved as ``OUTPUT/model`` (a sentence-transformers folder).
+
+    ``kept``: {layer: heads to keep}; ``neurons``: {layer: FFN neurons to keep} (``--ffn``; None: all).
+    """
     cfg, ft_cfg = run.cfg, run.ft_cfg
-    kept = mask_to_heads(mask)
     pruned = copy.deepcopy(run.model)
     keep_heads(pruned, kept)
+    if neurons is not None:
+        keep_neurons(pruned, neurons)
     model_dir = run.out / "model"
     loss = EmbeddingLoss(run.targets["train"], run.settings, run.distance)
     made = {}
@@ -315,14 +335,18 @@ def surgery_and_distill(run: EmbeddingRun, mask: torch.Tensor, progress: bool = 
 
     key = {**run.identity, "stage": "final", "kept": kept, "skip": cfg.skip_final_finetune,
            "distill": asdict(ft_cfg) if not cfg.skip_final_finetune else None}
-    scores = run.stages.get_or_compute("final-embedding", key, compute, label="surgery_and_distill",
-                                       artifact=model_dir, artifact_check=is_pruned_folder)
+    if neurons is not None:  # heads-only runs keep the key they always had
+        key["kept_neurons"] = neurons
+    # the folder must hold exactly these units: another run's model/ (heads only, or other neurons) is no hit
+    check = kept_check(kept, neurons, neuron_shape(pruned.config)[1])
+    scores = run.stages.get_or_compute("final-embedding" if neurons is None else "final-embedding-ffn", key, compute,
+                                       label="surgery_and_distill", artifact=model_dir, artifact_check=check)
     if "model" not in made:
         if distributed.is_main():
             pruned, _ = load_pruned(model_dir)
             pruned = getattr(pruned, pruned.base_model_prefix, pruned)
         distributed.sync_module(pruned.to(distributed.device()))
-    return pruned, scores
+    return pruned, scores, key
 
 
 def sentence_length(settings: dict, ft_cfg: FinetuneConfig) -> int:
@@ -357,8 +381,37 @@ def _versus_dense(run: EmbeddingRun, dense: dict, scores: dict | None) -> dict |
     return {m: run.similarity["test"].paired(a, b, m, seed=run.cfg.seed) for m in ("spearman", "pearson")}
 
 
+def report_fields(run: EmbeddingRun, dense: dict, final: dict, speed: dict) -> dict:
+    """The report's embedding part, heads-only or ``--ffn``: objective, texts, settings, data, the scores of
+    the dense, pruned and distilled encoder (and the paired differences from dense), distillation, throughput."""
+    cfg = run.cfg
+    return {
+        "objective": cfg.objective,
+        "embedding_distance": run.distance,
+        "model": cfg.model,
+        "texts": run.source,
+        "similarity_task": run.identity.get("similarity_task"),
+        # "finetune": the settings of the distillation (the same dataclass; the key other reports use)
+        "settings": {"prune": asdict(cfg), "finetune": asdict(run.ft_cfg),
+                     "salience_target_noise": SALIENCE_TARGET_NOISE},
+        "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},
+                 **{f"similarity_{k}_pairs": len(s) for k, s in run.similarity.items()},
+                 "calibration_rows": run.signatures.rows},
+        "knee_score": run.knee_score,
+        "scores": {"dense": _strip(dense), "after_pruning": _strip(final["after_pruning"]),
+                   "after_distillation": _strip(final.get("after_distillation"))},
+        "versus_dense": {"after_pruning": _versus_dense(run, dense, final["after_pruning"]),
+                         "after_distillation": _versus_dense(run, dense, final.get("after_distillation"))},
+        "distillation": final.get("distillation"),
+        "throughput": {k: v for k, v in speed.items() if not k.startswith("_")},
+    }
+
+
 def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PruneResult:
     """The whole embedding pipeline (see the module docstring); returns the report on every rank."""
+    if cfg.ffn:  # a heads-only result must never stand in for a joint one
+        raise EmbeddingPipelineError("run_embedding prunes heads only; --ffn runs "
+                                     "cahp.pipelines.embedding_joint.run_embedding_joint")
     t_total = time.perf_counter()
     run = prepare_embedding(cfg, ft_cfg, out, progress)  # text, targets, steps 1-2, salience
     params_before, heads_before = count_parameters(run.model), num_kept(run.model)
@@ -368,37 +421,21 @@ def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
     k_final, k_source = final_budget(cfg, knee, run.stats.n)
     mask = distributed.broadcast_object(selector.select(k_final, run.stats, run.context()))
     dense = dense_scores(run)
-    pruned, final = surgery_and_distill(run, mask, progress)  # steps 7-8
+    pruned, final, _ = surgery_and_distill(run, mask_to_heads(mask), progress)  # steps 7-8
     head_mask = kept_mask(pruned)
     speed = throughput(run, pruned, mask_to_heads(mask))
     report = {
-        "objective": cfg.objective,
-        "embedding_distance": run.distance,
-        "model": cfg.model,
-        "texts": run.source,
-        "similarity_task": run.identity.get("similarity_task"),
-        # "finetune": the settings of the distillation (the same dataclass; the key other reports use)
-        "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg), "salience_target_noise": SALIENCE_TARGET_NOISE},
-        "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},
-                 **{f"similarity_{k}_pairs": len(s) for k, s in run.similarity.items()},
-                 "calibration_rows": run.signatures.rows},
+        **report_fields(run, dense, final, speed),
         "heads_before": heads_before,
         "k_star": knee.k,
         "heads_kept": int(head_mask.sum()),
         "k_source": k_source,
-        "knee_score": run.knee_score,
         "knee": knee.to_dict(),
         "curve": [{k: v for k, v in p.items() if k != "kept"} for p in points],
         "kept_heads": kept_heads(pruned),
         "heads_per_layer": head_mask.sum(1).tolist(),
         "mean_relative_depth": mean_relative_depth(head_mask),
-        "scores": {"dense": _strip(dense), "after_pruning": _strip(final["after_pruning"]),
-                   "after_distillation": _strip(final.get("after_distillation"))},
-        "versus_dense": {"after_pruning": _versus_dense(run, dense, final["after_pruning"]),
-                         "after_distillation": _versus_dense(run, dense, final.get("after_distillation"))},
-        "distillation": final.get("distillation"),
         "parameters": {"before": params_before, "after": count_parameters(pruned)},
-        "throughput": {k: v for k, v in speed.items() if not k.startswith("_")},
         "stage_seconds": run.stages.times,
         "total_seconds": round(time.perf_counter() - t_total, 1),
         "environment": environment(),
@@ -410,11 +447,19 @@ def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
 
 
 def summary(report: dict) -> str:
-    """One line: heads kept, parameters, fidelity and similarity test Spearman, dense -> pruned -> distilled."""
+    """One line: heads (and FFN neurons) kept, parameters, fidelity and similarity test Spearman, dense ->
+    pruned -> distilled, throughput (and with ``--ffn`` the estimated and measured speedups)."""
     s = report["scores"]
     last = s["after_distillation"] or s["after_pruning"]
-    line = (f"{report['model']} ({report['objective']}): kept {report['heads_kept']} of {report['heads_before']} "
-            f"heads (k* = {report['k_star']} on {report['knee_score']}), parameters "
+    if report.get("ffn"):
+        measured = ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in (report["measured_speedup"] or {}).items())
+        kept = (f"kept {report['heads_kept']} of {report['heads_before']} heads and {report['neurons_kept']} of "
+                f"{report['neurons_before']} FFN neurons (estimated share {report['estimated_share']:.3f}, "
+                f"{report['k_source']} on {report['knee_score']}; measured speedup {measured or '-'})")
+    else:
+        kept = (f"kept {report['heads_kept']} of {report['heads_before']} heads (k* = {report['k_star']} on "
+                f"{report['knee_score']})")
+    line = (f"{report['model']} ({report['objective']}): {kept}, parameters "
             f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}; held-out fidelity "
             f"{s['after_pruning']['heldout_fidelity']:.4f} (pruned) -> {last['heldout_fidelity']:.4f}")
     if "similarity_test" in s["dense"]:

@@ -20,6 +20,12 @@ through `cahp.pipelines.prune.prepare_run`, the same cache, the same folders):
   once, evaluate, save ``OUTPUT/model``; then the measured speedup of the saved
   folder against the dense model (`cahp.pipelines.joint_report.measure_speedup`).
 
+The steps after the dense model are objective-neutral: `build_joint` takes the
+loss of the neuron pass and the curve's scorer, `choose_selection` reads the knee
+(or ``--target-speedup``) and picks the units, and `joint_report.joint_fields` is
+the report's joint part; `cahp.pipelines.embedding_joint` runs them on an
+embedding model without labels (``--objective embedding --ffn``).
+
 The budget axis is the mean of the estimated shares at 1 x 32 and 32 x 128
 (`combined_table`): the two shapes stand for latency-bound serving and batch
 throughput, whose costs differ (per-call overheads weigh at 1 x 32, attention's
@@ -48,7 +54,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,16 +82,24 @@ from cahp.selectors.joint import LINKAGES, Allocation
 from cahp.selectors.joint_base import JointProblem, JointSelection
 from cahp.selectors.joint_methods import CahpJoint
 from cahp.stats.neurons import NeuronStats, collect_neuron_stats
+from cahp.stats.salience import LossFn
 from cahp.train.evaluate import evaluate_task, predict
 from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JointConfig", "JointRun", "JointSetupError", "best_point", "cost_tables", "find_share_star", "joint_curve",
-           "joint_problem", "neuron_stats", "prepare_joint", "run_joint", "score_units"]
+__all__ = ["GateScore", "JointChoice", "JointConfig", "JointRun", "JointSetupError", "best_point", "build_joint",
+           "check_settings", "choose_selection", "cost_tables", "dense_counts", "find_share_star", "joint_curve",
+           "joint_problem", "kept_check", "neuron_stats", "prepare_joint", "run_joint", "score_units"]
+
+#: ``score(head gates (layers, heads), neuron gates (layers, d_ff))``: the curve's held-out score through gates
+#: (higher is better): a number, or a dict whose ``"score"`` is that number and whose other entries the curve
+#: point records beside it (e.g. fidelity and dev Spearman of the embedding objective).
+GateScore = Callable[[torch.Tensor, torch.Tensor], "float | dict"]
 
 
-def _check(cfg: PruneConfig, joint: JointConfig) -> None:
+def check_settings(cfg: PruneConfig, joint: JointConfig) -> None:
+    """One-line errors, before any work, for ``--ffn`` settings that do not go together."""
     if cfg.keep or cfg.keep_ratio:
         raise JointSetupError("--keep and --keep-ratio count heads only; with --ffn use --target-speedup")
     x = cfg.target_speedup
@@ -101,17 +116,25 @@ def _check(cfg: PruneConfig, joint: JointConfig) -> None:
         log.warning("--target-speedup %s lies far below the curve's smallest share %s", x, joint.min_share)
 
 
-def neuron_stats(run: PreparedRun, progress: bool = True) -> tuple[NeuronStats, dict]:
-    """(`NeuronStats` of the fine-tuned dense model on the calibration batches, its cache key).
+def neuron_stats(run, progress: bool = True, loss_fn: LossFn | None = None,
+                 loss_key: dict | None = None) -> tuple[NeuronStats, dict]:
+    """(`NeuronStats` of the dense model on the calibration batches, its cache key).
 
+    ``run``: a `PreparedRun` (or any run with ``identity``, ``stages``, ``model``, ``calibration_batches`` and
+    ``cfg``, e.g. `cahp.pipelines.embedding.EmbeddingRun`). ``loss_fn``: the loss of the gate gradients
+    (default: the labelled loss); ``loss_key`` describes it in the cache key (required with ``loss_fn``).
     Cached as tensors; the per-layer correlations are stored in float32 (d_ff^2
     per layer, half of float64; distances ``1 - |corr|`` need no more precision).
     """
+    if loss_fn is not None and not loss_key:
+        raise ValueError("neuron_stats: a loss_fn needs a loss_key that tells its results apart in the cache")
     key = {**run.identity, "stage": "neuron_stats", "batch": run.cfg.stats_batch_size}
+    if loss_key:  # the labelled loss keeps the key it always had
+        key["loss"] = loss_key
 
     def compute() -> dict:
         stats = collect_neuron_stats(run.model, run.calibration_batches, heads=True, signatures=True,
-                                     progress=progress)
+                                     progress=progress, loss_fn=loss_fn)
         state = stats.state_dict()
         state["correlation"] = [None if c is None else c.float() for c in state["correlation"]]
         return state
@@ -120,7 +143,7 @@ def neuron_stats(run: PreparedRun, progress: bool = True) -> tuple[NeuronStats, 
     return NeuronStats.from_state_dict(state), key
 
 
-def cost_tables(run: PreparedRun, joint: JointConfig) -> tuple[list[CostTable], dict]:
+def cost_tables(run, joint: JointConfig) -> tuple[list[CostTable], dict]:
     """(one `CostTable` per shape of ``joint.cost_shapes``, the cache key) for the dense model.
 
     Measured tables time the model as the speedup is measured (`joint_report.measure_speedup`): freed
@@ -159,17 +182,29 @@ def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batch
     return float((preds == labels).mean())
 
 
-def joint_problem(run: PreparedRun, stats: NeuronStats, table: CostTable, score: bool = True) -> JointProblem:
+def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True, gate_score: GateScore | None = None,
+                  details: dict | None = None) -> JointProblem:
     """The `JointProblem` of a prepared run: the neuron pass's statistics, the table, the dense model and data.
 
-    ``score``: give the problem a held-out scorer (accuracy on the curve data through gates, tuned gate values
-    where a selection has them).
+    ``score``: give the problem a held-out scorer through gates (tuned gate values where a selection has them):
+    ``gate_score`` (a `GateScore`), by default the accuracy on the run's curve data (`score_units`).
+    ``details``: where a ``gate_score`` that returns a dict leaves it, keyed by the selection's
+    (heads per layer, neurons per layer).
     """
     model = run.model
     shapes = (tuple(kept_mask(model).shape), tuple(neuron_shape(model.config)))
+    if gate_score is None:
+        def gate_score(hg: torch.Tensor, ng: torch.Tensor) -> float:
+            return score_units(model, hg, ng, run.curve_batches, run.curve_labels)
 
     def scorer(sel: JointSelection) -> float:
-        return score_units(model, *sel.gate_values(*shapes), run.curve_batches, run.curve_labels)
+        value = gate_score(*sel.gate_values(*shapes))
+        if isinstance(value, dict):
+            if details is not None:
+                counts = sel.counts(shapes[0][0])  # (heads per layer, neurons per layer)
+                details[tuple(map(tuple, counts))] = {k: v for k, v in value.items() if k != "score"}
+            value = value["score"]
+        return float(value)
 
     return JointProblem(
         table=table, head_salience=stats.head_salience.numpy(), head_fisher=stats.head_fisher.numpy(),
@@ -184,9 +219,13 @@ def joint_problem(run: PreparedRun, stats: NeuronStats, table: CostTable, score:
 @dataclass
 class JointRun:
     """The stages `cahp prune --ffn` and `cahp compare --ffn` share: the prepared run, the neuron statistics, the
-    cost tables, the joint problem and CAHP's joint method (and the cache keys of the curve)."""
+    cost tables, the joint problem and CAHP's joint method (and the cache keys of the curve).
 
-    run: PreparedRun
+    ``run``: a `PreparedRun`, or an `cahp.pipelines.embedding.EmbeddingRun` (``--objective embedding``).
+    ``details``: the extra entries of the scorer's results (`GateScore`), by (heads, neurons) per layer.
+    """
+
+    run: object
     joint: JointConfig
     stats: NeuronStats
     tables: list[CostTable]
@@ -194,6 +233,7 @@ class JointRun:
     problem: JointProblem
     method: CahpJoint
     key: dict
+    details: dict = field(default_factory=dict)
 
 
 def prepare_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
@@ -201,17 +241,36 @@ def prepare_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
     """Steps 0-2 of `prepare_run`, then the neuron statistics and the cost tables (all cached)."""
     joint = joint or JointConfig()
     run = prepare_run(cfg, ft_cfg, out, progress, task)  # steps 0-2 and the head salience, shared with heads-only
+    return build_joint(run, joint, progress)
+
+
+def build_joint(run, joint: JointConfig, progress: bool = True, *, loss_fn: LossFn | None = None,
+                loss_key: dict | None = None, gate_score: GateScore | None = None,
+                score_key: dict | None = None) -> JointRun:
+    """The `JointRun` of a prepared dense model: neuron statistics, cost tables, problem, method (cached).
+
+    ``run``: a `PreparedRun` (the task objective) or an `cahp.pipelines.embedding.EmbeddingRun`. The objective
+    enters through ``loss_fn`` / ``loss_key`` (the neuron pass's loss, `neuron_stats`; default: the labelled
+    loss) and ``gate_score`` / ``score_key`` (the curve's held-out score through gates and its description in
+    the curve's cache key; default: accuracy on the curve data).
+    """
+    if gate_score is not None and not score_key:
+        raise ValueError("build_joint: a gate_score needs a score_key that tells its curve apart in the cache")
     longest = get_adapter(run.model).max_positions(run.model.config)
     if any(seq > longest for _, seq in parse_shapes(joint.cost_shapes)):
         raise JointSetupError(f"cost shapes {joint.cost_shapes} are longer than the model allows ({longest} tokens)")
-    stats, stats_key = neuron_stats(run, progress)
+    stats, stats_key = neuron_stats(run, progress, loss_fn=loss_fn, loss_key=loss_key)
     tables, cost_key = cost_tables(run, joint)
     table = combined_table(tables)
     method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage)
-    key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": cfg.distance,
+    key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": run.cfg.distance,
            "linkage": joint.linkage, "head_weights": joint.weights(), "stage": "curve-ffn"}
-    return JointRun(run=run, joint=joint, stats=stats, tables=tables, table=table,
-                    problem=joint_problem(run, stats, table), method=method, key=key)
+    if score_key:  # accuracy curves keep the key they always had
+        key["score"] = score_key
+    details: dict = {}
+    problem = joint_problem(run, stats, table, gate_score=gate_score, details=details)
+    return JointRun(run=run, joint=joint, stats=stats, tables=tables, table=table, problem=problem, method=method,
+                    key=key, details=details)
 
 
 def best_point(jr: JointRun, share: float) -> dict | None:
@@ -225,8 +284,10 @@ def best_point(jr: JointRun, share: float) -> dict | None:
         if c["score"] > best["score"]:  # ties keep the earlier weight (1 comes first)
             best = c
     alloc = best["allocation"]
+    # "accuracy": the curve's held-out score (accuracy for the task objective; see `GateScore` for others)
     return {"target_share": share, "estimated_share": alloc.share, "accuracy": best["score"],
             "head_weight": best["head_weight"], "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons,
+            **jr.details.get((tuple(alloc.heads), tuple(alloc.neurons)), {}),
             "candidates": [{"head_weight": c["head_weight"], "accuracy": c["score"],
                             "estimated_share": c["allocation"].share} for c in cands]}
 
@@ -264,10 +325,11 @@ def find_share_star(points: list[dict], cfg: PruneConfig):
     return share_star, knee, next(p for p in points if p["estimated_share"] == share_star)
 
 
-def _kept_check(heads: dict, neurons: dict, size: int):
-    """An artifact check: the folder holds a pruned model keeping exactly ``heads`` and ``neurons``."""
+def kept_check(heads: dict, neurons: dict | None, size: int = 0):
+    """An artifact check: the folder holds a pruned model keeping exactly ``heads`` and ``neurons`` (``size``:
+    d_ff); ``neurons`` None: every neuron (a heads-only pruned model, no neuron record)."""
     want_h = {str(k): list(v) for k, v in heads.items()}
-    want_n = encode_kept_neurons(neurons, size, len(neurons))
+    want_n = None if neurons is None else encode_kept_neurons(neurons, size, len(neurons))
 
     def check(path: Path) -> bool:
         if not is_pruned_folder(path):
@@ -303,7 +365,7 @@ def joint_surgery_and_finetune(run: PreparedRun, heads: dict, neurons: dict, pro
 
     key = {**run.identity, "stage": "final-ffn", "kept_heads": heads, "kept_neurons": neurons,
            "skip_final_finetune": cfg.skip_final_finetune}
-    check = _kept_check(heads, neurons, neuron_shape(pruned.config)[1])
+    check = kept_check(heads, neurons, neuron_shape(pruned.config)[1])
     scores = run.stages.get_or_compute("final-ffn", key, compute, label="surgery_and_finetune", artifact=model_dir,
                                        artifact_check=check)
     if "model" in made:
@@ -314,24 +376,35 @@ def joint_surgery_and_finetune(run: PreparedRun, heads: dict, neurons: dict, pro
     return pruned, scores, key
 
 
-def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
-              joint: JointConfig | None = None) -> PruneResult:
-    """`cahp prune --ffn` (see the module docstring); called by `cahp.pipelines.prune.run_prune`."""
-    joint = joint or JointConfig()
-    _check(cfg, joint)
-    t_total = time.perf_counter()
-    jr = prepare_joint(cfg, ft_cfg, out, progress, joint)
-    run, tables, table = jr.run, jr.tables, jr.table
-    params_before, heads_before = count_parameters(run.model), num_kept(run.model)
-    neurons_before = int(kept_neuron_mask(run.model).sum())
-    curve = joint_curve(jr, progress)
-    points = curve["points"]
+@dataclass
+class JointChoice:
+    """What the curve chose: the curve's points, the knee, the chosen point and the units kept."""
+
+    points: list[dict]
+    share_star: float
+    knee: object  # `cahp.budget.knee.KneeResult` on the share axis
+    chosen: dict  # the curve point (`best_point`) of the allocation kept
+    source: str  # "knee" or "--target-speedup"
+    heads: dict  # {layer: kept heads}
+    neurons: dict  # {layer: kept neurons}
+
+
+def dense_counts(model) -> dict:
+    """{"parameters", "heads", "neurons"} of the dense model (the report's ``before``)."""
+    return {"parameters": count_parameters(model), "heads": num_kept(model),
+            "neurons": int(kept_neuron_mask(model).sum())}
+
+
+def choose_selection(jr: JointRun, cfg: PruneConfig, progress: bool = True) -> JointChoice:
+    """The curve (`joint_curve`), its knee, the point at the knee or at ``--target-speedup``, and the heads and
+    neurons CAHP keeps at that point's allocation (the same for every objective)."""
+    points = joint_curve(jr, progress)["points"]
     share_star, knee, chosen = find_share_star(points, cfg)
     if cfg.target_speedup:
         chosen = distributed.broadcast_object(best_point(jr, 1 / cfg.target_speedup))
         if chosen is None:
             raise JointSetupError(f"no allocation reaches an estimated speedup of {cfg.target_speedup} "
-                                  f"(at most {1 / floor_share(table):.2f}: embeddings, LayerNorms and the "
+                                  f"(at most {1 / floor_share(jr.table):.2f}: embeddings, LayerNorms and the "
                                   f"classifier stay)")
         source = "--target-speedup"
     else:
@@ -341,17 +414,25 @@ def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: boo
     heads, neurons = jr.method.selector(jr.problem).select(alloc)
     log.info("knee at an estimated share of %.3f; keeping %d heads and %d neurons, estimated share %.3f (%s)",
              share_star, sum(alloc.heads), sum(alloc.neurons), alloc.share, source)
-    pruned, final, final_key = joint_surgery_and_finetune(run, heads, neurons, progress)
+    return JointChoice(points=points, share_star=share_star, knee=knee, chosen=chosen, source=source, heads=heads,
+                       neurons=neurons)
+
+
+def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
+              joint: JointConfig | None = None) -> PruneResult:
+    """`cahp prune --ffn` (see the module docstring); called by `cahp.pipelines.prune.run_prune`."""
+    joint = joint or JointConfig()
+    check_settings(cfg, joint)
+    t_total = time.perf_counter()
+    jr = prepare_joint(cfg, ft_cfg, out, progress, joint)
+    run = jr.run
+    before = dense_counts(run.model)
+    choice = choose_selection(jr, cfg, progress)
+    pruned, final, final_key = joint_surgery_and_finetune(run, choice.heads, choice.neurons, progress)
     speedup = joint_report.measured_speedup(run, final_key, joint)
-    report = joint_report.build_report(
-        run, joint, points=points, knee=knee, share_star=share_star, chosen=chosen, source=source,
-        tables=tables, heads=heads, neurons=neurons, pruned=pruned, final=final, speedup=speedup,
-        before={"parameters": params_before, "heads": heads_before, "neurons": neurons_before},
-        seconds=time.perf_counter() - t_total,
-    )
-    report["settings"]["joint"] = asdict(joint)
+    report = joint_report.build_report(run, joint, choice, tables=jr.tables, pruned=pruned, final=final,
+                                       speedup=speedup, before=before, seconds=time.perf_counter() - t_total)
     report = distributed.broadcast_object(report)
-    distributed.on_main(joint_report.write_outputs, run, report, points, knee)
+    distributed.on_main(joint_report.write_outputs, run, report, choice.points, choice.knee)
     joint_report.log_summary(report)
     return PruneResult(output_dir=out, report=report)
-

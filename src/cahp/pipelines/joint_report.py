@@ -33,7 +33,7 @@ from cahp.pipelines import plots
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_report", "estimated_speedups", "log_summary", "measure_speedup", "measured_speedup",
+__all__ = ["build_report", "estimated_speedups", "joint_fields", "log_summary", "measure_speedup", "measured_speedup",
            "write_outputs"]
 
 
@@ -96,38 +96,44 @@ def measured_speedup(run, final_key: dict, joint) -> dict | None:
     return run.stages.get_or_compute("speedup-ffn", key, compute, label="speedup")["shapes"]
 
 
-def build_report(run, joint, *, points, knee, share_star, chosen, source, tables, heads, neurons, pruned, final,
-                 speedup, before, seconds) -> dict:
-    """report.json of a joint run: heads-only's keys, plus neurons, estimated and measured speedups."""
-    cfg, ft_cfg = run.cfg, run.ft_cfg
+#: The entries of a joint curve point that the report lists first (the rest: the scorer's details).
+_POINT_KEYS = ("target_share", "estimated_share", "accuracy", "head_weight", "heads_per_layer", "neurons_per_layer")
+
+
+def _curve_entry(p: dict, score_name: str) -> dict:
+    """A curve point for report.json, its held-out score (``accuracy`` in the curve) named ``score_name``."""
+    entry = {(score_name if k == "accuracy" else k): p[k] for k in _POINT_KEYS}
+    entry.update({k: v for k, v in p.items() if k not in _POINT_KEYS and k != "candidates"})
+    entry["candidates"] = [{(score_name if k == "accuracy" else k): v for k, v in c.items()} for c in p["candidates"]]
+    return entry
+
+
+def joint_fields(choice, *, tables, pruned, speedup, before, target_speedup, score_name: str = "accuracy") -> dict:
+    """The report's joint part, the same for every objective: units before and kept, the knee, the curve
+    (its score named ``score_name``), the kept structure, estimated and measured speedups, parameters.
+
+    ``choice``: the `cahp.pipelines.joint.JointChoice`; ``before``: `cahp.pipelines.joint.dense_counts`.
+    """
+    points, share_star = choice.points, choice.share_star
     head_mask = kept_mask(pruned)
     n_layers, d_ff = neuron_shape(pruned.config)
     kept_n = kept_neurons(pruned.config)
     neurons_per_layer = [len(kept_n[i]) for i in range(n_layers)]
     heads_per_layer = head_mask.sum(1).tolist()
     knee_point = next(p for p in points if p["estimated_share"] == share_star)
-    dense_point = points[0] if points and points[0]["target_share"] == 1.0 else None
     return {
-        "model": cfg.model,
-        "task": run.task.name,
         "ffn": True,
-        "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg)},
-        "data": {"train": len(run.train_examples) + len(run.curve_examples),
-                 "finetune_examples": len(run.train_examples) if not cfg.finetuned else None,
-                 "curve_examples": len(run.curve_examples), "calibration_examples": len(run.calibration_examples),
-                 "calibration_rows": run.signatures.rows, "test_split": run.task.test_split},
         "heads_before": before["heads"],
         "neurons_before": before["neurons"],
         "k_star": sum(knee_point["heads_per_layer"]) + sum(knee_point["neurons_per_layer"]),
         "share_star": share_star,
-        "k_source": source,
-        "target_speedup": cfg.target_speedup or None,
+        "k_source": choice.source,
+        "target_speedup": target_speedup or None,
         "heads_kept": int(head_mask.sum()),
         "neurons_kept": sum(neurons_per_layer),
-        "head_weight": chosen["head_weight"],
-        "knee": knee.to_dict(),
-        "curve": [{k: p[k] for k in ("target_share", "estimated_share", "accuracy", "head_weight",
-                                     "heads_per_layer", "neurons_per_layer", "candidates")} for p in points],
+        "head_weight": choice.chosen["head_weight"],
+        "knee": choice.knee.to_dict(),
+        "curve": [_curve_entry(p, score_name) for p in points],
         "kept_heads": kept_heads(pruned),
         "heads_per_layer": heads_per_layer,
         "kept_neurons": encode_kept_neurons(kept_n, d_ff, n_layers),
@@ -137,15 +143,33 @@ def build_report(run, joint, *, points, knee, share_star, chosen, source, tables
         "estimated_speedup": estimated_speedups(tables, heads_per_layer, neurons_per_layer),
         "measured_speedup": speedup,
         "cost_tables": {f"{t.batch}x{t.seq}": {"source": t.source, "unit": t.unit} for t in tables},
+        "parameters": {"before": before["parameters"], "after": count_parameters(pruned)},
+    }
+
+
+def build_report(run, joint, choice, *, tables, pruned, final, speedup, before, seconds) -> dict:
+    """report.json of a joint run on a task: heads-only's keys, plus neurons, estimated and measured speedups."""
+    cfg, ft_cfg = run.cfg, run.ft_cfg
+    points = choice.points
+    dense_point = points[0] if points and points[0]["target_share"] == 1.0 else None
+    return {
+        "model": cfg.model,
+        "task": run.task.name,
+        "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg), "joint": asdict(joint)},
+        "data": {"train": len(run.train_examples) + len(run.curve_examples),
+                 "finetune_examples": len(run.train_examples) if not cfg.finetuned else None,
+                 "curve_examples": len(run.curve_examples), "calibration_examples": len(run.calibration_examples),
+                 "calibration_rows": run.signatures.rows, "test_split": run.task.test_split},
+        **joint_fields(choice, tables=tables, pruned=pruned, speedup=speedup, before=before,
+                       target_speedup=cfg.target_speedup),
         "scores": {
             "before_pruning": {k: {m: v for m, v in r.items() if m != "predictions"}
                                for k, r in run.dense_info["test"].items()},
             "after_pruning": final["test_after_pruning"],
             "after_finetune": final.get("test_after_finetune"),
             "heldout_accuracy_dense": dense_point["accuracy"] if dense_point else None,
-            "heldout_accuracy_selected": chosen["accuracy"],
+            "heldout_accuracy_selected": choice.chosen["accuracy"],
         },
-        "parameters": {"before": before["parameters"], "after": count_parameters(pruned)},
         "stage_seconds": run.stages.times,
         "total_seconds": round(seconds, 1),
         "environment": environment(),
@@ -157,11 +181,14 @@ def estimated_latency_mean(tables: list[CostTable], heads_per_layer, neurons_per
     return sum(estimated_latency(t, heads_per_layer, neurons_per_layer) for t in tables) / len(tables)
 
 
-def write_outputs(run, report: dict, points: list[dict], knee) -> None:
-    """report.json, curve.png, heads.png, structure.png, distances.png (rank 0)."""
+def write_outputs(run, report: dict, points: list[dict], knee, title: str = "") -> None:
+    """report.json, curve.png, heads.png, structure.png, distances.png (rank 0).
+
+    ``title``: what the figures are of (default: the model and the run's task).
+    """
     out, cfg = run.out, run.cfg
     write_json(out / "report.json", report)
-    title = f"{cfg.model} / {run.task.name} (heads + FFN neurons)"
+    title = f"{title or f'{cfg.model} / {run.task.name}'} (heads + FFN neurons)"
     plots.plot_joint_curve(points, knee.to_dict(), report["share_star"], out / "curve.png", title=title)
     n_layers, n_heads = model_shape(run.model.config)
     mask = torch.zeros(n_layers, n_heads)

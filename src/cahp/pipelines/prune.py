@@ -61,6 +61,7 @@ from cahp.model.heads import kept_heads, kept_mask, mean_relative_depth, num_kep
 from cahp.model.surgery import count_parameters
 from cahp.pipelines import decoder, plots
 from cahp.pipelines.embedding import run_embedding
+from cahp.pipelines.embedding_joint import run_embedding_joint
 from cahp.pipelines.guard import (
     RunConflictError,
     check_final_settings,
@@ -110,7 +111,9 @@ def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool, ta
          joint=None) -> PruneResult:
     if decoder.prunes_as_lm(cfg):  # causal LMs: KV-group CAHP by perplexity (--decoder-head classifier: below)
         return decoder.run_decoder(cfg, ft_cfg, out, progress)
-    if cfg.objective != "task":  # label-free, on sentence embeddings
+    if cfg.objective != "task":  # label-free, on sentence embeddings (heads only, or with --ffn neurons too)
+        if cfg.ffn:
+            return run_embedding_joint(cfg, ft_cfg, out, progress, joint)
         return run_embedding(cfg, ft_cfg, out, progress)
     if cfg.ffn:  # heads and FFN neurons together
         return run_joint(cfg, ft_cfg, out, progress, joint)

@@ -1,9 +1,10 @@
 """Neuron statistics: salience through neuron gates and activation correlations, in one streamed pass.
 
-For every labelled batch, one forward and one backward pass with neuron gates
+For every batch, one forward and one backward pass with neuron gates
 (`cahp.model.neurons.neuron_gates`, and head gates `cahp.model.gates.head_gates`
 beside them) at 1, the same loss as `cahp.stats.salience.gate_gradients` (the
-batch's mean cross-entropy, eval mode): ``g = dL/dgate`` for every neuron and
+batch's mean cross-entropy, eval mode, or the caller's ``loss_fn``, e.g. the
+label-free embedding distance `cahp.train.objectives.EmbeddingLoss`): ``g = dL/dgate`` for every neuron and
 head gives the salience mean ``|g|`` and the Fisher mean ``g^2`` over batches.
 During the same forward pass a hook on each layer's activation module reads
 the activated intermediate (B, T, d_ff) at the real (non-padding) tokens and
@@ -54,7 +55,7 @@ from cahp.core.allocator import release_freed_memory
 from cahp.model.gates import head_gates
 from cahp.model.heads import model_shape
 from cahp.model.neurons import kept_neurons, neuron_gates, neuron_shape
-from cahp.stats.salience import GateGradientAccumulator
+from cahp.stats.salience import GateGradientAccumulator, LossFn
 from cahp.train.evaluate import labelled_loss
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,15 @@ def collect_neuron_stats(
     product_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     reduce=None,
+    loss_fn: LossFn | None = None,
 ) -> NeuronStats:
-    """Stream labelled ``batches`` through ``model``: neuron (and head) gate gradients and activation correlations.
+    """Stream ``batches`` through ``model``: neuron (and head) gate gradients and activation correlations.
 
     Args:
-        model: a supported sequence-classification model, dense or pruned (heads and/or neurons).
-        batches: padded labelled batches (``labels``, ``attention_mask``), e.g. the calibration sample.
+        model: a supported model, dense or pruned (heads and/or neurons): sequence classification, or a
+            bare encoder with a label-free ``loss_fn``.
+        batches: padded batches (``attention_mask``, and ``labels`` for the default loss), e.g. the
+            calibration sample.
         heads: also accumulate the head gates' gradients (same pass, same loss).
         signatures: also accumulate per-layer activation correlations.
         head_mask, neuron_mask: optional (layers, heads) / (layers, d_ff) gate values to hold the
@@ -246,6 +250,8 @@ def collect_neuron_stats(
         product_dtype: dtype of each batch's activation product (`ActivationCorrelationAccumulator`).
         reduce: as in `cahp.stats.salience.gate_gradients`: None shards the batches under torchrun
             and all-reduces the sums; a callable reduces the caller's shards.
+        loss_fn: ``loss_fn(model, batch, device) -> scalar``, the loss L of ``dL/dgate``
+            (`cahp.stats.salience.LossFn`); None: the labelled loss (`labelled_loss`).
 
     Returns:
         `NeuronStats`. The model's weights, training mode and ``requires_grad`` are left as they were.
@@ -298,7 +304,7 @@ def collect_neuron_stats(
             for batch in bar:
                 t = time.perf_counter()
                 state["mask"] = batch["attention_mask"].to(device).bool()
-                grads = torch.autograd.grad(labelled_loss(model, batch, device), gate_values)
+                grads = torch.autograd.grad((loss_fn or labelled_loss)(model, batch, device), gate_values)
                 neuron_acc.add_batch(grads[0])
                 if heads:
                     head_acc.add_batch(grads[1])
