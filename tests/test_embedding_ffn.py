@@ -139,3 +139,22 @@ def test_bad_settings_fail_before_work(tmp_path, encoder):  # noqa: F811
         assert not (tmp_path / str(i) / "run").exists()  # refused before the output folder was made
     with pytest.raises(ValueError, match="heads only"):
         embedding_pipeline.run_embedding(cfg, ft, tmp_path / "x", progress=False)
+
+
+def test_cli_prune_objective_embedding_ffn(tmp_path, encoder, capsys):  # noqa: F811
+    from cahp.cli import main
+
+    folder, _, _ = encoder
+    task = task_folder(tmp_path / "task")
+    out = tmp_path / "run"
+    rc = main(["prune", "--objective", "embedding", "--ffn", "--model", str(folder), "--task", str(task),
+               "--similarity-task", "none", "--curve-examples", "16", "--calibration-examples", "16",
+               "--target-speedup", "1.5", "--cost-source", "macs", "--cost-shapes", "1x12", "--grid-points", "4",
+               "--speedup-budget", "0", "--skip-final-finetune", "--max-length", "16", "--output-dir", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "FFN neurons" in printed and "held-out fidelity" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["ffn"] and report["settings"]["prune"]["ffn"] and report["settings"]["joint"]["grid_points"] == 4
+    assert report["measured_speedup"] is None and report["scores"]["after_distillation"] is None
+    assert report["estimated_speedup"]["1x12"] >= 1.5 - 1e-9
