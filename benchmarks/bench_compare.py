@@ -6,7 +6,8 @@
 
 Runs `cahp.pipelines.compare.run_compare` in the output folder of the prune benchmark
 for the same model and task (``runs/bench/prune-MODEL-TASK`` under the
-repository, as `bench_prune.py` writes it; or ``--output-dir``), with the same
+repository, as `bench_prune.py` writes it, ``-classifier`` appended for a decoder
+pruned as a classifier; or ``--output-dir``), with the same
 default settings, so it reuses that run's fine-tuned dense model, signatures,
 salience and CAHP curve, and every (method, budget, seed) result it has already
 computed: an interrupted benchmark resumes. Writes
@@ -32,20 +33,25 @@ from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
 log = logging.getLogger("bench_compare")
 
-# configuration name -> (model, task); results/compare_<name>.json
+# configuration name -> (model, task) or (model, task, PruneConfig settings); results/compare_<name>.json
 CONFIGS = {
     "minilm_sst5": ("minilm-l6", "sst5"),
     "minilm_mnli_small": ("minilm-l6", "mnli-small"),
     "mpnet_sst5": ("mpnet-base", "sst5"),
+    # issue 23 item 5: the decoder fine-tuned as a 5-class classifier, query heads scored by accuracy (folder
+    # prune-smollm2-135m-sst5-classifier); heads-only magnitude reads one k/v head per query head: leave it out
+    "smollm2_sst5_classifier": ("smollm2-135m", "sst5", {"decoder_head": "classifier"}),
 }
 
 
 def run(name: str, args) -> Path:
-    model, task = CONFIGS[name]
-    out = Path(args.output_dir) if args.output_dir else REPO / "runs" / "bench" / f"prune-{model}-{task}"
+    model, task, *extra = CONFIGS[name]
+    settings = extra[0] if extra else {}
+    folder = f"prune-{model}-{task}" + (f"-{settings['decoder_head']}" if "decoder_head" in settings else "")
+    out = Path(args.output_dir) if args.output_dir else REPO / "runs" / "bench" / folder
     cfg = PruneConfig(model=model, task=task, output_dir=str(out), data_dir=args.data_dir or "",
                       calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
-                      seed=args.seed)
+                      seed=args.seed, **settings)
     ft = FinetuneConfig(seed=args.seed, epochs=args.epochs, max_train_examples=args.max_train_examples)
     ccfg = from_args(CompareConfig, args)
     # the dense model is fine-tuned as `cahp prune` does by default, so the folder stays a prune folder

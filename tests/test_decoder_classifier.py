@@ -22,7 +22,7 @@ from cahp.stats.signatures import collect_signatures
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig
 
-from .test_decoder import HEADS, LAYERS, MIXED, batch, tiny_decoder
+from .test_decoder import HEADS, LAYERS, MIXED, batch, captured, tiny_decoder
 from .test_decoder_prune import WORDS, sentences, tiny_tokenizer
 
 N_LABELS = 3
@@ -123,6 +123,20 @@ def test_gates_equal_surgery_on_the_classifier(one_thread):
     assert kept_kv_heads(model) == {0: [], 1: [0, 1, 2], 2: [1, 2]}
     sig = collect_signatures(model, [{**inputs, "labels": torch.tensor([0, 1])}], progress=False)
     assert len(sig.head_ids) == LAYERS * HEADS - sum(len(v) for v in MIXED.values())
+
+
+def test_capture_on_the_classifier_is_causal_and_matches_eager_attention(one_thread):
+    model = tiny_classifier(kv_heads=3, attn="eager")
+    inputs = batch()
+    att = captured(model, inputs)  # the adapter's rotary and causal mask, found in model.model
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True).attentions
+    real = inputs["attention_mask"].bool()
+    for layer in range(LAYERS):
+        p = att.probs[layer]
+        torch.testing.assert_close(p.permute(0, 2, 1, 3)[real], eager[layer].permute(0, 2, 1, 3)[real],
+                                   atol=1e-5, rtol=0)
+        assert torch.all(p.triu(1) == 0)
 
 
 def test_run_prune_as_a_classifier_reports_accuracy_and_reloads(tiny_cls, tmp_path, capsys, one_thread):

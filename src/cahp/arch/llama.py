@@ -1,5 +1,12 @@
 """Llama layout (also Qwen2 and Mistral): model.layers[i].self_attn.{q,k,v,o}_proj, pre-norm decoder.
 
+The same decoder under any task head: ``LlamaForCausalLM`` and
+``LlamaForSequenceClassification`` (a decoder pruned as a classifier, see
+`cahp.pipelines.decoder`) both hold it as ``model.model`` (their
+``base_model_prefix``), so heads, KV groups, rotary embeddings, gates and
+surgery are found the same way in both; the classifier's ``score`` head reads
+the last non-pad token and has no per-head part.
+
 Grouped-query attention: ``num_attention_heads`` query heads share
 ``num_key_value_heads`` key/value heads, query head ``h`` reading key/value
 head ``h // (num_attention_heads // num_key_value_heads)`` (transformers'
