@@ -41,6 +41,22 @@ or above it, not met when its high end is below it, undecided otherwise. Writes
 ``results/embedding_<configuration>.json`` (or ``--result-name``): the compare
 report, the throughput, the texts' provenance, the bench settings and the
 provenance of the run; `render` turns it into RESULTS.md's section.
+
+The ``*_ffn`` configurations (``minilm_stsb_ffn``, ``mpnet_stsb_ffn``) run the
+automatic joint pipeline instead, `cahp prune --objective embedding --ffn`
+(`cahp.pipelines.prune.run_prune`, `cahp.pipelines.embedding_joint`): heads and
+FFN neurons chosen together at the joint curve's knee (or at ``--target-speedup``),
+on the same texts and the same STS-B task, one distillation, then the measured
+latency speedup at each ``--cost-shapes`` shape (1x32 and 32x128) and the
+encoding throughput (``--throughput-seconds`` / ``--throughput-threads``), each
+ratio with its 95% interval. Run folder ``runs/bench/embedding-ffn-MODEL-sst5+mnli-small``
+(its model/ and report.json are replaced when the settings change; the cached
+stages are reused). The result holds the prune report and issue 22's goals for
+this run: STS-B test Spearman within 1.0 point of dense, and at least 2x faster
+in measured throughput, both decided from the 95% intervals (met / undecided /
+not met; by the point estimate only where there is no interval)::
+
+    python benchmarks/bench_embedding.py minilm_stsb_ffn --epochs 1 --max-train-examples 4000
 """
 
 from __future__ import annotations
@@ -74,6 +90,8 @@ from cahp.pipelines.embedding_eval import (  # noqa: E402
     speedup_interval,
     speedup_text,
 )
+from cahp.pipelines.joint_config import JointConfig  # noqa: E402
+from cahp.pipelines.prune import run_prune  # noqa: E402
 from cahp.pipelines.stages import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
@@ -84,6 +102,9 @@ log = logging.getLogger("bench_embedding")
 CONFIGS = {
     "minilm_stsb": ("minilm-l6", ("sst5", "mnli-small"), "stsb"),
     "mpnet_stsb": ("mpnet-base", ("sst5", "mnli-small"), "stsb"),
+    # the automatic joint run (heads + FFN neurons, `cahp prune --objective embedding --ffn`): see `is_joint`
+    "minilm_stsb_ffn": ("minilm-l6", ("sst5", "mnli-small"), "stsb"),
+    "mpnet_stsb_ffn": ("mpnet-base", ("sst5", "mnli-small"), "stsb"),
 }
 #: The issue's goals: CAHP at its knee within this many Spearman points (x 100) of the dense model ...
 SPEARMAN_BOUND = 1.0
@@ -91,6 +112,13 @@ SPEARMAN_BOUND = 1.0
 SPEEDUP_GOAL = 1.5
 #: The throughput measurement the speed goal is read from (1 thread, batch 32), when it was measured.
 HEADLINE = "t1_b32"
+#: The joint run's speed goal (heads + FFN neurons): at least this much faster in measured throughput.
+JOINT_SPEEDUP_GOAL = 2.0
+
+
+def is_joint(name: str) -> bool:
+    """Whether configuration ``name`` is an automatic joint run (``*_ffn``) rather than a heads-only compare."""
+    return name.endswith("_ffn")
 
 
 # --- texts ----------------------------------------------------------------------------------------------
@@ -159,7 +187,10 @@ def settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, CompareConfi
 
 
 def run(name: str, args) -> Path:
-    """Texts, the comparison, the throughput of CAHP's selections; writes and returns the results file."""
+    """Texts, the comparison, the throughput of CAHP's selections; writes and returns the results file
+    (``*_ffn`` configurations: `run_joint`)."""
+    if is_joint(name):
+        return run_joint(name, args)
     cfg, ft, ccfg, timing = settings(name, args)
     _, tasks, similarity = CONFIGS[name]
     texts, texts_info = text_union(tasks, similarity, cfg.data_dir)
@@ -289,7 +320,9 @@ def _combo(name: str) -> str:
 
 def render(result: dict) -> str:
     """Markdown from a results/embedding_*.json file: provenance, the texts, the goals in plain words, the
-    throughput table and the compare tables."""
+    throughput table and the compare tables (a joint run's file: `render_joint`)."""
+    if result.get("ffn"):
+        return render_joint(result)
     body = render_markdown(result).splitlines()
     # drop the document title; nest the sections under make_results' section heading
     body = [("#" + line if line.startswith("## ") else line) for line in body[1:]]
@@ -322,6 +355,198 @@ def _speed_table(speed: dict | None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+# --- the automatic joint run (heads + FFN neurons) -------------------------------------------------------
+
+
+def joint_settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, JointConfig, dict]:
+    """The joint run's settings (`cahp prune --objective embedding --ffn`) from a ``*_ffn`` configuration and the
+    options: the knee unless ``--target-speedup``; ``--no-finetune`` skips the distillation; the run replaces its
+    folder's model/ and report.json when the settings change (its cached stages are reused)."""
+    model, tasks, similarity = CONFIGS[name]
+    if args.throughput_seconds <= 0:  # the pipeline always measures the encoding throughput
+        raise ValueError(f"{name}: the joint run measures throughput; --throughput-seconds must be > 0, "
+                         f"got {args.throughput_seconds:g}")
+    if args.target_speedup and args.target_speedup <= 1:
+        raise ValueError(f"--target-speedup must be above 1 (0: the knee), got {args.target_speedup:g}")
+    out = (Path(args.output_dir) if args.output_dir
+           else REPO / "runs" / "bench" / f"embedding-ffn-{model}-{'+'.join(tasks)}")
+    cfg = PruneConfig(model=model, task="+".join(tasks), output_dir=str(out), data_dir=args.data_dir or "",
+                      objective=args.objective, similarity_task=similarity, ffn=True,
+                      target_speedup=args.target_speedup, skip_final_finetune=not args.finetune, overwrite=True,
+                      calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
+                      stats_batch_size=args.stats_batch_size, seed=args.seed)
+    ft = dataclasses.replace(from_args(FinetuneConfig, args), seed=args.seed)
+    timing = {"threads": list(args.throughput_threads), "budget_s": args.throughput_seconds}
+    return cfg, ft, from_args(JointConfig, args), timing
+
+
+def run_joint(name: str, args) -> Path:
+    """The texts, then `run_prune` with ``--objective embedding --ffn``; writes and returns the results file:
+    the prune report, the texts' provenance, the bench settings, issue 22's goals (`joint_goals`)."""
+    cfg, ft, joint, timing = joint_settings(name, args)
+    _, tasks, similarity = CONFIGS[name]
+    texts, texts_info = text_union(tasks, similarity, cfg.data_dir)
+    out = Path(cfg.output_dir)
+    cfg.text_file = str(write_texts(texts, out))
+    texts_info["file"] = cfg.text_file
+    # the pipeline times the encoders with embedding_eval.THROUGHPUT (part of its cache key): the options'
+    # threads and seconds for this run only
+    saved = dict(THROUGHPUT)
+    THROUGHPUT.update(threads=tuple(timing["threads"]), budget_s=timing["budget_s"])
+    try:
+        report = dict(run_prune(cfg, ft, progress=not args.quiet, joint=joint).report)
+    finally:
+        THROUGHPUT.clear()
+        THROUGHPUT.update(saved)
+    report.pop("environment", None)  # the result's meta has the machine
+    report["configuration"] = name
+    report["output_dir"] = cfg.output_dir
+    report["texts_union"] = texts_info
+    report["bench_settings"] = {"prune": asdict(cfg), "distillation": asdict(ft), "joint": asdict(joint),
+                                "throughput": timing}
+    report["goals"] = joint_goals(report)
+    path = write_result(args.result_name or f"embedding_{name}", report, metadata())
+    for line in joint_goal_lines(report):
+        log.info("%s", line)
+    return path
+
+
+def _final_part(report: dict) -> str:
+    """The scores the goals are read from: after distillation, or after pruning when it was skipped."""
+    return "after_distillation" if report["scores"].get("after_distillation") else "after_pruning"
+
+
+def _interval_goal(ratio: float, ci, goal: float) -> dict:
+    """``{"speedup", "ci95", "goal", "verdict"}``: `speedup_goal`'s rule (the 95% interval decides; undecided
+    without one) on one ratio."""
+    entry = {"speedup": {"x": ratio}, "speedup_ci95": {"x": ci}}
+    return {"speedup": ratio, "ci95": speedup_interval(entry, "x"), "goal": goal,
+            "verdict": speedup_goal(entry, "x", goal)}
+
+
+def joint_goals(report: dict) -> dict:
+    """Issue 22's goals for the joint run, decided from the 95% intervals.
+
+    ``spearman``: dense - pruned STS-B test Spearman (x 100, after distillation), its paired interval (from the
+    report's ``versus_dense``, pruned - dense, negated), and the verdict against `SPEARMAN_BOUND`: met when the
+    interval's high end is at or below it, not met when its low end is above it, undecided otherwise (without an
+    interval: the point estimate, ``"basis": "point"``). ``throughput``: the encoding throughput ratio at each
+    measured setting against `JOINT_SPEEDUP_GOAL` (`speedup_goal`), ``headline`` the one the goal is read from
+    (`HEADLINE`, 1 thread, batch 32); ``latency``: joint's measured speedup at each shape, the same rule.
+    """
+    part = _final_part(report)
+    s, goals = report["scores"], {"scores_from": part}
+    if "similarity_test" in (s["dense"] or {}):
+        dense, pruned = s["dense"]["similarity_test"]["spearman"], s[part]["similarity_test"]["spearman"]
+        diff = (dense - pruned) * 100
+        paired = ((report.get("versus_dense") or {}).get(part) or {}).get("spearman")
+        ci = sorted(-x * 100 for x in paired["ci95"]) if paired and None not in paired["ci95"] else None
+        if ci is None:
+            verdict = "met" if diff <= SPEARMAN_BOUND else "not met"
+        else:
+            verdict = "met" if ci[1] <= SPEARMAN_BOUND else "not met" if ci[0] > SPEARMAN_BOUND else "undecided"
+        goals["spearman"] = {"dense": dense, "pruned": pruned, "dense_minus_pruned_points": diff,
+                             "ci95_points": ci, "bound_points": SPEARMAN_BOUND, "verdict": verdict,
+                             "basis": "interval" if ci is not None else "point"}
+    speed = report.get("throughput") or {}
+    goals["throughput"] = {c: {**_interval_goal(e["speedup"]["pruned"], e["speedup_ci95"].get("pruned"),
+                                                JOINT_SPEEDUP_GOAL),
+                               "dense_sentences_per_s": e["dense"]["sentences_per_s"],
+                               "pruned_sentences_per_s": e["pruned"]["sentences_per_s"], "reps": e["reps"]}
+                           for c, e in speed.items()}
+    goals["headline"] = HEADLINE if HEADLINE in speed else next(iter(speed), None)
+    goals["latency"] = {shape: {**_interval_goal(m["speedup"], m["ci95"], JOINT_SPEEDUP_GOAL),
+                                "dense_ms": m["dense_ms"], "pruned_ms": m["pruned_ms"], "reps": m["reps"]}
+                        for shape, m in (report.get("measured_speedup") or {}).items()}
+    return goals
+
+
+def _ci_text(ci, fmt: str = "{:.2f}") -> str:
+    return "[no interval]" if ci is None else f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def joint_goal_lines(result: dict) -> list[str]:
+    """Plain-language lines on the joint run: what was kept (heads, FFN neurons, parameters, how it was chosen),
+    the Spearman goal with its paired interval, the throughput goal at the headline setting with its interval,
+    the other throughput settings and the measured latency speedups."""
+    g = result["goals"]
+    p = result["parameters"]
+    when = "after distillation" if g["scores_from"] == "after_distillation" else "without distillation"
+    lines = [f"{result['model']} (heads + FFN neurons, {result['k_source']} on {result['knee_score']}): kept "
+             f"{result['heads_kept']} of {result['heads_before']} heads and {result['neurons_kept']:,} of "
+             f"{result['neurons_before']:,} FFN neurons, parameters {p['before']:,} -> {p['after']:,} "
+             f"({p['after'] / p['before']:.1%}); estimated share {result['estimated_share']:.3f}"]
+    sp = g.get("spearman")
+    if sp:
+        why = {"met": "the interval's high end is at or below it", "not met": "the interval's low end is above it",
+               "undecided": "the interval straddles it"}
+        basis = (why[sp["verdict"]] if sp["basis"] == "interval"
+                 else "by the point estimate; no paired interval")
+        lines.append(f"{result['similarity_task']} test ({result['data'].get('similarity_test_pairs')} pairs), "
+                     f"zero-shot, {when}: Spearman dense {_pts(sp['dense'])}, pruned {_pts(sp['pruned'])}; dense - "
+                     f"pruned {sp['dense_minus_pruned_points']:+.2f} {_ci_text(sp['ci95_points'], '{:+.2f}')} "
+                     f"points (paired bootstrap over the test pairs): the {SPEARMAN_BOUND:.1f}-point goal is "
+                     f"{sp['verdict']} ({basis})")
+    why = {"met": "the interval's low end is at or above it", "not met": "the interval's high end is below it",
+           "undecided": "the interval straddles it"}
+    head = g.get("headline")
+    if head:
+        t = g["throughput"][head]
+        reason = why[t["verdict"]] if t["ci95"] is not None else "no interval"
+        rest = [f"{_combo(c)} {t2['speedup']:.2f}x {_ci_text(t2['ci95'])} ({t2['verdict']})"
+                for c, t2 in g["throughput"].items() if c != head]
+        lines.append(f"measured throughput at {_combo(head)}: {t['pruned_sentences_per_s']:.1f} against "
+                     f"{t['dense_sentences_per_s']:.1f} sentences/s, {t['speedup']:.2f}x {_ci_text(t['ci95'])} "
+                     f"(median of per-repetition ratios over {t['reps']} repetitions, 95% bootstrap interval): the "
+                     f"{JOINT_SPEEDUP_GOAL:g}x goal is {t['verdict']} ({reason})"
+                     + (f"; {', '.join(rest)}" if rest else ""))
+    if g["latency"]:
+        lines.append("measured latency speedup (dense / pruned median, 95% bootstrap interval): " + ", ".join(
+            f"{shape} {m['speedup']:.2f}x {_ci_text(m['ci95'])} ({m['dense_ms']:.1f} -> {m['pruned_ms']:.1f} ms, "
+            f"{m['reps']} repetitions; {JOINT_SPEEDUP_GOAL:g}x {m['verdict']})" for shape, m in g["latency"].items()))
+    return lines
+
+
+def render_joint(result: dict) -> str:
+    """Markdown from a joint run's results/embedding_*_ffn.json: provenance, the texts, the goals in plain words,
+    the scores table, the kept structure per layer and the measured speed table."""
+    tu, data = result["texts_union"], result["data"]
+    sources = " + ".join(f"{k} ({v:,})" for k, v in tu["sources"].items())
+    texts = (f"- distillation texts: the training sentences of {sources}, labels ignored: {tu['union']:,} unique, "
+             f"{tu['excluded_similarity_sentences']} of them also in {tu['similarity_task']} and dropped, "
+             f"{tu['texts']:,} used ({data['train_texts']:,} distilled on, {data['calibration_texts']:,} "
+             f"calibration, {data['curve_texts']:,} held out)\n")
+    goals = "\n".join(f"- {line}" for line in joint_goal_lines(result))
+    lines = ["", "### Scores", "", "| model | held-out fidelity | test Spearman (95%) | test Pearson |",
+             "|---|---|---|---|"]
+    for part, label in (("dense", "dense"), ("after_pruning", "pruned"), ("after_distillation", "pruned, distilled")):
+        sc = result["scores"].get(part)
+        if not sc:
+            continue
+        st = sc.get("similarity_test") or {}
+        sp = (f"{_pts(st['spearman'])} {_ci_text([x * 100 for x in st['spearman_ci95']])}"
+              if st.get("spearman_ci95") else _pts(st["spearman"]) if st else "-")
+        lines.append(f"| {label} | {sc['heldout_fidelity']:.4f} | {sp} | "
+                     f"{_pts(st['pearson']) if 'pearson' in st else '-'} |")
+    lines += ["", "### Kept per layer", "", "| layer | heads | FFN neurons |", "|---|---|---|"]
+    lines += [f"| {i} | {h} | {n} |" for i, (h, n) in enumerate(zip(result["heads_per_layer"],
+                                                                      result["neurons_per_layer"]))]
+    speed = result["goals"]["throughput"]
+    if speed:
+        lines += ["", f"### Measured throughput (sentences/s; {result['meta']['machine']['cpu']})", "",
+                  "| model | " + " | ".join(_combo(c) for c in speed) + " |", "|---|" + "---|" * len(speed),
+                  "| dense | " + " | ".join(f"{t['dense_sentences_per_s']:.1f}" for t in speed.values()) + " |",
+                  "| pruned | " + " | ".join(f"{t['pruned_sentences_per_s']:.1f} ({t['speedup']:.2f}x "
+                                           f"{_ci_text(t['ci95'])})" for t in speed.values()) + " |"]
+    lat = result["goals"]["latency"]
+    if lat:
+        lines += ["", "### Measured latency (ms, median; 1x32 = batch 1, 32 tokens)", "",
+                  "| shape | dense | pruned | speedup (95%) |", "|---|---|---|---|"]
+        lines += [f"| {s} | {m['dense_ms']:.2f} | {m['pruned_ms']:.2f} | {m['speedup']:.2f}x {_ci_text(m['ci95'])} |"
+                  for s, m in lat.items()]
+    return meta_lines(result["meta"]) + texts + "\n" + goals + "\n" + "\n".join(lines) + "\n"
+
+
 # --- command line ---------------------------------------------------------------------------------------
 
 
@@ -347,7 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throughput-threads", type=int, nargs="+", default=list(THROUGHPUT["threads"]),
                    help="torch threads of the throughput measurements")
     p.add_argument("--seed", type=int, default=0)
-    add_configuration_options(p, "embedding-MODEL-TASKS", "embedding")
+    # the *_ffn configurations: --target-speedup (0: the knee), the --ffn settings (--cost-shapes,
+    # --speedup-budget, --grid-points, ...)
+    p.add_argument("--target-speedup", type=float, default=0.0,
+                   help="*_ffn: reach this estimated speedup instead of the knee (0: the knee)")
+    add_dataclass_args(p.add_argument_group("joint runs (*_ffn configurations)"), JointConfig)
+    add_configuration_options(p, "embedding-MODEL-TASKS (*_ffn: embedding-ffn-MODEL-TASKS)", "embedding")
     return p
 
 

@@ -87,6 +87,12 @@ SECTIONS = [
     ("embedding_mpnet_stsb", "bench_embedding",
      "Embedding model without labels: mpnet-base distilled on SST-5 + mnli-small sentences, zero-shot on STS-B test, "
      "CAHP against the baselines and measured throughput (issue 22)"),
+    ("embedding_minilm_stsb_ffn", "bench_embedding",
+     "Embedding model without labels, heads + FFN neurons: the automatic `cahp prune --objective embedding --ffn` "
+     "run of minilm-l6, zero-shot on STS-B test, measured throughput and latency (issue 22)"),
+    ("embedding_mpnet_stsb_ffn", "bench_embedding",
+     "Embedding model without labels, heads + FFN neurons: the automatic `cahp prune --objective embedding --ffn` "
+     "run of mpnet-base, zero-shot on STS-B test, measured throughput and latency (issue 22)"),
     ("distributed", "bench_distributed", "One process against torchrun (issue 5)"),
     ("deploy_minilm_sst5", "bench_deploy",
      "Deployment: minilm-l6 / SST-5 pruned, in PyTorch, ONNX and int8 ONNX against dense PyTorch (issue 20)"),

@@ -164,3 +164,106 @@ def test_speed_goal_is_read_from_the_interval(ci, verdict, why):
                     f"{verdict} ({why}); 1 thread, batch 1 1.10x [1.00, 1.20]")
     table = bench_embedding._speed_table(speed)
     assert f"| CAHP 50% | 6 | 80 | 160.0 (1.10x [1.00, 1.20]) | 160.0 ({shown}) |" in table
+
+
+def _joint_args(folder_root, *extra):
+    return bench_embedding.build_parser().parse_args(
+        ["tiny_ffn", "--epochs", "2", "--lr", "2e-3", "--batch-size", "16", "--max-length", "16",
+         "--max-train-examples", "40", "--calibration-examples", "32", "--curve-examples", "24",
+         "--stats-batch-size", "16", "--throughput-seconds", "0.01", "--throughput-threads", "1",
+         "--cost-source", "macs", "--cost-shapes", "1x12,4x16", "--grid-points", "6", "--min-share", "0.3",
+         "--speedup-budget", "0.05", "--output-dir", str(folder_root / "run"),
+         "--result-name", str(folder_root / "result"), "--quiet", *extra])
+
+
+def test_joint_configuration_runs_the_automatic_ffn_prune_end_to_end(tmp_path, monkeypatch):
+    folder = lively_sentence_folder(tmp_path / "st")
+    tasks = (str(task_folder(tmp_path / "t1")), str(task_folder(tmp_path / "t2", seed=2)))
+    sim = str(task_folder(tmp_path / "sim", pairs=True, seed=1))
+    monkeypatch.setitem(bench_embedding.CONFIGS, "tiny_ffn", (str(folder), tasks, sim))
+    assert bench_embedding.is_joint("tiny_ffn") and not bench_embedding.is_joint("tiny")
+    throughput_before = dict(THROUGHPUT)
+    path = bench_embedding.run("tiny_ffn", _joint_args(tmp_path))
+    assert path == tmp_path / "result.json" and throughput_before == THROUGHPUT  # the options' timing, this run only
+    r = json.loads(path.read_text())
+    # the prune report of `cahp prune --objective embedding --ffn` at the knee, with the bench's provenance
+    assert r["configuration"] == "tiny_ffn" and r["meta"]["git_revision"] and r["ffn"]
+    assert r["objective"] == "embedding" and r["k_source"] == "knee" and r["target_speedup"] is None
+    assert r["texts_union"]["file"].startswith(str(tmp_path / "run")) and r["texts"] == r["texts_union"]["file"]
+    assert r["bench_settings"]["joint"]["cost_shapes"] == "1x12,4x16" and r["settings"]["prune"]["ffn"]
+    assert r["bench_settings"]["distillation"]["max_train_examples"] == 40
+    assert r["heads_kept"] <= 12 and r["neurons_kept"] < 3 * 64
+    assert r["parameters"]["after"] < r["parameters"]["before"]
+    assert list(r["throughput"]) == ["t1_b32", "t1_b1"]  # --throughput-threads 1 reached the pipeline
+    assert set(r["measured_speedup"]) == {"1x12", "4x16"}
+
+    g = r["goals"]
+    assert g["scores_from"] == "after_distillation" and g["headline"] == "t1_b32"
+    sc, vd = r["scores"], r["versus_dense"]["after_distillation"]["spearman"]
+    dense, pruned = sc["dense"]["similarity_test"]["spearman"], sc["after_distillation"]["similarity_test"]["spearman"]
+    sp = g["spearman"]
+    assert sp["dense_minus_pruned_points"] == pytest.approx((dense - pruned) * 100)
+    lo, hi = -vd["ci95"][1] * 100, -vd["ci95"][0] * 100  # pruned - dense, negated
+    assert sp["ci95_points"] == pytest.approx([lo, hi]) and sp["basis"] == "interval"
+    assert sp["verdict"] == ("met" if hi <= 1.0 else "not met" if lo > 1.0 else "undecided")
+    for combo, entry in r["throughput"].items():
+        t = g["throughput"][combo]
+        ci = entry["speedup_ci95"]["pruned"]
+        assert t["speedup"] == entry["speedup"]["pruned"] and t["ci95"] == ci
+        assert t["verdict"] == ("met" if ci[0] >= 2.0 else "not met" if ci[1] < 2.0 else "undecided")
+    for shape, m in r["measured_speedup"].items():
+        lat = g["latency"][shape]
+        assert lat["speedup"] == m["speedup"] and lat["ci95"] == m["ci95"] and lat["reps"] == m["reps"]
+        assert lat["verdict"] == ("met" if m["ci95"][0] >= 2.0 else "not met" if m["ci95"][1] < 2.0 else "undecided")
+
+    lines = bench_embedding.joint_goal_lines(r)
+    assert lines[0].startswith(f"{folder} (heads + FFN neurons, knee on similarity_dev_spearman): kept "
+                               f"{r['heads_kept']} of 12 heads and {r['neurons_kept']:,} of 192 FFN neurons")
+    want = (f"{r['similarity_task']} test ({r['data']['similarity_test_pairs']} pairs), zero-shot, after "
+            f"distillation: Spearman dense {dense * 100:.2f}, pruned {pruned * 100:.2f}; dense - pruned "
+            f"{(dense - pruned) * 100:+.2f} [{lo:+.2f}, {hi:+.2f}] points (paired bootstrap over the test pairs): "
+            f"the 1.0-point goal is {sp['verdict']} (")
+    assert any(x.startswith(want) for x in lines), lines
+    head = g["throughput"]["t1_b32"]
+    speed_line = next(x for x in lines if x.startswith("measured throughput at 1 thread, batch 32: "))
+    assert f"{head['speedup']:.2f}x [{head['ci95'][0]:.2f}, {head['ci95'][1]:.2f}]" in speed_line
+    assert f"the 2x goal is {head['verdict']} (" in speed_line and "1 thread, batch 1 " in speed_line
+    assert any(x.startswith("measured latency speedup") and "1x12 " in x and "4x16 " in x for x in lines)
+
+    text = bench_embedding.render(r)  # a joint file renders as a joint run
+    assert all(f"- {line}" in text for line in lines)
+    assert "### Scores" in text and "### Kept per layer" in text and "### Measured latency" in text
+    assert "| pruned, distilled |" in text and "### Measured throughput" in text and "### k*:" not in text
+    assert f"{r['texts_union']['texts']:,} used ({r['data']['train_texts']:,} distilled on" in text
+
+    # --target-speedup in the same folder: the statistics are reused, the selection is the target's
+    again = json.loads(bench_embedding.run("tiny_ffn", _joint_args(tmp_path, "--target-speedup", "1.5")).read_text())
+    assert again["k_source"] == "--target-speedup" and again["target_speedup"] == 1.5
+    assert again["stage_seconds"]["neuron_stats"]["cached"] and again["stage_seconds"]["salience"]["cached"]
+    assert again["estimated_share"] <= 1 / 1.5 + 1e-9  # the mean estimated share over the cost shapes
+
+
+def test_joint_configuration_refuses_bad_options_before_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_embedding.CONFIGS, "tiny_ffn", ("unused", ("unused",), "unused"))
+    for extra, match in ((["--throughput-seconds", "0"], "throughput-seconds must be > 0"),
+                         (["--target-speedup", "0.8"], "target-speedup must be above 1")):
+        args = _joint_args(tmp_path, *extra)
+        with pytest.raises(ValueError, match=match):
+            bench_embedding.run("tiny_ffn", args)
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("ci, verdict", [([-0.4, -0.1], "met"), ([-1.5, -1.2], "not met"), ([-1.3, 0.2], "undecided"),
+                                         (None, "met")])
+def test_joint_spearman_goal_is_read_from_the_paired_interval(ci, verdict):
+    # pruned - dense Spearman is -0.008 (0.8 points below dense, within the bound by the point) in every case
+    versus = None if ci is None else {"after_distillation": {"spearman": {"diff": -0.008,
+                                                                          "ci95": [x / 100 for x in ci]}}}
+    report = {"scores": {"dense": {"similarity_test": {"spearman": 0.85}},
+                         "after_distillation": {"similarity_test": {"spearman": 0.842}}},
+              "versus_dense": versus, "throughput": {}, "measured_speedup": None}
+    g = bench_embedding.joint_goals(report)["spearman"]
+    assert g["verdict"] == verdict and g["dense_minus_pruned_points"] == pytest.approx(0.8)
+    assert g["basis"] == ("point" if ci is None else "interval")
+    if ci is not None:
+        assert g["ci95_points"] == pytest.approx([-ci[1], -ci[0]])
