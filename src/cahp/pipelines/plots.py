@@ -111,22 +111,25 @@ def plot_compare_layers(report: dict, path: Path) -> None:
 
 
 def plot_joint_curve(points: list[dict], knee: dict, share_star: float, path: Path, title: str = "",
-                     steps: int = 1000) -> None:
+                     steps: int = 1000, key: str = "accuracy", ylabel: str = "accuracy") -> None:
     """curve.png of `cahp prune --ffn`: held-out score against estimated latency share, the fit and the knee.
 
     ``knee`` is a `find_knee` result on the integer axis ``share * steps``
     (`cahp.budget.joint_curve.knee_share`), drawn back on the share axis.
+    ``key``: the points' score entry; ``ylabel``: what that score is (the
+    embedding objective's curve holds fidelity or dev Spearman, not accuracy).
     """
     x = [p["estimated_share"] for p in points]
-    acc = [p["accuracy"] for p in points]
+    score = [p[key] for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, acc, "o", label="held-out accuracy (best head weight per share)")
+    name = "held-out accuracy" if ylabel == "accuracy" else ylabel
+    ax.plot(x, score, "o", label=f"{name} (best head weight per share)")
     ax.plot(np.asarray(knee["grid"]) / steps, knee["fitted"], "-", label=f"polynomial fit (degree {knee['degree']})")
     fallback = f" ({knee['fallback']})" if knee.get("fallback") else ""
     ax.axvline(share_star, color="C3", ls="--", label=f"knee: share {share_star:.3f}{fallback}")
     ax.invert_xaxis()  # dense on the left, as on the heads-only curve read from many heads to few
     ax.set_xlabel("estimated latency, share of dense")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
