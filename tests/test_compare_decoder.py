@@ -106,6 +106,8 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
     assert control["kv_heads"] == 9 and set(control["vs_cahp"]) == {"1/3 removed", "2/3 removed"}
     md = (out / "compare.md").read_text()
     assert "## 1/3 removed: 6 of 9 KV heads" in md and "## Speed" in md and "dense control" in md
+    per_layer = r["no_finetune"]["results"]["1/3 removed"]["gqa-cahp"]["kv_heads_per_layer"]
+    assert f"- gqa-cahp: `{''.join(map(str, per_layer))}` ({per_layer.count(0)} empty" in md
     assert json.loads((out / "compare.json").read_text())["budgets"] == r["budgets"]
     # the benchmark's section of RESULTS.md renders from the JSON alone
     text = bench_decoder.render(json.loads(json.dumps({**r, "meta": metadata()})))

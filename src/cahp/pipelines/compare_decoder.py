@@ -521,6 +521,22 @@ def _speed_cell(pair: dict, what: str) -> str:
     return f"{d:.1f} / {p:.1f}, x{pair['speedup']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _layer_lines(results: dict) -> list[str]:
+    """Where each method's KV heads are: one digit per layer (layer 0 first; '-' for 10 or more), so a
+    selection that empties the first layers, which a decoder depends on, shows at a glance."""
+    rows = [(m, a["kv_heads_per_layer"]) for m, a in results.items() if a.get("kv_heads_per_layer")]
+    if not rows:
+        return []
+    out = ["", "KV heads kept per layer (layer 0 first), and the layers left without attention:", ""]
+    for method, per_layer in rows:
+        digits = "".join(str(c) if c < 10 else "-" for c in per_layer)
+        empty = [i for i, c in enumerate(per_layer) if c == 0]
+        out.append(f"- {method}: `{digits}` ({len(empty)} empty" + (f": {', '.join(map(str, empty[:8]))}"
+                                                                    + (", ..." if len(empty) > 8 else "")
+                                                                    if empty else "") + ")")
+    return out
+
+
 def render_markdown(report: dict) -> str:
     """compare.md from the JSON alone: settings, a table per budget (sizes, held-out perplexity without and
     after the fine-tuning, (method - CAHP) NLL with its 95% interval and CAHP's verdict), and the speed table."""
@@ -564,6 +580,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| dense control (fine-tuned) | {report['heads']} | {dense['kv_cache_bytes_per_token']:,} "
                          f"| {dense['parameters']:,} | {dense['perplexity']:.3f} | - | {_ppl(control)} | "
                          f"{c['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] (dense - CAHP) |")
+        lines += _layer_lines(pre)
     lines.append("\nNLL diff = method minus CAHP in nats per held-out token (> 0: the method's perplexity is "
                  "higher); verdicts are CAHP's (win: CAHP's perplexity lower).")
     speed = report.get("speed")
