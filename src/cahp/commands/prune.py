@@ -37,8 +37,11 @@ def run(args) -> int:
     if r.get("objective", "task") != "task":  # the label-free embedding pipeline's report
         from cahp.pipelines.embedding import summary
 
+        # --ffn also writes structure.png (cahp.pipelines.joint_report.write_outputs)
+        figures = ("curve.png, heads.png, structure.png, distances.png" if r.get("ffn")
+                   else "curve.png, heads.png, distances.png")
         print(f"{summary(r)}\noutputs in {result.output_dir}: model/ (a sentence-transformers folder), report.json, "
-              "curve.png, heads.png, distances.png, log.txt")
+              f"{figures}, log.txt")
         return 0
     if r.get("kind") == "causal-lm":  # a generative decoder: KV heads and perplexity (cahp.pipelines.decoder)
         from cahp.pipelines.decoder import summary
