@@ -43,9 +43,10 @@ a group where the group budget would keep all of them. Surgery keeps a
 key/value head as long as one of its query heads stays and removes it with the
 last one (`cahp.arch.llama`: uneven groups read their key/value heads through
 an index map), so the parameters of a KV head go only with its whole group.
-Baselines that read per-head weights assume one key/value head per query head
-(heads-only ``magnitude``); CAHP, random, gradient, entropy and Fisher read
-gates and signatures only.
+The heads-only ``magnitude`` baseline counts each query head's own query rows
+and output columns and the key/value rows of its group (the adapter's
+``kv_head_of``); CAHP, random, gradient, entropy and Fisher read gates and
+signatures only.
 """
 
 from __future__ import annotations

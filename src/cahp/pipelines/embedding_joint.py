@@ -105,7 +105,9 @@ def run_embedding_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, pro
         "environment": environment(),
     }
     report = distributed.broadcast_object(report)
+    # the curve's score (under "accuracy" in its points) is the embedding curve's: dev Spearman or fidelity
+    ylabel = "dev Spearman (similarity task)" if run.similarity else "held-out fidelity (mean cosine)"
     distributed.on_main(joint_report.write_outputs, run, report, points, choice.knee,
-                        f"{cfg.model} / {cfg.objective}")
+                        f"{cfg.model} / {cfg.objective}", ylabel=ylabel)
     log.info("done: %s", summary(report))
     return PruneResult(output_dir=out, report=report)

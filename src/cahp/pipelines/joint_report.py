@@ -181,15 +181,17 @@ def estimated_latency_mean(tables: list[CostTable], heads_per_layer, neurons_per
     return sum(estimated_latency(t, heads_per_layer, neurons_per_layer) for t in tables) / len(tables)
 
 
-def write_outputs(run, report: dict, points: list[dict], knee, title: str = "") -> None:
+def write_outputs(run, report: dict, points: list[dict], knee, title: str = "", ylabel: str = "accuracy") -> None:
     """report.json, curve.png, heads.png, structure.png, distances.png (rank 0).
 
-    ``title``: what the figures are of (default: the model and the run's task).
+    ``title``: what the figures are of (default: the model and the run's task);
+    ``ylabel``: what the curve's held-out score is (its points keep it under "accuracy").
     """
     out, cfg = run.out, run.cfg
     write_json(out / "report.json", report)
     title = f"{title or f'{cfg.model} / {run.task.name}'} (heads + FFN neurons)"
-    plots.plot_joint_curve(points, knee.to_dict(), report["share_star"], out / "curve.png", title=title)
+    plots.plot_joint_curve(points, knee.to_dict(), report["share_star"], out / "curve.png", title=title,
+                           ylabel=ylabel)
     n_layers, n_heads = model_shape(run.model.config)
     mask = torch.zeros(n_layers, n_heads)
     for layer, hs in report["kept_heads"].items():
