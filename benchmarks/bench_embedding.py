@@ -362,7 +362,7 @@ def joint_settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, JointC
     """The joint run's settings (`cahp prune --objective embedding --ffn`) from a ``*_ffn`` configuration and the
     options: the knee unless ``--target-speedup``; ``--no-finetune`` skips the distillation; the run replaces its
     folder's model/ and report.json when the settings change (its cached stages are reused)."""
-    model, tasks, similarity = CONFIGS[name]
+    model, tasks, _ = CONFIGS[name]
     if args.throughput_seconds <= 0:  # the pipeline always measures the encoding throughput
         raise ValueError(f"{name}: the joint run measures throughput; --throughput-seconds must be > 0, "
                          f"got {args.throughput_seconds:g}")
@@ -370,13 +370,9 @@ def joint_settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, JointC
         raise ValueError(f"--target-speedup must be above 1 (0: the knee), got {args.target_speedup:g}")
     out = (Path(args.output_dir) if args.output_dir
            else REPO / "runs" / "bench" / f"embedding-ffn-{model}-{'+'.join(tasks)}")
-    cfg = PruneConfig(model=model, task="+".join(tasks), output_dir=str(out), data_dir=args.data_dir or "",
-                      objective=args.objective, similarity_task=similarity, ffn=True,
-                      target_speedup=args.target_speedup, skip_final_finetune=not args.finetune, overwrite=True,
-                      calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
-                      stats_batch_size=args.stats_batch_size, seed=args.seed)
-    ft = dataclasses.replace(from_args(FinetuneConfig, args), seed=args.seed)
-    timing = {"threads": list(args.throughput_threads), "budget_s": args.throughput_seconds}
+    cfg, ft, _, timing = settings(name, args)  # the heads-only run's settings, in the joint run's own folder
+    cfg = dataclasses.replace(cfg, output_dir=str(out), ffn=True, target_speedup=args.target_speedup,
+                              skip_final_finetune=not args.finetune, overwrite=True)
     return cfg, ft, from_args(JointConfig, args), timing
 
 
