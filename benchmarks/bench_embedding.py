@@ -186,17 +186,23 @@ def settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, CompareConfi
     return cfg, ft, from_args(CompareConfig, args), timing
 
 
+def prepare_texts(name: str, cfg: PruneConfig) -> dict:
+    """The configuration's text union, written into the run folder and set as ``cfg.text_file``; returns the
+    texts' provenance (with the file's path)."""
+    _, tasks, similarity = CONFIGS[name]
+    texts, texts_info = text_union(tasks, similarity, cfg.data_dir)
+    cfg.text_file = str(write_texts(texts, Path(cfg.output_dir)))
+    texts_info["file"] = cfg.text_file
+    return texts_info
+
+
 def run(name: str, args) -> Path:
     """Texts, the comparison, the throughput of CAHP's selections; writes and returns the results file
     (``*_ffn`` configurations: `run_joint`)."""
     if is_joint(name):
         return run_joint(name, args)
     cfg, ft, ccfg, timing = settings(name, args)
-    _, tasks, similarity = CONFIGS[name]
-    texts, texts_info = text_union(tasks, similarity, cfg.data_dir)
-    out = Path(cfg.output_dir)
-    cfg.text_file = str(write_texts(texts, out))
-    texts_info["file"] = cfg.text_file
+    texts_info = prepare_texts(name, cfg)
     result = run_compare_embedding(cfg, ft, ccfg, progress=not args.quiet)
     report = dict(result.report)
     report["configuration"] = name
@@ -380,11 +386,7 @@ def run_joint(name: str, args) -> Path:
     """The texts, then `run_prune` with ``--objective embedding --ffn``; writes and returns the results file:
     the prune report, the texts' provenance, the bench settings, issue 22's goals (`joint_goals`)."""
     cfg, ft, joint, timing = joint_settings(name, args)
-    _, tasks, similarity = CONFIGS[name]
-    texts, texts_info = text_union(tasks, similarity, cfg.data_dir)
-    out = Path(cfg.output_dir)
-    cfg.text_file = str(write_texts(texts, out))
-    texts_info["file"] = cfg.text_file
+    texts_info = prepare_texts(name, cfg)
     # the pipeline times the encoders with embedding_eval.THROUGHPUT (part of its cache key): the options'
     # threads and seconds for this run only
     saved = dict(THROUGHPUT)
