@@ -18,8 +18,7 @@ from cahp.pipelines.prune import PruneConfig, run_prune
 from cahp.selectors.registry import KV_SELECTORS
 from cahp.train.finetune import FinetuneConfig
 
-from .test_decoder import tiny_decoder
-from .test_decoder_prune import sentences, tiny_tokenizer
+from .test_decoder_prune import write_decoder_folder
 
 TIMING = DecodeTimingConfig(seconds=0.01, new_tokens=4, prompt_tokens=6, batch_sizes=[1, 2], prefill_tokens=16,
                             min_reps=3, max_reps=5, n_bootstrap=100)
@@ -29,13 +28,7 @@ TIMING = DecodeTimingConfig(seconds=0.01, new_tokens=4, prompt_tokens=6, batch_s
 def tiny_lm(tmp_path_factory):
     """(root with model/ (a tiny Llama, 3 layers x 3 KV heads, groups of 2 query heads) and task/ (jsonl))."""
     root = tmp_path_factory.mktemp("compare_decoder")
-    tiny_decoder(kv_heads=3).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "task").mkdir()
-    for i, (split, n) in enumerate((("train", 80), ("dev", 30), ("test", 10))):
-        rows = [json.dumps({"text": t, "label": j % 2}) for j, t in enumerate(sentences(n, seed=10 + i))]
-        (root / "task" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return write_decoder_folder(root, (80, 30, 10), seed=10)
 
 
 def _cfgs(root, out, **kw):

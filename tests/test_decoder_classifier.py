@@ -23,7 +23,7 @@ from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig
 
 from .test_decoder import HEADS, LAYERS, MIXED, batch, captured, tiny_decoder
-from .test_decoder_prune import WORDS, sentences, tiny_tokenizer
+from .test_decoder_prune import WORDS, tiny_tokenizer, write_decoder_folder
 
 N_LABELS = 3
 
@@ -55,13 +55,7 @@ def label_of(text: str) -> int:
 def tiny_cls(tmp_path_factory):
     """root with model/ (a tiny Llama causal LM, 3 KV heads per layer, and its tokenizer) and task/ (3 labels)."""
     root = tmp_path_factory.mktemp("decoder-classifier")
-    tiny_decoder(kv_heads=3).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "task").mkdir()
-    for i, (split, n) in enumerate((("train", 150), ("dev", 40), ("test", 40))):
-        rows = [json.dumps({"text": t, "label": label_of(t)}) for t in sentences(n, seed=10 + i)]
-        (root / "task" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return write_decoder_folder(root, (150, 40, 40), seed=10, label=lambda _j, t: label_of(t))
 
 
 def _cfgs(root, out, **kw):

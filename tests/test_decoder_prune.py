@@ -60,18 +60,24 @@ def sentences(n: int, seed: int) -> list[str]:
     return out
 
 
+def write_decoder_folder(root, sizes: tuple[int, int, int], seed: int, label=None):
+    """``root`` with model/ (a tiny Llama, 3 KV heads per layer, and its tokenizer) and task/ (train, dev and
+    test jsonl of ``sizes`` `sentences`, split i drawn with seed ``seed + i``); ``label(j, text)`` gives row j's
+    label (default: alternating 0 / 1). Returns ``root``."""
+    label = label or (lambda j, _text: j % 2)
+    tiny_decoder(kv_heads=3).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "task").mkdir()
+    for i, (split, n) in enumerate(zip(("train", "dev", "test"), sizes)):
+        rows = [json.dumps({"text": t, "label": label(j, t)}) for j, t in enumerate(sentences(n, seed=seed + i))]
+        (root / "task" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """(root with model/ (a tiny Llama with 3 KV heads per layer and its tokenizer) and task/ (jsonl splits))."""
-    root = tmp_path_factory.mktemp("decoder")
-    model = tiny_decoder(kv_heads=3)
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    (root / "task").mkdir()
-    for i, (split, n) in enumerate((("train", 120), ("dev", 40), ("test", 20))):
-        rows = [json.dumps({"text": t, "label": j % 2}) for j, t in enumerate(sentences(n, seed=i))]
-        (root / "task" / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return write_decoder_folder(tmp_path_factory.mktemp("decoder"), (120, 40, 20), seed=0)
 
 
 @pytest.fixture(scope="module")
