@@ -37,8 +37,9 @@ from _common import REPO, add_configuration_options, meta_lines, metadata, run_c
 from cahp.bench.decode import DecodeTimingConfig  # noqa: E402
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
-from cahp.pipelines.compare_decoder import render_markdown, run_compare_decoder  # noqa: E402
+from cahp.pipelines.compare_decoder import run_compare_decoder  # noqa: E402
 from cahp.pipelines.prune import PruneConfig  # noqa: E402
+from cahp.pipelines.report_decoder import render_markdown  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
 log = logging.getLogger("bench_decoder")
