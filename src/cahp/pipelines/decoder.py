@@ -8,7 +8,10 @@ causal LM (`is_causal`). Its body reads as the steps:
 - 1-2. `signatures`: causal attention signatures of every query head on the
   calibration text and their distances;
 - salience: |dL/dgate| with L the language-modelling loss on the same text;
-- 3-5. the KV-group CAHP selector (`cahp.selectors.gqa`): budget k in KV heads;
+- 3-5. the KV-group CAHP selector (`cahp.selectors.gqa`): budget k in KV heads,
+  spread over layers by ``--kv-allocation`` (`PruneConfig.kv_allocation`: global
+  clusters all groups at once, salience takes the per-layer counts of the
+  summed-salience ranking and clusters within each layer);
 - 6. the curve: held-out perplexity through gates over a grid of kept KV
   heads, its knee (`find_knee` on -log perplexity); ``--keep`` /
   ``--keep-ratio`` count KV heads and override it;
@@ -78,7 +81,7 @@ from cahp.pipelines.fingerprints import data_fingerprints, model_fingerprint
 from cahp.pipelines.guard import _check_counts, build_task, check_identity, clip_max_length, model_config
 from cahp.pipelines.stages import PruneResult, find_k_star, selector_settings
 from cahp.selectors.base import HeadStats, SelectionContext
-from cahp.selectors.gqa import GQAStats, KVBudgetError, gqa_stats
+from cahp.selectors.gqa import KV_ALLOCATIONS, GQAStats, KVBudgetError, gqa_stats
 from cahp.selectors.registry import make_selector
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
@@ -86,7 +89,8 @@ from cahp.train.finetune import check_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODER_SELECTOR", "DecoderRun", "check_decoder_options", "check_decoder_run", "decoder_curve",
+__all__ = ["DECODER_SELECTOR", "DecoderRun", "check_decoder_options", "check_decoder_run", "check_kv_allocation",
+           "decoder_curve",
            "decoder_curve_key", "is_causal", "kv_budget", "lm_finetune_settings", "prepare_decoder", "prunes_as_lm",
            "run_decoder", "summary", "text_summary"]
 
@@ -110,14 +114,19 @@ def prunes_as_lm(cfg) -> bool:
 
     True for a decoder with ``decoder_head`` "lm" (the default); False for an encoder and for a decoder with
     ``decoder_head`` "classifier" (the encoders' task pipeline, see the module docstring). Raises a one-line
-    ValueError, before any work, for ``--decoder-head classifier`` on an encoder or with ``--ffn`` or
-    ``--objective``, and for a decoder folder holding a sequence classifier without it.
+    ValueError, before any work, for ``--decoder-head classifier`` on an encoder or with ``--ffn``,
+    ``--objective`` or ``--kv-allocation``, for ``--kv-allocation`` other than global on an encoder (its heads
+    have no KV groups), and for a decoder folder holding a sequence classifier without it.
     """
     head = getattr(cfg, "decoder_head", "lm")
     if head not in ("lm", "classifier"):
         raise ValueError(f"--decoder-head must be lm or classifier, got {head!r}")
+    allocation = check_kv_allocation(cfg)
     causal = is_causal(cfg.model)
     if head == "lm":
+        if not causal and allocation != "global":
+            raise ValueError(f"--kv-allocation {allocation} applies to decoders pruned by KV groups; {cfg.model} is "
+                             "not a causal LM (an encoder's heads are clustered over all layers at once)")
         archs = (getattr(model_config(cfg.model), "architectures", None) or []) if causal else []
         held = next((a for a in archs if "ForSequenceClassification" in a), None)
         if held:  # loading it as a causal LM would fail after the checks, with a message about kinds
@@ -126,19 +135,29 @@ def prunes_as_lm(cfg) -> bool:
     if not causal:
         raise ValueError(f"--decoder-head classifier applies to decoders (Llama family); {cfg.model} is not one "
                          "(encoders are pruned as classifiers already)")
-    given = [opt for opt, on in (("--ffn", cfg.ffn), ("--objective", getattr(cfg, "objective", "task") != "task"))
-             if on]
+    given = [opt for opt, on in (("--ffn", cfg.ffn), ("--objective", getattr(cfg, "objective", "task") != "task"),
+                                 ("--kv-allocation", allocation != "global")) if on]
     if given:
         raise ValueError(f"{', '.join(given)} cannot go with --decoder-head classifier (heads only, on the "
                          "task's labels)")
     return False
 
 
+def check_kv_allocation(cfg) -> str:
+    """``cfg.kv_allocation`` (global when the config has none), or a one-line ValueError naming the choices."""
+    allocation = getattr(cfg, "kv_allocation", "global")
+    if allocation not in KV_ALLOCATIONS:
+        raise ValueError(f"--kv-allocation must be one of {', '.join(KV_ALLOCATIONS)}, got {allocation!r}")
+    return allocation
+
+
 def check_decoder_options(cfg) -> None:
-    """Refuse the encoder-only options of `cahp prune` on a decoder (one-line ValueError naming them).
+    """Refuse the encoder-only options of `cahp prune` on a decoder (one-line ValueError naming them), and a
+    ``--kv-allocation`` that is not one of `KV_ALLOCATIONS`.
 
     ``--finetuned`` is accepted and changes nothing: a decoder is pruned as it is, with no first fine-tuning.
     """
+    check_kv_allocation(cfg)  # here too: `run_compare_decoder` may be called without `prunes_as_lm`
     given = [opt for opt, on in (("--ffn", cfg.ffn), ("--target-speedup", bool(cfg.target_speedup)),
                                  ("--objective", getattr(cfg, "objective", "task") != "task")) if on]
     if given:

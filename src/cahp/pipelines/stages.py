@@ -97,6 +97,12 @@ class PruneConfig:
                                   "pruned: query heads scored by accuracy, one fine-tuning, test accuracy (a KV "
                                   "head goes when all its query heads go); cahp compare likewise",
                                   choices=["lm", "classifier"])
+    kv_allocation: str = cfg_field("global", "decoders pruned by KV groups (--decoder-head lm) only: how CAHP "
+                                   "spreads the KV-head budget over layers: global clusters all groups of all "
+                                   "layers into k (as encoders' heads); salience gives each layer as many groups "
+                                   "as the summed-salience ranking (gqa-gradient) keeps there and clusters within "
+                                   "each layer (keeps layers whose groups look alike from being emptied)",
+                                   choices=["global", "salience"])
 
 
 @dataclass
@@ -260,8 +266,10 @@ def salience(model, batches: list, key: dict, stages: StageCache, progress: bool
 
 
 def selector_settings(cfg: PruneConfig) -> dict:
-    """The run's settings that selectors may take (CAHP's distance, clustering and graph kernel)."""
-    return {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel}
+    """The run's settings that selectors may take (CAHP's distance, clustering and graph kernel; the KV-group
+    CAHP's ``kv_allocation``, a field no other selector has)."""
+    return {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel,
+            "kv_allocation": cfg.kv_allocation}
 
 
 def cahp_selector(cfg: PruneConfig) -> HeadSelector:
