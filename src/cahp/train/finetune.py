@@ -2,8 +2,10 @@
 
 AdamW, linear warm-up then linear decay, gradient clipping, length-bucketed
 batches, evaluation on the dev split after every epoch, early stopping, and the
-best epoch's weights restored at the end. Pruned models stay pruned: nothing
-here depends on the number of heads, and saving goes through `save_pruned`.
+best epoch's weights restored at the end: the loop distillation shares
+(`cahp.train.loop.train_loop`), judged here by the dev metric. Pruned models
+stay pruned: nothing here depends on the number of heads, and saving goes
+through `save_pruned`.
 
 Under torchrun the model is trained through `DistributedDataParallel`: every
 rank builds the same seeded batch order of the epoch (padded by repeating
@@ -23,17 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cahp.core import distributed
 from cahp.core.configs import field as cfg_field
-from cahp.data.batching import encode, make_batches
+from cahp.data.batching import encode
 from cahp.data.tasks import Task
 from cahp.model.checkpoint import save_pruned
 from cahp.train.evaluate import evaluate_examples, labelled_loss, model_inputs
+from cahp.train.loop import linear_schedule, steps_per_epoch, train_loop
 from cahp.train.metrics import METRICS, resolve_metric
 
 log = logging.getLogger(__name__)
+
+# linear_schedule stays importable from here (cahp.pipelines.decoder_finetune uses it)
+__all__ = ["FinetuneConfig", "FinetuneResult", "check_config", "finetune", "linear_schedule"]
 
 
 @dataclass
@@ -89,26 +94,6 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def linear_schedule(total_steps: int, warmup_steps: int):
-    """Learning-rate factor per step: linear warm-up over ``warmup_steps``, then linear decay to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
 def finetune(
     model: nn.Module,
     tokenizer,
@@ -153,82 +138,29 @@ def finetune(
     train_ds = encode(tokenizer, train_examples, cfg.max_length)
     dev_ds = encode(tokenizer, dev_examples, cfg.max_length)
     n_proc = distributed.world_size() if distributed.is_active() else 1
-    n_batches = -(-len(train_ds) // cfg.batch_size)
-    steps_per_epoch = -(-n_batches // n_proc)  # every rank takes this many steps (batches padded)
-    total = steps_per_epoch * cfg.epochs
-
-    torch.manual_seed(cfg.seed + distributed.rank())  # dropout differs between ranks' batches
-    device = next(model.parameters()).device
-    train_model = distributed.wrap_ddp(model)  # the model itself with one process
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, int(cfg.warmup_ratio * total)))
-    best_score, best_epoch, best_state, best_dev = -float("inf"), -1, None, {}
-    history: list[dict] = []
-    bad_epochs = 0
     t_start = time.perf_counter()
     log.info(
         "fine-tuning on %s: %d train / %d dev examples, %d epochs x %d steps, lr %g%s",
-        task.name, len(train_ds), len(dev_ds), cfg.epochs, steps_per_epoch, cfg.lr,
+        task.name, len(train_ds), len(dev_ds), cfg.epochs, steps_per_epoch(len(train_ds), cfg.batch_size), cfg.lr,
         f", {n_proc} processes x batch {cfg.batch_size}" if n_proc > 1 else "",
     )
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        batches = make_batches(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch, pad_token_id=pad)
-        batches = distributed.shard(distributed.pad_batches(batches))
-        t_data = time.perf_counter() - t0
-        train_model.train()
-        losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not distributed.show_progress(progress),
-                   mininterval=2)
-        for batch in bar:
-            loss = _loss(train_model, batch, device, task.is_regression)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if len(losses) % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        loss_sum, n_losses = distributed.all_reduce_sum(torch.tensor(sum(losses), dtype=torch.float64), len(losses))
-        t_train = time.perf_counter() - t0
+
+    def dev_score() -> tuple[float, dict]:
         dev = evaluate_examples(
             model, tokenizer, dev_examples, task.num_labels, max_length=cfg.max_length,
             batch_size=cfg.eval_batch_size, n_bootstrap=0, encoded=dev_ds, desc="dev", progress=progress,
         )
         dev.pop("predictions")
-        t_epoch = time.perf_counter() - t0
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(1, n_losses),
-            "dev": dev,
-            "lr_end": sched.get_last_lr()[0],
-            "seconds": t_epoch,
-            "train_seconds": t_train,
-            "data_seconds": t_data,
-        }
-        history.append(record)
-        log.info(
-            "epoch %d: train loss %.4f, dev %s %.4f (%.0f s)", epoch + 1, record["train_loss"], metric,
-            dev[metric], t_epoch,
-        )
-        if dev[metric] > best_score:
-            best_score, best_epoch, best_dev, bad_epochs = dev[metric], epoch + 1, dev, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if cfg.patience and bad_epochs >= cfg.patience:
-                log.info("early stop: no better dev %s for %d epochs", metric, bad_epochs)
-                break
-    del train_model  # drops the DDP wrapper (and its gradient hooks); ``model`` keeps the weights
-    model.load_state_dict(best_state)
-    model.eval()
+        return dev[metric], {"dev": dev}
+
+    # epochs' shuffle seeds count from seed * 1000 (epoch_seed_start 0), as they always have
+    loop = train_loop(model, train_ds, lambda m, batch, device: _loss(m, batch, device, task.is_regression),
+                      dev_score, cfg, pad, score_name=f"dev {metric}", desc="epoch", progress=progress)
     result = FinetuneResult(
-        best_epoch=best_epoch, best_dev=best_dev, history=history,
+        best_epoch=loop.best_epoch, best_dev=loop.best_fields.get("dev", {}), history=loop.history,
         train_seconds=time.perf_counter() - t_start, config=asdict(cfg), metric=metric,
     )
-    log.info("best epoch %d: dev %s %.4f", best_epoch, metric, best_score)
+    log.info("best epoch %d: dev %s %.4f", loop.best_epoch, metric, loop.best_score)
     if output_dir is not None:
         distributed.on_main(save_pruned, model, tokenizer, Path(output_dir))
     return result
