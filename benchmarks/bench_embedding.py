@@ -84,6 +84,8 @@ from cahp.pipelines.compare_embedding import EMBEDDING_METHODS, render_markdown,
 from cahp.pipelines.embedding import prepare_embedding, sentence_length  # noqa: E402
 from cahp.pipelines.embedding_eval import (  # noqa: E402
     THROUGHPUT,
+    ThroughputConfig,
+    default_throughput,
     encoding_throughput,
     load_similarity_task,
     speedup_goal,
@@ -186,6 +188,12 @@ def settings(name: str, args) -> tuple[PruneConfig, FinetuneConfig, CompareConfi
     return cfg, ft, from_args(CompareConfig, args), timing
 
 
+def throughput_settings(timing: dict) -> ThroughputConfig:
+    """The throughput measurement of the options ``timing`` (``{"threads", "budget_s"}``): the pipeline's default
+    measurement (`default_throughput`: batch sizes, sentences, bootstrap resamples) at those threads and seconds."""
+    return dataclasses.replace(default_throughput(), threads=tuple(timing["threads"]), budget_s=timing["budget_s"])
+
+
 def prepare_texts(name: str, cfg: PruneConfig) -> dict:
     """The configuration's text union, written into the run folder and set as ``cfg.text_file``; returns the
     texts' provenance (with the file's path)."""
@@ -225,7 +233,8 @@ def measure_throughput(cfg: PruneConfig, ft: FinetuneConfig, report: dict, timin
         return None
     part = report["finetuned"] or report["no_finetune"]
     kept = {b["label"]: part["results"][b["label"]]["cahp"]["kept"] for b in report["budgets"]}
-    config = {**THROUGHPUT, **timing}
+    speed_cfg = throughput_settings(timing)
+    config = speed_cfg.key()  # every measurement setting: a cached throughput is never one measured otherwise
     key = {"texts": cfg.text_file, "model": cfg.model, "seed": cfg.seed, "kept": kept, "config": config,
            "machine": machine_label()}
 
@@ -242,7 +251,7 @@ def measure_throughput(cfg: PruneConfig, ft: FinetuneConfig, report: dict, timin
         max_len = sentence_length(run.settings, ft)
         return {"models": shapes, "config": config, "machine": machine_label(),
                 "measurements": encoding_throughput(models, run.tokenizer, run.curve_texts, run.settings, max_len,
-                                                    cfg.seed, config)}
+                                                    cfg.seed, speed_cfg)}
 
     data = StageCache(Path(cfg.output_dir) / "bench").get_or_compute("throughput", key, compute)
     return {k: v for k, v in data.items() if not k.startswith("_")}
@@ -565,9 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="texts held out for the curve, the distillation's early stopping and the throughput")
     p.add_argument("--stats-batch-size", type=int, default=PruneConfig.stats_batch_size,
                    help="texts per batch of the statistics passes")
-    p.add_argument("--throughput-seconds", type=float, default=THROUGHPUT["budget_s"],
+    speed = default_throughput()
+    p.add_argument("--throughput-seconds", type=float, default=speed.budget_s,
                    help="seconds of interleaved repetitions per throughput setting (0: no throughput)")
-    p.add_argument("--throughput-threads", type=int, nargs="+", default=list(THROUGHPUT["threads"]),
+    p.add_argument("--throughput-threads", type=int, nargs="+", default=list(speed.threads),
                    help="torch threads of the throughput measurements")
     p.add_argument("--seed", type=int, default=0)
     # the *_ffn configurations: --target-speedup (0: the knee), the --ffn settings (--cost-shapes,

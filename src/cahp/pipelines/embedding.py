@@ -34,7 +34,9 @@ pruned model's sentence embedding from the dense model's (`cahp.train.objectives
   (Spearman and Pearson with bootstrap intervals, the paired difference from
   the dense model), and held-out fidelity;
 - `throughput`: measured sentences per second of the dense and the pruned
-  encoder on the held-out sentences (1 and 2 threads, batch 32 and 1).
+  encoder on the held-out sentences (by default 1 and 2 threads, batch 32 and 1;
+  a caller passes its own `cahp.pipelines.embedding_eval.ThroughputConfig`, which
+  is in the stage's cache key and the report's ``settings.throughput``).
 
 With ``--ffn`` the same dense model, texts, targets and signatures feed the joint
 (heads + FFN neurons) pipeline instead (`cahp.pipelines.embedding_joint`).
@@ -75,7 +77,13 @@ from cahp.model.neurons import neuron_gates, neuron_shape
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache, fingerprint
-from cahp.pipelines.embedding_eval import THROUGHPUT, SimilaritySet, encoding_throughput, load_similarity_task
+from cahp.pipelines.embedding_eval import (
+    SimilaritySet,
+    ThroughputConfig,
+    encoding_throughput,
+    load_similarity_task,
+    throughput_config,
+)
 from cahp.pipelines.joint import kept_check
 from cahp.pipelines.stages import (
     PruneConfig,
@@ -355,14 +363,17 @@ def sentence_length(settings: dict, ft_cfg: FinetuneConfig) -> int:
     return (settings.get("sentence_bert_config") or {}).get("max_seq_length") or ft_cfg.max_length
 
 
-def throughput(run: EmbeddingRun, pruned, kept: dict) -> dict:
+def throughput(run: EmbeddingRun, pruned, kept: dict, config: ThroughputConfig | None = None) -> dict:
     """Measured encoding throughput of the dense and the pruned encoder on the held-out texts (rank 0; cached
-    per machine). See `cahp.pipelines.embedding_eval.encoding_throughput`."""
+    per machine), measured as ``config`` says (None: `cahp.pipelines.embedding_eval.default_throughput`). See
+    `cahp.pipelines.embedding_eval.encoding_throughput`."""
+    config = throughput_config(config)
     max_len = sentence_length(run.settings, run.ft_cfg)
-    key = {**run.identity, "stage": "throughput", "kept": kept, "settings": THROUGHPUT, "machine": machine_label()}
+    # every measurement setting is in the key: a cached throughput is never one measured otherwise
+    key = {**run.identity, "stage": "throughput", "kept": kept, "settings": config.key(), "machine": machine_label()}
     return run.stages.get_or_compute("throughput", key, lambda: distributed.on_main(
         encoding_throughput, {"dense": run.model, "pruned": pruned}, run.tokenizer, run.curve_texts, run.settings,
-        max_len, run.cfg.seed))
+        max_len, run.cfg.seed, config))
 
 
 def _strip(scores: dict | None) -> dict | None:
@@ -381,9 +392,10 @@ def _versus_dense(run: EmbeddingRun, dense: dict, scores: dict | None) -> dict |
     return {m: run.similarity["test"].paired(a, b, m, seed=run.cfg.seed) for m in ("spearman", "pearson")}
 
 
-def report_fields(run: EmbeddingRun, dense: dict, final: dict, speed: dict) -> dict:
-    """The report's embedding part, heads-only or ``--ffn``: objective, texts, settings, data, the scores of
-    the dense, pruned and distilled encoder (and the paired differences from dense), distillation, throughput."""
+def report_fields(run: EmbeddingRun, dense: dict, final: dict, speed: dict, speed_cfg: ThroughputConfig) -> dict:
+    """The report's embedding part, heads-only or ``--ffn``: objective, texts, settings (the throughput's
+    ``speed_cfg`` among them), data, the scores of the dense, pruned and distilled encoder (and the paired
+    differences from dense), distillation, throughput."""
     cfg = run.cfg
     return {
         "objective": cfg.objective,
@@ -393,7 +405,7 @@ def report_fields(run: EmbeddingRun, dense: dict, final: dict, speed: dict) -> d
         "similarity_task": run.identity.get("similarity_task"),
         # "finetune": the settings of the distillation (the same dataclass; the key other reports use)
         "settings": {"prune": asdict(cfg), "finetune": asdict(run.ft_cfg),
-                     "salience_target_noise": SALIENCE_TARGET_NOISE},
+                     "salience_target_noise": SALIENCE_TARGET_NOISE, "throughput": speed_cfg.key()},
         "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},
                  **{f"similarity_{k}_pairs": len(s) for k, s in run.similarity.items()},
                  "calibration_rows": run.signatures.rows},
@@ -407,8 +419,13 @@ def report_fields(run: EmbeddingRun, dense: dict, final: dict, speed: dict) -> d
     }
 
 
-def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True) -> PruneResult:
-    """The whole embedding pipeline (see the module docstring); returns the report on every rank."""
+def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
+                  throughput_cfg: ThroughputConfig | None = None) -> PruneResult:
+    """The whole embedding pipeline (see the module docstring); returns the report on every rank.
+
+    ``throughput_cfg``: how the final throughput is measured (None: `cahp.pipelines.embedding_eval.default_throughput`).
+    """
+    throughput_cfg = throughput_config(throughput_cfg)
     if cfg.ffn:  # a heads-only result must never stand in for a joint one
         raise EmbeddingPipelineError("run_embedding prunes heads only; --ffn runs "
                                      "cahp.pipelines.embedding_joint.run_embedding_joint")
@@ -423,9 +440,9 @@ def run_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress:
     dense = dense_scores(run)
     pruned, final, _ = surgery_and_distill(run, mask_to_heads(mask), progress)  # steps 7-8
     head_mask = kept_mask(pruned)
-    speed = throughput(run, pruned, mask_to_heads(mask))
+    speed = throughput(run, pruned, mask_to_heads(mask), throughput_cfg)
     report = {
-        **report_fields(run, dense, final, speed),
+        **report_fields(run, dense, final, speed, throughput_cfg),
         "heads_before": heads_before,
         "k_star": knee.k,
         "heads_kept": int(head_mask.sum()),

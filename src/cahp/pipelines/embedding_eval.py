@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 from torch import nn
 
+from cahp.core.configs import field as cfg_field
+from cahp.core.threads import num_threads
 from cahp.data.batching import make_batches
 from cahp.data.tasks import Example, Task, available_tasks, get_task
 from cahp.data.text import encode_texts, unique_texts
@@ -26,8 +29,9 @@ from cahp.train.objectives import sentence_embeddings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["THROUGHPUT", "SimilaritySet", "SimilarityTaskError", "encoding_throughput", "load_similarity_task",
-           "speedup_goal", "speedup_interval", "speedup_text"]
+__all__ = ["THROUGHPUT", "SimilaritySet", "SimilarityTaskError", "ThroughputConfig", "default_throughput",
+           "encoding_throughput", "load_similarity_task", "speedup_goal", "speedup_interval", "speedup_text",
+           "throughput_config"]
 
 
 class SimilarityTaskError(ValueError):
@@ -116,18 +120,82 @@ def _encode_all(model: nn.Module, batches: list[dict], settings: dict) -> None:
         embed(model, b, settings)
 
 
-#: Throughput settings: thread counts, batch sizes, seconds of interleaved repetitions per combination, sentences
-#: per batch size, and bootstrap resamples of each speedup's interval (part of the stage caches' keys, so a
-#: throughput stored before the interval existed is measured again).
-THROUGHPUT = {"threads": (1, 2), "batch_sizes": (32, 1), "budget_s": 10.0, "sentences": {32: 512, 1: 64},
-              "n_bootstrap": 2000}
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """How `encoding_throughput` measures: every (threads, batch size) combination in turn, each for ``budget_s``
+    seconds of interleaved repetitions on ``sentences[batch size]`` sentences.
+
+    All of it is part of the throughput stages' cache keys (`key`), so a stored measurement is never read back
+    for other settings (a throughput stored before the interval existed, without ``n_bootstrap``, is measured
+    again). Frozen: a run's measurement settings are chosen once, by its caller, and passed down.
+    """
+
+    threads: tuple[int, ...] = cfg_field((1, 2), "torch threads of the measurements, each in turn")
+    batch_sizes: tuple[int, ...] = cfg_field((32, 1), "sentences per batch of the measurements, each in turn")
+    budget_s: float = cfg_field(10.0, "seconds of interleaved repetitions per (threads, batch size) combination")
+    sentences: dict[int, int] = cfg_field({32: 512, 1: 64}, "sentences timed per batch size (a seeded sample "
+                                                             "of the texts; all of them when fewer)")
+    n_bootstrap: int = cfg_field(2000, "bootstrap resamples of each speedup's 95% interval")
+
+    def __post_init__(self):
+        # tuples and plain numbers, so equal settings give equal keys however they were written (lists, ints)
+        object.__setattr__(self, "threads", tuple(int(t) for t in self.threads))
+        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))
+        object.__setattr__(self, "budget_s", float(self.budget_s))
+        object.__setattr__(self, "sentences", {int(b): int(n) for b, n in self.sentences.items()})
+        if not self.threads or min(self.threads) < 1:
+            raise ValueError(f"throughput threads must be one or more counts >= 1, got {list(self.threads)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"throughput batch sizes must be one or more sizes >= 1, got {list(self.batch_sizes)}")
+        missing = [b for b in self.batch_sizes if self.sentences.get(b, 0) < 1]
+        if missing:
+            raise ValueError(f"throughput sentences must give a count >= 1 for every batch size; "
+                             f"missing or < 1 for {missing}")
+        if self.budget_s < 0 or self.n_bootstrap < 1:
+            raise ValueError(f"throughput budget_s must be >= 0 and n_bootstrap >= 1, got {self.budget_s:g} and "
+                             f"{self.n_bootstrap}")
+
+    def key(self) -> dict:
+        """The settings as the cache keys and reports hold them: ``{"threads", "batch_sizes", "budget_s",
+        "sentences", "n_bootstrap"}`` (the dict the stages' keys always held, so stored measurements stay valid)."""
+        return asdict(self)
+
+
+#: The process-wide defaults of a run that passes no `ThroughputConfig` (`default_throughput`), as a dict of its
+#: fields; at import they are the dataclass's defaults. Code that chooses a measurement (the benchmarks) passes a
+#: `ThroughputConfig` down instead of writing here; the tests shorten every default measurement through it.
+THROUGHPUT = ThroughputConfig().key()
+
+
+def default_throughput() -> ThroughputConfig:
+    """The `ThroughputConfig` of a run that passes none: `THROUGHPUT`'s values."""
+    return ThroughputConfig(**THROUGHPUT)
+
+
+def throughput_config(config: ThroughputConfig | dict | None = None) -> ThroughputConfig:
+    """``config`` itself, `default_throughput` for None, or `default_throughput` with the fields a dict gives
+    replaced (``{"threads": (1,), "budget_s": 2.0}``)."""
+    if config is None:
+        return default_throughput()
+    if isinstance(config, ThroughputConfig):
+        return config
+    if not isinstance(config, dict):
+        raise TypeError(f"a throughput config is a ThroughputConfig or a dict of its fields, got "
+                        f"{type(config).__name__}")
+    unknown = sorted(set(config) - {f.name for f in fields(ThroughputConfig)})
+    if unknown:
+        raise ValueError(f"unknown throughput settings {unknown}; known: "
+                         f"{[f.name for f in fields(ThroughputConfig)]}")
+    return replace(default_throughput(), **config)
 
 
 def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dict, max_length: int,
-                        seed: int = 0, config: dict | None = None) -> dict:
+                        seed: int = 0, config: ThroughputConfig | dict | None = None) -> dict:
     """Measured sentences per second of every model in ``models`` (name -> encoder) on real ``texts``.
 
-    For each thread count and batch size a seeded sample of ``texts`` (``config["sentences"][batch]`` of them)
+    ``config`` (`throughput_config`: None for `default_throughput`, or a dict of fields replaced in it) gives
+    the thread counts, batch sizes, seconds per combination, sentences per batch size and bootstrap resamples.
+    For each thread count and batch size a seeded sample of ``texts`` (``config.sentences[batch]`` of them)
     is tokenised once and batched as sentence-transformers' ``encode`` does (sorted by length, longest first,
     each batch padded to its longest text); one call encodes the whole sample (forward pass and pooling,
     no tokenisation), and the models' calls are interleaved round-robin (`cahp.bench.timing.time_round_robin`)
@@ -136,7 +204,7 @@ def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dic
     A model's speedup is the median over repetitions of the per-repetition ratio (first model's seconds /
     this model's, both from the same round): a slowdown of the machine lasting a round multiplies both and
     cancels. Its 95% interval is the percentile bootstrap of that median over the repetitions
-    (`cahp.bench.figures.bootstrap_medians_ci`, ``config["n_bootstrap"]`` resamples, seeded by ``seed``);
+    (`cahp.bench.figures.bootstrap_medians_ci`, ``config.n_bootstrap`` resamples, seeded by ``seed``);
     ``[nan, nan]`` with fewer than 2 repetitions.
 
     Returns:
@@ -147,23 +215,21 @@ def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dic
     from cahp.bench.figures import bootstrap_medians_ci
     from cahp.bench.timing import time_round_robin
 
-    config = {**THROUGHPUT, **(config or {})}
+    config = throughput_config(config)
     rng = np.random.default_rng(seed)
     names = list(models)
-    before = torch.get_num_threads()
     out = {}
-    try:
-        for threads in config["threads"]:
-            torch.set_num_threads(threads)
-            for batch in config["batch_sizes"]:
-                n = min(len(texts), config["sentences"][batch])
+    for threads in config.threads:
+        with num_threads(threads):  # the caller's thread count is back after each thread count's timings
+            for batch in config.batch_sizes:
+                n = min(len(texts), config.sentences[batch])
                 sample = [texts[i] for i in sorted(rng.choice(len(texts), n, replace=False).tolist())]
                 ds = encode_texts(tokenizer, sample, max_length)
                 batches = [{k: v for k, v in b.items() if k != "index"} for b in make_batches(
                     ds, batch, shuffle=False, pad_token_id=tokenizer.pad_token_id or 0)]
 
                 runners = {m: functools.partial(_encode_all, models[m], batches, settings) for m in names}
-                times = time_round_robin(runners, budget_s=config["budget_s"], min_reps=3, max_reps=50, warmup=1)
+                times = time_round_robin(runners, budget_s=config.budget_s, min_reps=3, max_reps=50, warmup=1)
                 entry = {"sentences": n, "tokens": int(sum(ds.lengths())), "reps": len(times[names[0]])}
                 for m in names:
                     med = float(np.median(times[m]))
@@ -171,13 +237,11 @@ def encoding_throughput(models: dict, tokenizer, texts: list[str], settings: dic
                 # (reps,) per-repetition ratios: the first model's call and this model's from the same round
                 ratios = {m: np.asarray(times[names[0]]) / np.asarray(times[m]) for m in names[1:]}
                 entry["speedup"] = {m: float(np.median(r)) for m, r in ratios.items()}
-                entry["speedup_ci95"] = {m: bootstrap_medians_ci([r], lambda med: med, config["n_bootstrap"], seed)
+                entry["speedup_ci95"] = {m: bootstrap_medians_ci([r], lambda med: med, config.n_bootstrap, seed)
                                          for m, r in ratios.items()}
                 out[f"t{threads}_b{batch}"] = entry
                 log.info("throughput, %d thread(s), batch %d: %s", threads, batch, ", ".join(
                     f"{m} {entry[m]['sentences_per_s']:.1f}/s" for m in names))
-    finally:
-        torch.set_num_threads(before)
     return out
 
 

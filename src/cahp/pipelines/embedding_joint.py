@@ -53,6 +53,7 @@ from cahp.pipelines.embedding import (
     surgery_and_distill,
     throughput,
 )
+from cahp.pipelines.embedding_eval import ThroughputConfig, throughput_config
 from cahp.pipelines.joint import JointRun, build_joint, check_settings, choose_selection, dense_counts
 from cahp.pipelines.joint_config import JointConfig
 from cahp.pipelines.stages import PruneConfig, PruneResult
@@ -78,9 +79,14 @@ def embedding_joint_run(run: EmbeddingRun, joint: JointConfig, progress: bool = 
 
 
 def run_embedding_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool = True,
-                        joint: JointConfig | None = None) -> PruneResult:
-    """`cahp prune --objective embedding --ffn` (see the module docstring); returns the report on every rank."""
+                        joint: JointConfig | None = None,
+                        throughput_cfg: ThroughputConfig | None = None) -> PruneResult:
+    """`cahp prune --objective embedding --ffn` (see the module docstring); returns the report on every rank.
+
+    ``throughput_cfg``: how the final throughput is measured (None: `cahp.pipelines.embedding_eval.default_throughput`).
+    """
     joint = joint or JointConfig()
+    throughput_cfg = throughput_config(throughput_cfg)
     check_settings(cfg, joint)  # bad --ffn settings fail before any work
     t_total = time.perf_counter()
     run = prepare_embedding(cfg, ft_cfg, out, progress)  # texts, dense targets, signatures, head salience
@@ -90,8 +96,8 @@ def run_embedding_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, pro
     dense = dense_scores(run)
     pruned, final, final_key = surgery_and_distill(run, choice.heads, progress, neurons=choice.neurons)
     speedup = joint_report.measured_speedup(run, final_key, joint)
-    speed = throughput(run, pruned, {"heads": choice.heads, "neurons": choice.neurons})
-    fields = report_fields(run, dense, final, speed)
+    speed = throughput(run, pruned, {"heads": choice.heads, "neurons": choice.neurons}, throughput_cfg)
+    fields = report_fields(run, dense, final, speed, throughput_cfg)
     points = choice.points
     report = {
         **fields,
