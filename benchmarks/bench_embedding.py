@@ -83,7 +83,6 @@ from cahp.pipelines.compare import CompareConfig  # noqa: E402
 from cahp.pipelines.compare_embedding import EMBEDDING_METHODS, render_markdown, run_compare_embedding  # noqa: E402
 from cahp.pipelines.embedding import prepare_embedding, sentence_length  # noqa: E402
 from cahp.pipelines.embedding_eval import (  # noqa: E402
-    THROUGHPUT,
     ThroughputConfig,
     default_throughput,
     encoding_throughput,
@@ -396,15 +395,9 @@ def run_joint(name: str, args) -> Path:
     the prune report, the texts' provenance, the bench settings, issue 22's goals (`joint_goals`)."""
     cfg, ft, joint, timing = joint_settings(name, args)
     texts_info = prepare_texts(name, cfg)
-    # the pipeline times the encoders with embedding_eval.THROUGHPUT (part of its cache key): the options'
-    # threads and seconds for this run only
-    saved = dict(THROUGHPUT)
-    THROUGHPUT.update(threads=tuple(timing["threads"]), budget_s=timing["budget_s"])
-    try:
-        report = dict(run_prune(cfg, ft, progress=not args.quiet, joint=joint).report)
-    finally:
-        THROUGHPUT.clear()
-        THROUGHPUT.update(saved)
+    # the pipeline's throughput at the options' threads and seconds (the whole config is in its cache key)
+    report = dict(run_prune(cfg, ft, progress=not args.quiet, joint=joint,
+                            throughput_cfg=throughput_settings(timing)).report)
     report.pop("environment", None)  # the result's meta has the machine
     report["configuration"] = name
     report["output_dir"] = cfg.output_dir

@@ -89,10 +89,12 @@ log = logging.getLogger(__name__)
 
 
 def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: bool = True,
-              joint=None) -> PruneResult:
+              joint=None, throughput_cfg=None) -> PruneResult:
     """Run the whole CAHP pipeline; see the module docstring. Returns the report (on every rank).
 
     ``joint``: the `cahp.pipelines.joint_config.JointConfig` of ``--ffn`` (default: its defaults).
+    ``throughput_cfg``: the `cahp.pipelines.embedding_eval.ThroughputConfig` of ``--objective embedding``'s
+    final throughput (default: `cahp.pipelines.embedding_eval.default_throughput`).
     """
     distributed.init()
     ft_cfg = ft_cfg or FinetuneConfig(seed=cfg.seed)
@@ -102,19 +104,19 @@ def run_prune(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, progress: 
     out = Path(cfg.output_dir)
     distributed.on_main(check_final_settings, out, cfg, ft_cfg)
     with output_folder(out, distributed.is_main()):  # log.txt, the lock, no new folder left by an early error
-        result = _run(cfg, ft_cfg, out, progress, task, joint)
+        result = _run(cfg, ft_cfg, out, progress, task, joint, throughput_cfg)
         distributed.barrier()
         return result
 
 
 def _run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: bool, task=None,
-         joint=None) -> PruneResult:
+         joint=None, throughput_cfg=None) -> PruneResult:
     if decoder.prunes_as_lm(cfg):  # causal LMs: KV-group CAHP by perplexity (--decoder-head classifier: below)
         return decoder.run_decoder(cfg, ft_cfg, out, progress)
     if cfg.objective != "task":  # label-free, on sentence embeddings (heads only, or with --ffn neurons too)
         if cfg.ffn:
-            return run_embedding_joint(cfg, ft_cfg, out, progress, joint)
-        return run_embedding(cfg, ft_cfg, out, progress)
+            return run_embedding_joint(cfg, ft_cfg, out, progress, joint, throughput_cfg)
+        return run_embedding(cfg, ft_cfg, out, progress, throughput_cfg)
     if cfg.ffn:  # heads and FFN neurons together
         return run_joint(cfg, ft_cfg, out, progress, joint)
     t_total = time.perf_counter()
