@@ -175,6 +175,9 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
             raise ValueError("cahp compare runs in a single process: start it without torchrun")
         return run_compare_ffn(cfg, ft_cfg or FinetuneConfig(seed=cfg.seed), ccfg or CompareConfig(), joint,
                                progress, dense_ft)
+    if cfg.ffn and cfg.objective != "task":  # label-free heads + FFN neurons: the joint peers, distilled
+        from cahp.pipelines.compare_embedding_ffn import run_compare_embedding_ffn
+        return run_compare_embedding_ffn(cfg, ft_cfg, ccfg, joint, progress)
     if cfg.objective != "task":  # label-free: the embedding objective's comparison, by distillation
         from cahp.pipelines.compare_embedding import run_compare_embedding
         return run_compare_embedding(cfg, ft_cfg, ccfg, progress)

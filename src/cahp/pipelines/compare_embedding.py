@@ -91,8 +91,8 @@ from cahp.train.objectives import EmbeddingLoss, fidelity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMBEDDING_METHODS", "LABELLED_ONLY", "STATISTICS", "render_markdown", "run_compare_embedding",
-           "versus_cahp"]
+__all__ = ["EMBEDDING_METHODS", "LABELLED_ONLY", "SCORE_BOOTSTRAP", "STATISTICS", "dense_summary", "distill_pruned",
+           "render_markdown", "run_compare_embedding", "spearman_summary", "versus_cahp"]
 
 #: The default methods of the embedding comparison (CAHP first).
 EMBEDDING_METHODS = ["cahp", "random", "magnitude", "gradient", "fisher", "entropy", "layer-drop"]
@@ -147,6 +147,60 @@ def versus_cahp(boot: PairedSpearman, method: list, cahp: list, seeds: list | No
     return {"pooled": pooled, "per_seed": per_seed, "per_seed_verdicts": counts}
 
 
+def spearman_summary(boot: PairedSpearman, recs: list[dict], seeds: list, cahp_recs: list[dict] | None) -> dict:
+    """Mean test scores of one system over its records (one per seed) and, given CAHP's records, its paired
+    bootstrap against CAHP (`versus_cahp`, per-seed seeds recorded when the system has at least CAHP's count).
+
+    A record holds ``"similarity_test"`` (the similarity set's evaluation with ``"predictions"``) and
+    ``"heldout_fidelity"``."""
+    rho = np.array([r["similarity_test"]["spearman"] for r in recs])
+    out = {
+        "seeds": seeds,
+        "spearman": float(rho.mean()),
+        "spearman_std": float(rho.std(ddof=1)) if len(rho) > 1 else 0.0,
+        "spearman_per_seed": rho.tolist(),
+        "pearson": float(np.mean([r["similarity_test"]["pearson"] for r in recs])),
+        "heldout_fidelity": float(np.mean([r["heldout_fidelity"] for r in recs])),
+    }
+    if cahp_recs is not None:
+        out["vs_cahp"] = versus_cahp(boot, [r["similarity_test"]["predictions"] for r in recs],
+                                     [r["similarity_test"]["predictions"] for r in cahp_recs],
+                                     seeds if len(recs) >= len(cahp_recs) and seeds else None)
+    return out
+
+
+def dense_summary(dense: dict, boot: PairedSpearman, cahp_by_target: dict[str, list[dict]], **extra) -> dict:
+    """The dense model's row (`cahp.pipelines.embedding.dense_scores` ``dense``): its scores and, for each
+    target (budget or speedup label), its Spearman minus CAHP's records there (``cahp_by_target``); ``extra``
+    entries go first (heads kept, parameters)."""
+    test = dense["similarity_test"]
+    vs = {label: versus_cahp(boot, [test["predictions"]], [r["similarity_test"]["predictions"] for r in recs])
+          for label, recs in cahp_by_target.items()}
+    return {**extra, "heldout_fidelity": dense["heldout_fidelity"], "spearman": test["spearman"],
+            "spearman_ci95": test["spearman_ci95"], "pearson": test["pearson"], "pearson_ci95": test["pearson_ci95"],
+            "vs_cahp": vs}
+
+
+def distill_pruned(run, model, ft: FinetuneConfig, what: str, progress: bool = True) -> dict:
+    """One distillation of an already pruned ``model`` (in place) on the prepared run's training texts, then
+    its scores: held-out fidelity, the similarity task's test split (zero-shot), parameters, the distillation's
+    epochs and the seconds spent. ``run``: an `cahp.pipelines.embedding.EmbeddingRun`; ``what`` names the model
+    in the log."""
+    t0 = time.perf_counter()
+    loss = EmbeddingLoss(run.targets["train"], run.settings, run.distance)
+    once = dataclasses.replace(ft, max_train_examples=0)  # the subset was taken before the targets
+    res = distill(model, run.datasets["train"], run.targets["train"], run.curve_batches, run.targets["curve"],
+                  loss, once, run.tokenizer.pad_token_id or 0, progress)
+    t1 = time.perf_counter()
+    held = fidelity(model, run.curve_batches, run.targets["curve"], run.settings)
+    test = run.similarity["test"].evaluate(model, run.settings, seed=run.cfg.seed, n_bootstrap=SCORE_BOOTSTRAP)
+    log.info("distilled %s (seed %d): fidelity %.4f, test Spearman %.4f", what, ft.seed, held, test["spearman"])
+    return {"heldout_fidelity": held, "similarity_test": test, "parameters": count_parameters(model),
+            "distillation": {"best_epoch": res.best_epoch, "epochs_run": len(res.history),
+                             "best_fidelity": res.best_fidelity, "initial_fidelity": res.initial_fidelity},
+            "seconds": {"distill": t1 - t0, "evaluate": time.perf_counter() - t1}}
+
+
 # --- the comparison -------------------------------------------------------------------------------------
 
 
@@ -168,7 +222,8 @@ def _check(cfg: PruneConfig, ccfg: CompareConfig) -> None:
     if cfg.objective not in EMBEDDING_OBJECTIVES:
         raise ValueError(f"objective {cfg.objective!r} is not one of {', '.join(EMBEDDING_OBJECTIVES)}")
     if getattr(cfg, "ffn", False):
-        raise ValueError("--ffn does not combine with --objective embedding yet; compare heads only")
+        raise ValueError("run_compare_embedding compares heads only; --ffn runs "
+                         "cahp.pipelines.compare_embedding_ffn.run_compare_embedding_ffn")
     if cfg.similarity_task.lower() in NO_SIMILARITY:
         raise ValueError("cahp compare --objective embedding compares test Spearman on a similarity task; "
                          "give --similarity-task (e.g. stsb), not none")
@@ -345,32 +400,14 @@ class _EmbeddingCompare:
         keep_heads(model, {int(layer): hs for layer, hs in pre["kept"].items()})
         if pre.get("gates") is not None:
             fold_gates(model, torch.tensor(pre["gates"]))
-        loss = EmbeddingLoss(run.targets["train"], run.settings, run.distance)
-        once = dataclasses.replace(ft, max_train_examples=0)  # the subset was taken before the targets
-        res = distill(model, run.datasets["train"], run.targets["train"], run.curve_batches, run.targets["curve"],
-                      loss, once, run.tokenizer.pad_token_id or 0, self.progress)
-        t1 = time.perf_counter()
-        held = fidelity(model, run.curve_batches, run.targets["curve"], run.settings)
-        test = self.test.evaluate(model, run.settings, seed=self.cfg.seed, n_bootstrap=SCORE_BOOTSTRAP)
-        log.info("distilled %s (%d heads, seed %d): fidelity %.4f, test Spearman %.4f", method, pre["k"], ft.seed,
-                 held, test["spearman"])
-        return {"heldout_fidelity": held, "similarity_test": test, "parameters": count_parameters(model),
-                "distillation": {"best_epoch": res.best_epoch, "epochs_run": len(res.history),
-                                 "best_fidelity": res.best_fidelity, "initial_fidelity": res.initial_fidelity},
-                "seconds": {"distill": t1 - t0, "evaluate": time.perf_counter() - t1}}
+        rec = distill_pruned(run, model, ft, f"{method} ({pre['k']} heads)", self.progress)
+        rec["seconds"]["distill"] += time.perf_counter() - t0 - sum(rec["seconds"].values())  # the surgery too
+        return rec
 
     # --- report ---------------------------------------------------------------------------------------
     def summary(self, recs: list[dict], seeds: list, cahp_recs: list[dict] | None, masks: list[dict]) -> dict:
         """Mean scores of one method at one budget over its records, its heads, and its verdict against CAHP."""
-        rho = np.array([r["similarity_test"]["spearman"] for r in recs])
-        out = {
-            "seeds": seeds,
-            "spearman": float(rho.mean()),
-            "spearman_std": float(rho.std(ddof=1)) if len(rho) > 1 else 0.0,
-            "spearman_per_seed": rho.tolist(),
-            "pearson": float(np.mean([r["similarity_test"]["pearson"] for r in recs])),
-            "heldout_fidelity": float(np.mean([r["heldout_fidelity"] for r in recs])),
-        }
+        out = spearman_summary(self.boot, recs, seeds, None)
         n_layers = self.prep.stats.shape[0]
         per_layer = [_heads_per_layer(m, n_layers) for m in masks]
         bool_masks = [self.prep.stats.mask_from_heads(m) for m in masks]
@@ -378,9 +415,7 @@ class _EmbeddingCompare:
                    heads_per_layer_mean=np.mean(per_layer, 0).tolist(),
                    mean_relative_depth=float(np.mean([mean_relative_depth(b) for b in bool_masks])))
         if cahp_recs is not None:
-            out["vs_cahp"] = versus_cahp(self.boot, [r["similarity_test"]["predictions"] for r in recs],
-                                         [r["similarity_test"]["predictions"] for r in cahp_recs],
-                                         seeds if len(recs) >= len(cahp_recs) and seeds else None)
+            out["vs_cahp"] = spearman_summary(self.boot, recs, seeds, cahp_recs)["vs_cahp"]
         return out
 
     def results(self, pre: dict, fine: dict | None) -> tuple[dict, dict]:
@@ -420,17 +455,12 @@ class _EmbeddingCompare:
     def dense_row(self, pre: dict, fine: dict | None) -> dict:
         """The dense model's scores, and its Spearman minus CAHP's at every budget (after distillation when
         it ran): how far each budget's CAHP model is from the teacher."""
-        test = self.dense["similarity_test"]
-        preds = [test["predictions"]]
-        vs = {}
-        for b in self.budgets:
-            cahp = ([fine[("cahp", s, b["k"])] for s in self.seeds] if fine is not None
-                    else [pre[("cahp", None, b["k"])]])
-            vs[b["label"]] = versus_cahp(self.boot, preds, [r["similarity_test"]["predictions"] for r in cahp])
-        return {"heads_kept": self.prep.stats.n, "heldout_fidelity": self.dense["heldout_fidelity"],
-                "spearman": test["spearman"], "spearman_ci95": test["spearman_ci95"], "pearson": test["pearson"],
-                "pearson_ci95": test["pearson_ci95"], "parameters": count_parameters(self.prep.model),
-                "vs_cahp": vs}
+        cahp = {b["label"]: ([fine[("cahp", s, b["k"])] for s in self.seeds] if fine is not None
+                             else [pre[("cahp", None, b["k"])]]) for b in self.budgets}
+        row = dense_summary(self.dense, self.boot, cahp, heads_kept=self.prep.stats.n)
+        # the key order compare.json always had: parameters after the scores, before the verdicts
+        vs = row.pop("vs_cahp")
+        return {**row, "parameters": count_parameters(self.prep.model), "vs_cahp": vs}
 
     def report(self, pre: dict, fine: dict | None, t_total: float, partial: bool) -> dict:
         cfg, run = self.cfg, self.prep

@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,7 +71,8 @@ from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_JOINT_METHODS", "build_pruned", "render_ffn_markdown", "run_compare_ffn", "summary_lines"]
+__all__ = ["DEFAULT_JOINT_METHODS", "build_pruned", "check_targets", "compare_targets", "make_method",
+           "render_ffn_markdown", "run_compare_ffn", "select_at", "summary_lines", "target_table"]
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
 
@@ -87,6 +89,64 @@ def build_pruned(model, sel: JointSelection):
 
         fold_neuron_gates(pruned, sel.neuron_gates)
     return pruned
+
+
+def check_targets(cfg: PruneConfig, ccfg) -> list[float]:
+    """The compare's estimated speedups (``ccfg.speedups``), after one-line checks of the targets' settings."""
+    speedups = [float(x) for x in ccfg.speedups]
+    if any(not x > 1 for x in speedups):
+        raise JointSetupError(f"--speedups must be above 1, got {ccfg.speedups}")
+    if not speedups and not ccfg.knee:
+        raise JointSetupError("no target: give --speedups or keep --knee")
+    if cfg.keep or cfg.keep_ratio or cfg.target_speedup:
+        raise JointSetupError("cahp compare --ffn sets its targets with --speedups (and --knee)")
+    return speedups
+
+
+def make_method(name: str, seed: int, joint: JointConfig):
+    """A joint method by registry name with the run's shared ``--ffn`` settings (linkage, head weights)."""
+    return make_joint_method(name, seed, shared={"linkage": joint.linkage, "head_weights": tuple(joint.weights())})
+
+
+def compare_targets(jr: JointRun, cfg: PruneConfig, ccfg, speedups: list[float],
+                    progress: bool = True) -> tuple[list[dict], dict]:
+    """(targets, CAHP's knee): CAHP's knee share on its joint curve (with ``ccfg.knee``) and each estimated
+    speedup x as the share 1 / x; a target is ``{"label", "share", "speedup"}``."""
+    points = joint_curve(jr, progress)["points"]
+    share_star, knee, _ = find_share_star(points, cfg)
+    out = [{"label": "knee", "share": share_star, "speedup": 1 / share_star}] if ccfg.knee else []
+    out += [{"label": f"{x:g}x", "share": round(1 / x, 6), "speedup": x} for x in speedups]
+    return out, knee.to_dict()
+
+
+def select_at(jr: JointRun, method, name: str, target: dict, joint: JointConfig, seed: int,
+              evaluate: Callable[[JointSelection], dict]) -> dict:
+    """One method's selection at one target, its estimates, scores and measured speedup (the record compared).
+
+    ``evaluate(selection)``: the objective's scores of the dense model through the selection's gates, merged
+    into the record. A method that cannot reach the target gives ``{"unreachable": reason}`` (logged).
+    """
+    t0 = time.perf_counter()
+    try:
+        sel = method.select(target["share"], jr.problem)
+        share = check_selection(sel, jr.problem, target["share"], who=name)
+    except ValueError as e:
+        log.warning("%s cannot reach %s: %s", name, target["label"], e)
+        return {"unreachable": str(e)}
+    t1 = time.perf_counter()
+    scores = evaluate(sel)
+    heads, neurons = sel.counts(jr.table.n_layers)
+    rec = {"selection": sel.to_dict(), "estimated_share": share,
+           "estimated_speedup": estimated_speedups(jr.tables, heads, neurons),
+           "heads_per_layer": heads, "neurons_per_layer": neurons, **scores,
+           "seconds": {"select": t1 - t0, "evaluate": time.perf_counter() - t1}}
+    if joint.speedup_budget:
+        model = jr.run.model
+        pruned = build_pruned(model, sel)
+        rec["measured_speedup"] = measure_speedup(model, pruned, joint.cost_shapes, joint.speedup_budget,
+                                                  joint.speedup_threads, seed=seed)
+        rec["parameters"] = count_parameters(pruned)
+    return rec
 
 
 def _methods(ccfg) -> list[str]:
@@ -114,13 +174,7 @@ def run_compare_ffn(cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg, joint: Joint
 
     joint = joint or JointConfig()
     methods = _methods(ccfg)
-    speedups = [float(x) for x in ccfg.speedups]
-    if any(not x > 1 for x in speedups):
-        raise JointSetupError(f"--speedups must be above 1, got {ccfg.speedups}")
-    if not speedups and not ccfg.knee:
-        raise JointSetupError("no target: give --speedups or keep --knee")
-    if cfg.keep or cfg.keep_ratio or cfg.target_speedup:
-        raise JointSetupError("cahp compare --ffn sets its targets with --speedups (and --knee)")
+    speedups = check_targets(cfg, ccfg)
     joint.weights()  # bad head weights: a one-line error before any work
     task, ft_cfg, _ = check_run(dataclasses.replace(cfg, target_speedup=0.0), ft_cfg)
     with output_folder(Path(cfg.output_dir)) as out:
@@ -150,20 +204,14 @@ class _CompareFfn:
     def method(self, name: str, seed: int | None):
         key = (name, seed)
         if key not in self.methods_built:
-            self.methods_built[key] = make_joint_method(name, self.cfg.seed if seed is None else seed,
-                                                        shared={"linkage": self.joint.linkage,
-                                                                "head_weights": tuple(self.joint.weights())})
+            self.methods_built[key] = make_method(name, self.cfg.seed if seed is None else seed, self.joint)
         return self.methods_built[key]
 
     def sel_seeds(self, name: str) -> list[int | None]:
         return list(self.seeds) if JOINT_METHODS[name][0].seeded else [None]
 
     def targets(self) -> list[dict]:
-        points = joint_curve(self.jr, self.progress)["points"]
-        share_star, knee, _ = find_share_star(points, self.cfg)
-        self.knee = knee.to_dict()
-        out = [{"label": "knee", "share": share_star, "speedup": 1 / share_star}] if self.ccfg.knee else []
-        out += [{"label": f"{x:g}x", "share": round(1 / x, 6), "speedup": x} for x in self.speedups]
+        out, self.knee = compare_targets(self.jr, self.cfg, self.ccfg, self.speedups, self.progress)
         return out
 
     # --- per (method, target, selection seed) --------------------------------------------------
@@ -181,30 +229,13 @@ class _CompareFfn:
                "max_length": self.ft_cfg.max_length}
 
         def compute() -> dict:
-            t0 = time.perf_counter()
-            try:
-                sel = method.select(target["share"], self.jr.problem)
-                share = check_selection(sel, self.jr.problem, target["share"], who=name)
-            except ValueError as e:
-                log.warning("%s cannot reach %s: %s", name, target["label"], e)
-                return {"unreachable": str(e)}
-            t1 = time.perf_counter()
-            heldout = self.jr.problem.score(sel)
-            test = self.gated_test(sel)
-            heads, neurons = sel.counts(self.jr.table.n_layers)
-            rec = {"selection": sel.to_dict(), "estimated_share": share,
-                   "estimated_speedup": estimated_speedups(self.jr.tables, heads, neurons),
-                   "heads_per_layer": heads, "neurons_per_layer": neurons, "heldout_accuracy": heldout,
-                   "test": test, "seconds": {"select": t1 - t0, "evaluate": time.perf_counter() - t1}}
-            if self.joint.speedup_budget:
-                pruned = build_pruned(self.model, sel)
-                rec["measured_speedup"] = measure_speedup(self.model, pruned, self.joint.cost_shapes,
-                                                          self.joint.speedup_budget, self.joint.speedup_threads,
-                                                          seed=self.cfg.seed)
-                rec["parameters"] = count_parameters(pruned)
-            log.info("%s at %s%s: %d heads, %d neurons, estimated share %.3f, no fine-tuning %s accuracy %.4f",
-                     name, target["label"], "" if sseed is None else f" seed {sseed}", sum(heads), sum(neurons),
-                     share, self.split, test[self.split]["accuracy"])
+            rec = select_at(self.jr, method, name, target, self.joint, self.cfg.seed,
+                            lambda sel: {"heldout_accuracy": self.jr.problem.score(sel), "test": self.gated_test(sel)})
+            if "unreachable" not in rec:
+                log.info("%s at %s%s: %d heads, %d neurons, estimated share %.3f, no fine-tuning %s accuracy %.4f",
+                         name, target["label"], "" if sseed is None else f" seed {sseed}",
+                         sum(rec["heads_per_layer"]), sum(rec["neurons_per_layer"]), rec["estimated_share"],
+                         self.split, rec["test"][self.split]["accuracy"])
             return rec
 
         tag = "all" if sseed is None else f"s{sseed}"
@@ -389,8 +420,12 @@ def _fmt_vs(v: dict | None) -> str:
 
 
 def summary_lines(report: dict) -> list[str]:
-    """One line per target: each method's accuracy (fine-tuned where run) and measured speedup, CAHP's verdict."""
+    """One line per target: each method's score (fine-tuned where run) and measured speedup, CAHP's verdict.
+
+    The score is the report's ``"score"`` entry of each part (default ``"accuracy"``; the embedding objective's
+    compare, `cahp.pipelines.compare_embedding_ffn`, has ``"spearman"``)."""
     shape = report["cost_table"]["shapes"][0]
+    score = report.get("score", "accuracy")
     out = []
     for t in report["targets"]:
         parts = []
@@ -400,7 +435,7 @@ def summary_lines(report: dict) -> list[str]:
                 continue
             part = r.get("finetuned") or r["no_finetune"]
             v = (part.get("vs_cahp") or {}).get("pooled")
-            parts.append(f"{m} {part['accuracy'] * 100:.2f} ({_fmt_speed(r.get('measured_speedup'), shape)})"
+            parts.append(f"{m} {part[score] * 100:.2f} ({_fmt_speed(r.get('measured_speedup'), shape)})"
                          + (f" CAHP {v['verdict']}" if v else ""))
         out.append(f"{t['label']}: " + "; ".join(parts))
     return out
@@ -422,23 +457,31 @@ def render_ffn_markdown(report: dict) -> str:
     lines += [f"Heads-only CAHP (the paper) at k* = {ho['k']}: measured "
               + ", ".join(f"{s} {_fmt_speed(ho.get('measured_speedup'), s)}" for s in shapes) + ho_ft, ""]
     for t in report["targets"]:
-        lines += [f"## {t['label']} (estimated share {t['share']:.3f})", "",
-                  "| method | heads | neurons | est. speedup | " + " | ".join(f"measured {s}" for s in shapes)
-                  + " | no FT | fine-tuned | vs CAHP (fine-tuned) |",
-                  "|---|---|---|---|" + "---|" * len(shapes) + "---|---|---|"]
-        for m, r in report["results"][t["label"]].items():
-            if "unreachable" in r:
-                lines.append(f"| {m} | unreachable: {r['unreachable']} |")
-                continue
-            ft = r.get("finetuned")
-            lines.append(
-                f"| {m} | {r['heads']} | {r['neurons']} | {1 / r['estimated_share']:.2f}x | "
-                + " | ".join(_fmt_speed(r.get("measured_speedup"), s) for s in shapes)
-                + f" | {r['no_finetune']['accuracy'] * 100:.2f} | "
-                + (f"{ft['accuracy'] * 100:.2f}" if ft else "-") + f" | {_fmt_vs(ft.get('vs_cahp') if ft else None)} |")
-        lines.append("")
+        lines += target_table(report, t, shapes)
         lines += _goal_lines(report, t, shapes)
     return "\n".join(lines) + "\n"
+
+
+def target_table(report: dict, target: dict, shapes: list[str], score: str = "accuracy",
+                 columns: tuple[str, str] = ("no FT", "fine-tuned")) -> list[str]:
+    """The markdown lines of one target's table: method, kept units, estimated and measured speedups, the
+    ``score`` entry x 100 without and after fine-tuning (``columns`` name them) and CAHP's verdict."""
+    lines = [f"## {target['label']} (estimated share {target['share']:.3f})", "",
+             "| method | heads | neurons | est. speedup | " + " | ".join(f"measured {s}" for s in shapes)
+             + f" | {columns[0]} | {columns[1]} | vs CAHP ({columns[1]}) |",
+             "|---|---|---|---|" + "---|" * len(shapes) + "---|---|---|"]
+    for m, r in report["results"][target["label"]].items():
+        if "unreachable" in r:
+            lines.append(f"| {m} | unreachable: {r['unreachable']} |")
+            continue
+        ft = r.get("finetuned")
+        lines.append(
+            f"| {m} | {r['heads']} | {r['neurons']} | {1 / r['estimated_share']:.2f}x | "
+            + " | ".join(_fmt_speed(r.get("measured_speedup"), s) for s in shapes)
+            + f" | {r['no_finetune'][score] * 100:.2f} | "
+            + (f"{ft[score] * 100:.2f}" if ft else "-") + f" | {_fmt_vs(ft.get('vs_cahp') if ft else None)} |")
+    lines.append("")
+    return lines
 
 
 def _decide(lo: float, hi: float, goal: float) -> str:
