@@ -21,6 +21,7 @@ from torch import nn
 from cahp.bench.figures import ratio_ci, summarize
 from cahp.bench.timing import make_inputs, time_round_robin, torch_runner
 from cahp.core.configs import field as cfg_field
+from cahp.core.threads import num_threads
 
 __all__ = ["DecodeTimingConfig", "check_timing", "time_decode"]
 
@@ -74,7 +75,6 @@ def time_decode(dense: nn.Module, pruned: nn.Module, timing: DecodeTimingConfig,
     (`time_round_robin`, ``timing.threads`` torch threads). Returns ``{"decode": {b: pair}, "prefill": pair,
     "settings"}`` with each pair as `_pair` makes it.
     """
-    threads = torch.get_num_threads()
     models = {"dense": copy.deepcopy(dense).to(timing.device).eval(),
               "pruned": copy.deepcopy(pruned).to(timing.device).eval()}
     limit = getattr(dense.config, "max_position_embeddings", None) or timing.prefill_tokens
@@ -87,8 +87,7 @@ def time_decode(dense: nn.Module, pruned: nn.Module, timing: DecodeTimingConfig,
     n = timing.new_tokens
     kw = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "use_cache": True,
           "pad_token_id": pad_token_id}
-    torch.set_num_threads(timing.threads)
-    try:
+    with num_threads(timing.threads):  # the caller's count is back afterwards, also on an error
         for b in timing.batch_sizes:
             inputs = make_inputs(models["dense"], b, prompt, timing.device, seed)
 
@@ -103,6 +102,4 @@ def time_decode(dense: nn.Module, pruned: nn.Module, timing: DecodeTimingConfig,
         runners = {name: torch_runner(m, inputs) for name, m in models.items()}
         out["prefill"] = _pair(time_round_robin(runners, **reps), 1, seq, timing.n_bootstrap)
         out["settings"]["prefill_tokens_used"] = seq
-    finally:
-        torch.set_num_threads(threads)
     return out

@@ -15,8 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from cahp.arch import get_adapter
 from cahp.bench.timing import make_inputs, time_round_robin
 from cahp.budget.cost import BlockCost, CostModelError, CostTable, attention_block, check_shape, unit_counts
+from cahp.core.threads import num_threads
 from cahp.model.heads import kept_heads, model_shape
 from cahp.model.surgery import remove_heads
 
@@ -53,21 +53,6 @@ def fit_linear(widths: Sequence[float], seconds: Sequence[float]) -> tuple[float
 def measurement_widths(current: int, n: int) -> list[int]:
     """``n`` evenly spaced widths up to ``current`` (``current/n, 2*current/n, ..., current``), distinct."""
     return sorted({max(1, round(current * (i + 1) / n)) for i in range(n)})
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise CostModelError(f"threads must be a positive integer, got {n!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _capture_inputs(model: nn.Module, inputs: dict) -> tuple[list, list]:
@@ -201,7 +186,7 @@ def measure_table(
     was_training = model.training
     model.eval()
     try:
-        with _threads(threads):
+        with num_threads(threads, error=CostModelError):
             inputs = make_inputs(model, batch, seq, device=device, seed=seed)
             with torch.no_grad():  # copies and slices stay ordinary tensors (not inference tensors)
                 runners = _runners(model, inputs, att_widths, ffn_widths)

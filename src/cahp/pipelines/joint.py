@@ -69,6 +69,7 @@ from cahp.bench.variants import prepare_for_inference
 from cahp.budget.cost import SOURCES, CostTable, cost_table
 from cahp.budget.joint_curve import combined_table, floor_share, knee_share, share_grid
 from cahp.core import distributed
+from cahp.core.threads import num_threads
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
 from cahp.model.gates import head_gates
 from cahp.model.heads import KEPT_HEADS_KEY, kept_mask, num_kept
@@ -159,12 +160,8 @@ def cost_tables(run, joint: JointConfig) -> tuple[list[CostTable], dict]:
             return cost_table(run.model, batch, seq, source=joint.cost_source).to_dict()
         apply_allocator(True)
         model = prepare_for_inference(copy.deepcopy(run.model).cpu())
-        before = torch.get_num_threads()
-        torch.set_num_threads(joint.cost_threads)
-        try:
+        with num_threads(joint.cost_threads):  # the kernel chosen at the count the table is measured at
             choose_kernel([model], "auto", make_inputs(model, batch, seq, seed=run.cfg.seed), None, 2, {})
-        finally:
-            torch.set_num_threads(before)
         return cost_table(model, batch, seq, source="measured", threads=joint.cost_threads).to_dict()
 
     def compute() -> dict:

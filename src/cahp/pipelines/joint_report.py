@@ -25,6 +25,7 @@ from cahp.bench.variants import prepare_for_inference
 from cahp.budget.cost import CostTable, estimated_latency
 from cahp.core import distributed
 from cahp.core.io import environment, write_json
+from cahp.core.threads import num_threads
 from cahp.model.checkpoint import load_pruned
 from cahp.model.heads import kept_heads, kept_mask, mean_relative_depth, model_shape
 from cahp.model.neurons import encode_kept_neurons, kept_neurons, neuron_shape
@@ -51,9 +52,7 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, shapes, budget: float, 
     """
     cfg = BenchConfig(shapes=",".join(f"{b}x{s}" for b, s in parse_shapes(shapes)), device="cpu", threads=threads,
                       budget=budget, seed=seed)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):  # the caller's count is back afterwards, also on an error
         allocator = apply_allocator(cfg.hold_memory)
         d = prepare_for_inference(copy.deepcopy(dense).cpu())
         p = prepare_for_inference(copy.deepcopy(pruned).cpu())
@@ -73,8 +72,6 @@ def measure_speedup(dense: nn.Module, pruned: nn.Module, shapes, budget: float, 
             log.info("measured speedup at %dx%d: %.2fx (95%% %.2f-%.2f, %d repetitions)", batch, seq,
                      med_d / med_p, *out[f"{batch}x{seq}"]["ci95"], len(times["dense"]))
         return out
-    finally:
-        torch.set_num_threads(before)
 
 
 def measured_speedup(run, final_key: dict, joint) -> dict | None:
