@@ -20,18 +20,11 @@ from tqdm.auto import tqdm
 
 from cahp.budget.perplexity import lm_loss
 from cahp.train.finetune import FinetuneConfig, linear_schedule
+from cahp.train.loop import param_groups
 
 log = logging.getLogger(__name__)
 
 __all__ = ["finetune_lm"]
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def finetune_lm(model: nn.Module, batches: Sequence[dict], cfg: FinetuneConfig, progress: bool = True) -> dict:
@@ -46,7 +39,7 @@ def finetune_lm(model: nn.Module, batches: Sequence[dict], cfg: FinetuneConfig, 
     torch.manual_seed(cfg.seed)  # dropout, if the model has any
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = cfg.epochs * len(batches)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, int(cfg.warmup_ratio * steps)))
     losses, t0 = [], time.perf_counter()
     model.train()

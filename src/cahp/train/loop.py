@@ -41,12 +41,13 @@ __all__ = ["LoopResult", "linear_schedule", "param_groups", "steps_per_epoch", "
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups of ``model``'s trainable parameters: ``weight_decay`` on matrices, none on biases
-    and LayerNorm weights (one-dimensional tensors, or names with LayerNorm / layer_norm)."""
+    and norm weights (one-dimensional tensors, or names containing "norm" in any case: LayerNorm, layer_norm,
+    RMSNorm's input_layernorm / norm)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
