@@ -354,7 +354,10 @@ class _EmbeddingFfnCompare:
         out = self.run_.out
         distributed.on_main(write_json, out / "compare_ffn.json", report)
         distributed.on_main(write_atomic, out / "compare_ffn.md", render_markdown(report))
-        distributed.on_main(plot_frontier_spearman, report, out / "frontier.png")
+        # test Spearman (distilled where it ran) against measured speedup; the dense model is the teacher
+        distributed.on_main(plots.plot_frontier, report, out / "frontier.png", key="spearman",
+                            ylabel="similarity task: test Spearman x 100", untuned="distillation",
+                            title=f"{report['model']} / {report['objective']}: heads + FFN neurons", teacher=True)
 
 
 # --- outputs --------------------------------------------------------------------------------------------
@@ -395,34 +398,4 @@ def render_markdown(report: dict) -> str:
                       f"{p['ci95'][1] * 100:+.2f}] ({p['verdict']})", ""]
     lines.append("Verdicts are CAHP's (win: CAHP better).")
     return "\n".join(lines) + "\n"
-
-
-def plot_frontier_spearman(report: dict, path: Path) -> None:
-    """frontier.png: test Spearman (after distillation where it ran) against the measured speedup at the first
-    cost shape (the estimated one where a result was not timed), one line per method, the dense model marked."""
-    shape = report["cost_table"]["shapes"][0]
-    finetuned = any("finetuned" in r for t in report["results"].values() for r in t.values())
-    part = "finetuned" if finetuned else "no_finetune"
-    fig, ax = plots.plt.subplots(figsize=(7, 4.5))
-    others = [c for c in range(10) if c != 3]  # C3 (red) is CAHP's alone, as in the other compares
-    methods = list(dict.fromkeys(m for t in report["results"].values() for m in t))
-    for i, m in enumerate(methods):
-        pts = []
-        for t in report["targets"]:
-            r = report["results"][t["label"]].get(m, {})
-            if part in r:
-                ms = r.get("measured_speedup") or {}
-                x = ms[shape]["speedup"] if shape in ms else 1 / r["estimated_share"]
-                pts.append((x, r[part]["spearman"] * 100))
-        if pts:
-            style = {"lw": 2.5, "color": "C3", "zorder": 5} if m == "cahp" else \
-                {"lw": 1.2, "color": f"C{others[i % len(others)]}"}
-            ax.plot(*zip(*sorted(pts)), "o-", ms=4, label=m, **style)
-    ax.axhline(report["dense"]["spearman"] * 100, color="grey", ls="--", lw=1, label="dense (teacher)")
-    ax.set_xlabel(f"measured speedup at {shape}, 1 thread (dense / pruned latency)")
-    ax.set_ylabel("similarity task: test Spearman x 100" + ("" if finetuned else ", no distillation"))
-    ax.set_title(f"{report['model']} / {report['objective']}: heads + FFN neurons")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    plots._save(fig, path)
 

@@ -159,14 +159,29 @@ def plot_kept_structure(heads: list[int], heads_total: list[int], neurons: list[
     _save(fig, path)
 
 
-def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
-    """frontier.png of a `cahp compare --ffn` report: test accuracy against measured speedup, one line per method.
+def plot_frontier(report: dict, path: Path, shape: str | None = None, *, key: str = "accuracy",
+                  ylabel: str | None = None, untuned: str = "fine-tuning", title: str | None = None,
+                  teacher: bool = False) -> None:
+    """frontier.png of a `cahp compare --ffn` report: test score against measured speedup, one line per method.
 
-    The accuracy after fine-tuning where the report has it (else without fine-tuning, said in the axis label);
-    the x axis is the measured speedup at ``shape`` (default: the first cost shape), the estimated one where a
-    result was not timed. Heads-only CAHP (the paper) and the dense control are marked.
+    The score (each part's ``key``, x 100) after fine-tuning where the report has it (else without it, said in
+    the axis label); the x axis is the measured speedup at ``shape`` (default: the first cost shape), the
+    estimated one where a result was not timed. Heads-only CAHP (the paper, where the report has it) and the
+    dense model are marked.
+
+    Args:
+        key: the score entry of each result's ``finetuned`` / ``no_finetune`` part (and of the dense scores).
+        ylabel: what the score is (default: "<test split> accuracy (%)").
+        untuned: the name of the step after pruning, for the label of a report without it
+            (", no fine-tuning" by default; the embedding objective's is "distillation").
+        title: default "<model> / <task>: heads + FFN neurons".
+        teacher: the dense model is the distillation teacher (the embedding objective): one reference line at
+            ``report["dense"][key]``, as there is no dense control; False: the labelled report's dense test
+            score (and its fine-tuned control).
     """
-    shape = shape or report["cost_table"]["shapes"][0]
+    shape = shape or ((report.get("cost_table") or {}).get("shapes") or [None])[0]
+    if shape is None:
+        raise ValueError("plot_frontier needs a shape: the report has no cost_table shapes")
     finetuned = any("finetuned" in r for t in report["results"].values() for r in t.values())
     part = "finetuned" if finetuned else "no_finetune"
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -179,7 +194,9 @@ def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
                 continue
             ms = r.get("measured_speedup") or {}
             x = ms[shape]["speedup"] if shape in ms else 1 / r["estimated_share"]
-            pts.append((x, r[part]["accuracy"] * 100))
+            if key not in r[part]:
+                raise ValueError(f"plot_frontier: {m} at {t['label']} has no {key!r} score in {part!r}")
+            pts.append((x, r[part][key] * 100))
         if not pts:
             continue
         pts.sort()
@@ -188,21 +205,26 @@ def plot_frontier(report: dict, path: Path, shape: str | None = None) -> None:
             {"lw": 1.2, "color": f"C{others[i % len(others)]}"}
         ax.plot(*zip(*pts), "o-", ms=5 if m == "cahp" else 4, label=m, **style)
     ho = report.get("heads_only") or {}
-    ho_acc = (ho.get("finetuned") or {}).get("accuracy") if finetuned else None
-    if ho_acc is not None and shape in (ho.get("measured_speedup") or {}):
-        ax.plot(ho["measured_speedup"][shape]["speedup"], ho_acc * 100, "*", ms=13, color="k",
+    ho_score = (ho.get("finetuned") or {}).get(key) if finetuned else None
+    if ho_score is not None and shape in (ho.get("measured_speedup") or {}):
+        ax.plot(ho["measured_speedup"][shape]["speedup"], ho_score * 100, "*", ms=13, color="k",
                 label=f"heads-only CAHP (k* = {ho['k']})", zorder=6)
     dense = report["dense"]
-    ref = (dense.get("control") or {}).get("accuracy") if finetuned else None
-    ref = ref if ref is not None else dense["test"][report["test_split"]]["accuracy"]
-    ax.axhline(ref * 100, color="grey", ls="--", lw=1, label="dense control" if finetuned else "dense")
-    ax.plot(1.0, ref * 100, "s", color="grey")
-    if finetuned:  # the dense model every method starts from, before its extra fine-tuning
-        first = dense["test"][report["test_split"]]["accuracy"] * 100
-        ax.axhline(first, color="grey", ls=":", lw=1, label="dense model pruned from")
+    if teacher:  # the pruned models are distilled towards the dense one: it is the only reference
+        ax.axhline(dense[key] * 100, color="grey", ls="--", lw=1, label="dense (teacher)")
+        ax.plot(1.0, dense[key] * 100, "s", color="grey")
+    else:
+        ref = (dense.get("control") or {}).get(key) if finetuned else None
+        ref = ref if ref is not None else dense["test"][report["test_split"]][key]
+        ax.axhline(ref * 100, color="grey", ls="--", lw=1, label="dense control" if finetuned else "dense")
+        ax.plot(1.0, ref * 100, "s", color="grey")
+        if finetuned:  # the dense model every method starts from, before its extra fine-tuning
+            first = dense["test"][report["test_split"]][key] * 100
+            ax.axhline(first, color="grey", ls=":", lw=1, label="dense model pruned from")
     ax.set_xlabel(f"measured speedup at {shape}, 1 thread (dense / pruned latency)")
-    ax.set_ylabel(f"{report['test_split']} accuracy (%)" + ("" if finetuned else ", no fine-tuning"))
-    ax.set_title(f"{report['model']} / {report['task']}: heads + FFN neurons")
+    ylabel = ylabel or f"{report['test_split']} accuracy (%)"
+    ax.set_ylabel(ylabel + ("" if finetuned else f", no {untuned}"))
+    ax.set_title(title or f"{report['model']} / {report['task']}: heads + FFN neurons")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
