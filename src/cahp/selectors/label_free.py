@@ -7,29 +7,26 @@ pass's noisy-target embedding loss instead of the labelled loss.
 `cahp compare --objective embedding --ffn` (`cahp.pipelines.compare_embedding_ffn`)
 does the same for the joint (heads + FFN neurons) method: `LabelFreeJointFisher`
 takes the per-batch head and neuron gate gradients of that loss
-(`joint_gate_gradients`). The search's Fisher diagonals are the joint problem's,
-from the neuron pass of the same loss; mask tuning needs no loss at all (it
-matches the dense model's block outputs).
+(`cahp.stats.fisher.collect_joint_gate_gradients` given it as ``loss_fn``).
+The search's Fisher diagonals are the joint problem's, from the neuron pass of
+the same loss; mask tuning needs no loss at all (it matches the dense model's
+block outputs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from cahp.model.gates import head_gates
-from cahp.model.neurons import neuron_gates
 from cahp.selectors.base import SelectionContext, require
 from cahp.selectors.fisher import FisherSearchSelector
 from cahp.selectors.joint_base import JointProblem
 from cahp.selectors.joint_fisher import KwonJointFisher
-from cahp.stats.fisher import BatchGateGradients
-from cahp.stats.salience import LossFn, iter_gate_gradients
+from cahp.stats.fisher import BatchGateGradients, collect_joint_gate_gradients
+from cahp.stats.salience import iter_gate_gradients
 
-__all__ = ["LabelFreeFisher", "LabelFreeJointFisher", "joint_gate_gradients"]
+__all__ = ["LabelFreeFisher", "LabelFreeJointFisher"]
 
 
 @dataclass
@@ -62,37 +59,6 @@ class LabelFreeFisher(FisherSearchSelector):
         return cache["grads"]
 
 
-def joint_gate_gradients(model: nn.Module, batches: Sequence[dict],
-                         loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-batch gradients of ``loss_fn`` w.r.t. head AND neuron gates: ((B, L, H), (B, L, d_ff)) float64 on the CPU.
-
-    `cahp.stats.fisher.collect_joint_gate_gradients` with the caller's loss instead of the labelled one (that
-    function has no ``loss_fn``): gates at 1, eval mode (the deployed function, no dropout), the weights'
-    ``requires_grad`` off for the passes (only the gates need gradients) and restored, as is the training mode.
-    Gates the loss never reads (a block the model no longer holds) get 0.
-    """
-    if not batches:
-        raise ValueError("joint_gate_gradients needs at least one batch")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    heads, neurons = [], []
-    try:
-        with head_gates(model, requires_grad=True) as hg, neuron_gates(model, requires_grad=True) as ng:
-            for batch in batches:
-                gh, gn = torch.autograd.grad(loss_fn(model, batch, device), (hg.values, ng.values), allow_unused=True)
-                heads.append(torch.zeros_like(hg.values) if gh is None else gh)
-                neurons.append(torch.zeros_like(ng.values) if gn is None else gn)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(was_training)
-    return torch.stack(heads).double().cpu(), torch.stack(neurons).double().cpu()
-
-
 @dataclass
 class LabelFreeJointFisher(KwonJointFisher):
     """The joint registry's Kwon et al. method, its rearrangement's per-batch head and neuron gate gradients taken
@@ -119,5 +85,6 @@ class LabelFreeJointFisher(KwonJointFisher):
         cache = self._grads
         if not (cache and cache["model"] is model and cache["batches"] is batches):
             cache.clear()
-            cache.update(model=model, batches=batches, grads=joint_gate_gradients(model, batches, self.loss_fn))
+            cache.update(model=model, batches=batches, grads=collect_joint_gate_gradients(
+                model, batches, loss_fn=self.loss_fn))
         return cache["grads"]

@@ -17,7 +17,7 @@ from cahp.arch import get_adapter
 from cahp.model.gates import head_gates
 from cahp.model.heads import kept_heads
 from cahp.model.neurons import kept_neurons, neuron_gates
-from cahp.stats.salience import iter_gate_gradients
+from cahp.stats.salience import LossFn, iter_gate_gradients
 from cahp.train.evaluate import labelled_loss, model_inputs
 
 __all__ = ["BatchGateGradients", "block_fisher_objective", "capture_block", "capture_layer",
@@ -116,16 +116,23 @@ def mha_normal_equations(model: nn.Module, layer_idx: int, heads: list[int], gat
 # ---------------------------------------------------------------------------
 
 
-def collect_joint_gate_gradients(model: nn.Module, batches: Sequence[dict],
-                                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-batch gradients of the labelled loss w.r.t. head AND neuron gates: ((B, L, H), (B, L, d_ff)) float64.
+def collect_joint_gate_gradients(model: nn.Module, batches: Sequence[dict], progress: bool = False,
+                                 loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch gradients of a loss w.r.t. head AND neuron gates: ((B, L, H), (B, L, d_ff)) float64 on the CPU.
 
     One forward and backward pass per batch with `head_gates` and `neuron_gates`
-    at 1 (Kwon et al.'s ``collect_mask_grads`` for both masks), eval mode; the
-    weights' ``requires_grad`` is switched off for the passes (only the gates
-    need gradients) and restored, as is the training mode. Gates of units the
-    model no longer holds get 0.
+    at 1 (Kwon et al.'s ``collect_mask_grads`` for both masks), eval mode (the
+    deployed function, no dropout); the weights' ``requires_grad`` is switched
+    off for the passes (only the gates need gradients) and restored, as is the
+    training mode. Gates the loss never reads (units the model no longer
+    holds) get 0.
+
+    ``loss_fn(model, batch, device)``: the loss L (as in
+    `cahp.stats.salience.iter_gate_gradients`); None: the labelled loss
+    (`labelled_loss`). The embedding objective passes its label-free loss
+    (`cahp.selectors.label_free.LabelFreeJointFisher`).
     """
+    loss_fn = labelled_loss if loss_fn is None else loss_fn
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -136,7 +143,7 @@ def collect_joint_gate_gradients(model: nn.Module, batches: Sequence[dict],
     try:
         with head_gates(model, requires_grad=True) as hg, neuron_gates(model, requires_grad=True) as ng:
             for batch in tqdm(batches, desc="joint gate gradients", disable=not progress, mininterval=2):
-                loss = labelled_loss(model, batch, device)
+                loss = loss_fn(model, batch, device)
                 # allow_unused: a model whose every FFN (or attention) block is empty never reads those gates.
                 gh, gn = torch.autograd.grad(loss, (hg.values, ng.values), allow_unused=True)
                 heads.append(torch.zeros_like(hg.values) if gh is None else gh)
