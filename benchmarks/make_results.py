@@ -71,6 +71,9 @@ SECTIONS = [
     ("frontier_minilm_sst5_2seeds", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 2 seeds, CAHP against Fisher and gradient "
      "(issue 19)"),
+    ("frontier_minilm_sst5_3seeds", "bench_frontier",
+     "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 3 seeds, CAHP against Fisher, P-pruning and "
+     "gradient (issue 19)"),
     ("frontier_minilm_mnli_small", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
@@ -78,6 +81,9 @@ SECTIONS = [
     ("decoder_smollm2_sst5", "bench_decoder",
      "Generative decoder: SmolLM2-135M on SST-5 text, CAHP over KV groups against the baselines, KV cache and decode "
      "speed (issue 23)"),
+    ("decoder_smollm2_sst5_salience", "bench_decoder",
+     "Generative decoder: SmolLM2-135M on SST-5 text, CAHP with the salience allocation of KV heads over layers "
+     "(`--kv-allocation salience`) against gradient and Fisher (issue 23)"),
     ("decoder_smollm2_mnli_small", "bench_decoder",
      "Generative decoder: SmolLM2-135M on mnli-small text, CAHP over KV groups against the baselines, KV cache and "
      "decode speed (issue 23)"),
