@@ -127,6 +127,19 @@ class CompareResult:
     report: dict = field(default_factory=dict)
 
 
+def check_compare_run(cfg: PruneConfig, ccfg: CompareConfig) -> None:
+    """The settings every label-free and decoder comparison checks alike (one-line ValueErrors): seeds,
+    bootstrap resamples, an output folder, and a single process."""
+    if ccfg.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if ccfg.n_bootstrap < 1:
+        raise ValueError("--n-bootstrap must be at least 1")
+    if not cfg.output_dir:
+        raise ValueError("an output folder is needed")
+    if distributed.world_size() > 1:
+        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+
+
 def _dense_finetune_config(out: Path, ft_cfg: FinetuneConfig, cfg: PruneConfig,
                            dense_ft: FinetuneConfig | None = None) -> FinetuneConfig:
     """The dense model's fine-tuning settings: those in OUTPUT/run.json, else ``dense_ft``, else ``ft_cfg``."""
@@ -509,5 +522,6 @@ class _Compare:
                               verdict_lines(report) if not report["partial"] else [])
 
 
-__all__ = ["CompareConfig", "CompareResult", "DEFAULT_METHODS", "STATISTICS", "VERDICT_RULE", "compare_to_cahp",
-           "render_markdown", "run_compare", "seconds_by_machine", "verdict", "verdict_lines", "verdict_text"]
+__all__ = ["CompareConfig", "CompareResult", "DEFAULT_METHODS", "STATISTICS", "VERDICT_RULE", "check_compare_run",
+           "compare_to_cahp", "render_markdown", "run_compare", "seconds_by_machine", "verdict", "verdict_lines",
+           "verdict_text"]

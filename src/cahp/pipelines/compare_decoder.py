@@ -71,12 +71,11 @@ from torch import nn
 
 from cahp.bench.decode import DecodeTimingConfig, check_timing, time_decode
 from cahp.budget.perplexity import sentence_nll
-from cahp.core import distributed
 from cahp.core.io import environment
 from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
-from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult
+from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult, check_compare_run
 from cahp.pipelines.decoder import (
     DECODER_SELECTOR,
     DecoderRun,
@@ -162,19 +161,12 @@ def _check(cfg: PruneConfig, ccfg: CompareConfig, timing: DecodeTimingConfig) ->
     methods = kv_methods(ccfg.methods)
     if any(not 0 < r <= 1 for r in ccfg.budgets):
         raise ValueError(f"budgets are shares of the KV heads kept, in (0, 1], got {ccfg.budgets}")
-    if ccfg.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
     if not ccfg.budgets and not ccfg.knee:
         raise ValueError("no budget: give --budgets or keep --knee")
-    if ccfg.n_bootstrap < 1:
-        raise ValueError("--n-bootstrap must be at least 1")
     if cfg.keep or cfg.keep_ratio:
         raise ValueError("--keep and --keep-ratio set cahp prune's budget; cahp compare on a decoder compares at "
                          "CAHP's knee and --budgets (shares of the KV heads kept)")
-    if not cfg.output_dir:
-        raise ValueError("an output folder is needed")
-    if distributed.world_size() > 1:
-        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+    check_compare_run(cfg, ccfg)
     check_timing(timing)
     return methods
 

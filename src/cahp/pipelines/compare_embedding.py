@@ -60,13 +60,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cahp.core import distributed
 from cahp.core.io import environment
 from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
-from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult
+from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult, check_compare_run
 from cahp.pipelines.embedding import (
     EMBEDDING_OBJECTIVES,
     NO_SIMILARITY,
@@ -229,16 +228,9 @@ def _check(cfg: PruneConfig, ccfg: CompareConfig) -> None:
                          "give --similarity-task (e.g. stsb), not none")
     if any(not 0 < r <= 1 for r in ccfg.budgets):
         raise ValueError(f"budgets are shares of the heads in (0, 1], got {ccfg.budgets}")
-    if ccfg.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
     if not ccfg.budgets and not ccfg.knee:
         raise ValueError("no budget: give --budgets or keep --knee")
-    if ccfg.n_bootstrap < 1:
-        raise ValueError("--n-bootstrap must be at least 1")
-    if not cfg.output_dir:
-        raise ValueError("an output folder is needed")
-    if distributed.world_size() > 1:
-        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+    check_compare_run(cfg, ccfg)
 
 
 def run_compare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None,

@@ -60,7 +60,7 @@ from cahp.model.neurons import neuron_gates, neuron_shape
 from cahp.model.surgery import count_parameters
 from cahp.pipelines import plots
 from cahp.pipelines.cache import StageCache
-from cahp.pipelines.compare import CompareConfig, CompareResult
+from cahp.pipelines.compare import CompareConfig, CompareResult, check_compare_run
 from cahp.pipelines.compare_embedding import (
     SCORE_BOOTSTRAP,
     STATISTICS,
@@ -125,14 +125,7 @@ def _check(cfg, ccfg: CompareConfig, joint: JointConfig) -> list[float]:
                          "give --similarity-task (e.g. stsb), not none")
     speedups = check_targets(cfg, ccfg)
     check_settings(cfg, joint)  # cost source, linkage, shapes, head weights, grid
-    if ccfg.seeds < 1:
-        raise ValueError("--seeds must be at least 1")
-    if ccfg.n_bootstrap < 1:
-        raise ValueError("--n-bootstrap must be at least 1")
-    if not cfg.output_dir:
-        raise ValueError("an output folder is needed")
-    if distributed.world_size() > 1:
-        raise ValueError("cahp compare runs in a single process: start it without torchrun")
+    check_compare_run(cfg, ccfg)
     return speedups
 
 
