@@ -75,6 +75,7 @@ from cahp.pipelines.compare_ffn import (
     compare_targets,
     make_method,
     select_at,
+    selection_row,
     target_table,
 )
 from cahp.pipelines.embedding import (
@@ -299,11 +300,7 @@ class _EmbeddingFfnCompare:
                     continue
                 r0 = recs[0]
                 row = {
-                    "heads": sum(r0["heads_per_layer"]), "neurons": sum(r0["neurons_per_layer"]),
-                    "heads_per_layer": r0["heads_per_layer"], "neurons_per_layer": r0["neurons_per_layer"],
-                    "estimated_share": float(np.mean([r["estimated_share"] for r in recs])),
-                    "estimated_speedup": r0["estimated_speedup"],
-                    "measured_speedup": r0.get("measured_speedup"), "parameters": r0.get("parameters"),
+                    **selection_row(recs),
                     "similarity_dev_spearman": float(np.mean([r["similarity_dev_spearman"] for r in recs])),
                     "no_finetune": spearman_summary(self.boot, recs, [s for s in sseeds if s is not None],
                                                     None if m == "cahp" else cahp_pre),

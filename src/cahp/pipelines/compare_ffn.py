@@ -71,7 +71,7 @@ from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_JOINT_METHODS", "build_pruned", "check_targets", "compare_targets", "make_method",
+__all__ = ["DEFAULT_JOINT_METHODS", "build_pruned", "check_targets", "compare_targets", "make_method", "selection_row",
            "render_ffn_markdown", "run_compare_ffn", "select_at", "summary_lines", "target_table"]
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
@@ -117,6 +117,23 @@ def compare_targets(jr: JointRun, cfg: PruneConfig, ccfg, speedups: list[float],
     out = [{"label": "knee", "share": share_star, "speedup": 1 / share_star}] if ccfg.knee else []
     out += [{"label": f"{x:g}x", "share": round(1 / x, 6), "speedup": x} for x in speedups]
     return out, knee.to_dict()
+
+
+def selection_row(recs: list[dict]) -> dict:
+    """The report fields every joint compare gives one (method, target): what was kept and how fast.
+
+    ``recs`` are one method's selection records at one target, one per selection seed; the kept
+    structure, the speedups and the parameter count are the first seed's (deterministic methods
+    have one record), the estimated share is their mean.
+    """
+    r0 = recs[0]
+    return {
+        "heads": sum(r0["heads_per_layer"]), "neurons": sum(r0["neurons_per_layer"]),
+        "heads_per_layer": r0["heads_per_layer"], "neurons_per_layer": r0["neurons_per_layer"],
+        "estimated_share": float(np.mean([r["estimated_share"] for r in recs])),
+        "estimated_speedup": r0["estimated_speedup"],
+        "measured_speedup": r0.get("measured_speedup"), "parameters": r0.get("parameters"),
+    }
 
 
 def select_at(jr: JointRun, method, name: str, target: dict, joint: JointConfig, seed: int,
@@ -340,11 +357,7 @@ class _CompareFfn:
                     continue
                 r0 = recs[0]
                 row = {
-                    "heads": sum(r0["heads_per_layer"]), "neurons": sum(r0["neurons_per_layer"]),
-                    "heads_per_layer": r0["heads_per_layer"], "neurons_per_layer": r0["neurons_per_layer"],
-                    "estimated_share": float(np.mean([r["estimated_share"] for r in recs])),
-                    "estimated_speedup": r0["estimated_speedup"],
-                    "measured_speedup": r0.get("measured_speedup"), "parameters": r0.get("parameters"),
+                    **selection_row(recs),
                     "heldout_accuracy": float(np.mean([r["heldout_accuracy"] for r in recs])),
                     "no_finetune": self._acc(recs), "info": r0["selection"]["info"],
                 }
