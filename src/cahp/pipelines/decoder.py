@@ -9,9 +9,9 @@ causal LM (`is_causal`). Its body reads as the steps:
   calibration text and their distances;
 - salience: |dL/dgate| with L the language-modelling loss on the same text;
 - 3-5. the KV-group CAHP selector (`cahp.selectors.gqa`): budget k in KV heads,
-  spread over layers by ``--kv-allocation`` (`PruneConfig.kv_allocation`: global
-  clusters all groups at once, salience takes the per-layer counts of the
-  summed-salience ranking and clusters within each layer);
+  spread over layers by ``--kv-allocation`` (`PruneConfig.kv_allocation`:
+  salience, the default, takes the per-layer counts of the summed-salience
+  ranking and clusters within each layer; global clusters all groups at once);
 - 6. the curve: held-out perplexity through gates over a grid of kept KV
   heads, its knee (`find_knee` on -log perplexity); ``--keep`` /
   ``--keep-ratio`` count KV heads and override it;
@@ -115,8 +115,9 @@ def prunes_as_lm(cfg) -> bool:
     True for a decoder with ``decoder_head`` "lm" (the default); False for an encoder and for a decoder with
     ``decoder_head`` "classifier" (the encoders' task pipeline, see the module docstring). Raises a one-line
     ValueError, before any work, for ``--decoder-head classifier`` on an encoder or with ``--ffn``,
-    ``--objective`` or ``--kv-allocation``, for ``--kv-allocation`` other than global on an encoder (its heads
-    have no KV groups), and for a decoder folder holding a sequence classifier without it.
+    ``--objective`` or ``--kv-allocation salience``, for ``--kv-allocation salience`` on an encoder (its heads
+    have no KV groups; auto and global mean what an encoder does anyway), and for a decoder folder holding a
+    sequence classifier without it.
     """
     head = getattr(cfg, "decoder_head", "lm")
     if head not in ("lm", "classifier"):
@@ -124,7 +125,7 @@ def prunes_as_lm(cfg) -> bool:
     allocation = check_kv_allocation(cfg)
     causal = is_causal(cfg.model)
     if head == "lm":
-        if not causal and allocation != "global":
+        if not causal and allocation not in ("auto", "global"):
             raise ValueError(f"--kv-allocation {allocation} applies to decoders pruned by KV groups; {cfg.model} is "
                              "not a causal LM (an encoder's heads are clustered over all layers at once)")
         archs = (getattr(model_config(cfg.model), "architectures", None) or []) if causal else []
@@ -136,7 +137,7 @@ def prunes_as_lm(cfg) -> bool:
         raise ValueError(f"--decoder-head classifier applies to decoders (Llama family); {cfg.model} is not one "
                          "(encoders are pruned as classifiers already)")
     given = [opt for opt, on in (("--ffn", cfg.ffn), ("--objective", getattr(cfg, "objective", "task") != "task"),
-                                 ("--kv-allocation", allocation != "global")) if on]
+                                 ("--kv-allocation", allocation not in ("auto", "global"))) if on]
     if given:
         raise ValueError(f"{', '.join(given)} cannot go with --decoder-head classifier (heads only, on the "
                          "task's labels)")
@@ -144,10 +145,11 @@ def prunes_as_lm(cfg) -> bool:
 
 
 def check_kv_allocation(cfg) -> str:
-    """``cfg.kv_allocation`` (global when the config has none), or a one-line ValueError naming the choices."""
-    allocation = getattr(cfg, "kv_allocation", "global")
-    if allocation not in KV_ALLOCATIONS:
-        raise ValueError(f"--kv-allocation must be one of {', '.join(KV_ALLOCATIONS)}, got {allocation!r}")
+    """``cfg.kv_allocation`` (auto when the config has none), or a one-line ValueError naming the choices."""
+    allocation = getattr(cfg, "kv_allocation", "auto")
+    if allocation not in ("auto", *KV_ALLOCATIONS):
+        raise ValueError(f"--kv-allocation must be one of {', '.join(('auto', *KV_ALLOCATIONS))}, "
+                         f"got {allocation!r}")
     return allocation
 
 

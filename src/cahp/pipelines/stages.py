@@ -97,12 +97,13 @@ class PruneConfig:
                                   "pruned: query heads scored by accuracy, one fine-tuning, test accuracy (a KV "
                                   "head goes when all its query heads go); cahp compare likewise",
                                   choices=["lm", "classifier"])
-    kv_allocation: str = cfg_field("global", "decoders pruned by KV groups (--decoder-head lm) only: how CAHP "
-                                   "spreads the KV-head budget over layers: global clusters all groups of all "
-                                   "layers into k (as encoders' heads); salience gives each layer as many groups "
-                                   "as the summed-salience ranking (gqa-gradient) keeps there and clusters within "
-                                   "each layer (keeps layers whose groups look alike from being emptied)",
-                                   choices=["global", "salience"])
+    kv_allocation: str = cfg_field("auto", "decoders pruned by KV groups (--decoder-head lm) only: how CAHP "
+                                   "spreads the KV-head budget over layers: salience gives each layer as many "
+                                   "groups as the summed-salience ranking (gqa-gradient) keeps there and clusters "
+                                   "within each layer (keeps layers whose groups look alike from being emptied); "
+                                   "global clusters all groups of all layers into k (as encoders' heads); auto: "
+                                   "salience on such a decoder, nothing elsewhere",
+                                   choices=["auto", "global", "salience"])
 
 
 @dataclass
@@ -267,9 +268,10 @@ def salience(model, batches: list, key: dict, stages: StageCache, progress: bool
 
 def selector_settings(cfg: PruneConfig) -> dict:
     """The run's settings that selectors may take (CAHP's distance, clustering and graph kernel; the KV-group
-    CAHP's ``kv_allocation``, a field no other selector has)."""
+    CAHP's ``kv_allocation``, a field no other selector has; ``"auto"`` is its default, ``"salience"``)."""
+    allocation = "salience" if cfg.kv_allocation == "auto" else cfg.kv_allocation
     return {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel,
-            "kv_allocation": cfg.kv_allocation}
+            "kv_allocation": allocation}
 
 
 def cahp_selector(cfg: PruneConfig) -> HeadSelector:

@@ -23,23 +23,21 @@ the KV cache is what generation pays for. So the unit of selection here is the
 
 How the k groups are spread over the layers (`GroupCAHPSelector.kv_allocation`):
 
-- ``"global"`` (default, as the encoders' heads): one clustering of all groups
-  of all layers into k clusters, as above.
-- ``"salience"`` (ours): measured on SmolLM2-135M (30 layers x 3 KV groups),
-  the global rule empties layer 0 first: its groups look alike, fall into one
-  cluster, and that cluster's representative is the group of largest summed
-  salience, which is not a layer-0 group; perplexity explodes (270 -> 2,950 at
-  80 of 90 KV heads) while the summed-salience ranking (gqa-gradient) keeps
-  every layer-0 group. So this rule takes the per-layer budget from that
-  ranking and the complementary choice within each layer: layer l keeps n_l
-  groups, n_l = how many of the top-k groups by summed salience lie in layer l
-  (ties to the lower group index, as gqa-gradient); a layer with
-  0 < n_l < its groups clusters its own groups into n_l clusters (the same
-  distance, clustering, seed and graph settings, on that layer's block of
-  `group_distances`) and keeps each cluster's most salient group
-  (n_l = 1: the layer's most salient group); n_l = all keeps all, n_l = 0 none.
-  The total is k and the per-layer counts equal gqa-gradient's; only which
-  groups of a partly kept layer stay can differ.
+- ``"salience"`` (ours, the default): layer l keeps n_l groups, n_l = how
+  many of the top-k groups by summed salience lie in layer l (ties to the
+  lower group index, as gqa-gradient); a layer with 0 < n_l < its groups
+  clusters its own groups into n_l clusters (the same distance, clustering,
+  seed and graph settings, on that layer's block of `group_distances`) and
+  keeps each cluster's most salient group (n_l = 1: the layer's most salient
+  group); n_l = all keeps all, n_l = 0 none. The total is k and the per-layer
+  counts equal gqa-gradient's; only which groups of a partly kept layer stay
+  can differ. Why: under the global rule the groups of a layer whose groups
+  look alike (SmolLM2's layer 0) fall into one cluster whose representative,
+  the group of largest summed salience, lies in another layer, so that layer
+  is emptied first and perplexity explodes, while the salience ranking keeps
+  it (RESULTS.md, the SmolLM2 sections with both rules).
+- ``"global"`` (as the encoders' heads): one clustering of all groups of all
+  layers into k clusters, as above.
 
 Baselines at the same KV-head budgets, behind the same contract
 (`KVGroupSelector`): random groups (seeded, nested in k), magnitude (L2 norm
@@ -223,8 +221,8 @@ KV_ALLOCATIONS: tuple[str, ...] = ("global", "salience")
 class GroupCAHPSelector(KVGroupSelector):
     """CAHP on KV groups: cluster the group graph into k clusters, keep each cluster's most salient group.
 
-    ``kv_allocation``: ``"global"`` clusters all groups of all layers at once; ``"salience"`` gives each layer
-    the count the summed-salience ranking gives it and clusters within each layer (module docstring).
+    ``kv_allocation``: ``"salience"`` (default) gives each layer the count the summed-salience ranking gives it
+    and clusters within each layer; ``"global"`` clusters all groups of all layers at once (module docstring).
     The field is named as `cahp.pipelines.stages.PruneConfig.kv_allocation`, so `make_selector`'s shared
     settings reach it and no other selector.
     """
@@ -234,7 +232,7 @@ class GroupCAHPSelector(KVGroupSelector):
     seed: int = 0
     kernel: str = "gaussian"
     bandwidth: str | float = "median"
-    kv_allocation: str = "global"
+    kv_allocation: str = "salience"
     name: str = "gqa-cahp"
 
     def __post_init__(self):
@@ -280,16 +278,17 @@ class GroupCAHPSelector(KVGroupSelector):
     @property
     def tag(self) -> str:
         """``gqa-cahp``, plus ``-<allocation>`` unless it is "global": the file name of its cached curve, so
-        runs of both allocations in one folder keep one curve each (the default keeps the name it had)."""
+        runs of both allocations in one folder keep one curve each ("global", the default before "salience",
+        keeps the name it had)."""
         return self.name if self.kv_allocation == "global" else f"{self.name}-{self.kv_allocation}"
 
     def settings(self) -> dict:
         """Distance, clustering, its seed, the spectral graph's kernel and bandwidth, and the allocation
-        unless it is the default "global"."""
+        unless it is "global"."""
         out = {"distance": self.distance, "clustering": self.clustering, "seed": self.seed,
                "kernel": self.kernel, "bandwidth": self.bandwidth, "unit": "kv_group"}
-        # settings() is part of the curve and compare cache keys and of the reports: the default leaves it
-        # out so that the keys, caches and results made before this setting existed stay valid
+        # settings() is part of the curve and compare cache keys and of the reports: "global" (the only rule
+        # before this setting existed) leaves it out so that the keys, caches and results made then stay valid
         if self.kv_allocation != "global":
             out["allocation"] = self.kv_allocation
         return out
