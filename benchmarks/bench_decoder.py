@@ -42,6 +42,7 @@ from cahp.pipelines.compare import CompareConfig  # noqa: E402
 from cahp.pipelines.compare_decoder import run_compare_decoder  # noqa: E402
 from cahp.pipelines.prune import PruneConfig  # noqa: E402
 from cahp.pipelines.report_decoder import render_markdown  # noqa: E402
+from cahp.selectors.gqa import kv_allocation_rule  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
 log = logging.getLogger("bench_decoder")
@@ -122,7 +123,7 @@ def allocation_line(result: dict) -> str:
     """Which rule spread CAHP's KV-head budget over the layers in this run (``--kv-allocation``): files written
     before the setting existed ran the global rule, the only one then."""
     given = result["settings"]["prune"].get("kv_allocation", "global")
-    rule = "salience" if given == "auto" else given
+    rule = kv_allocation_rule(given)
     what = {"salience": "per-layer counts of the summed-salience ranking, CAHP's clusters within each layer",
             "global": "one clustering of all layers' groups"}[rule]
     return f"CAHP's allocation of KV heads over layers: {rule} ({what}; --kv-allocation {given})"

@@ -37,6 +37,7 @@ from cahp.pipelines.guard import (
     split_train,
 )
 from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext
+from cahp.selectors.gqa import kv_allocation_rule
 from cahp.selectors.graph import CLUSTERING_METHODS
 from cahp.selectors.registry import make_selector
 from cahp.stats.distances import DISTANCES
@@ -269,9 +270,8 @@ def salience(model, batches: list, key: dict, stages: StageCache, progress: bool
 def selector_settings(cfg: PruneConfig) -> dict:
     """The run's settings that selectors may take (CAHP's distance, clustering and graph kernel; the KV-group
     CAHP's ``kv_allocation``, a field no other selector has; ``"auto"`` is its default, ``"salience"``)."""
-    allocation = "salience" if cfg.kv_allocation == "auto" else cfg.kv_allocation
     return {"distance": cfg.distance, "clustering": cfg.clustering, "kernel": cfg.kernel,
-            "kv_allocation": allocation}
+            "kv_allocation": kv_allocation_rule(cfg.kv_allocation)}
 
 
 def cahp_selector(cfg: PruneConfig) -> HeadSelector:

@@ -64,8 +64,7 @@ from cahp.selectors.graph import cluster
 
 __all__ = ["GQA_SELECTORS", "GQAStats", "GroupCAHPSelector", "GroupFisherSelector", "GroupGradientSelector",
            "GroupMagnitudeSelector", "GroupRandomSelector", "KVBudgetError", "KVGroupSelector", "KV_ALLOCATIONS",
-           "check_kv_budget",
-           "check_kv_mask", "gqa_stats", "group_distances", "group_magnitudes"]
+           "check_kv_budget", "check_kv_mask", "kv_allocation_rule", "gqa_stats", "group_distances", "group_magnitudes"]
 
 
 class KVBudgetError(ValueError):
@@ -215,6 +214,11 @@ def _top_groups(scores: np.ndarray, k: int) -> list[int]:
 
 #: How `GroupCAHPSelector` spreads the KV-head budget over layers (see the module docstring).
 KV_ALLOCATIONS: tuple[str, ...] = ("global", "salience")
+
+
+def kv_allocation_rule(given: str) -> str:
+    """The rule ``--kv-allocation given`` runs: ``"auto"`` (the command's default) is ``"salience"``."""
+    return "salience" if given == "auto" else given
 
 
 @dataclass
