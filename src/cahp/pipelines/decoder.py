@@ -81,7 +81,7 @@ from cahp.pipelines.fingerprints import data_fingerprints, model_fingerprint
 from cahp.pipelines.guard import _check_counts, build_task, check_identity, clip_max_length, model_config
 from cahp.pipelines.stages import PruneResult, find_k_star, selector_settings
 from cahp.selectors.base import HeadStats, SelectionContext
-from cahp.selectors.gqa import KV_ALLOCATIONS, GQAStats, KVBudgetError, gqa_stats
+from cahp.selectors.gqa import KV_ALLOCATION_CHOICES, GQAStats, KVBudgetError, gqa_stats
 from cahp.selectors.registry import make_selector
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
@@ -147,8 +147,8 @@ def prunes_as_lm(cfg) -> bool:
 def check_kv_allocation(cfg) -> str:
     """``cfg.kv_allocation`` (auto when the config has none), or a one-line ValueError naming the choices."""
     allocation = getattr(cfg, "kv_allocation", "auto")
-    if allocation not in ("auto", *KV_ALLOCATIONS):
-        raise ValueError(f"--kv-allocation must be one of {', '.join(('auto', *KV_ALLOCATIONS))}, "
+    if allocation not in KV_ALLOCATION_CHOICES:
+        raise ValueError(f"--kv-allocation must be one of {', '.join(KV_ALLOCATION_CHOICES)}, "
                          f"got {allocation!r}")
     return allocation
 

@@ -37,7 +37,7 @@ from cahp.pipelines.guard import (
     split_train,
 )
 from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext
-from cahp.selectors.gqa import kv_allocation_rule
+from cahp.selectors.gqa import KV_ALLOCATION_CHOICES, kv_allocation_rule
 from cahp.selectors.graph import CLUSTERING_METHODS
 from cahp.selectors.registry import make_selector
 from cahp.stats.distances import DISTANCES
@@ -104,7 +104,7 @@ class PruneConfig:
                                    "within each layer (keeps layers whose groups look alike from being emptied); "
                                    "global clusters all groups of all layers into k (as encoders' heads); auto: "
                                    "salience on such a decoder, nothing elsewhere",
-                                   choices=["auto", "global", "salience"])
+                                   choices=list(KV_ALLOCATION_CHOICES))
 
 
 @dataclass

@@ -64,6 +64,7 @@ from cahp.selectors.graph import cluster
 
 __all__ = ["GQA_SELECTORS", "GQAStats", "GroupCAHPSelector", "GroupFisherSelector", "GroupGradientSelector",
            "GroupMagnitudeSelector", "GroupRandomSelector", "KVBudgetError", "KVGroupSelector", "KV_ALLOCATIONS",
+           "KV_ALLOCATION_CHOICES",
            "check_kv_budget", "check_kv_mask", "kv_allocation_rule", "gqa_stats", "group_distances", "group_magnitudes"]
 
 
@@ -214,6 +215,8 @@ def _top_groups(scores: np.ndarray, k: int) -> list[int]:
 
 #: How `GroupCAHPSelector` spreads the KV-head budget over layers (see the module docstring).
 KV_ALLOCATIONS: tuple[str, ...] = ("global", "salience")
+#: what ``--kv-allocation`` accepts: the rules, and ``"auto"`` (resolved by `kv_allocation_rule`)
+KV_ALLOCATION_CHOICES: tuple[str, ...] = ("auto", *KV_ALLOCATIONS)
 
 
 def kv_allocation_rule(given: str) -> str:
