@@ -80,7 +80,7 @@ from cahp.data.text import task_texts, unique_texts  # noqa: E402
 from cahp.model.surgery import count_parameters, keep_heads  # noqa: E402
 from cahp.pipelines.cache import StageCache  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
-from cahp.pipelines.compare_embedding import EMBEDDING_METHODS, render_markdown, run_compare_embedding  # noqa: E402
+from cahp.pipelines.compare_embedding import EMBEDDING_METHODS, run_compare_embedding  # noqa: E402
 from cahp.pipelines.embedding import prepare_embedding, sentence_length  # noqa: E402
 from cahp.pipelines.embedding_eval import (  # noqa: E402
     ThroughputConfig,
@@ -93,6 +93,7 @@ from cahp.pipelines.embedding_eval import (  # noqa: E402
 )
 from cahp.pipelines.joint_config import JointConfig  # noqa: E402
 from cahp.pipelines.prune import run_prune  # noqa: E402
+from cahp.pipelines.report_embedding import render_markdown  # noqa: E402
 from cahp.pipelines.stages import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 

@@ -77,7 +77,8 @@ SECTIONS = [
     ("frontier_minilm_mnli_small", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small (issue 19)"),
     ("frontier_minilm_mnli_small_3seeds", "bench_frontier",
-     "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, CAHP against Fisher (issue 19)"),
+     "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, CAHP against every "
+     "baseline (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
