@@ -79,6 +79,9 @@ SECTIONS = [
     ("frontier_minilm_mnli_small_3seeds", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, CAHP against every "
      "baseline (issue 19)"),
+    ("frontier_minilm_mnli_small_3seeds_speeds", "bench_frontier",
+     "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, 1.5x and 3x, CAHP against "
+     "Fisher (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",

@@ -197,3 +197,16 @@ def test_command_line_takes_the_joint_peers(tmp_path, capsys):
     code = main(["compare", "--ffn", "--methods", "p-pruning", "--speedups", "0.5", "--output-dir", out])
     assert code != 0 and "--speedups must be above 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_2x_speed_goal_judges_2x_and_faster_targets_and_the_knee_only():
+    from cahp.pipelines.compare_ffn import _goal_lines
+
+    fast = {"speedup": 1.55, "ci95": [1.51, 1.60]}
+    rows = {"cahp": {"measured_speedup": {"1x32": fast}}}
+    report = {"results": {"1.5x": rows, "2x": rows, "knee": rows}, "settings": {"seeds": [0]}, "dense": {}}
+    slow = _goal_lines(report, {"label": "1.5x", "share": 2 / 3}, ["1x32"])[0]
+    assert "1.55x [1.51, 1.60]" in slow and "not met" not in slow and "does not apply" in slow
+    for label, share in (("2x", 0.5), ("knee", 0.7)):
+        line = _goal_lines(report, {"label": label, "share": share}, ["1x32"])[0]
+        assert "1.55x [1.51, 1.60] (not met)" in line and "at least 2.0x" in line
