@@ -205,8 +205,8 @@ def test_the_2x_speed_goal_judges_2x_and_faster_targets_and_the_knee_only():
     fast = {"speedup": 1.55, "ci95": [1.51, 1.60]}
     rows = {"cahp": {"measured_speedup": {"1x32": fast}}}
     report = {"results": {"1.5x": rows, "2x": rows, "knee": rows}, "settings": {"seeds": [0]}, "dense": {}}
-    slow = _goal_lines(report, {"label": "1.5x", "share": 2 / 3}, ["1x32"])[0]
+    slow = _goal_lines(report, {"label": "1.5x", "share": 2 / 3, "speedup": 1.5}, ["1x32"])[0]
     assert "1.55x [1.51, 1.60]" in slow and "not met" not in slow and "does not apply" in slow
     for label, share in (("2x", 0.5), ("knee", 0.7)):
-        line = _goal_lines(report, {"label": label, "share": share}, ["1x32"])[0]
+        line = _goal_lines(report, {"label": label, "share": share, "speedup": 1 / share}, ["1x32"])[0]
         assert "1.55x [1.51, 1.60] (not met)" in line and "at least 2.0x" in line
