@@ -519,3 +519,18 @@ def test_prune_and_compare_on_rte_as_a_user_pair_task(tmp_path, capsys):
     cmp = json.loads((out / "compare.json").read_text())
     assert cmp["timings"]["stages"]["finetune_dense"]["cached"]
     assert set(cmp["finetuned"]["results"]["50%"]) == {"cahp", "random"}
+
+
+def test_regression_joint_curve_is_on_pearson_with_a_loss(setup, tmp_path, capsys):
+    """`--ffn` on a regression task: the curve's score is Pearson (not the accuracy of float equality, always 0)
+    and every candidate carries its held-out squared error, which picks the head weight."""
+    out = tmp_path / "rj"
+    code, err = _cli(capsys, *_prune_args(setup, setup["reg"], out, "--text-column", "sentence1",
+                                          "--text-pair-column", "sentence2", "--label-column", "score", "--ffn",
+                                          "--cost-source", "macs", "--cost-shapes", "1x16", "--grid-points", "4",
+                                          "--speedup-budget", "0", "--skip-final-finetune"))
+    assert code == 0, err
+    curve = json.loads((out / "report.json").read_text())["curve"]
+    assert any(p["accuracy"] != 0 for p in curve) and all(-1 <= p["accuracy"] <= 1 for p in curve)
+    for p in curve:
+        assert p["loss"] == min(c["loss"] for c in p["candidates"]) and p["loss"] > 0

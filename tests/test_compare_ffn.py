@@ -14,7 +14,7 @@ from cahp.pipelines.compare import CompareConfig, run_compare
 from cahp.pipelines.joint_config import JointConfig, JointSetupError
 from cahp.pipelines.prune import PruneConfig
 from cahp.selectors.joint import JointSelectionError
-from cahp.selectors.joint_base import JointProblem, JointSelection, check_selection
+from cahp.selectors.joint_base import HeldOut, JointProblem, JointSelection, check_selection
 from cahp.selectors.registry import JOINT_METHODS, make_joint_method
 from cahp.stats.neurons import ActivationCorrelationAccumulator, NeuronStats
 from cahp.train.finetune import FinetuneConfig
@@ -124,6 +124,27 @@ def test_cahp_picks_the_best_scoring_head_weight():
     assert len(calls) == n_calls
     # without a scorer only the neutral weight is tried
     assert make_joint_method("cahp").select(0.6, _problem()).info["head_weight"] == 1.0
+
+
+def test_cahp_chooses_the_split_by_held_out_loss_where_scores_tie():
+    """Every candidate at chance accuracy (a tie): the loss decides, not the tie rule; ``choose_by="score"``
+    and a scorer without a loss fall back to the score and its tie rule (the neutral weight)."""
+    def held(sel):  # the same accuracy for all; the loss falls with the heads kept
+        return HeldOut(score=0.3, loss=10.0 / (1 + sum(len(v) for v in sel.heads.values())))
+
+    problem = _problem(score=held)
+    sel = make_joint_method("cahp", shared={"head_weights": (0.5, 1.0, 2.0)}).select(0.6, problem)
+    cands = sel.info["candidates"]
+    heads = {c["head_weight"]: c for c in cands}
+    assert len({c["heldout_loss"] for c in cands}) > 1  # the split matters to the loss here
+    assert sel.info["heldout_loss"] == min(c["heldout_loss"] for c in cands)
+    chosen = sel.info["head_weight"]
+    assert chosen != 1.0 and heads[chosen]["heldout_loss"] < heads[1.0]["heldout_loss"]
+    assert make_joint_method("cahp", shared={"choose_by": "score"}).select(0.6, problem).info["head_weight"] == 1.0
+    bare = _problem(score=lambda sel: 0.3)  # a bare score: no loss to compare
+    assert make_joint_method("cahp").select(0.6, bare).info["head_weight"] == 1.0
+    with pytest.raises(JointSelectionError, match="choose_by"):
+        make_joint_method("cahp", shared={"choose_by": "accuracy"})
 
 
 def test_unreachable_share_is_a_clear_error():

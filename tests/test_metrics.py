@@ -211,3 +211,16 @@ def test_paired_bootstrap_metric() -> None:
     assert mcc["ci95"][0] > 0 and mcc["p_value"] < 0.01
     same = paired_bootstrap_metric(a, a, y, "macro_f1", 2, n_bootstrap=100)
     assert same["diff"] == 0.0 and same["p_value"] == 1.0
+
+
+def test_mean_loss_is_cross_entropy_or_squared_error():
+    import torch
+
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(9, 3)) * 30, rng.integers(0, 3, 9)  # large logits: the log-sum-exp must be stable
+    want = torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(y)).item()
+    assert metrics.mean_loss(z, y) == pytest.approx(want, rel=1e-12)
+    r, t = rng.normal(size=(6, 1)), rng.normal(size=6)
+    assert metrics.mean_loss(r, t) == pytest.approx(float(np.mean((r[:, 0] - t) ** 2)))
+    with pytest.raises(metrics.MetricError, match="logits"):
+        metrics.mean_loss(z[:4], y)

@@ -27,7 +27,7 @@ def test_default_reads_accuracy_and_labels_it(captured, tmp_path):
     ax = captured[0].axes[0]
     assert ax.get_ylabel() == "accuracy"
     assert np.allclose(ax.lines[0].get_ydata(), [0.81, 0.74, 0.52])
-    assert ax.lines[0].get_label() == "held-out accuracy (best head weight per share)"
+    assert ax.lines[0].get_label() == "held-out accuracy (chosen head weight per share)"
 
 
 def test_key_and_ylabel_are_used(captured, tmp_path):

@@ -64,7 +64,7 @@ from cahp.pipelines.joint_report import estimated_speedups, measure_speedup
 from cahp.pipelines.stages import PruneConfig, cahp_selector, curve, find_k_star
 from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp
 from cahp.selectors.fisher import fold_gates
-from cahp.selectors.joint_base import JointSelection, check_selection
+from cahp.selectors.joint_base import HeldOut, JointSelection, check_selection
 from cahp.selectors.registry import JOINT_METHODS, make_joint_method
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
@@ -105,7 +105,8 @@ def check_targets(cfg: PruneConfig, ccfg) -> list[float]:
 
 def make_method(name: str, seed: int, joint: JointConfig):
     """A joint method by registry name with the run's shared ``--ffn`` settings (linkage, head weights)."""
-    return make_joint_method(name, seed, shared={"linkage": joint.linkage, "head_weights": tuple(joint.weights())})
+    return make_joint_method(name, seed, shared={"linkage": joint.linkage, "head_weights": tuple(joint.weights()),
+                                                      "choose_by": joint.choose_by})
 
 
 def compare_targets(jr: JointRun, cfg: PruneConfig, ccfg, speedups: list[float],
@@ -247,7 +248,8 @@ class _CompareFfn:
 
         def compute() -> dict:
             rec = select_at(self.jr, method, name, target, self.joint, self.cfg.seed,
-                            lambda sel: {"heldout_accuracy": self.jr.problem.score(sel), "test": self.gated_test(sel)})
+                            lambda sel: {"heldout_accuracy": HeldOut.of(self.jr.problem.score(sel)).score,
+                                         "test": self.gated_test(sel)})
             if "unreachable" not in rec:
                 log.info("%s at %s%s: %d heads, %d neurons, estimated share %.3f, no fine-tuning %s accuracy %.4f",
                          name, target["label"], "" if sseed is None else f" seed {sseed}",

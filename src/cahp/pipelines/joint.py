@@ -43,8 +43,9 @@ quiet machine is at hand or for tests. The table is measured with one thread,
 as the speedup is.
 
 Heads and neurons on one scale: see `cahp.budget.joint_curve.fair_values`; the
-curve tries each of ``head_weights`` at every share and keeps the best-scoring
-split (the split of the budget between kinds is the curve's decision).
+curve tries each of ``head_weights`` at every share and keeps the split of
+lowest held-out loss (``choose_by``, `CahpJoint.best`): the split of the budget
+between kinds is the curve's decision.
 """
 
 from __future__ import annotations
@@ -80,12 +81,13 @@ from cahp.pipelines import joint_report
 from cahp.pipelines.joint_config import JointConfig, JointSetupError
 from cahp.pipelines.stages import PreparedRun, PruneConfig, PruneResult, prepare_run
 from cahp.selectors.joint import LINKAGES, Allocation
-from cahp.selectors.joint_base import JointProblem, JointSelection
+from cahp.selectors.joint_base import HeldOut, JointProblem, JointSelection
 from cahp.selectors.joint_methods import CahpJoint
 from cahp.stats.neurons import NeuronStats, collect_neuron_stats
 from cahp.stats.salience import LossFn
 from cahp.train.evaluate import evaluate_task, predict
 from cahp.train.finetune import FinetuneConfig, finetune
+from cahp.train.metrics import mean_loss, metric_value
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,10 @@ __all__ = ["GateScore", "JointChoice", "JointConfig", "JointRun", "JointSetupErr
            "joint_problem", "kept_check", "neuron_stats", "prepare_joint", "run_joint", "score_units"]
 
 #: ``score(head gates (layers, heads), neuron gates (layers, d_ff))``: the curve's held-out score through gates
-#: (higher is better): a number, or a dict whose ``"score"`` is that number and whose other entries the curve
-#: point records beside it (e.g. fidelity and dev Spearman of the embedding objective).
-GateScore = Callable[[torch.Tensor, torch.Tensor], "float | dict"]
+#: (higher is better): a number, a `HeldOut` (score and loss), or a dict whose ``"score"`` is that number,
+#: whose optional ``"loss"`` is the held-out loss and whose other entries the curve point records beside
+#: them (e.g. fidelity and dev Spearman of the embedding objective).
+GateScore = Callable[[torch.Tensor, torch.Tensor], "float | HeldOut | dict"]
 
 
 def check_settings(cfg: PruneConfig, joint: JointConfig) -> None:
@@ -172,11 +175,17 @@ def cost_tables(run, joint: JointConfig) -> tuple[list[CostTable], dict]:
     return [CostTable.from_dict(t) for t in data["tables"]], key
 
 
-def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batches, labels: np.ndarray) -> float:
-    """Accuracy of ``model`` with heads and neurons gated by ((layers, heads), (layers, d_ff)) gate values."""
+def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batches, labels: np.ndarray,
+                metric: str = "accuracy") -> HeldOut:
+    """``metric`` and mean loss (`mean_loss`) of ``model`` with heads and neurons gated by ((layers, heads),
+    (layers, d_ff)) gate values, on ``batches`` (class ids, or float targets for a one-output model)."""
     with head_gates(model, init=head_mask.float()), neuron_gates(model, init=neuron_mask.float()):
-        preds, _ = predict(model, batches, len(labels), progress=False)
-    return float((preds == labels).mean())
+        preds, logits = predict(model, batches, len(labels), progress=False)
+    if metric == "accuracy" and logits.shape[-1] > 1:
+        value = float((preds == labels).mean())
+    else:
+        value = metric_value(metric, preds, labels, int(logits.shape[-1]))
+    return HeldOut(score=value, loss=mean_loss(logits, labels))
 
 
 def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True, gate_score: GateScore | None = None,
@@ -184,24 +193,25 @@ def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True,
     """The `JointProblem` of a prepared run: the neuron pass's statistics, the table, the dense model and data.
 
     ``score``: give the problem a held-out scorer through gates (tuned gate values where a selection has them):
-    ``gate_score`` (a `GateScore`), by default the accuracy on the run's curve data (`score_units`).
+    ``gate_score`` (a `GateScore`), by default the run's metric and mean loss on its curve data (`score_units`).
     ``details``: where a ``gate_score`` that returns a dict leaves it, keyed by the selection's
     (heads per layer, neurons per layer).
     """
     model = run.model
     shapes = (tuple(kept_mask(model).shape), tuple(neuron_shape(model.config)))
     if gate_score is None:
-        def gate_score(hg: torch.Tensor, ng: torch.Tensor) -> float:
-            return score_units(model, hg, ng, run.curve_batches, run.curve_labels)
+        def gate_score(hg: torch.Tensor, ng: torch.Tensor) -> HeldOut:
+            return score_units(model, hg, ng, run.curve_batches, run.curve_labels, metric=run.metric)
 
-    def scorer(sel: JointSelection) -> float:
+    def scorer(sel: JointSelection) -> HeldOut:
         value = gate_score(*sel.gate_values(*shapes))
         if isinstance(value, dict):
             if details is not None:
                 counts = sel.counts(shapes[0][0])  # (heads per layer, neurons per layer)
-                details[tuple(map(tuple, counts))] = {k: v for k, v in value.items() if k != "score"}
-            value = value["score"]
-        return float(value)
+                details[tuple(map(tuple, counts))] = {k: v for k, v in value.items() if k not in ("score", "loss")}
+            loss = value.get("loss")
+            value = HeldOut(score=float(value["score"]), loss=None if loss is None else float(loss))
+        return HeldOut.of(value)
 
     return JointProblem(
         table=table, head_salience=stats.head_salience.numpy(), head_fisher=stats.head_fisher.numpy(),
@@ -259,9 +269,12 @@ def build_joint(run, joint: JointConfig, progress: bool = True, *, loss_fn: Loss
     stats, stats_key = neuron_stats(run, progress, loss_fn=loss_fn, loss_key=loss_key)
     tables, cost_key = cost_tables(run, joint)
     table = combined_table(tables)
-    method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage)
+    method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage, choose_by=joint.choose_by)
     key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": run.cfg.distance,
-           "linkage": joint.linkage, "head_weights": joint.weights(), "stage": "curve-ffn"}
+           "linkage": joint.linkage, "head_weights": joint.weights(), "choose_by": joint.choose_by,
+           "stage": "curve-ffn"}
+    if gate_score is None and run.metric != "accuracy":  # a regression task's curve is of its metric
+        key["metric"] = run.metric
     if score_key:  # accuracy curves keep the key they always had
         key["score"] = score_key
     details: dict = {}
@@ -271,21 +284,19 @@ def build_joint(run, joint: JointConfig, progress: bool = True, *, loss_fn: Loss
 
 
 def best_point(jr: JointRun, share: float) -> dict | None:
-    """CAHP's best-scoring allocation at ``share`` as a curve point (None if no head weight reaches it)."""
+    """CAHP's chosen allocation at ``share`` (`CahpJoint.best`) as a curve point (None if no head weight reaches
+    it)."""
     cands = jr.method.candidates(share, jr.problem)
     if not cands:
         log.info("share %.3f: no head weight reaches it", share)
         return None
-    best = cands[0]
-    for c in cands[1:]:
-        if c["score"] > best["score"]:  # ties keep the earlier weight (1 comes first)
-            best = c
+    best = jr.method.best(cands)
     alloc = best["allocation"]
     # "accuracy": the curve's held-out score (accuracy for the task objective; see `GateScore` for others)
-    return {"target_share": share, "estimated_share": alloc.share, "accuracy": best["score"],
+    return {"target_share": share, "estimated_share": alloc.share, "accuracy": best["score"], "loss": best["loss"],
             "head_weight": best["head_weight"], "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons,
             **jr.details.get((tuple(alloc.heads), tuple(alloc.neurons)), {}),
-            "candidates": [{"head_weight": c["head_weight"], "accuracy": c["score"],
+            "candidates": [{"head_weight": c["head_weight"], "accuracy": c["score"], "loss": c["loss"],
                             "estimated_share": c["allocation"].share} for c in cands]}
 
 
@@ -305,7 +316,7 @@ def joint_curve(jr: JointRun, progress: bool = True) -> dict:
                 log.warning("no allocation reaches an estimated share of %.3f: the curve stops there", share)
                 break
             points.append(p)
-            log.info("share %.3f: estimated %.3f, %d heads, %d neurons, accuracy %.4f (head weight %g)", share,
+            log.info("share %.3f: estimated %.3f, %d heads, %d neurons, score %.4f (head weight %g)", share,
                      p["estimated_share"], sum(p["heads_per_layer"]), sum(p["neurons_per_layer"]), p["accuracy"],
                      p["head_weight"])
         return {"points": points, "seconds": round(time.perf_counter() - t0, 2)}
@@ -430,6 +441,7 @@ def run_joint(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: boo
     report = joint_report.build_report(run, joint, choice, tables=jr.tables, pruned=pruned, final=final,
                                        speedup=speedup, before=before, seconds=time.perf_counter() - t_total)
     report = distributed.broadcast_object(report)
-    distributed.on_main(joint_report.write_outputs, run, report, choice.points, choice.knee)
+    distributed.on_main(joint_report.write_outputs, run, report, choice.points, choice.knee,
+                        ylabel=f"held-out {run.metric}")
     joint_report.log_summary(report)
     return PruneResult(output_dir=out, report=report)

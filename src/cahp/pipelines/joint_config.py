@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from cahp.budget.cost import SOURCES
 from cahp.core.configs import field as cfg_field
 from cahp.selectors.joint import LINKAGES
+from cahp.selectors.joint_methods import CHOOSE_BY
 
 __all__ = ["JointConfig", "JointSetupError"]
 
@@ -30,6 +31,9 @@ class JointConfig:
     grid_points: int = cfg_field(14, "target shares on the curve, from 1.0 down to --min-share")
     min_share: float = cfg_field(0.25, "smallest target share on the curve (raised above the lowest reachable)")
     head_weights: str = cfg_field("0.5,1,2", "weights of head values against neuron values tried at each share")
+    choose_by: str = cfg_field("loss", "what picks the head weight at each share: the held-out loss (continuous, "
+                               "so splits that tie in accuracy still differ) or the held-out score",
+                               choices=list(CHOOSE_BY))
     linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
     speedup_budget: float = cfg_field(15.0, "seconds of timing per shape for the measured speedup (0: skip)")
     speedup_threads: int = cfg_field(1, "threads of the speedup measurement")

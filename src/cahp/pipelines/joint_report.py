@@ -152,6 +152,8 @@ def build_report(run, joint, choice, *, tables, pruned, final, speedup, before, 
     return {
         "model": cfg.model,
         "task": run.task.name,
+        "task_type": run.task.task_type,
+        "metric": run.metric,  # of the curve (its points keep it under "accuracy") and of the summary
         "settings": {"prune": asdict(cfg), "finetune": asdict(ft_cfg), "joint": asdict(joint)},
         "data": {"train": len(run.train_examples) + len(run.curve_examples),
                  "finetune_examples": len(run.train_examples) if not cfg.finetuned else None,
@@ -206,16 +208,16 @@ def write_outputs(run, report: dict, points: list[dict], knee, title: str = "", 
 
 
 def log_summary(report: dict) -> None:
-    """One log line: kept units, estimated and measured speedups, test accuracy before / after."""
-    split = report["data"]["test_split"]
+    """One log line: kept units, estimated and measured speedups, the test metric before / after."""
+    split, metric = report["data"]["test_split"], report.get("metric", "accuracy")
     b, a, f = (report["scores"][s] for s in ("before_pruning", "after_pruning", "after_finetune"))
     measured = report["measured_speedup"] or {}
     log.info(
         "done: %d -> %d heads, %d -> %d neurons (share %.3f, %s); estimated speedup %s; measured %s; "
-        "%s accuracy %.4f -> %.4f (pruned) -> %s (fine-tuned)",
+        "%s %s %.4f -> %.4f (pruned) -> %s (fine-tuned)",
         report["heads_before"], report["heads_kept"], report["neurons_before"], report["neurons_kept"],
         report["estimated_share"], report["k_source"],
         ", ".join(f"{k} {v:.2f}x" for k, v in report["estimated_speedup"].items()),
-        ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in measured.items()) or "-", split,
-        b[split]["accuracy"], a[split]["accuracy"], f"{f[split]['accuracy']:.4f}" if f else "-",
+        ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in measured.items()) or "-", split, metric,
+        b[split][metric], a[split][metric], f"{f[split][metric]:.4f}" if f else "-",
     )

@@ -123,7 +123,7 @@ def plot_joint_curve(points: list[dict], knee: dict, share_star: float, path: Pa
     score = [p[key] for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
     name = "held-out accuracy" if ylabel == "accuracy" else ylabel
-    ax.plot(x, score, "o", label=f"{name} (best head weight per share)")
+    ax.plot(x, score, "o", label=f"{name} (chosen head weight per share)")
     ax.plot(np.asarray(knee["grid"]) / steps, knee["fitted"], "-", label=f"polynomial fit (degree {knee['degree']})")
     fallback = f" ({knee['fallback']})" if knee.get("fallback") else ""
     ax.axvline(share_star, color="C3", ls="--", label=f"knee: share {share_star:.3f}{fallback}")

@@ -29,10 +29,29 @@ import torch
 
 from cahp.budget.cost import CostTable, estimated_latency
 
-__all__ = ["JointMethod", "JointProblem", "JointSelection", "check_selection", "counts_of"]
+__all__ = ["HeldOut", "JointMethod", "JointProblem", "JointSelection", "check_selection", "counts_of"]
 
 #: Tolerance of the share check (float sums of block costs).
 SHARE_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A selection's held-out result through gates.
+
+    ``score``: the curve's metric (accuracy, Pearson, fidelity...; higher is better). ``loss``: the mean
+    held-out loss (cross-entropy, or squared error for regression; lower is better), None where the
+    objective has none. A loss is continuous where a metric ties: pruned hard enough, every candidate
+    predicts one class and scores the same (chance) accuracy, while their losses still differ.
+    """
+
+    score: float
+    loss: float | None = None
+
+    @classmethod
+    def of(cls, value) -> HeldOut:
+        """A `HeldOut` from a scorer's result: a `HeldOut`, or a bare score (no loss)."""
+        return value if isinstance(value, HeldOut) else cls(score=float(value))
 
 
 @dataclass
@@ -49,8 +68,8 @@ class JointProblem:
         neuron_stats: a `cahp.stats.neurons.NeuronStats` with per-layer correlations (None: not given).
         model: the dense model the statistics describe (data-driven methods: gradients, mask tuning).
         batches: calibration batches (labelled, padded) for those methods.
-        score: held-out score of a `JointSelection` through gates (higher is better), for methods that
-            choose among candidates; None: such methods take their default candidate.
+        score: held-out result of a `JointSelection` through gates, a `HeldOut` (or a bare score, higher is
+            better), for methods that choose among candidates; None: such methods take their default candidate.
         seed: seed of seeded methods that have none of their own.
     """
 
@@ -66,7 +85,7 @@ class JointProblem:
     neuron_stats: Any = None
     model: Any = None
     batches: Sequence[dict] | None = None
-    score: Callable[[JointSelection], float] | None = None
+    score: Callable[[JointSelection], HeldOut | float] | None = None
     seed: int = 0
 
     @property

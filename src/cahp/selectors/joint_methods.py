@@ -5,7 +5,7 @@ problem's cost table) is at most the target; they differ in how they split the
 budget between layers and kinds and which units they keep:
 
 - ``cahp`` (`CahpJoint`): `allocate` by salience per cost (`fair_values`,
-  several head weights, the best on the held-out scorer), then per layer the
+  several head weights, the one of lowest held-out loss), then per layer the
   complementary representatives (`JointSelector`: clusters of the layer's
   distances, each cluster's most salient member).
 - ``gradient`` (`GradientJoint`): the same allocation with head weight 1 and,
@@ -42,10 +42,10 @@ from cahp.selectors.joint import (
     head_selection,
     neuron_selection,
 )
-from cahp.selectors.joint_base import JointMethod, JointProblem, JointSelection
+from cahp.selectors.joint_base import HeldOut, JointMethod, JointProblem, JointSelection
 
-__all__ = ["CahpJoint", "GradientJoint", "LayerDropJoint", "PPruningJoint", "RandomJoint", "ordered_weights",
-           "top_units"]
+__all__ = ["CHOOSE_BY", "CahpJoint", "GradientJoint", "LayerDropJoint", "PPruningJoint", "RandomJoint",
+           "ordered_weights", "top_units"]
 
 
 def ordered_weights(weights) -> list[float]:
@@ -73,20 +73,32 @@ def _allocate(problem: JointProblem, head_values, neuron_values, share: float) -
                     neurons_present=problem.neurons_present)
 
 
+#: What `CahpJoint` compares its candidates by: the held-out loss (lower wins; the score where the scorer gives
+#: no loss), or the held-out score (the curve's metric, higher wins).
+CHOOSE_BY = ("loss", "score")
+
+
 @dataclass
 class CahpJoint(JointMethod):
     """CAHP for heads and neurons (the method of `cahp prune --ffn`; see `cahp.pipelines.joint`).
 
     For each head weight (`ordered_weights`), `allocate` the fair values
     (`fair_values`) to the target share and pick the units per layer with
-    `JointSelector`; with a ``problem.score`` the best-scoring candidate is
-    kept (ties: the earlier weight), without one the first weight's.
-    Candidates are memoised by their counts (the selection is a function of
-    them), so a curve over many shares scores each distinct allocation once.
+    `JointSelector`; with a ``problem.score`` the best candidate by
+    ``choose_by`` is kept (`best`; ties: the earlier weight), without one the
+    first weight's. Candidates are memoised by their counts (the selection is
+    a function of them), so a curve over many shares scores each distinct
+    allocation once.
+
+    ``choose_by="loss"`` (the default) because the metric is a step function
+    of the logits: pruned hard, every split may predict one class before
+    fine-tuning, so all tie at the majority-class accuracy and the tie rule,
+    not the data, would choose; their held-out losses still order them.
     """
 
     head_weights: tuple[float, ...] = (1.0, 0.5, 2.0)
     linkage: str = "average"
+    choose_by: str = "loss"
     name: str = "cahp"
     _selector: dict = field(default_factory=dict, init=False, repr=False)
     _scores: dict = field(default_factory=dict, init=False, repr=False)
@@ -94,10 +106,12 @@ class CahpJoint(JointMethod):
     def __post_init__(self):
         if self.linkage not in LINKAGES:
             raise JointSelectionError(f"unknown linkage {self.linkage!r}; choose from {', '.join(LINKAGES)}")
+        if self.choose_by not in CHOOSE_BY:
+            raise JointSelectionError(f"unknown choose_by {self.choose_by!r}; choose from {', '.join(CHOOSE_BY)}")
         self.head_weights = tuple(ordered_weights(self.head_weights))
 
     def settings(self) -> dict:
-        return {"head_weights": list(self.head_weights), "linkage": self.linkage}
+        return {"head_weights": list(self.head_weights), "linkage": self.linkage, "choose_by": self.choose_by}
 
     def selector(self, problem: JointProblem) -> JointSelector:
         """The problem's per-layer merge trees, built once per problem object."""
@@ -117,7 +131,7 @@ class CahpJoint(JointMethod):
 
     def candidates(self, share: float, problem: JointProblem) -> list[dict]:
         """Every head weight's allocation that reaches ``share``: {"head_weight", "allocation", "selection",
-        "score"} (score None without ``problem.score``; then only the first weight is tried)."""
+        "score", "loss"} (score and loss None without ``problem.score``; then only the first weight is tried)."""
         weights = self.head_weights if problem.score is not None else self.head_weights[:1]
         out = []
         for w in weights:
@@ -129,22 +143,32 @@ class CahpJoint(JointMethod):
             sel = JointSelection(heads=heads, neurons=neurons)
             key = (tuple(alloc.heads), tuple(alloc.neurons))
             if problem.score is not None and key not in self._scores:
-                self._scores[key] = float(problem.score(sel))
-            out.append({"head_weight": w, "allocation": alloc, "selection": sel, "score": self._scores.get(key)})
+                self._scores[key] = HeldOut.of(problem.score(sel))
+            held = self._scores.get(key)
+            out.append({"head_weight": w, "allocation": alloc, "selection": sel,
+                        "score": None if held is None else held.score, "loss": None if held is None else held.loss})
         return out
+
+    def best(self, cands: list[dict]) -> dict:
+        """The candidate kept: the lowest loss (``choose_by="loss"`` and every candidate has one), else the
+        highest score; ties keep the earlier (the neutral weight 1 comes first)."""
+        if self.choose_by == "loss" and all(c["loss"] is not None for c in cands):
+            return min(cands, key=lambda c: c["loss"])  # min and max keep the first of equals
+        if any(c["score"] is None for c in cands):
+            return cands[0]
+        return max(cands, key=lambda c: c["score"])
 
     def select(self, share: float, problem: JointProblem) -> JointSelection:
         cands = self.candidates(share, problem)
         if not cands:
             raise JointSelectionError(f"no head weight reaches an estimated share of {share}")
-        best = cands[0]
-        for c in cands[1:]:
-            if c["score"] is not None and c["score"] > best["score"]:
-                best = c
+        best = self.best(cands)
         sel = best["selection"]
-        sel.info = {"head_weight": best["head_weight"], "heldout_score": best["score"],
+        sel.info = {"head_weight": best["head_weight"], "heldout_score": best["score"], "heldout_loss": best["loss"],
+                    "choose_by": self.choose_by,
                     "candidates": [{"head_weight": c["head_weight"], "heldout_score": c["score"],
-                                    "estimated_share": c["allocation"].share} for c in cands]}
+                                    "heldout_loss": c["loss"], "estimated_share": c["allocation"].share}
+                                   for c in cands]}
         return sel
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "bootstrap_indices",
     "default_metric",
     "macro_f1",
+    "mean_loss",
     "metric_value",
     "metrics_for",
     "paired_bootstrap",
@@ -206,6 +207,20 @@ def metric_value(name: str, preds: Sequence, labels: Sequence, num_labels: int) 
     name = resolve_metric(name, task_type, num_labels)
     p, y = _check(preds, labels, num_labels, task_type)
     return float(_values(p, y, num_labels, task_type, [name])[name])
+
+
+def mean_loss(logits: np.ndarray, labels: Sequence) -> float:
+    """The mean training loss of ``(n, classes)`` logits: cross-entropy against class ids in nats, or for a
+    one-output (regression) model the mean squared error against the float targets."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or len(z) != len(labels) or not len(z):
+        raise MetricError(f"mean_loss needs (n, classes) logits for n labels, got {z.shape} for {len(labels)}")
+    if z.shape[1] == 1:
+        return float(np.mean((z[:, 0] - np.asarray(labels, dtype=np.float64)) ** 2))
+    y = np.asarray(labels, dtype=np.int64)
+    top = z.max(axis=1, keepdims=True)
+    log_norm = (top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))  # log-sum-exp, stable
+    return float(np.mean(log_norm - z[np.arange(len(y)), y]))
 
 
 def _baseline(y: np.ndarray, num_labels: int, task_type: str, names: Sequence[str]) -> dict:
