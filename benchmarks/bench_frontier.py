@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, meta_lines, metadata, write_result  # noqa: E402
 from cahp.core.configs import add_dataclass_args, from_args  # noqa: E402
 from cahp.pipelines.compare import CompareConfig  # noqa: E402
-from cahp.pipelines.compare_ffn import render_ffn_markdown, run_compare_ffn  # noqa: E402
+from cahp.pipelines.compare_ffn import run_compare_ffn  # noqa: E402
 from cahp.pipelines.joint_config import JointConfig  # noqa: E402
+from cahp.pipelines.report_ffn import render_ffn_markdown  # noqa: E402
 from cahp.pipelines.stages import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 

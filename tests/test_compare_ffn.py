@@ -194,6 +194,12 @@ def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypat
     text = bench_frontier.render({"meta": metadata(), "configuration": "tiny", **r})
     assert "![frontier](docs/images/frontier_tiny.png)" in text and (tmp_path / "images/frontier_tiny.png").is_file()
     assert "| cahp |" in text and "Heads-only CAHP" in text
+    assert "with the best held-out loss (cross-entropy" in text  # the split rule, from the report's settings
+    # a report from before choose_by existed chose by the held-out score, and says so
+    old = {**r, "settings": {**r["settings"], "joint": {k: v for k, v in r["settings"]["joint"].items()
+                                                          if k != "choose_by"}}}
+    old_text = bench_frontier.render({"meta": metadata(), "configuration": "tiny", **old})
+    assert "with the best held-out score (the curve's metric)" in old_text
     # a re-run computes nothing: every selection, timing and fine-tuning comes from the cache
     for name in ("finetune", "measure_speedup", "build_pruned"):
         monkeypatch.setattr(compare_ffn, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
@@ -221,13 +227,13 @@ def test_command_line_takes_the_joint_peers(tmp_path, capsys):
 
 
 def test_the_2x_speed_goal_judges_2x_and_faster_targets_and_the_knee_only():
-    from cahp.pipelines.compare_ffn import _goal_lines
+    from cahp.pipelines.report_ffn import goal_lines
 
     fast = {"speedup": 1.55, "ci95": [1.51, 1.60]}
     rows = {"cahp": {"measured_speedup": {"1x32": fast}}}
     report = {"results": {"1.5x": rows, "2x": rows, "knee": rows}, "settings": {"seeds": [0]}, "dense": {}}
-    slow = _goal_lines(report, {"label": "1.5x", "share": 2 / 3, "speedup": 1.5}, ["1x32"])[0]
+    slow = goal_lines(report, {"label": "1.5x", "share": 2 / 3, "speedup": 1.5}, ["1x32"])[0]
     assert "1.55x [1.51, 1.60]" in slow and "not met" not in slow and "does not apply" in slow
     for label, share in (("2x", 0.5), ("knee", 0.7)):
-        line = _goal_lines(report, {"label": label, "share": share, "speedup": 1 / share}, ["1x32"])[0]
+        line = goal_lines(report, {"label": label, "share": share, "speedup": 1 / share}, ["1x32"])[0]
         assert "1.55x [1.51, 1.60] (not met)" in line and "at least 2.0x" in line

@@ -46,7 +46,7 @@ def run(args) -> int:
                          timing=from_args(DecodeTimingConfig, args, prefix="timing"))
     r = result.report
     if r.get("ffn"):
-        from cahp.pipelines.compare_ffn import summary_lines
+        from cahp.pipelines.report_ffn import summary_lines
 
         print("\n".join(summary_lines(r)))
         print(f"outputs in {result.output_dir}: compare_ffn.json, compare_ffn.md, frontier.png, compare-ffn/")

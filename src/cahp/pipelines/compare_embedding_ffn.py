@@ -35,7 +35,7 @@ built from their pieces:
 
 Outputs, as `cahp compare --ffn` names them (a heads-only `cahp compare --objective
 embedding` in the same folder keeps its compare.json): ``compare_ffn.json``,
-``compare_ffn.md`` (`compare_ffn.target_table` per target), ``frontier.png``
+``compare_ffn.md`` (`report_ffn.target_table` per target), ``frontier.png``
 (test Spearman against measured speedup); every result cached under
 ``OUTPUT/compare-ffn/``, keyed by the joint curve's key (which holds the run's
 identity and the loss) and its own settings.
@@ -71,12 +71,12 @@ from cahp.pipelines.compare_embedding import (
 from cahp.pipelines.compare_ffn import (
     _methods,
     build_pruned,
+    cache_base,
     check_targets,
     compare_targets,
     make_method,
     select_at,
     selection_row,
-    target_table,
 )
 from cahp.pipelines.embedding import (
     EMBEDDING_OBJECTIVES,
@@ -92,6 +92,7 @@ from cahp.pipelines.embedding_joint import embedding_joint_run
 from cahp.pipelines.guard import output_folder
 from cahp.pipelines.joint import JointRun, check_settings
 from cahp.pipelines.joint_config import JointConfig
+from cahp.pipelines.report_ffn import target_table
 from cahp.pipelines.verdicts import VERDICT_RULE
 from cahp.selectors.joint_base import JointSelection
 from cahp.selectors.joint_fisher import KwonJointFisher
@@ -185,7 +186,7 @@ class _EmbeddingFfnCompare:
         # per-batch gradients of the same loss on the same calibration batches
         self.fisher_loss = salience_loss(run.targets["calibration"], run.settings, run.distance, cfg.seed)
         # jr.key holds the run's identity (texts, similarity data, seed), the loss and the cost tables
-        self.cache = StageCache(run.out / "compare-ffn", base={"curve": jr.key}, log_level=logging.DEBUG)
+        self.cache = StageCache(run.out / "compare-ffn", base={"curve": cache_base(jr)}, log_level=logging.DEBUG)
         self.built: dict = {}
 
     # --- methods ---------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ class _EmbeddingFfnCompare:
 
 
 def render_markdown(report: dict) -> str:
-    """compare_ffn.md of the embedding objective: settings, then `compare_ffn.target_table` per target with test
+    """compare_ffn.md of the embedding objective: settings, then `report_ffn.target_table` per target with test
     Spearman x 100 before and after the distillation and CAHP's verdict, from the JSON alone."""
     st, dense = report["settings"], report["dense"]
     dist = st["distillation"]

@@ -61,6 +61,7 @@ from cahp.pipelines.guard import check_run, output_folder
 from cahp.pipelines.joint import JointRun, find_share_star, joint_curve, prepare_joint
 from cahp.pipelines.joint_config import JointConfig, JointSetupError
 from cahp.pipelines.joint_report import estimated_speedups, measure_speedup
+from cahp.pipelines.report_ffn import render_ffn_markdown
 from cahp.pipelines.stages import PruneConfig, cahp_selector, curve, find_k_star
 from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp
 from cahp.selectors.fisher import fold_gates
@@ -71,10 +72,20 @@ from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_JOINT_METHODS", "build_pruned", "check_targets", "compare_targets", "make_method", "selection_row",
-           "render_ffn_markdown", "run_compare_ffn", "select_at", "summary_lines", "target_table"]
+__all__ = ["CAHP_ONLY", "DEFAULT_JOINT_METHODS", "build_pruned", "cache_base", "check_targets", "compare_targets",
+           "make_method", "run_compare_ffn", "select_at", "selection_row"]
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
+
+#: Curve settings that only CAHP's own results depend on (`CahpJoint.choose_by`): they change its curve and its
+#: selections, whose keys hold them (`JointMethod.settings`), and no baseline's, the dense control's or a
+#: fine-tuning's (keyed by the selection), so the compares' cache base leaves them out.
+CAHP_ONLY = ("choose_by",)
+
+
+def cache_base(jr: JointRun) -> dict:
+    """The curve's key without `CAHP_ONLY`: what every cached result of a compare --ffn depends on."""
+    return {k: v for k, v in jr.key.items() if k not in CAHP_ONLY}
 
 
 def build_pruned(model, sel: JointSelection):
@@ -214,8 +225,8 @@ class _CompareFfn:
         self.labels = np.asarray([ex.label for ex in self.task.load(self.split)])
         self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
         self.shapes = (tuple(kept_mask(self.model).shape), tuple(neuron_shape(self.model.config)))
-        self.cache = StageCache(run.out / "compare-ffn", base={"curve": jr.key, "eval_data": run.keys["eval_data"]},
-                                log_level=logging.DEBUG)
+        self.cache = StageCache(run.out / "compare-ffn", log_level=logging.DEBUG,
+                                base={"curve": cache_base(jr), "eval_data": run.keys["eval_data"]})
         self.methods_built: dict = {}
 
     # --- setup ------------------------------------------------------------------------------
@@ -418,133 +429,3 @@ class _CompareFfn:
         distributed.on_main(write_json, out / "compare_ffn.json", report)
         distributed.on_main(write_atomic, out / "compare_ffn.md", render_ffn_markdown(report))
         distributed.on_main(plot_frontier, report, out / "frontier.png")
-
-
-def _fmt_speed(ms: dict | None, shape: str) -> str:
-    if not ms or shape not in ms:
-        return "-"
-    v = ms[shape]
-    return f"{v['speedup']:.2f}x [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
-
-
-def _fmt_vs(v: dict | None) -> str:
-    if not v:
-        return "-"
-    p = v["pooled"]
-    return f"{p['diff'] * 100:+.2f} [{p['ci95'][0] * 100:+.2f}, {p['ci95'][1] * 100:+.2f}] {p['verdict']}"
-
-
-def summary_lines(report: dict) -> list[str]:
-    """One line per target: each method's score (fine-tuned where run) and measured speedup, CAHP's verdict.
-
-    The score is the report's ``"score"`` entry of each part (default ``"accuracy"``; the embedding objective's
-    compare, `cahp.pipelines.compare_embedding_ffn`, has ``"spearman"``)."""
-    shape = report["cost_table"]["shapes"][0]
-    score = report.get("score", "accuracy")
-    out = []
-    for t in report["targets"]:
-        parts = []
-        for m, r in report["results"][t["label"]].items():
-            if "unreachable" in r:
-                parts.append(f"{m} unreachable")
-                continue
-            part = r.get("finetuned") or r["no_finetune"]
-            v = (part.get("vs_cahp") or {}).get("pooled")
-            parts.append(f"{m} {part[score] * 100:.2f} ({_fmt_speed(r.get('measured_speedup'), shape)})"
-                         + (f" CAHP {v['verdict']}" if v else ""))
-        out.append(f"{t['label']}: " + "; ".join(parts))
-    return out
-
-
-def render_ffn_markdown(report: dict) -> str:
-    """compare_ffn.md: one table per target (method, kept units, speedups, accuracies, verdict against CAHP)."""
-    split = report["test_split"]
-    shapes = report["cost_table"]["shapes"]
-    lines = [f"# cahp compare --ffn: {report['model']} / {report['task']}", "",
-             f"Seeds {report['settings']['seeds']}; test split {split}; accuracies in %; speedups dense / pruned "
-             f"latency, 1 thread, median [95% interval]; verdict: {report['verdict_rule']}", ""]
-    dense = report["dense"]
-    lines.append(f"Dense model before the comparison: {dense['test'][split]['accuracy'] * 100:.2f}"
-                 + (f"; dense control (fine-tuned again): {dense['control']['accuracy'] * 100:.2f}"
-                    if dense.get("control") else ""))
-    ho = report["heads_only"]
-    ho_ft = f", fine-tuned {ho['finetuned']['accuracy'] * 100:.2f}" if ho.get("finetuned") else ""
-    lines += [f"Heads-only CAHP (the paper) at k* = {ho['k']}: measured "
-              + ", ".join(f"{s} {_fmt_speed(ho.get('measured_speedup'), s)}" for s in shapes) + ho_ft, ""]
-    for t in report["targets"]:
-        lines += target_table(report, t, shapes)
-        lines += _goal_lines(report, t, shapes)
-    return "\n".join(lines) + "\n"
-
-
-def target_table(report: dict, target: dict, shapes: list[str], score: str = "accuracy",
-                 columns: tuple[str, str] = ("no FT", "fine-tuned")) -> list[str]:
-    """The markdown lines of one target's table: method, kept units, estimated and measured speedups, the
-    ``score`` entry x 100 without and after fine-tuning (``columns`` name them) and CAHP's verdict."""
-    lines = [f"## {target['label']} (estimated share {target['share']:.3f})", "",
-             "| method | heads | neurons | est. speedup | " + " | ".join(f"measured {s}" for s in shapes)
-             + f" | {columns[0]} | {columns[1]} | vs CAHP ({columns[1]}) |",
-             "|---|---|---|---|" + "---|" * len(shapes) + "---|---|---|"]
-    for m, r in report["results"][target["label"]].items():
-        if "unreachable" in r:
-            lines.append(f"| {m} | unreachable: {r['unreachable']} |")
-            continue
-        ft = r.get("finetuned")
-        lines.append(
-            f"| {m} | {r['heads']} | {r['neurons']} | {1 / r['estimated_share']:.2f}x | "
-            + " | ".join(_fmt_speed(r.get("measured_speedup"), s) for s in shapes)
-            + f" | {r['no_finetune'][score] * 100:.2f} | "
-            + (f"{ft[score] * 100:.2f}" if ft else "-") + f" | {_fmt_vs(ft.get('vs_cahp') if ft else None)} |")
-    lines.append("")
-    return lines
-
-
-#: Issue 19's speed goal (measured speedup at each shape); it judges targets at least this fast, and the knee.
-SPEED_GOAL = 2.0
-
-
-def _decide(lo: float, hi: float, goal: float) -> str:
-    """A "at least ``goal``" verdict from a 95% interval: met above it, not met below it, else undecided."""
-    return "met" if lo >= goal else "not met" if hi < goal else "undecided"
-
-
-def _goal_lines(report: dict, target: dict, shapes: list[str]) -> list[str]:
-    """Issue 19's goals at one target, in words: CAHP's speed and accuracy, and its verdict against each method."""
-    rows = report["results"][target["label"]]
-    cahp = rows.get("cahp", {})
-    if "unreachable" in cahp or not cahp:
-        return []
-    n_seeds = len(report["settings"]["seeds"])
-    out = []
-    speed = []
-    judged = target["label"] == "knee" or target["speedup"] >= SPEED_GOAL  # a slower target aims lower
-    for s in shapes:
-        m = (cahp.get("measured_speedup") or {}).get(s)
-        if m:
-            speed.append(f"{s} {m['speedup']:.2f}x [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
-                         + (f" ({_decide(m['ci95'][0], m['ci95'][1], SPEED_GOAL)})" if judged else ""))
-    control = (report["dense"].get("control") or {}).get("vs_cahp", {}).get(target["label"])
-    if speed or control:
-        goal = (f"at least {SPEED_GOAL:.1f}x at each shape, and " if judged
-                else f"the {SPEED_GOAL:.1f}x speed goal does not apply below {SPEED_GOAL:g}x; ")
-        text = f"- Speed at accuracy (goal: {goal}CAHP at most 1.0 point below the dense " \
-               f"control): measured {', '.join(speed) or '-'}"
-        if control:
-            p = control["pooled"]  # dense minus CAHP: flip it to CAHP minus dense
-            d, lo, hi = -p["diff"] * 100, -p["ci95"][1] * 100, -p["ci95"][0] * 100
-            text += f"; CAHP minus dense control {d:+.2f} [{lo:+.2f}, {hi:+.2f}] points ({_decide(lo, hi, -1.0)})"
-        out.append(text + f"; {n_seeds} seed{'s' if n_seeds > 1 else ''}.")
-    verdicts: dict[str, list[str]] = {"win": [], "tie": [], "loss": []}
-    for m, r in rows.items():
-        v = ((r.get("finetuned") or {}).get("vs_cahp") or {}).get("pooled")
-        if v:
-            verdicts[v["verdict"]].append(m)
-    if any(verdicts.values()):
-        out.append(f"- Against the field after the same fine-tuning ({n_seeds} seed{'s' if n_seeds > 1 else ''}): "
-                   + "; ".join(f"CAHP {k}s against {', '.join(v) if v else 'none'}"
-                               .replace("CAHP ties against", "CAHP ties with")
-                               .replace("CAHP losss against", "CAHP loses against") for k, v in verdicts.items())
-                   + ("." if n_seeds > 1 else " (with one seed the intervals cover the test-set sampling, not the "
-                      "spread between fine-tuning runs)."))
-    return out + [""] if out else []
-
