@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -205,6 +206,24 @@ def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypat
         monkeypatch.setattr(compare_ffn, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = run_compare(cfg, ft, ccfg, progress=False, joint=FAST).report
     assert again["results"] == r["results"] and again["timings"]["results_computed"] == 0
+
+
+def test_changing_cahps_split_rule_recomputes_only_cahps_selection(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    """``choose_by`` is CAHP's alone: a re-run with another rule recomputes CAHP's selection, while the baseline's
+    selection and fine-tuning, the dense control and CAHP's fine-tuning (one head weight: the same units, only
+    the selection's description differs) come from the cache."""
+    out = tmp_path / "run"
+    cfg, ft = _cfgs(tiny_setup, out)
+    ccfg = CompareConfig(methods=["cahp", "random"], speedups=[1.5], seeds=1, knee=False, n_bootstrap=50)
+    joint = replace(FAST, head_weights="1")
+    first = run_compare(cfg, ft, ccfg, progress=False, joint=joint).report
+    monkeypatch.setattr(compare_ffn, "finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = run_compare(cfg, ft, ccfg, progress=False, joint=replace(joint, choose_by="score")).report
+    rows, rows0 = again["results"]["1.5x"], first["results"]["1.5x"]
+    assert rows["random"] == rows0["random"] and again["dense"] == first["dense"]
+    assert rows["cahp"]["finetuned"] == rows0["cahp"]["finetuned"]
+    assert rows["cahp"]["info"]["choose_by"] == "score" and rows0["cahp"]["info"]["choose_by"] == "loss"
+    assert again["timings"]["results_computed"] == 1  # CAHP's selection alone
 
 
 def test_compare_ffn_refuses_heads_only_methods_and_bad_targets(tiny_setup, tmp_path):  # noqa: F811

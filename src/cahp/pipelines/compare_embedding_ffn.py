@@ -71,6 +71,7 @@ from cahp.pipelines.compare_embedding import (
 from cahp.pipelines.compare_ffn import (
     _methods,
     build_pruned,
+    built_from,
     cache_base,
     check_targets,
     compare_targets,
@@ -243,7 +244,7 @@ class _EmbeddingFfnCompare:
 
     def distilled(self, name: str, label: str, rec: dict, ft: FinetuneConfig) -> dict:
         """Surgery to a selection (tuned gates folded in), one distillation, the scores (one cached result)."""
-        key = {"part": "distilled", "method": name, "selection": rec["selection"], "distill": asdict(ft),
+        key = {"part": "distilled", "method": name, "selection": built_from(rec["selection"]), "distill": asdict(ft),
                "score_bootstrap": SCORE_BOOTSTRAP}
 
         def compute() -> dict:

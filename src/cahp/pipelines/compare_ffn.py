@@ -72,8 +72,8 @@ from cahp.train.finetune import FinetuneConfig, finetune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAHP_ONLY", "DEFAULT_JOINT_METHODS", "build_pruned", "cache_base", "check_targets", "compare_targets",
-           "make_method", "run_compare_ffn", "select_at", "selection_row"]
+__all__ = ["CAHP_ONLY", "DEFAULT_JOINT_METHODS", "build_pruned", "built_from", "cache_base", "check_targets",
+           "compare_targets", "make_method", "run_compare_ffn", "select_at", "selection_row"]
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
 
@@ -81,6 +81,12 @@ DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "l
 #: selections, whose keys hold them (`JointMethod.settings`), and no baseline's, the dense control's or a
 #: fine-tuning's (keyed by the selection), so the compares' cache base leaves them out.
 CAHP_ONLY = ("choose_by",)
+
+
+def built_from(selection: dict) -> dict:
+    """What a pruned model is built from (`build_pruned`): a selection's dict without its ``info`` (held-out
+    scores and candidates, which describe the choice), the key of its fine-tunings."""
+    return {k: v for k, v in selection.items() if k != "info"}
 
 
 def cache_base(jr: JointRun) -> dict:
@@ -274,7 +280,7 @@ class _CompareFfn:
     def finetuned(self, what: str, rec: dict | None, ft: FinetuneConfig) -> dict:
         """One fine-tuning and the test evaluation of a selection (``rec``), or of the dense model (None)."""
         key = {"part": "finetune", "what": what, "finetune_after": asdict(ft), "split": self.split,
-               "selection": None if rec is None else rec["selection"]}
+               "selection": None if rec is None else built_from(rec["selection"])}
 
         def compute() -> dict:
             t0 = time.perf_counter()
