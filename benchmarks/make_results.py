@@ -231,6 +231,8 @@ def _prune_section() -> list[str] | None:
 
 def _frontier_section() -> list[str] | None:
     """Heads + FFN neurons (`cahp compare --ffn`): CAHP's measured speed and accuracy per target, its verdicts."""
+    from cahp.pipelines import report_ffn
+
     stems = [s for s, _, _ in SECTIONS if s.startswith("frontier_")]
     results = {s: json.loads(p.read_text()) for s in stems if (p := HERE / "results" / f"{s}.json").is_file()}
     if not results:
@@ -239,8 +241,7 @@ def _frontier_section() -> list[str] | None:
              "/ ties / loses against |", "|---|---|---|---|---|---|---|"]
     for r in results.values():
         n = len(r["settings"]["seeds"])
-        split_by = "held-out " + ("loss" if (r["settings"].get("joint") or {}).get("choose_by") == "loss"
-                                  else "accuracy")
+        split_by = "held-out " + ("loss" if report_ffn.split_by(r) == "loss" else "accuracy")
         control = (r["dense"].get("control") or {}).get("accuracy")
         for t in r["targets"]:
             rows = r["results"][t["label"]]

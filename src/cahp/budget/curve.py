@@ -58,6 +58,11 @@ def score_mask(model: nn.Module, mask: torch.Tensor, batches: Sequence[dict], la
     """
     with head_gates(model, init=mask.float()):
         preds, logits = predict(model, batches, len(labels), progress=False)
+    return curve_metric(metric, preds, logits, labels)
+
+
+def curve_metric(metric: str, preds: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> float:
+    """``metric`` of `predict`'s (predictions, logits) against ``labels``; accuracy of a classifier directly."""
     if metric == "accuracy" and logits.shape[-1] > 1:
         return float((preds == labels).mean())
     return metric_value(metric, preds, labels, int(logits.shape[-1]))

@@ -68,6 +68,7 @@ from cahp.bench.config import parse_shapes
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs
 from cahp.bench.variants import prepare_for_inference
 from cahp.budget.cost import SOURCES, CostTable, cost_table
+from cahp.budget.curve import curve_metric
 from cahp.budget.joint_curve import combined_table, floor_share, knee_share, share_grid
 from cahp.core import distributed
 from cahp.core.threads import num_threads
@@ -87,7 +88,7 @@ from cahp.stats.neurons import NeuronStats, collect_neuron_stats
 from cahp.stats.salience import LossFn
 from cahp.train.evaluate import evaluate_task, predict
 from cahp.train.finetune import FinetuneConfig, finetune
-from cahp.train.metrics import mean_loss, metric_value
+from cahp.train.metrics import mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,7 @@ def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batch
     (layers, d_ff)) gate values, on ``batches`` (class ids, or float targets for a one-output model)."""
     with head_gates(model, init=head_mask.float()), neuron_gates(model, init=neuron_mask.float()):
         preds, logits = predict(model, batches, len(labels), progress=False)
-    if metric == "accuracy" and logits.shape[-1] > 1:
-        value = float((preds == labels).mean())
-    else:
-        value = metric_value(metric, preds, labels, int(logits.shape[-1]))
-    return HeldOut(score=value, loss=mean_loss(logits, labels))
+    return HeldOut(score=curve_metric(metric, preds, logits, labels), loss=mean_loss(logits, labels))
 
 
 def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True, gate_score: GateScore | None = None,

@@ -13,7 +13,8 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 
 from __future__ import annotations
 
-__all__ = ["SPEED_GOAL", "decide", "goal_lines", "render_ffn_markdown", "split_rule", "summary_lines", "target_table"]
+__all__ = ["SPEED_GOAL", "decide", "goal_lines", "render_ffn_markdown", "split_by", "split_rule", "summary_lines",
+           "target_table"]
 
 
 #: Issue 19's speed goal (measured speedup at each shape); it judges targets at least this fast, and the knee.
@@ -56,12 +57,17 @@ def summary_lines(report: dict) -> list[str]:
     return out
 
 
+def split_by(report: dict) -> str:
+    """What chose the report's CAHP split (``choose_by``): "loss" or "score" (reports from before ``choose_by``
+    chose by the held-out score)."""
+    return (report["settings"].get("joint") or {}).get("choose_by", "score")
+
+
 def split_rule(report: dict) -> str:
-    """How the report's CAHP chose its head weight at each share, in words (reports from before
-    ``choose_by`` chose by the held-out score)."""
+    """How the report's CAHP chose its head weight at each share, in words (`split_by`)."""
     joint = report["settings"].get("joint") or {}
-    by = joint.get("choose_by", "score")
-    what = "loss (cross-entropy; squared error for regression)" if by == "loss" else "score (the curve's metric)"
+    what = ("loss (cross-entropy; squared error for regression)" if split_by(report) == "loss"
+            else "score (the curve's metric)")
     return f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
 
 
