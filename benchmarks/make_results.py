@@ -85,6 +85,9 @@ SECTIONS = [
     ("frontier_minilm_mnli_small_3seeds_loss", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, CAHP's split chosen by held-out "
      "loss, at its knee, 1.5x, 2x and 3x, against Fisher (issue 19)"),
+    ("frontier_minilm_mnli_small_3seeds_3x_field", "bench_frontier",
+     "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, 3x, CAHP (loss rule) against "
+     "every baseline (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
