@@ -10,7 +10,9 @@ from cahp.budget.cost import BlockCost, CostTable, estimated_latency
 from cahp.selectors.joint import (
     JointSelectionError,
     allocate,
+    JointSelector,
     cut_linkage,
+    greedy_order,
     head_selection,
     layer_linkage,
     neuron_selection,
@@ -178,3 +180,49 @@ def test_head_selection_within_layers():
     assert kept == {0: [1, 2], 1: [2]}
     with pytest.raises(JointSelectionError, match="head_ids lists 5 heads"):
         head_selection(D, head_ids[:5], salience, [2, 1])
+
+
+def test_greedy_order_skips_duplicates_of_kept_units_and_otherwise_follows_salience():
+    D, group = grouped_neurons()  # 4 groups of near-copies: distances within a group ~0, across ~1
+    salience = np.linspace(2.0, 1.0, len(group))  # unit 0 most salient, each group spread over the ranking
+    order = greedy_order(D, salience)
+    assert sorted(order.tolist()) == list(range(len(group)))  # a permutation
+    assert order[0] == 0  # the most salient first
+    assert sorted(group[order[:4]].tolist()) == [0, 1, 2, 3]  # then one of each group before any copy
+    # Units at the typical distance from each other: the order is the salience order (ties: lower index).
+    flat = np.ones((5, 5)) - np.eye(5)
+    s = np.array([0.3, 0.9, 0.1, 0.9, 0.5])
+    assert greedy_order(flat, s).tolist() == [1, 3, 4, 0, 2]
+    assert greedy_order(np.zeros((3, 3)), np.array([1.0, 3.0, 2.0])).tolist() == [1, 2, 0]  # no scale: salience
+    assert np.array_equal(greedy_order(D, salience), order)  # deterministic
+    with pytest.raises(JointSelectionError, match=r"shape \(24,\)"):
+        greedy_order(D, salience[:3])
+
+
+def test_joint_selector_greedy_rule_keeps_a_prefix_of_the_order_per_layer():
+    from cahp.model.neuron_surgery import remove_neurons
+    from cahp.selectors.joint import Allocation
+    from cahp.stats.neurons import collect_neuron_stats
+
+    from .tiny import tiny_batch, tiny_model
+
+    model = remove_neurons(tiny_model("bert"), {1: list(range(64))})
+    batch = tiny_batch(seed=0)
+    batch["labels"] = torch.tensor([0, 1, 2, 0])
+    stats = collect_neuron_stats(model, [batch], heads=False, progress=False)
+    n_layers = len(stats.neuron_ids)
+    head_ids = [(layer, h) for layer in range(n_layers) for h in range(4)]
+    D = np.ones((len(head_ids), len(head_ids))) - np.eye(len(head_ids))
+    hs = np.random.default_rng(0).uniform(size=(n_layers, 4))
+    sel = JointSelector(D, head_ids, hs, stats, within="greedy")
+    heads, neurons = sel.select(Allocation(heads=[2] + [4] * (n_layers - 1), neurons=[5, 0] + [64] * (n_layers - 2),
+                                           share=0.5))
+    assert heads[0] == sorted(np.argsort(-hs[0])[:2].tolist())  # equidistant heads: the two most salient
+    assert neurons[1] == [] and len(neurons[0]) == 5
+    order = greedy_order(stats.distance(0).numpy(), stats.salience[0].double().numpy())
+    assert neurons[0] == sorted(stats.neuron_ids[0][p] for p in order[:5])
+    smaller = sel.select(Allocation(heads=[1] + [4] * (n_layers - 1), neurons=[3, 0] + [64] * (n_layers - 2),
+                                    share=0.6))
+    assert set(smaller[1][0]) <= set(neurons[0]) and set(smaller[0][0]) <= set(heads[0])  # nested
+    with pytest.raises(JointSelectionError, match="unknown within-layer rule 'best'"):
+        JointSelector(D, head_ids, hs, stats, within="best")

@@ -266,10 +266,13 @@ def build_joint(run, joint: JointConfig, progress: bool = True, *, loss_fn: Loss
     stats, stats_key = neuron_stats(run, progress, loss_fn=loss_fn, loss_key=loss_key)
     tables, cost_key = cost_tables(run, joint)
     table = combined_table(tables)
-    method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage, choose_by=joint.choose_by)
+    method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage, choose_by=joint.choose_by,
+                       within=joint.within)
     key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": run.cfg.distance,
            "linkage": joint.linkage, "head_weights": joint.weights(), "choose_by": joint.choose_by,
            "stage": "curve-ffn"}
+    if joint.within != "clusters":  # curves of the cluster rule keep the key they always had
+        key["within"] = joint.within
     if gate_score is None and run.metric != "accuracy":  # a regression task's curve is of its metric
         key["metric"] = run.metric
     if score_key:  # accuracy curves keep the key they always had

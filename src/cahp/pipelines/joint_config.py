@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cahp.budget.cost import SOURCES
 from cahp.core.configs import field as cfg_field
-from cahp.selectors.joint import LINKAGES
+from cahp.selectors.joint import LINKAGES, WITHIN
 from cahp.selectors.joint_methods import CHOOSE_BY
 
 __all__ = ["JointConfig", "JointSetupError"]
@@ -35,6 +35,9 @@ class JointConfig:
                                "so splits that tie in accuracy still differ) or the held-out score",
                                choices=list(CHOOSE_BY))
     linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
+    within: str = cfg_field("greedy", "how CAHP keeps a layer's units: by salience discounted by nearness to the "
+                            "units kept before (greedy), or one most salient representative per cluster",
+                            choices=list(WITHIN))
     speedup_budget: float = cfg_field(15.0, "seconds of timing per shape for the measured speedup (0: skip)")
     speedup_threads: int = cfg_field(1, "threads of the speedup measurement")
 

@@ -23,6 +23,14 @@ Two pure functions over statistics (no model):
   A unit's value is its salience (``|dL/dgate|`` or the Fisher, for heads and
   neurons alike: both gates take the loss along the path to removal), so heads
   and neurons compete on one scale.
+- `greedy_order` is the other within-layer rule (``within="greedy"``): units
+  ranked by salience discounted by their nearness to the units ranked before
+  them, so a near-duplicate of a kept unit waits and a distinct, salient one
+  does not. Keeping ``k`` is the first ``k`` of the order (nested sets too).
+  Cluster representatives keep every outlier cluster's member, however little
+  salience it has: cut into few clusters, a layer's tree is mostly singletons
+  of unusual units and one large cluster, so the kept units hold far less of
+  the layer's salience than its most salient units would (docs/METHOD.md).
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ from cahp.selectors.graph import check_distance_matrix
 
 __all__ = [
     "LINKAGES",
+    "WITHIN",
     "Allocation",
     "JointSelectionError",
     "JointSelector",
     "allocate",
     "cut_linkage",
+    "greedy_order",
     "head_selection",
     "layer_linkage",
     "neuron_selection",
@@ -55,6 +65,10 @@ __all__ = [
 ]
 
 LINKAGES = ("average", "complete", "single")
+
+#: Within-layer rules of `JointSelector`: cluster representatives (`select_units`) or the redundancy-discounted
+#: salience order (`greedy_order`).
+WITHIN = ("clusters", "greedy")
 
 
 class JointSelectionError(ValueError):
@@ -115,6 +129,46 @@ def select_units(D: Any, salience: Any, k: int, method: str = "average", Z: np.n
     if Z is None:
         Z = layer_linkage(D, method)
     return most_salient_members(cut_linkage(Z, n, int(k)), salience)
+
+
+def greedy_order(D: Any, salience: Any) -> np.ndarray:
+    """All of a layer's units, most wanted first: salience discounted by nearness to the units before.
+
+    Unit ``i``'s value is ``salience[i] * min(1, d(i, S) / m)`` with ``S`` the
+    units ranked so far, ``d(i, S)`` its smallest distance to them and ``m`` the
+    median distance between distinct units (the layer's typical distance, so the
+    rule does not depend on the distance's scale): a unit no nearer to the kept
+    ones than a typical pair is ranked by its salience alone, a duplicate of a
+    kept unit (distance 0) goes last. The first pick is the most salient unit;
+    ties go to the lower index. O(n^2) time, O(n) memory beyond ``D``.
+
+    Args:
+        D: ``(n, n)`` distances between the layer's units.
+        salience: ``(n,)`` non-negative salience (higher = more important).
+
+    Returns:
+        ``(n,)`` int64 positions in ``D``'s rows, the order of picks.
+    """
+    D = check_distance_matrix(D)
+    n = D.shape[0]
+    s = np.asarray(salience, dtype=np.float64)
+    if s.shape != (n,):
+        raise JointSelectionError(f"salience must have shape ({n},) to match D, got {s.shape}")
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    off = D[~np.eye(n, dtype=bool)]
+    m = float(np.median(off)) if off.size else 0.0
+    near = np.ones(n)  # min(1, d(i, S) / m) over the units picked so far; 1 before any pick
+    taken = np.zeros(n, dtype=bool)
+    order = np.empty(n, dtype=np.int64)
+    for t in range(n):
+        value = np.where(taken, -np.inf, s * near)
+        i = int(np.argmax(value))  # the first of equal maxima: the lower index
+        order[t] = i
+        taken[i] = True
+        if m > 0:
+            np.minimum(near, np.minimum(D[i] / m, 1.0), out=near)
+    return order
 
 
 def select_layers(
@@ -329,34 +383,45 @@ class JointSelector:
         head_salience: ``(layers, heads)``, original numbering (the representatives' ranking).
         neuron_stats: a `cahp.stats.neurons.NeuronStats` with correlations (its salience ranks neurons).
         method: linkage (`LINKAGES`).
+        within: the rule in each layer (`WITHIN`): "clusters" cuts the merge trees, "greedy" keeps the
+            first units of each layer's `greedy_order` (computed once, like the trees).
     """
 
     def __init__(self, head_distances: Any, head_ids: Sequence[tuple[int, int]], head_salience: Any, neuron_stats,
-                 method: str = "average"):
+                 method: str = "average", within: str = "clusters"):
+        if within not in WITHIN:
+            raise JointSelectionError(f"unknown within-layer rule {within!r}; choose from {', '.join(WITHIN)}")
+        self.within = within
         D = check_distance_matrix(head_distances)
         if len(head_ids) != D.shape[0]:
             raise JointSelectionError(f"head_ids lists {len(head_ids)} heads, the distances {D.shape[0]}")
         hs = np.asarray(head_salience, dtype=np.float64)
         n_layers = len(neuron_stats.neuron_ids)
-        self.layers = []  # per layer: {"heads": (ids, Z, salience), "neurons": (ids, Z, salience)}
+        # per layer: {"heads": (ids, tree, salience), "neurons": (ids, tree, salience)}; the tree is the
+        # merge tree (clusters) or the pick order (greedy)
+        self.layers = []
         for layer in range(n_layers):
             rows = [r for r, (li, _) in enumerate(head_ids) if li == layer]
             h_ids = [head_ids[r][1] for r in rows]
-            h_Z = layer_linkage(D[np.ix_(rows, rows)], method) if rows else None
+            h_sal = hs[layer, h_ids] if h_ids else np.zeros(0)
             n_ids = list(neuron_stats.neuron_ids[layer])
-            n_Z = layer_linkage(neuron_stats.distance(layer).numpy(), method) if n_ids else None
-            self.layers.append({
-                "heads": (h_ids, h_Z, hs[layer, h_ids] if h_ids else np.zeros(0)),
-                "neurons": (n_ids, n_Z, neuron_stats.salience[layer, n_ids].double().numpy() if n_ids
-                            else np.zeros(0)),
-            })
+            n_sal = neuron_stats.salience[layer, n_ids].double().numpy() if n_ids else np.zeros(0)
+            h_D = D[np.ix_(rows, rows)] if rows else None
+            n_D = neuron_stats.distance(layer).numpy() if n_ids else None
+            if within == "clusters":
+                h_T = layer_linkage(h_D, method) if rows else None
+                n_T = layer_linkage(n_D, method) if n_ids else None
+            else:
+                h_T = greedy_order(h_D, h_sal) if rows else None
+                n_T = greedy_order(n_D, n_sal) if n_ids else None
+            self.layers.append({"heads": (h_ids, h_T, h_sal), "neurons": (n_ids, n_T, n_sal)})
 
     def _kind(self, kind: str, counts: Sequence[int]) -> dict[int, list[int]]:
         if len(counts) != len(self.layers):
             raise JointSelectionError(f"{kind} per layer lists {len(counts)} layers, the model has {len(self.layers)}")
         out = {}
         for layer, (entry, k) in enumerate(zip(self.layers, counts)):
-            ids, Z, sal = entry[kind]
+            ids, T, sal = entry[kind]
             n = len(ids)
             if not 0 <= k <= n:
                 raise JointSelectionError(f"layer {layer} holds {n} {kind}: it cannot keep {k}")
@@ -364,8 +429,10 @@ class JointSelector:
                 out[layer] = []
             elif k == n:
                 out[layer] = list(ids)
+            elif self.within == "greedy":
+                out[layer] = sorted(int(ids[p]) for p in T[:k])
             else:
-                out[layer] = [int(ids[p]) for p in most_salient_members(cut_linkage(Z, n, int(k)), sal)]
+                out[layer] = [int(ids[p]) for p in most_salient_members(cut_linkage(T, n, int(k)), sal)]
         return out
 
     def select(self, allocation: Allocation) -> tuple[dict[int, list[int]], dict[int, list[int]]]:

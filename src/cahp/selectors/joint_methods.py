@@ -6,8 +6,10 @@ budget between layers and kinds and which units they keep:
 
 - ``cahp`` (`CahpJoint`): `allocate` by salience per cost (`fair_values`,
   several head weights, the one of lowest held-out loss), then per layer the
-  complementary representatives (`JointSelector`: clusters of the layer's
-  distances, each cluster's most salient member).
+  salient and complementary units (`JointSelector`; ``within="greedy"``, the
+  default: salience discounted by nearness to the units kept before,
+  `greedy_order`; ``within="clusters"``: clusters of the layer's distances,
+  each cluster's most salient member).
 - ``gradient`` (`GradientJoint`): the same allocation with head weight 1 and,
   per layer, the most salient units: CAHP without clusters and without the
   split search (an ablation as much as a baseline).
@@ -35,6 +37,7 @@ from cahp.budget.cost import estimated_latency
 from cahp.budget.joint_curve import fair_values
 from cahp.selectors.joint import (
     LINKAGES,
+    WITHIN,
     Allocation,
     JointSelectionError,
     JointSelector,
@@ -84,7 +87,7 @@ class CahpJoint(JointMethod):
 
     For each head weight (`ordered_weights`), `allocate` the fair values
     (`fair_values`) to the target share and pick the units per layer with
-    `JointSelector`; with a ``problem.score`` the best candidate by
+    `JointSelector` (rule ``within``); with a ``problem.score`` the best candidate by
     ``choose_by`` is kept (`best`; ties: the earlier weight), without one the
     first weight's. Candidates are memoised by their counts (the selection is
     a function of them), so a curve over many shares scores each distinct
@@ -99,6 +102,7 @@ class CahpJoint(JointMethod):
     head_weights: tuple[float, ...] = (1.0, 0.5, 2.0)
     linkage: str = "average"
     choose_by: str = "loss"
+    within: str = "greedy"
     name: str = "cahp"
     _selector: dict = field(default_factory=dict, init=False, repr=False)
     _scores: dict = field(default_factory=dict, init=False, repr=False)
@@ -108,10 +112,13 @@ class CahpJoint(JointMethod):
             raise JointSelectionError(f"unknown linkage {self.linkage!r}; choose from {', '.join(LINKAGES)}")
         if self.choose_by not in CHOOSE_BY:
             raise JointSelectionError(f"unknown choose_by {self.choose_by!r}; choose from {', '.join(CHOOSE_BY)}")
+        if self.within not in WITHIN:
+            raise JointSelectionError(f"unknown within-layer rule {self.within!r}; choose from {', '.join(WITHIN)}")
         self.head_weights = tuple(ordered_weights(self.head_weights))
 
     def settings(self) -> dict:
-        return {"head_weights": list(self.head_weights), "linkage": self.linkage, "choose_by": self.choose_by}
+        return {"head_weights": list(self.head_weights), "linkage": self.linkage, "choose_by": self.choose_by,
+                "within": self.within}
 
     def selector(self, problem: JointProblem) -> JointSelector:
         """The problem's per-layer merge trees, built once per problem object."""
@@ -121,7 +128,8 @@ class CahpJoint(JointMethod):
             self._selector.clear()
             self._scores.clear()
             self._selector.update(problem=problem, selector=JointSelector(D, problem.head_ids, problem.head_salience,
-                                                                          stats, method=self.linkage))
+                                                                          stats, method=self.linkage,
+                                                                          within=self.within))
         return self._selector["selector"]
 
     def allocation(self, share: float, problem: JointProblem, weight: float) -> Allocation:
