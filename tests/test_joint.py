@@ -9,8 +9,8 @@ import torch
 from cahp.budget.cost import BlockCost, CostTable, estimated_latency
 from cahp.selectors.joint import (
     JointSelectionError,
-    allocate,
     JointSelector,
+    allocate,
     cut_linkage,
     greedy_order,
     head_selection,

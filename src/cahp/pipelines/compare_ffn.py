@@ -77,9 +77,9 @@ __all__ = ["CAHP_ONLY", "DEFAULT_JOINT_METHODS", "build_pruned", "built_from", "
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
 
-#: Curve settings that only CAHP's own results depend on (`CahpJoint.choose_by`, `CahpJoint.within`): they change its curve and its
-#: selections, whose keys hold them (`JointMethod.settings`), and no baseline's, the dense control's or a
-#: fine-tuning's (keyed by the selection), so the compares' cache base leaves them out.
+#: Curve settings that only CAHP's own results depend on (`CahpJoint.choose_by`, `CahpJoint.within`): they
+#: change its curve and its selections, whose keys hold them (`JointMethod.settings`), and no baseline's, the
+#: dense control's or a fine-tuning's (keyed by the selection), so the compares' cache base leaves them out.
 CAHP_ONLY = ("choose_by", "within")
 
 
