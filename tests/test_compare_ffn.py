@@ -196,11 +196,14 @@ def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypat
     assert "![frontier](docs/images/frontier_tiny.png)" in text and (tmp_path / "images/frontier_tiny.png").is_file()
     assert "| cahp |" in text and "Heads-only CAHP" in text
     assert "with the best held-out loss (cross-entropy" in text  # the split rule, from the report's settings
-    # a report from before choose_by existed chose by the held-out score, and says so
+    assert "units kept in a layer: by salience discounted by nearness" in text  # the within-layer rule
+    # a report from before choose_by and within existed chose by the held-out score and kept cluster
+    # representatives, and says so
     old = {**r, "settings": {**r["settings"], "joint": {k: v for k, v in r["settings"]["joint"].items()
-                                                          if k != "choose_by"}}}
+                                                          if k not in ("choose_by", "within")}}}
     old_text = bench_frontier.render({"meta": metadata(), "configuration": "tiny", **old})
     assert "with the best held-out score (the curve's metric)" in old_text
+    assert "units kept in a layer: one most salient member of each of the layer's clusters" in old_text
     # a re-run computes nothing: every selection, timing and fine-tuning comes from the cache
     for name in ("finetune", "measure_speedup", "build_pruned"):
         monkeypatch.setattr(compare_ffn, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
@@ -224,6 +227,12 @@ def test_changing_cahps_split_rule_recomputes_only_cahps_selection(tiny_setup, t
     assert rows["cahp"]["finetuned"] == rows0["cahp"]["finetuned"]
     assert rows["cahp"]["info"]["choose_by"] == "score" and rows0["cahp"]["info"]["choose_by"] == "loss"
     assert again["timings"]["results_computed"] == 1  # CAHP's selection alone
+    # the within-layer rule is CAHP's alone too: only its selection is recomputed
+    monkeypatch.undo()
+    other = run_compare(cfg, ft, ccfg, progress=False, joint=replace(joint, within="clusters")).report
+    assert other["results"]["1.5x"]["random"] == rows0["random"] and other["dense"] == first["dense"]
+    assert other["settings"]["joint"]["within"] == "clusters" and first["settings"]["joint"]["within"] == "greedy"
+    assert 1 <= other["timings"]["results_computed"] <= 2  # CAHP's selection, and its fine-tuning if its units differ
 
 
 def test_compare_ffn_refuses_heads_only_methods_and_bad_targets(tiny_setup, tmp_path):  # noqa: F811

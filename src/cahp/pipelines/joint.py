@@ -11,8 +11,9 @@ through `cahp.pipelines.prune.prepare_run`, the same cache, the same folders):
   and 32 x 128 (`cahp.budget.cost.cost_table`);
 - `joint_curve`: for each target share of dense latency on a grid from 1.0
   down, `allocate` heads and neurons per layer, pick which ones CAHP-style in
-  each layer (`cahp.selectors.joint.JointSelector`: complementary clusters,
-  the most salient member of each) and score the selection through head and
+  each layer (`cahp.selectors.joint.JointSelector`: salience discounted by
+  nearness to the units kept before, or complementary clusters and the most
+  salient member of each) and score the selection through head and
   neuron gates on the held-out curve data (gate 0 is exactly removal);
 - the knee of score against estimated share (`cahp.budget.joint_curve.knee_share`),
   or ``--target-speedup X`` (share ``1 / X``);

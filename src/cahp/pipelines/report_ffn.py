@@ -14,7 +14,7 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 from __future__ import annotations
 
 __all__ = ["SPEED_GOAL", "decide", "goal_lines", "render_ffn_markdown", "split_by", "split_rule", "summary_lines",
-           "target_table"]
+           "target_table", "units_rule", "within"]
 
 
 #: Issue 19's speed goal (measured speedup at each shape); it judges targets at least this fast, and the knee.
@@ -71,6 +71,19 @@ def split_rule(report: dict) -> str:
     return f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
 
 
+def within(report: dict) -> str:
+    """How the report's CAHP kept a layer's units (``within``): "greedy" or "clusters" (reports from before
+    ``within`` kept cluster representatives)."""
+    return (report["settings"].get("joint") or {}).get("within", "clusters")
+
+
+def units_rule(report: dict) -> str:
+    """`within` in words."""
+    if within(report) == "greedy":
+        return "by salience discounted by nearness to the units kept before (greedy)"
+    return "one most salient member of each of the layer's clusters"
+
+
 def render_ffn_markdown(report: dict) -> str:
     """compare_ffn.md: one table per target (method, kept units, speedups, accuracies, verdict against CAHP)."""
     split = report["test_split"]
@@ -82,7 +95,8 @@ def render_ffn_markdown(report: dict) -> str:
     lines.append(f"Dense model before the comparison: {dense['test'][split]['accuracy'] * 100:.2f}"
                  + (f"; dense control (fine-tuned again): {dense['control']['accuracy'] * 100:.2f}"
                     if dense.get("control") else ""))
-    lines += [f"CAHP's split of the budget between heads and neurons: {split_rule(report)}.", ""]
+    lines += [f"CAHP's split of the budget between heads and neurons: {split_rule(report)}; units kept in a layer: "
+              f"{units_rule(report)}.", ""]
     ho = report["heads_only"]
     ho_ft = f", fine-tuned {ho['finetuned']['accuracy'] * 100:.2f}" if ho.get("finetuned") else ""
     lines += [f"Heads-only CAHP (the paper) at k* = {ho['k']}: measured "
