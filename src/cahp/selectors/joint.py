@@ -1,6 +1,6 @@
 """Joint selection of heads and FFN neurons: per-layer complementary representatives, global allocation.
 
-Two pure functions over statistics (no model):
+Pure functions over statistics (no model):
 
 - `select_units` keeps ``k`` units of one layer CAHP-style: average-linkage
   agglomerative clustering of the layer's distance matrix cut into exactly
@@ -58,6 +58,7 @@ __all__ = [
     "cut_linkage",
     "greedy_order",
     "head_selection",
+    "layer_inputs",
     "layer_linkage",
     "neuron_selection",
     "select_layers",
@@ -102,6 +103,15 @@ def cut_linkage(Z: np.ndarray, n: int, k: int) -> np.ndarray:
     return rank[inverse.reshape(-1)]
 
 
+def layer_inputs(D: Any, salience: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's checked ``(n, n)`` distances and ``(n,)`` float64 salience (the within-layer rules' inputs)."""
+    D = check_distance_matrix(D)
+    salience = np.asarray(salience, dtype=np.float64)
+    if salience.shape != (D.shape[0],):
+        raise JointSelectionError(f"salience must have shape ({D.shape[0]},) to match D, got {salience.shape}")
+    return D, salience
+
+
 def select_units(D: Any, salience: Any, k: int, method: str = "average", Z: np.ndarray | None = None) -> np.ndarray:
     """Keep ``k`` of a layer's units: ``k`` clusters of ``D``, each cluster's most salient member.
 
@@ -115,11 +125,8 @@ def select_units(D: Any, salience: Any, k: int, method: str = "average", Z: np.n
     Returns:
         ``(k,)`` int64 sorted positions in ``D``'s rows.
     """
-    D = check_distance_matrix(D)
+    D, salience = layer_inputs(D, salience)
     n = D.shape[0]
-    salience = np.asarray(salience, dtype=np.float64)
-    if salience.shape != (n,):
-        raise JointSelectionError(f"salience must have shape ({n},) to match D, got {salience.shape}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= n:
         raise JointSelectionError(f"cannot keep {k!r} of {n} units")
     if k == 0:
@@ -149,11 +156,8 @@ def greedy_order(D: Any, salience: Any) -> np.ndarray:
     Returns:
         ``(n,)`` int64 positions in ``D``'s rows, the order of picks.
     """
-    D = check_distance_matrix(D)
+    D, s = layer_inputs(D, salience)
     n = D.shape[0]
-    s = np.asarray(salience, dtype=np.float64)
-    if s.shape != (n,):
-        raise JointSelectionError(f"salience must have shape ({n},) to match D, got {s.shape}")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     off = D[~np.eye(n, dtype=bool)]
@@ -400,20 +404,18 @@ class JointSelector:
         # per layer: {"heads": (ids, tree, salience), "neurons": (ids, tree, salience)}; the tree is the
         # merge tree (clusters) or the pick order (greedy)
         self.layers = []
+
+        def tree(D_layer: np.ndarray, sal: np.ndarray) -> np.ndarray:
+            return layer_linkage(D_layer, method) if within == "clusters" else greedy_order(D_layer, sal)
+
         for layer in range(n_layers):
             rows = [r for r, (li, _) in enumerate(head_ids) if li == layer]
             h_ids = [head_ids[r][1] for r in rows]
             h_sal = hs[layer, h_ids] if h_ids else np.zeros(0)
             n_ids = list(neuron_stats.neuron_ids[layer])
             n_sal = neuron_stats.salience[layer, n_ids].double().numpy() if n_ids else np.zeros(0)
-            h_D = D[np.ix_(rows, rows)] if rows else None
-            n_D = neuron_stats.distance(layer).numpy() if n_ids else None
-            if within == "clusters":
-                h_T = layer_linkage(h_D, method) if rows else None
-                n_T = layer_linkage(n_D, method) if n_ids else None
-            else:
-                h_T = greedy_order(h_D, h_sal) if rows else None
-                n_T = greedy_order(n_D, n_sal) if n_ids else None
+            h_T = tree(D[np.ix_(rows, rows)], h_sal) if rows else None
+            n_T = tree(neuron_stats.distance(layer).numpy(), n_sal) if n_ids else None
             self.layers.append({"heads": (h_ids, h_T, h_sal), "neurons": (n_ids, n_T, n_sal)})
 
     def _kind(self, kind: str, counts: Sequence[int]) -> dict[int, list[int]]:

@@ -11,8 +11,8 @@ budget between layers and kinds and which units they keep:
   `greedy_order`; ``within="clusters"``: clusters of the layer's distances,
   each cluster's most salient member).
 - ``gradient`` (`GradientJoint`): the same allocation with head weight 1 and,
-  per layer, the most salient units: CAHP without clusters and without the
-  split search (an ablation as much as a baseline).
+  per layer, the most salient units: CAHP without the redundancy discount
+  and without the split search (an ablation as much as a baseline).
 - ``random`` (`RandomJoint`): the same allocation of seeded uniform values.
 - ``p-pruning`` (`PPruningJoint`): P-pruning-style, the same share of every
   layer's heads and neurons (uniform ratio, the largest meeting the target),
