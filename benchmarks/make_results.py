@@ -94,6 +94,9 @@ SECTIONS = [
     ("frontier_minilm_mnli_small_3seeds_3x_field_greedy", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / mnli-small, 3 seeds, 3x, CAHP (greedy within-layer "
      "rule) against every baseline (issue 19)"),
+    ("frontier_minilm_sst5_3seeds_greedy", "bench_frontier",
+     "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 3 seeds, 2x, CAHP (greedy within-layer rule) "
+     "against Fisher, P-pruning and gradient (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
