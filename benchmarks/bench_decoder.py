@@ -125,6 +125,7 @@ def allocation_line(result: dict) -> str:
     given = result["settings"]["prune"].get("kv_allocation", "global")
     rule = kv_allocation_rule(given)
     what = {"salience": "per-layer counts of the summed-salience ranking, CAHP's clusters within each layer",
+            "greedy": "per-layer counts of the summed-salience ranking, the greedy order within each layer",
             "global": "one clustering of all layers' groups"}[rule]
     return f"CAHP's allocation of KV heads over layers: {rule} ({what}; --kv-allocation {given})"
 

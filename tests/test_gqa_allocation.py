@@ -16,6 +16,7 @@ from cahp.pipelines.stages import selector_settings
 from cahp.selectors.cahp import representatives
 from cahp.selectors.gqa import GQAStats, GroupCAHPSelector, check_kv_mask, group_distances
 from cahp.selectors.graph import cluster
+from cahp.selectors.joint import greedy_order
 from cahp.selectors.registry import make_selector
 from cahp.train.finetune import FinetuneConfig
 
@@ -144,6 +145,44 @@ def test_salience_allocation_on_every_budget_of_uneven_layers(uneven_case, clust
                 assert sums[idx[p]] == max(sums[idx[labels == labels[p]]])
 
 
+def test_greedy_allocation_keeps_a_salient_group_where_the_clusters_keep_a_lone_weak_one():
+    # one layer of 3 groups: A (salience 5) and B (4) near each other, C (0.1) far from both. Keeping 2, the
+    # clusters are {A, B} and {C}: A and C stay; the greedy order takes A, then B (its nearness to A discounts
+    # it to 4 * 1 / 13.5, still above C's 0.1 * 1)
+    stats = synthetic_stats(np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0]]), np.array([5.0, 4.0, 0.1]),
+                            dense_groups(1, 3, 2), [0, 0, 1, 1, 2, 2], (1, 6))
+    for clustering in METHODS:
+        assert sorted(GroupCAHPSelector(clustering=clustering, kv_allocation="salience")
+                      .select_groups(2, stats, None)) == [0, 2]
+    greedy = GroupCAHPSelector(kv_allocation="greedy")
+    assert sorted(greedy.select_groups(2, stats, None)) == [0, 1]
+    assert greedy.select_groups(1, stats, None) == [0]
+    # a duplicate of the kept group goes last: B moved onto A
+    dup = synthetic_stats(np.array([[0.0, 0.0], [0.0, 0.0], [10.0, 10.0]]), np.array([5.0, 4.0, 0.1]),
+                          dense_groups(1, 3, 2), [0, 0, 1, 1, 2, 2], (1, 6))
+    assert sorted(greedy.select_groups(2, dup, None)) == [0, 2]
+
+
+def test_greedy_allocation_on_every_budget_of_uneven_layers(uneven_case, layer0_case):
+    selector = GroupCAHPSelector(kv_allocation="greedy")
+    for stats in (uneven_case, layer0_case):
+        sums = stats.group_sum(stats.salience)
+        D = group_distances(stats, "js")
+        for k in range(1, stats.n_kv + 1):
+            mask = selector.select(k, stats)
+            check_kv_mask(mask, k, stats)
+            kept = kept_groups(mask, stats)
+            counts = per_layer(kept, stats)
+            assert counts == per_layer(kept_groups(make_selector("gqa-gradient").select(k, stats), stats), stats)
+            for layer, n_keep in counts.items():  # each layer keeps the first n_keep of its greedy order
+                idx = np.array([g for g, (lay, _, _) in enumerate(stats.groups) if lay == layer])
+                want = idx[greedy_order(D[np.ix_(idx, idx)], sums[idx])[:n_keep]]
+                assert [g for g in kept if stats.groups[g][0] == layer] == sorted(want.tolist())
+    assert selector.tag == "gqa-cahp-greedy" and selector.settings()["allocation"] == "greedy"
+    assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig(kv_allocation="greedy"))) \
+        .kv_allocation == "greedy"
+
+
 @pytest.mark.parametrize("clustering", METHODS)
 def test_global_allocation_is_the_old_rule(uneven_case, layer0_case, clustering):
     for stats in (uneven_case, layer0_case):
@@ -162,9 +201,9 @@ def test_settings_tag_and_a_bad_allocation():
     assert glob.settings() == old and glob.tag == "gqa-cahp"  # the keys of caches made before the setting
     for salience in (GroupCAHPSelector(), GroupCAHPSelector(kv_allocation="salience")):
         assert salience.settings() == {**old, "allocation": "salience"} and salience.tag == "gqa-cahp-salience"
-    with pytest.raises(ValueError, match="kv_allocation must be one of global, salience, got 'layer'"):
+    with pytest.raises(ValueError, match="kv_allocation must be one of global, salience, greedy, got 'layer'"):
         GroupCAHPSelector(kv_allocation="layer")
-    with pytest.raises(ValueError, match="must be one of global, salience"):
+    with pytest.raises(ValueError, match="must be one of global, salience, greedy"):
         make_selector("gqa-cahp", shared=selector_settings(PruneConfig(kv_allocation="per-layer")))
 
 
@@ -190,7 +229,7 @@ def test_the_command_shows_the_option(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--kv-allocation {auto,global,salience}" in text and "summed-salience ranking" in text
+    assert "--kv-allocation {auto,global,salience,greedy}" in text and "summed-salience ranking" in text
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +259,7 @@ def test_non_default_allocation_is_refused_where_it_does_not_apply(tiny_lm, tmp_
     with pytest.raises(ValueError, match="--kv-allocation cannot go with --decoder-head classifier"):
         run_prune(cfg, ft, progress=False)
     cfg, ft = _cfgs(tiny_lm, tmp_path / "bad", kv_allocation="layer")
-    with pytest.raises(ValueError, match="--kv-allocation must be one of auto, global, salience, got 'layer'"):
+    with pytest.raises(ValueError, match="--kv-allocation must be one of auto, global, salience, greedy, got 'layer'"):
         run_prune(cfg, ft, progress=False)
     assert not (tmp_path / "bad").exists()  # refused before any work
 

@@ -102,7 +102,9 @@ class PruneConfig:
                                    "spreads the KV-head budget over layers: salience gives each layer as many "
                                    "groups as the summed-salience ranking (gqa-gradient) keeps there and clusters "
                                    "within each layer (keeps layers whose groups look alike from being emptied); "
-                                   "global clusters all groups of all layers into k (as encoders' heads); auto: "
+                                   "greedy takes the same counts and, within each layer, the most salient groups "
+                                   "discounted by nearness to the groups taken; global clusters all groups of all "
+                                   "layers into k (as encoders' heads); auto: "
                                    "salience on such a decoder, nothing elsewhere",
                                    choices=list(KV_ALLOCATION_CHOICES))
 

@@ -36,6 +36,14 @@ How the k groups are spread over the layers (`GroupCAHPSelector.kv_allocation`):
   the group of largest summed salience, lies in another layer, so that layer
   is emptied first and perplexity explodes, while the salience ranking keeps
   it (RESULTS.md, the SmolLM2 sections with both rules).
+- ``"greedy"`` (ours): the per-layer counts of ``"salience"``, and inside a
+  partly kept layer the first n_l groups of `cahp.selectors.joint.greedy_order`
+  on that layer's block of `group_distances` and the summed saliences (the
+  within-layer rule of joint CAHP on encoders): the most salient group first,
+  then each next group by its summed salience discounted by its nearness to the
+  groups taken. Why: cutting a layer's 2-4 groups into n_l clusters makes the
+  unusual groups singletons, and a singleton stays however little salience it
+  has; the greedy order keeps a salient group unless it duplicates one kept.
 - ``"global"`` (as the encoders' heads): one clustering of all groups of all
   layers into k clusters, as above.
 
@@ -61,6 +69,7 @@ from cahp.model.heads import kept_heads, kept_kv_heads
 from cahp.selectors.base import HeadSelector, HeadStats, SelectionContext, require
 from cahp.selectors.cahp import representatives
 from cahp.selectors.graph import cluster
+from cahp.selectors.joint import greedy_order
 
 __all__ = ["GQA_SELECTORS", "GQAStats", "GroupCAHPSelector", "GroupFisherSelector", "GroupGradientSelector",
            "GroupMagnitudeSelector", "GroupRandomSelector", "KVBudgetError", "KVGroupSelector", "KV_ALLOCATIONS",
@@ -214,7 +223,7 @@ def _top_groups(scores: np.ndarray, k: int) -> list[int]:
 
 
 #: How `GroupCAHPSelector` spreads the KV-head budget over layers (see the module docstring).
-KV_ALLOCATIONS: tuple[str, ...] = ("global", "salience")
+KV_ALLOCATIONS: tuple[str, ...] = ("global", "salience", "greedy")
 #: what ``--kv-allocation`` accepts: the rules, and ``"auto"`` (resolved by `kv_allocation_rule`)
 KV_ALLOCATION_CHOICES: tuple[str, ...] = ("auto", *KV_ALLOCATIONS)
 
@@ -229,7 +238,8 @@ class GroupCAHPSelector(KVGroupSelector):
     """CAHP on KV groups: cluster the group graph into k clusters, keep each cluster's most salient group.
 
     ``kv_allocation``: ``"salience"`` (default) gives each layer the count the summed-salience ranking gives it
-    and clusters within each layer; ``"global"`` clusters all groups of all layers at once (module docstring).
+    and clusters within each layer; ``"greedy"`` takes the same counts and the greedy order within each layer;
+    ``"global"`` clusters all groups of all layers at once (module docstring).
     The field is named as `cahp.pipelines.stages.PruneConfig.kv_allocation`, so `make_selector`'s shared
     settings reach it and no other selector.
     """
@@ -253,7 +263,7 @@ class GroupCAHPSelector(KVGroupSelector):
             raise ValueError("CAHP needs head salience")
         salience = stats.group_sum(stats.salience)  # (groups,)
         D = group_distances(stats, self.distance)  # (groups, groups)
-        if self.kv_allocation == "salience":
+        if self.kv_allocation in ("salience", "greedy"):
             return self._within_layers(k, stats, D, salience)
         return representatives(self._cluster(D, k), salience).tolist()
 
@@ -263,8 +273,9 @@ class GroupCAHPSelector(KVGroupSelector):
         return cluster(D, k, method=self.clustering, seed=self.seed, **graph)
 
     def _within_layers(self, k: int, stats: GQAStats, D: np.ndarray, salience: np.ndarray) -> list[int]:
-        """The "salience" allocation: per-layer counts of the top-k groups by summed salience, then CAHP
-        inside each partly kept layer on that layer's (n_layer, n_layer) block of ``D``."""
+        """The "salience" and "greedy" allocations: per-layer counts of the top-k groups by summed salience,
+        then inside each partly kept layer, on that layer's (n_layer, n_layer) block of ``D``, CAHP's cluster
+        representatives ("salience") or the first groups of the greedy order ("greedy")."""
         layer_of = np.array([layer for layer, _, _ in stats.groups])  # (groups,) layer of each group
         counts = np.bincount(layer_of[_top_groups(salience, k)], minlength=int(layer_of.max()) + 1)
         kept: list[int] = []
@@ -276,10 +287,13 @@ class GroupCAHPSelector(KVGroupSelector):
             if n_keep == len(idx):  # nothing to choose; also spares the clustering a layer of one group
                 kept += idx.tolist()
                 continue
-            # here 1 <= n_keep < len(idx) (so the layer has >= 2 groups): `cluster` takes every such count,
-            # n_keep = 1 giving one cluster whose representative is the layer's most salient group
-            labels = self._cluster(D[np.ix_(idx, idx)], n_keep)
-            kept += idx[representatives(labels, salience[idx])].tolist()
+            # here 1 <= n_keep < len(idx) (so the layer has >= 2 groups): `cluster` takes every such count;
+            # n_keep = 1 keeps the layer's most salient group under either rule
+            block = D[np.ix_(idx, idx)]
+            if self.kv_allocation == "greedy":
+                kept += idx[greedy_order(block, salience[idx])[:n_keep]].tolist()
+                continue
+            kept += idx[representatives(self._cluster(block, n_keep), salience[idx])].tolist()
         return kept
 
     @property
