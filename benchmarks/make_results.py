@@ -97,6 +97,12 @@ SECTIONS = [
     ("frontier_minilm_sst5_3seeds_greedy", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 3 seeds, 2x, CAHP (greedy within-layer rule) "
      "against Fisher, P-pruning and gradient (issue 19)"),
+    ("prune_ffn_minilm_sst5", "bench_prune",
+     "Heads + FFN neurons end to end: the automatic `cahp prune --ffn` on minilm-l6 / SST-5, knee on estimated "
+     "latency, measured speedup of the saved model, cost of the run (issue 19)"),
+    ("within_layer_minilm_mnli_small", "bench_within_layer",
+     "Which units a layer keeps: cluster representatives, the greedy rule and the most salient units at the same "
+     "per-layer counts, minilm-l6 / mnli-small (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
@@ -105,6 +111,10 @@ SECTIONS = [
     ("decoder_smollm2_sst5_salience", "bench_decoder",
      "Generative decoder: SmolLM2-135M on SST-5 text, CAHP with the salience allocation of KV heads over layers "
      "(`--kv-allocation salience`) against gradient and Fisher (issue 23)"),
+    ("decoder_smollm2_sst5_greedy", "bench_decoder",
+     "Generative decoder: SmolLM2-135M on SST-5 text, CAHP with the greedy allocation of KV heads (salience counts "
+     "per layer, redundancy-discounted salience within a layer; `--kv-allocation greedy`) against gradient and "
+     "Fisher (issue 23)"),
     ("decoder_smollm2_mnli_small", "bench_decoder",
      "Generative decoder: SmolLM2-135M on mnli-small text, CAHP over KV groups against the baselines, KV cache and "
      "decode speed (issue 23)"),
