@@ -120,10 +120,12 @@ def render(result: dict) -> str:
 
 
 def allocation_line(result: dict) -> str:
-    """Which rule spread CAHP's KV-head budget over the layers in this run (``--kv-allocation``): files written
-    before the setting existed ran the global rule, the only one then."""
+    """Which rule spread CAHP's KV-head budget over the layers in this run (``--kv-allocation``), as CAHP's
+    recorded settings say (``auto`` meant another rule before greedy became its default): files written before
+    the setting existed ran the global rule, the only one then."""
     given = result["settings"]["prune"].get("kv_allocation", "global")
-    rule = kv_allocation_rule(given)
+    cahp = result["settings"].get("methods", {}).get("gqa-cahp")
+    rule = cahp.get("allocation", "global") if cahp else kv_allocation_rule(given)
     what = {"salience": "per-layer counts of the summed-salience ranking, CAHP's clusters within each layer",
             "greedy": "per-layer counts of the summed-salience ranking, the greedy order within each layer",
             "global": "one clustering of all layers' groups"}[rule]

@@ -1,5 +1,6 @@
 """Within-layer rules of joint CAHP, side by side: how much of each layer's salience the kept units hold (issue 19).
 
+    python benchmarks/bench_within_layer.py minilm_sst5 --counts-from frontier_minilm_sst5_3seeds_greedy
     python benchmarks/bench_within_layer.py minilm_mnli_small \
         --counts-from frontier_minilm_mnli_small_3seeds_3x_field_greedy
 

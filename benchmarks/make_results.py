@@ -100,6 +100,9 @@ SECTIONS = [
     ("prune_ffn_minilm_sst5", "bench_prune",
      "Heads + FFN neurons end to end: the automatic `cahp prune --ffn` on minilm-l6 / SST-5, knee on estimated "
      "latency, measured speedup of the saved model, cost of the run (issue 19)"),
+    ("within_layer_minilm_sst5", "bench_within_layer",
+     "Which units a layer keeps: cluster representatives, the greedy rule and the most salient units at the same "
+     "per-layer counts, minilm-l6 / SST-5 (issue 19)"),
     ("within_layer_minilm_mnli_small", "bench_within_layer",
      "Which units a layer keeps: cluster representatives, the greedy rule and the most salient units at the same "
      "per-layer counts, minilm-l6 / mnli-small (issue 19)"),

@@ -66,7 +66,7 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
     dense = r["dense"]
     stages = read_json(out / "stages" / "perplexity_dense.json")
     assert dense["perplexity"] == pytest.approx(stages["perplexity"], rel=1e-6)
-    curve = {p["k"]: p for p in read_json(out / "stages" / "curve-gqa-cahp-salience.json")["points"]}
+    curve = {p["k"]: p for p in read_json(out / "stages" / "curve-gqa-cahp-greedy.json")["points"]}
     for b in r["budgets"]:
         label, k = b["label"], b["k"]
         pre, fine = r["no_finetune"]["results"][label], r["finetuned"]["results"][label]
@@ -107,11 +107,18 @@ def test_compare_on_a_decoder_end_to_end_reuses_the_prune_folder_and_its_own_cac
     assert "### 1/3 removed: 6 of 9 KV heads" in text and "### Speed" in text
     assert "1/3 removed (6 of 9 KV heads), after one fine-tuning: CAHP wins" in text
     assert "KV cache 384 of 576 bytes per token (0.667; 6 / 9 = 0.667); decode at batch 2" in text
-    assert "- CAHP's allocation of KV heads over layers: salience (per-layer counts" in text  # the default, auto
-    before = {**r, "settings": {**r["settings"], "prune": {k: v for k, v in r["settings"]["prune"].items()
-                                                           if k != "kv_allocation"}}}  # a file older than it
-    assert "over layers: global (one clustering" in bench_decoder.render(json.loads(json.dumps({**before,
-                                                                                              "meta": metadata()})))
+    assert "- CAHP's allocation of KV heads over layers: greedy (per-layer counts" in text  # the default, auto
+
+    def rendered(prune: dict, cahp: dict) -> str:
+        settings = {**r["settings"], "prune": prune, "methods": {**r["settings"]["methods"], "gqa-cahp": cahp}}
+        return bench_decoder.render(json.loads(json.dumps({**r, "settings": settings, "meta": metadata()})))
+
+    prune = {k: v for k, v in r["settings"]["prune"].items() if k != "kv_allocation"}
+    cahp = {k: v for k, v in r["settings"]["methods"]["gqa-cahp"].items() if k != "allocation"}
+    assert "over layers: global (one clustering" in rendered(prune, cahp)  # a file older than the setting
+    # a file of the time when auto meant salience: CAHP's recorded settings say which rule ran
+    assert "over layers: salience (per-layer counts of the summed-salience ranking, CAHP's clusters" in rendered(
+        {**prune, "kv_allocation": "auto"}, {**cahp, "allocation": "salience"})
     # a re-run reads every result from the caches
     again = run_compare_decoder(cfg, ft, ccfg, progress=False, timing=TIMING).report
     assert again["timings"]["results_computed"] == 0 and again["timings"]["results_cached"] > 0

@@ -136,7 +136,7 @@ def test_gradient_and_fisher_rank_groups_by_summed_scores(stats_setup):
     assert torch.equal(make_selector("gqa-gradient").select(1, stats), stats.mask_of_groups([best]))
     fisher_best = int(np.argmax(stats.group_sum(stats.fisher)))
     assert torch.equal(make_selector("gqa-fisher").select(1, stats), stats.mask_of_groups([fisher_best]))
-    # CAHP with k = 1 (salience allocation): the layer of the most salient group keeps one group, that one
+    # CAHP with k = 1 (greedy allocation, the default): the layer of the most salient group keeps one group, that one
     assert torch.equal(make_selector("gqa-cahp").select(1, stats), stats.mask_of_groups([best]))
 
 

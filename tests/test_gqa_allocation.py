@@ -1,5 +1,6 @@
-"""CAHP over KV groups with the "salience" allocation (the default): per-layer counts of the summed-salience ranking,
-CAHP within each layer; the "global" allocation unchanged; the option from PruneConfig / the CLI to the selector."""
+"""CAHP over KV groups with the "salience" and "greedy" (the default) allocations: per-layer counts of the
+summed-salience ranking, CAHP's clusters or the greedy order within each layer; the "global" allocation unchanged;
+the option from PruneConfig / the CLI to the selector."""
 
 from __future__ import annotations
 
@@ -199,8 +200,10 @@ def test_settings_tag_and_a_bad_allocation():
            "unit": "kv_group"}
     glob = GroupCAHPSelector(kv_allocation="global")
     assert glob.settings() == old and glob.tag == "gqa-cahp"  # the keys of caches made before the setting
-    for salience in (GroupCAHPSelector(), GroupCAHPSelector(kv_allocation="salience")):
-        assert salience.settings() == {**old, "allocation": "salience"} and salience.tag == "gqa-cahp-salience"
+    salience = GroupCAHPSelector(kv_allocation="salience")
+    assert salience.settings() == {**old, "allocation": "salience"} and salience.tag == "gqa-cahp-salience"
+    assert GroupCAHPSelector().settings() == {**old, "allocation": "greedy"}  # the default
+    assert GroupCAHPSelector().tag == "gqa-cahp-greedy"
     with pytest.raises(ValueError, match="kv_allocation must be one of global, salience, greedy, got 'layer'"):
         GroupCAHPSelector(kv_allocation="layer")
     with pytest.raises(ValueError, match="must be one of global, salience, greedy"):
@@ -211,9 +214,9 @@ def test_the_prune_option_reaches_the_kv_cahp_selector_only():
     shared = selector_settings(PruneConfig(kv_allocation="salience", clustering="kmedoids"))
     selector = make_selector("gqa-cahp", 3, shared=shared)
     assert (selector.kv_allocation, selector.clustering, selector.seed) == ("salience", "kmedoids", 3)
-    assert PruneConfig().kv_allocation == "auto"  # auto: salience on a decoder pruned by KV groups
-    assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig())).kv_allocation == "salience"
-    assert make_selector("gqa-cahp").kv_allocation == "salience"
+    assert PruneConfig().kv_allocation == "auto"  # auto: greedy on a decoder pruned by KV groups
+    assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig())).kv_allocation == "greedy"
+    assert make_selector("gqa-cahp").kv_allocation == "greedy"
     assert make_selector("gqa-cahp", shared=selector_settings(PruneConfig(kv_allocation="global"))).kv_allocation \
         == "global"
     for name in ("cahp", "gradient", "gqa-gradient", "gqa-random"):  # no such field: the setting is ignored
@@ -264,17 +267,17 @@ def test_non_default_allocation_is_refused_where_it_does_not_apply(tiny_lm, tmp_
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("allocation", ["salience", "auto"])
-def test_decoder_prune_with_the_salience_allocation_records_it(tiny_lm, tmp_path, one_thread, allocation):
+@pytest.mark.parametrize(("allocation", "rule"), [("salience", "salience"), ("auto", "greedy"), ("greedy", "greedy")])
+def test_decoder_prune_with_a_per_layer_allocation_records_it(tiny_lm, tmp_path, one_thread, allocation, rule):
     out = tmp_path / "run"
     cfg, ft = _cfgs(tiny_lm, out, kv_allocation=allocation, keep=4, skip_final_finetune=True)
     r = run_prune(cfg, ft, progress=False).report
-    assert r["selector"] == {"name": "gqa-cahp", **GroupCAHPSelector(kv_allocation="salience").settings()}
+    assert r["selector"] == {"name": "gqa-cahp", **GroupCAHPSelector(kv_allocation=rule).settings()}
     assert r["settings"]["prune"]["kv_allocation"] == allocation  # as given; the selector says what it ran
-    assert (out / "stages" / "curve-gqa-cahp-salience.json").is_file()
+    assert (out / "stages" / f"curve-gqa-cahp-{rule}.json").is_file()
     # the saved model keeps what the selector keeps on the run's own statistics (read from its cache)
     stats = prepare_decoder(cfg, ft, out, progress=False).stats
-    mask = GroupCAHPSelector(kv_allocation="salience").select(4, stats)
+    mask = GroupCAHPSelector(kv_allocation=rule).select(4, stats)
     groups = kept_groups(mask, stats)
     kept = {layer: [kv for g, (lay, kv, _) in enumerate(stats.groups) if lay == layer and g in groups]
             for layer in range(3)}

@@ -10,8 +10,9 @@ causal LM (`is_causal`). Its body reads as the steps:
 - salience: |dL/dgate| with L the language-modelling loss on the same text;
 - 3-5. the KV-group CAHP selector (`cahp.selectors.gqa`): budget k in KV heads,
   spread over layers by ``--kv-allocation`` (`PruneConfig.kv_allocation`:
-  salience, the default, takes the per-layer counts of the summed-salience
-  ranking and clusters within each layer; global clusters all groups at once);
+  greedy, the default, takes the per-layer counts of the summed-salience
+  ranking and the redundancy-discounted salience order within each layer;
+  salience clusters within each layer instead; global clusters all groups at once);
 - 6. the curve: held-out perplexity through gates over a grid of kept KV
   heads, its knee (`find_knee` on -log perplexity); ``--keep`` /
   ``--keep-ratio`` count KV heads and override it;

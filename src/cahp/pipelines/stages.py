@@ -105,7 +105,7 @@ class PruneConfig:
                                    "greedy takes the same counts and, within each layer, the most salient groups "
                                    "discounted by nearness to the groups taken; global clusters all groups of all "
                                    "layers into k (as encoders' heads); auto: "
-                                   "salience on such a decoder, nothing elsewhere",
+                                   "greedy on such a decoder, nothing elsewhere",
                                    choices=list(KV_ALLOCATION_CHOICES))
 
 

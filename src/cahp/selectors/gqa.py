@@ -23,7 +23,7 @@ the KV cache is what generation pays for. So the unit of selection here is the
 
 How the k groups are spread over the layers (`GroupCAHPSelector.kv_allocation`):
 
-- ``"salience"`` (ours, the default): layer l keeps n_l groups, n_l = how
+- ``"salience"`` (ours): layer l keeps n_l groups, n_l = how
   many of the top-k groups by summed salience lie in layer l (ties to the
   lower group index, as gqa-gradient); a layer with 0 < n_l < its groups
   clusters its own groups into n_l clusters (the same distance, clustering,
@@ -36,7 +36,7 @@ How the k groups are spread over the layers (`GroupCAHPSelector.kv_allocation`):
   the group of largest summed salience, lies in another layer, so that layer
   is emptied first and perplexity explodes, while the salience ranking keeps
   it (RESULTS.md, the SmolLM2 sections with both rules).
-- ``"greedy"`` (ours): the per-layer counts of ``"salience"``, and inside a
+- ``"greedy"`` (ours, the default): the per-layer counts of ``"salience"``, and inside a
   partly kept layer the first n_l groups of `cahp.selectors.joint.greedy_order`
   on that layer's block of `group_distances` and the summed saliences (the
   within-layer rule of joint CAHP on encoders): the most salient group first,
@@ -44,6 +44,8 @@ How the k groups are spread over the layers (`GroupCAHPSelector.kv_allocation`):
   groups taken. Why: cutting a layer's 2-4 groups into n_l clusters makes the
   unusual groups singletons, and a singleton stays however little salience it
   has; the greedy order keeps a salient group unless it duplicates one kept.
+  The default since it measured better than ``"salience"`` against
+  gqa-gradient on SmolLM2 (docs/METHOD.md says how; RESULTS.md has the runs).
 - ``"global"`` (as the encoders' heads): one clustering of all groups of all
   layers into k clusters, as above.
 
@@ -229,16 +231,16 @@ KV_ALLOCATION_CHOICES: tuple[str, ...] = ("auto", *KV_ALLOCATIONS)
 
 
 def kv_allocation_rule(given: str) -> str:
-    """The rule ``--kv-allocation given`` runs: ``"auto"`` (the command's default) is ``"salience"``."""
-    return "salience" if given == "auto" else given
+    """The rule ``--kv-allocation given`` runs: ``"auto"`` (the command's default) is ``"greedy"``."""
+    return "greedy" if given == "auto" else given
 
 
 @dataclass
 class GroupCAHPSelector(KVGroupSelector):
     """CAHP on KV groups: cluster the group graph into k clusters, keep each cluster's most salient group.
 
-    ``kv_allocation``: ``"salience"`` (default) gives each layer the count the summed-salience ranking gives it
-    and clusters within each layer; ``"greedy"`` takes the same counts and the greedy order within each layer;
+    ``kv_allocation``: ``"salience"`` gives each layer the count the summed-salience ranking gives it and
+    clusters within each layer; ``"greedy"`` (default) takes the same counts and the greedy order within each layer;
     ``"global"`` clusters all groups of all layers at once (module docstring).
     The field is named as `cahp.pipelines.stages.PruneConfig.kv_allocation`, so `make_selector`'s shared
     settings reach it and no other selector.
@@ -249,7 +251,7 @@ class GroupCAHPSelector(KVGroupSelector):
     seed: int = 0
     kernel: str = "gaussian"
     bandwidth: str | float = "median"
-    kv_allocation: str = "salience"
+    kv_allocation: str = "greedy"
     name: str = "gqa-cahp"
 
     def __post_init__(self):
