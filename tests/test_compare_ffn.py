@@ -265,3 +265,20 @@ def test_the_2x_speed_goal_judges_2x_and_faster_targets_and_the_knee_only():
     for label, share in (("2x", 0.5), ("knee", 0.7)):
         line = goal_lines(report, {"label": label, "share": share, "speedup": 1 / share}, ["1x32"])[0]
         assert "1.55x [1.51, 1.60] (not met)" in line and "at least 2.0x" in line
+
+
+def test_the_report_lists_cahps_split_candidates_and_how_far_apart_their_losses_are():
+    from cahp.pipelines.report_ffn import candidate_lines
+
+    cands = [{"head_weight": 1.0, "heldout_score": 0.183, "heldout_loss": 1.5911},
+             {"head_weight": 0.5, "heldout_score": 0.183, "heldout_loss": 1.5904},
+             {"head_weight": 2.0, "heldout_score": 0.183, "heldout_loss": 1.5913}]
+    (line,) = candidate_lines({"info": {"head_weight": 0.5, "choose_by": "loss", "candidates": cands}})
+    assert line == ("- CAHP's split: head weight 0.5, chosen by held-out loss among 1 (score 0.183, loss 1.5911), "
+                    "0.5 (score 0.183, loss 1.5904), 2 (score 0.183, loss 1.5913); the losses span 0.0009.")
+    # results from before the loss rule: chosen by the score, no losses recorded
+    old = [{k: v for k, v in c.items() if k != "heldout_loss"} for c in cands]
+    (line,) = candidate_lines({"info": {"head_weight": 1.0, "candidates": old}})
+    assert "chosen by held-out score" in line and "loss -)" in line and "span" not in line
+    assert candidate_lines({"info": {"head_weight": 1.0, "candidates": cands[:1]}}) == []  # nothing was chosen
+    assert candidate_lines({}) == []

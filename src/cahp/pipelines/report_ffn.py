@@ -134,6 +134,22 @@ def decide(lo: float, hi: float, goal: float) -> str:
     return "met" if lo >= goal else "not met" if hi < goal else "undecided"
 
 
+def candidate_lines(cahp: dict) -> list[str]:
+    """CAHP's split candidates at one target (`CahpJoint.best`): each head weight's held-out score and loss,
+    through gates before fine-tuning, and the one chosen; [] for results that do not record them."""
+    info = cahp.get("info") or {}
+    cands = info.get("candidates") or []
+    if len(cands) < 2:
+        return []
+    by = info.get("choose_by", "score")  # results made before the loss rule chose by the held-out score
+    losses = [c["heldout_loss"] for c in cands if c.get("heldout_loss") is not None]
+    spread = f"; the losses span {max(losses) - min(losses):.4f}" if len(losses) > 1 else ""
+    return [f"- CAHP's split: head weight {info['head_weight']:g}, chosen by held-out {by} among "
+            + ", ".join(f"{c['head_weight']:g} (score {c['heldout_score']:.3f}, loss "
+                        + (f"{c['heldout_loss']:.4f})" if c.get("heldout_loss") is not None else "-)")
+                        for c in cands) + spread + "."]
+
+
 def goal_lines(report: dict, target: dict, shapes: list[str]) -> list[str]:
     """Issue 19's goals at one target, in words: CAHP's speed and accuracy, and its verdict against each method."""
     rows = report["results"][target["label"]]
@@ -160,6 +176,7 @@ def goal_lines(report: dict, target: dict, shapes: list[str]) -> list[str]:
             d, lo, hi = -p["diff"] * 100, -p["ci95"][1] * 100, -p["ci95"][0] * 100
             text += f"; CAHP minus dense control {d:+.2f} [{lo:+.2f}, {hi:+.2f}] points ({decide(lo, hi, -1.0)})"
         out.append(text + f"; {n_seeds} seed{'s' if n_seeds > 1 else ''}.")
+    out += candidate_lines(cahp)
     verdicts: dict[str, list[str]] = {"win": [], "tie": [], "loss": []}
     for m, r in rows.items():
         v = ((r.get("finetuned") or {}).get("vs_cahp") or {}).get("pooled")
