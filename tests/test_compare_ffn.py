@@ -233,6 +233,11 @@ def test_changing_cahps_split_rule_recomputes_only_cahps_selection(tiny_setup, t
     assert other["results"]["1.5x"]["random"] == rows0["random"] and other["dense"] == first["dense"]
     assert other["settings"]["joint"]["within"] == "clusters" and first["settings"]["joint"]["within"] == "greedy"
     assert 1 <= other["timings"]["results_computed"] <= 2  # CAHP's selection, and its fine-tuning if its units differ
+    # and so are its head weights
+    weights = run_compare(cfg, ft, ccfg, progress=False, joint=replace(joint, head_weights="2")).report
+    assert weights["results"]["1.5x"]["random"] == rows0["random"] and weights["dense"] == first["dense"]
+    assert weights["results"]["1.5x"]["cahp"]["info"]["head_weight"] == 2.0
+    assert 1 <= weights["timings"]["results_computed"] <= 2
 
 
 def test_compare_ffn_refuses_heads_only_methods_and_bad_targets(tiny_setup, tmp_path):  # noqa: F811

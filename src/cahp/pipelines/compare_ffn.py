@@ -90,8 +90,16 @@ def built_from(selection: dict) -> dict:
 
 
 def cache_base(jr: JointRun) -> dict:
-    """The curve's key without `CAHP_ONLY`: what every cached result of a compare --ffn depends on."""
-    return {k: v for k, v in jr.key.items() if k not in CAHP_ONLY}
+    """The curve's key without `CAHP_ONLY`: what every cached result of a compare --ffn depends on.
+
+    CAHP's head weights (``--head-weights``) are CAHP's alone too (no other method has the field), but the
+    base held them before that was seen: it holds the default's weights whatever CAHP tries, so that the
+    results cached then stay valid and another ``--head-weights`` recomputes CAHP's selection only (its own
+    key holds its weights, `CahpJoint.settings`)."""
+    base = {k: v for k, v in jr.key.items() if k not in CAHP_ONLY}
+    if "head_weights" in base:
+        base["head_weights"] = JointConfig().weights()
+    return base
 
 
 def build_pruned(model, sel: JointSelection):
