@@ -109,6 +109,12 @@ SECTIONS = [
     ("frontier_minilm_sst5_3seeds_3x", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: minilm-l6 / SST-5, 3 seeds, 3x, CAHP (greedy within-layer rule) "
      "against Fisher, P-pruning and gradient (issue 19)"),
+    ("frontier_minilm_sst5_3seeds_3x_weight1", "bench_frontier",
+     "Heads + FFN neurons at 3x, minilm-l6 / SST-5, 3 seeds: CAHP with its head weight fixed at 1 (a diagnosis of "
+     "its split choice; the baselines and the dense control are the 3x run's, from the cache) (issue 19)"),
+    ("frontier_minilm_sst5_3seeds_3x_weight2", "bench_frontier",
+     "Heads + FFN neurons at 3x, minilm-l6 / SST-5, 3 seeds: CAHP with its head weight fixed at 2 (a diagnosis of "
+     "its split choice; the baselines and the dense control are the 3x run's, from the cache) (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
@@ -301,7 +307,9 @@ def _frontier_section() -> list[str] | None:
              "control | CAHP wins / ties / loses against |", "|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         n = len(r["settings"]["seeds"])
-        split_by = "held-out " + ("loss" if report_ffn.split_by(r) == "loss" else "accuracy")
+        fixed = report_ffn.fixed_weight(r)
+        split_by = (f"head weight {fixed}, fixed" if fixed
+                    else "held-out " + ("loss" if report_ffn.split_by(r) == "loss" else "accuracy"))
         units_by = report_ffn.within(r)
         control = (r["dense"].get("control") or {}).get("accuracy")
         for t in r["targets"]:

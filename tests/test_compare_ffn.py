@@ -287,3 +287,12 @@ def test_the_report_lists_cahps_split_candidates_and_how_far_apart_their_losses_
     assert "chosen by held-out score" in line and "loss -)" in line and "span" not in line
     assert candidate_lines({"info": {"head_weight": 1.0, "candidates": cands[:1]}}) == []  # nothing was chosen
     assert candidate_lines({}) == []
+
+
+def test_a_single_head_weight_is_reported_as_fixed_not_chosen():
+    from cahp.pipelines.report_ffn import fixed_weight, split_rule
+
+    one, many = ({"settings": {"joint": {"head_weights": w, "choose_by": "loss"}}} for w in ("2", "0.5,1,2"))
+    assert fixed_weight(one) == "2" and fixed_weight(many) is None and fixed_weight({"settings": {}}) is None
+    assert split_rule(one) == "the head weight fixed at 2 (--head-weights: no choice)"
+    assert split_rule(many).startswith("the head weight of 0.5,1,2 with the best held-out loss")

@@ -63,9 +63,17 @@ def split_by(report: dict) -> str:
     return (report["settings"].get("joint") or {}).get("choose_by", "score")
 
 
+def fixed_weight(report: dict) -> str | None:
+    """The report's CAHP head weight when ``--head-weights`` gave only one (nothing to choose), else None."""
+    weights = [w for w in str((report["settings"].get("joint") or {}).get("head_weights", "")).split(",") if w.strip()]
+    return weights[0].strip() if len(weights) == 1 else None
+
+
 def split_rule(report: dict) -> str:
     """How the report's CAHP chose its head weight at each share, in words (`split_by`)."""
     joint = report["settings"].get("joint") or {}
+    if fixed_weight(report):
+        return f"the head weight fixed at {fixed_weight(report)} (--head-weights: no choice)"
     what = ("loss (cross-entropy; squared error for regression)" if split_by(report) == "loss"
             else "score (the curve's metric)")
     return f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
