@@ -233,15 +233,30 @@ def _compare_section() -> list[str] | None:
     return lines
 
 
-def _prune_ffn_section() -> list[str] | None:
-    """The automatic `cahp prune --ffn` run: kept units, estimated and measured speedups, accuracy, wall time."""
-    path = HERE / "results" / "prune_ffn_minilm_sst5.json"
+def _prune_result(stem: str) -> tuple[dict, str, dict] | None:
+    """(result, test split, accuracies in % by stage) of a `bench_prune` results file; None if it is missing."""
+    path = HERE / "results" / f"{stem}.json"
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
     split = r["data"]["test_split"]
     sc = r["scores"]
     acc = {k: sc[k][split]["accuracy"] * 100 for k in ("before_pruning", "after_pruning", "after_finetune") if sc[k]}
+    return r, split, acc
+
+
+def _accuracy_line(split: str, acc: dict) -> str:
+    return (f"- SST-5 {split} accuracy: dense fine-tuned {acc['before_pruning']:.2f}, "
+            f"pruned {acc['after_pruning']:.2f}, "
+            + (f"pruned and fine-tuned once {acc['after_finetune']:.2f}" if "after_finetune" in acc
+               else "not fine-tuned"))
+
+
+def _prune_ffn_section() -> list[str] | None:
+    """The automatic `cahp prune --ffn` run: kept units, estimated and measured speedups, accuracy, wall time."""
+    if (found := _prune_result("prune_ffn_minilm_sst5")) is None:
+        return None
+    r, split, acc = found
     measured = r["measured_speedup"] or {}
     return [
         "",
@@ -255,8 +270,7 @@ def _prune_ffn_section() -> list[str] | None:
                     + (f"{measured[shape]['speedup']:.2f}x [{measured[shape]['ci95'][0]:.2f}, "
                        f"{measured[shape]['ci95'][1]:.2f}]" if shape in measured else "-")
                     for shape, est in r["estimated_speedup"].items()),
-        f"- SST-5 {split} accuracy: dense fine-tuned {acc['before_pruning']:.2f}, pruned {acc['after_pruning']:.2f}, "
-        + (f"pruned and fine-tuned once {acc['after_finetune']:.2f}" if "after_finetune" in acc else "not fine-tuned"),
+        _accuracy_line(split, acc),
         f"- wall time {r['total_seconds'] / 60:.0f} min (one seed; the 2x target against the baselines and a "
         "3-seed dense control: the `cahp compare --ffn` table below)",
         "",
@@ -267,13 +281,9 @@ def _prune_ffn_section() -> list[str] | None:
 
 def _prune_section() -> list[str] | None:
     """The end-to-end prune benchmark: k*, parameters, accuracy, wall time."""
-    path = HERE / "results" / "prune_minilm_sst5.json"
-    if not path.is_file():
+    if (found := _prune_result("prune_minilm_sst5")) is None:
         return None
-    r = json.loads(path.read_text())
-    split = r["data"]["test_split"]
-    sc = r["scores"]
-    acc = {k: sc[k][split]["accuracy"] * 100 for k in ("before_pruning", "after_pruning", "after_finetune") if sc[k]}
+    r, split, acc = found
     total_min = r["total_seconds"] / 60
     return [
         "",
@@ -283,8 +293,7 @@ def _prune_section() -> list[str] | None:
         f"- k* = **{r['k_star']}** of {r['heads_before']} heads ({r['k_source']}), kept per layer "
         f"{r['heads_per_layer']}, mean relative depth {r['mean_relative_depth']:.2f}",
         f"- parameters {r['parameters']['before']:,} -> {r['parameters']['after']:,}",
-        f"- SST-5 {split} accuracy: dense fine-tuned {acc['before_pruning']:.2f}, pruned {acc['after_pruning']:.2f}, "
-        + (f"pruned and fine-tuned once {acc['after_finetune']:.2f}" if "after_finetune" in acc else "not fine-tuned"),
+        _accuracy_line(split, acc),
         f"- wall time {total_min:.0f} min: "
         + ", ".join(f"{k} {v['seconds'] / 60:.1f}" for k, v in r["stage_seconds"].items()),
         "",
