@@ -164,13 +164,14 @@ def render(result: dict) -> str:
                        f"{share['greedy']:.3f} | {share['top']:.3f} | " + " | ".join(cells) + " |")
     for kind in ("heads", "neurons"):
         ratios = {rule: [row[kind]["salience_share"][rule] / row[kind]["salience_share"]["top"]
-                         for row in result["rows"] if row[kind]["salience_share"]["top"] > 0]
+                         for row in result["rows"]
+                         if row[kind]["salience_share"]["top"] > 0 and row[kind]["layers"]]  # a choice was made
                   for rule in ("clusters", "greedy")}
         if ratios["greedy"]:
             out.append(f"\n{kind.capitalize()}: the kept units hold {min(ratios['greedy']):.2f}-"
                        f"{max(ratios['greedy']):.2f} of the most salient units' salience under the greedy rule, "
                        f"{min(ratios['clusters']):.2f}-{max(ratios['clusters']):.2f} under cluster representatives "
-                       f"(range over the {len(ratios['greedy'])} allocations).")
+                       f"(range over the {len(ratios['greedy'])} allocations with a partly kept layer).")
     out.append("")
     return "\n".join(out)
 

@@ -41,7 +41,7 @@ def test_render_states_the_ranges_it_measured():
     text = bw.render({"meta": meta, "model": "m", "task": "t", "counts_from": "f", "calibration_examples": 8,
                       "distance": "js", "rows": [row]})
     assert "| 3x | cahp | heads | 2 | 0.287 | 0.449 | 0.556 | 0.50 | 0.50 | 3.00 | 2.50 | 1.50 |" in text
-    assert "Heads: the kept units hold 0.81-0.81" in text
+    assert "Heads: the kept units hold 0.81-0.81" in text and "(range over the 1 allocations with a partly" in text
 
 
 def test_bench_prune_renders_an_ffn_run_and_judges_the_cost_goal_only_when_nothing_was_cached():
