@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: the repository root makes `ben
 from benchmarks._common import REPO, load_result, meta_lines, metadata, write_result  # noqa: E402
 from cahp.pipelines.joint import neuron_stats  # noqa: E402
 from cahp.pipelines.stages import PruneConfig, prepare_run  # noqa: E402
-from cahp.selectors.joint import greedy_order, layer_linkage, select_units  # noqa: E402
+from cahp.selectors.joint import greedy_order, head_blocks, layer_linkage, select_units  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
 
 log = logging.getLogger("bench_within_layer")
@@ -53,15 +53,15 @@ RULES = ("clusters", "greedy", "top")
 def layer_units(run, stats) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """{kind: per layer (distances (n, n), salience (n,))} of the dense model's heads and neurons."""
     D = run.signatures.distances[run.cfg.distance].double().numpy()
-    hs = stats.head_salience.double().numpy()
-    ids = run.signatures.head_ids
-    heads, neurons = [], []
-    for layer in range(len(stats.neuron_ids)):
-        rows = [r for r, (li, _) in enumerate(ids) if li == layer]
-        heads.append((D[np.ix_(rows, rows)], hs[layer, [ids[r][1] for r in rows]]))
-        n_ids = list(stats.neuron_ids[layer])
-        neurons.append((stats.distance(layer).double().numpy(), stats.salience[layer, n_ids].double().numpy()))
-    return {"heads": heads, "neurons": neurons}
+    blocks = head_blocks(D, run.signatures.head_ids, stats.head_salience.double().numpy(), len(stats.neuron_ids))
+    neurons = [(stats.distance(layer).double().numpy(), stats.salience[layer, list(ids)].double().numpy())
+               for layer, ids in enumerate(stats.neuron_ids)]
+    return {"heads": [(Dl, sal) for _, Dl, sal in blocks], "neurons": neurons}
+
+
+def layer_trees(units: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, (`layer_linkage`, `greedy_order`): what the rules reuse for every count of that layer."""
+    return [(layer_linkage(D), greedy_order(D, s)) for D, s in units]
 
 
 def kept_by_rule(D: np.ndarray, s: np.ndarray, k: int, Z: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
@@ -70,9 +70,11 @@ def kept_by_rule(D: np.ndarray, s: np.ndarray, k: int, Z: np.ndarray, order: np.
             "top": np.sort(np.argsort(-s, kind="stable")[:k])}
 
 
-def compare_rules(units: list[tuple[np.ndarray, np.ndarray]], counts: list[int]) -> dict:
-    """The three rules at one kind's per-layer ``counts``: totals over layers and each partly kept layer."""
-    trees = [(layer_linkage(D), greedy_order(D, s)) for D, s in units]
+def compare_rules(units: list[tuple[np.ndarray, np.ndarray]], counts: list[int],
+                  trees: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
+    """The three rules at one kind's per-layer ``counts``: totals over layers and each partly kept layer.
+    ``trees``: the units' `layer_trees`, computed once for many counts (default: computed here)."""
+    trees = trees if trees is not None else layer_trees(units)
     total = sum(float(s.sum()) for _, s in units)
     kept = {r: 0.0 for r in RULES}
     layers = []
@@ -120,6 +122,7 @@ def main() -> None:
     run = prepare_run(cfg, FinetuneConfig(seed=0), out, progress=not args.quiet)
     stats, _ = neuron_stats(run, progress=not args.quiet)
     units = layer_units(run, stats)
+    trees = {kind: layer_trees(u) for kind, u in units.items()}  # independent of the counts: once per kind
     rows = []
     for label, by_method in source["results"].items():
         for method, res in by_method.items():
@@ -127,7 +130,7 @@ def main() -> None:
                 continue
             row = {"target": label, "method": method}
             for kind in ("heads", "neurons"):
-                row[kind] = compare_rules(units[kind], res[f"{kind}_per_layer"])
+                row[kind] = compare_rules(units[kind], res[f"{kind}_per_layer"], trees[kind])
             rows.append(row)
             log.info("%s %s: neurons %s", label, method,
                      {r: round(v, 3) for r, v in row["neurons"]["salience_share"].items()})

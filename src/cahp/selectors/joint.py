@@ -57,6 +57,7 @@ __all__ = [
     "allocate",
     "cut_linkage",
     "greedy_order",
+    "head_blocks",
     "head_selection",
     "layer_inputs",
     "layer_linkage",
@@ -175,6 +176,18 @@ def greedy_order(D: Any, salience: Any) -> np.ndarray:
     return order
 
 
+def head_blocks(D: np.ndarray, head_ids: Sequence[tuple[int, int]], salience: np.ndarray,
+                n_layers: int) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Per layer, (original heads, their ``(n_l, n_l)`` block of ``D``, their ``(n_l,)`` salience) of the heads
+    whose rows ``D`` holds (``head_ids[row]`` = (layer, head); ``salience`` is ``(layers, heads)``)."""
+    out = []
+    for layer in range(n_layers):
+        rows = [r for r, (li, _) in enumerate(head_ids) if li == layer]
+        heads = [head_ids[r][1] for r in rows]
+        out.append((heads, D[np.ix_(rows, rows)], salience[layer, heads] if heads else np.zeros(0)))
+    return out
+
+
 def select_layers(
     distances: Sequence[Any], saliences: Sequence[Any], keep: Sequence[int], ids: Sequence[Sequence[int]] | None = None,
     method: str = "average",
@@ -224,11 +237,10 @@ def head_selection(
     salience = np.asarray(salience, dtype=np.float64)
     if len(head_ids) != D.shape[0]:
         raise JointSelectionError(f"head_ids lists {len(head_ids)} heads, D has {D.shape[0]}")
-    rows = [[r for r, (layer, _) in enumerate(head_ids) if layer == i] for i in range(len(heads_per_layer))]
-    distances = [D[np.ix_(r, r)] if r else None for r in rows]
-    saliences = [salience[i, [head_ids[r][1] for r in rs]] for i, rs in enumerate(rows)]
-    ids = [[head_ids[r][1] for r in rs] for rs in rows]
-    return select_layers(distances, saliences, list(heads_per_layer), ids=ids, method=method)
+    blocks = head_blocks(D, head_ids, salience, len(heads_per_layer))
+    distances = [Dl if ids else None for ids, Dl, _ in blocks]
+    return select_layers(distances, [sal for _, _, sal in blocks], list(heads_per_layer),
+                         ids=[ids for ids, _, _ in blocks], method=method)
 
 
 @dataclass
@@ -408,13 +420,10 @@ class JointSelector:
         def tree(D_layer: np.ndarray, sal: np.ndarray) -> np.ndarray:
             return layer_linkage(D_layer, method) if within == "clusters" else greedy_order(D_layer, sal)
 
-        for layer in range(n_layers):
-            rows = [r for r, (li, _) in enumerate(head_ids) if li == layer]
-            h_ids = [head_ids[r][1] for r in rows]
-            h_sal = hs[layer, h_ids] if h_ids else np.zeros(0)
+        for layer, (h_ids, h_D, h_sal) in enumerate(head_blocks(D, head_ids, hs, n_layers)):
             n_ids = list(neuron_stats.neuron_ids[layer])
             n_sal = neuron_stats.salience[layer, n_ids].double().numpy() if n_ids else np.zeros(0)
-            h_T = tree(D[np.ix_(rows, rows)], h_sal) if rows else None
+            h_T = tree(h_D, h_sal) if h_ids else None
             n_T = tree(neuron_stats.distance(layer).numpy(), n_sal) if n_ids else None
             self.layers.append({"heads": (h_ids, h_T, h_sal), "neurons": (n_ids, n_T, n_sal)})
 
