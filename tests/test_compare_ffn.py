@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -148,6 +149,32 @@ def test_cahp_chooses_the_split_by_held_out_loss_where_scores_tie():
         make_joint_method("cahp", shared={"choose_by": "accuracy"})
 
 
+def test_cahp_keeps_the_neutral_weight_where_no_split_beats_the_constant_predictor():
+    """Every split's loss at or above ``chance_loss`` (collapsed outputs): the losses' order is calibration noise,
+    so the neutral weight is kept (``collapsed="lowest"``: the lowest loss all the same); as soon as one split's
+    loss is below it, the lowest loss decides again."""
+    def held(sel):  # the loss falls with the heads kept, every value between 1.10 and 1.11
+        return HeldOut(score=0.3, loss=1.10 + 0.01 / (1 + sum(len(v) for v in sel.heads.values())))
+
+    method = make_joint_method("cahp", shared={"head_weights": (0.5, 1.0, 2.0)})
+    lowest = make_joint_method("cahp", shared={"head_weights": (0.5, 1.0, 2.0), "collapsed": "lowest"})
+    free = lowest.select(0.6, _problem(score=held))  # no bound: the lowest loss
+    assert free.info["head_weight"] != 1.0 and not free.info["collapsed"] and not free.info["neutral_fallback"]
+    collapsed = _problem(score=held)
+    collapsed = replace(collapsed, chance_loss=1.0986)  # ln 3: every loss above it
+    sel = method.select(0.6, collapsed)
+    assert sel.info["head_weight"] == 1.0 and sel.info["collapsed"] and sel.info["neutral_fallback"]
+    assert sel.info["chance_loss"] == 1.0986
+    same = lowest.select(0.6, collapsed)
+    assert same.info["head_weight"] == free.info["head_weight"] and same.info["collapsed"]
+    assert not same.info["neutral_fallback"]
+    informative = replace(_problem(score=held), chance_loss=free.info["heldout_loss"] + 1e-9)  # one below
+    again = make_joint_method("cahp", shared={"head_weights": (0.5, 1.0, 2.0)}).select(0.6, informative)
+    assert again.info["head_weight"] == free.info["head_weight"] and not again.info["collapsed"]
+    with pytest.raises(JointSelectionError, match="collapsed"):
+        make_joint_method("cahp", shared={"collapsed": "first"})
+
+
 def test_unreachable_share_is_a_clear_error():
     for name in STATS_ONLY:
         with pytest.raises(JointSelectionError):
@@ -227,6 +254,10 @@ def test_changing_cahps_split_rule_recomputes_only_cahps_selection(tiny_setup, t
     assert rows["cahp"]["finetuned"] == rows0["cahp"]["finetuned"]
     assert rows["cahp"]["info"]["choose_by"] == "score" and rows0["cahp"]["info"]["choose_by"] == "loss"
     assert again["timings"]["results_computed"] == 1  # CAHP's selection alone
+    lowest = run_compare(cfg, ft, ccfg, progress=False, joint=replace(joint, collapsed="lowest")).report
+    assert lowest["results"]["1.5x"]["random"] == rows0["random"] and lowest["timings"]["results_computed"] == 1
+    chance = rows0["cahp"]["info"]["chance_loss"]  # the curve data's constant predictor: a class-frequency entropy
+    assert 0 < chance <= math.log(2) + 1e-12
     # the within-layer rule is CAHP's alone too: only its selection is recomputed
     monkeypatch.undo()
     other = run_compare(cfg, ft, ccfg, progress=False, joint=replace(joint, within="clusters")).report
@@ -285,6 +316,12 @@ def test_the_report_lists_cahps_split_candidates_and_how_far_apart_their_losses_
     old = [{k: v for k, v in c.items() if k != "heldout_loss"} for c in cands]
     (line,) = candidate_lines({"info": {"head_weight": 1.0, "candidates": old}})
     assert "chosen by held-out score" in line and "loss -)" in line and "span" not in line
+    info = {"head_weight": 1.0, "choose_by": "loss", "candidates": cands, "chance_loss": 1.5683, "collapsed": True}
+    (line,) = candidate_lines({"info": {**info, "neutral_fallback": True}})
+    assert line.startswith("- CAHP's split: head weight 1, chosen by the neutral rule (no loss below the constant "
+                           "predictor's 1.5683) among 1 (score 0.183")
+    (line,) = candidate_lines({"info": {**info, "head_weight": 0.5, "neutral_fallback": False}})
+    assert "chosen by held-out loss (none below the constant predictor's 1.5683) among" in line
     assert candidate_lines({"info": {"head_weight": 1.0, "candidates": cands[:1]}}) == []  # nothing was chosen
     assert candidate_lines({}) == []
 
@@ -296,3 +333,7 @@ def test_a_single_head_weight_is_reported_as_fixed_not_chosen():
     assert fixed_weight(one) == "2" and fixed_weight(many) is None and fixed_weight({"settings": {}}) is None
     assert split_rule(one) == "the head weight fixed at 2 (--head-weights: no choice)"
     assert split_rule(many).startswith("the head weight of 0.5,1,2 with the best held-out loss")
+    assert "neutral" not in split_rule(many)  # reports from before the collapsed rule kept the lowest loss
+    neutral = {"settings": {"joint": {"head_weights": "0.5,1,2", "choose_by": "loss", "collapsed": "neutral"}}}
+    assert split_rule(neutral).endswith("the neutral weight 1 where no loss is below the best constant predictor's "
+                                        "(collapsed outputs: the data cannot choose)")

@@ -224,3 +224,20 @@ def test_mean_loss_is_cross_entropy_or_squared_error():
     assert metrics.mean_loss(r, t) == pytest.approx(float(np.mean((r[:, 0] - t) ** 2)))
     with pytest.raises(metrics.MetricError, match="logits"):
         metrics.mean_loss(z[:4], y)
+
+
+def test_chance_loss_is_the_best_constant_predictors_mean_loss():
+    """No constant output beats it: the frequencies' log (classes) or the mean (regression) is the best one."""
+    rng = np.random.default_rng(1)
+    y = rng.choice(4, size=200, p=[0.1, 0.2, 0.3, 0.4])
+    best = metrics.chance_loss(y, 4)
+    freq = np.bincount(y, minlength=4) / len(y)
+    assert metrics.mean_loss(np.tile(np.log(freq), (len(y), 1)), y) == pytest.approx(best, rel=1e-12)
+    for _ in range(20):  # any other constant logits do worse
+        assert metrics.mean_loss(np.tile(rng.normal(size=4), (len(y), 1)), y) > best
+    assert metrics.chance_loss(np.zeros(5, dtype=int), 3) == 0.0  # one class only: nothing to learn
+    t = rng.normal(size=50)
+    assert metrics.chance_loss(t, 1) == pytest.approx(metrics.mean_loss(np.full((50, 1), t.mean()), t))
+    assert metrics.mean_loss(np.full((50, 1), t.mean() + 0.1), t) > metrics.chance_loss(t, 1)
+    with pytest.raises(metrics.MetricError, match="label"):
+        metrics.chance_loss([], 3)

@@ -77,10 +77,10 @@ __all__ = ["CAHP_ONLY", "DEFAULT_JOINT_METHODS", "build_pruned", "built_from", "
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
 
-#: Curve settings that only CAHP's own results depend on (`CahpJoint.choose_by`, `CahpJoint.within`): they
+#: Curve settings that only CAHP's own results depend on (`CahpJoint.choose_by`, `.within`, `.collapsed`): they
 #: change its curve and its selections, whose keys hold them (`JointMethod.settings`), and no baseline's, the
 #: dense control's or a fine-tuning's (keyed by the selection), so the compares' cache base leaves them out.
-CAHP_ONLY = ("choose_by", "within")
+CAHP_ONLY = ("choose_by", "within", "collapsed")
 
 
 def built_from(selection: dict) -> dict:
@@ -131,7 +131,8 @@ def check_targets(cfg: PruneConfig, ccfg) -> list[float]:
 def make_method(name: str, seed: int, joint: JointConfig):
     """A joint method by registry name with the run's shared ``--ffn`` settings (linkage, head weights)."""
     return make_joint_method(name, seed, shared={"linkage": joint.linkage, "head_weights": tuple(joint.weights()),
-                                                      "choose_by": joint.choose_by, "within": joint.within})
+                                                      "choose_by": joint.choose_by, "within": joint.within,
+                                                      "collapsed": joint.collapsed})
 
 
 def compare_targets(jr: JointRun, cfg: PruneConfig, ccfg, speedups: list[float],

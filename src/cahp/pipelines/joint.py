@@ -46,7 +46,9 @@ as the speedup is.
 Heads and neurons on one scale: see `cahp.budget.joint_curve.fair_values`; the
 curve tries each of ``head_weights`` at every share and keeps the split of
 lowest held-out loss (``choose_by``, `CahpJoint.best`): the split of the budget
-between kinds is the curve's decision.
+between kinds is the curve's decision. Where no split's loss is below the best
+constant predictor's (``collapsed``), the data cannot choose and the neutral
+weight is kept.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ from cahp.stats.neurons import NeuronStats, collect_neuron_stats
 from cahp.stats.salience import LossFn
 from cahp.train.evaluate import evaluate_task, predict
 from cahp.train.finetune import FinetuneConfig, finetune
-from cahp.train.metrics import mean_loss
+from cahp.train.metrics import chance_loss, mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +199,10 @@ def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True,
     """
     model = run.model
     shapes = (tuple(kept_mask(model).shape), tuple(neuron_shape(model.config)))
+    chance = None  # a custom scorer's loss has no constant-predictor bound here
     if gate_score is None:
+        chance = chance_loss(run.curve_labels, model.config.num_labels)
+
         def gate_score(hg: torch.Tensor, ng: torch.Tensor) -> HeldOut:
             return score_units(model, hg, ng, run.curve_batches, run.curve_labels, metric=run.metric)
 
@@ -217,7 +222,7 @@ def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True,
         heads_present=kept_mask(model).numpy(), neurons_present=kept_neuron_mask(model).numpy(),
         head_distances=run.stats.distances[run.cfg.distance].numpy(), head_ids=run.stats.head_ids,
         neuron_stats=stats, model=model, batches=run.calibration_batches, score=scorer if score else None,
-        seed=run.cfg.seed,
+        seed=run.cfg.seed, chance_loss=chance,
     )
 
 
@@ -268,12 +273,14 @@ def build_joint(run, joint: JointConfig, progress: bool = True, *, loss_fn: Loss
     tables, cost_key = cost_tables(run, joint)
     table = combined_table(tables)
     method = CahpJoint(head_weights=tuple(joint.weights()), linkage=joint.linkage, choose_by=joint.choose_by,
-                       within=joint.within)
+                       within=joint.within, collapsed=joint.collapsed)
     key = {**run.keys["signatures"], "stats": stats_key, "cost": cost_key, "distance": run.cfg.distance,
            "linkage": joint.linkage, "head_weights": joint.weights(), "choose_by": joint.choose_by,
            "stage": "curve-ffn"}
     if joint.within != "clusters":  # curves of the cluster rule keep the key they always had
         key["within"] = joint.within
+    if joint.collapsed != "lowest":  # curves made before the rule for collapsed splits kept the lowest loss
+        key["collapsed"] = joint.collapsed
     if gate_score is None and run.metric != "accuracy":  # a regression task's curve is of its metric
         key["metric"] = run.metric
     if score_key:  # accuracy curves keep the key they always had
@@ -291,11 +298,12 @@ def best_point(jr: JointRun, share: float) -> dict | None:
     if not cands:
         log.info("share %.3f: no head weight reaches it", share)
         return None
-    best = jr.method.best(cands)
+    best = jr.method.best(cands, jr.problem.chance_loss)
     alloc = best["allocation"]
     # "accuracy": the curve's held-out score (accuracy for the task objective; see `GateScore` for others)
     return {"target_share": share, "estimated_share": alloc.share, "accuracy": best["score"], "loss": best["loss"],
             "head_weight": best["head_weight"], "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons,
+            "collapsed": jr.method.collapsed_split(cands, jr.problem.chance_loss),
             **jr.details.get((tuple(alloc.heads), tuple(alloc.neurons)), {}),
             "candidates": [{"head_weight": c["head_weight"], "accuracy": c["score"], "loss": c["loss"],
                             "estimated_share": c["allocation"].share} for c in cands]}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from cahp.budget.cost import SOURCES
 from cahp.core.configs import field as cfg_field
 from cahp.selectors.joint import LINKAGES, WITHIN
-from cahp.selectors.joint_methods import CHOOSE_BY
+from cahp.selectors.joint_methods import CHOOSE_BY, COLLAPSED
 
 __all__ = ["JointConfig", "JointSetupError"]
 
@@ -34,6 +34,9 @@ class JointConfig:
     choose_by: str = cfg_field("loss", "what picks the head weight at each share: the held-out loss (continuous, "
                                "so splits that tie in accuracy still differ) or the held-out score",
                                choices=list(CHOOSE_BY))
+    collapsed: str = cfg_field("neutral", "the head weight kept where no split's held-out loss is below the best "
+                               "constant predictor's (outputs that carry no information about the labels): the "
+                               "neutral weight 1, or the lowest loss regardless", choices=list(COLLAPSED))
     linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
     within: str = cfg_field("greedy", "how CAHP keeps a layer's units: by salience discounted by nearness to the "
                             "units kept before (greedy), or one most salient representative per cluster",

@@ -76,7 +76,11 @@ def split_rule(report: dict) -> str:
         return f"the head weight fixed at {fixed_weight(report)} (--head-weights: no choice)"
     what = ("loss (cross-entropy; squared error for regression)" if split_by(report) == "loss"
             else "score (the curve's metric)")
-    return f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
+    rule = f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
+    if split_by(report) == "loss" and joint.get("collapsed") == "neutral":  # reports from before: lowest loss
+        rule += (", the neutral weight 1 where no loss is below the best constant predictor's (collapsed outputs: "
+                 "the data cannot choose)")
+    return rule
 
 
 def within(report: dict) -> str:
@@ -152,7 +156,13 @@ def candidate_lines(cahp: dict) -> list[str]:
     by = info.get("choose_by", "score")  # results made before the loss rule chose by the held-out score
     losses = [c["heldout_loss"] for c in cands if c.get("heldout_loss") is not None]
     spread = f"; the losses span {max(losses) - min(losses):.4f}" if len(losses) > 1 else ""
-    return [f"- CAHP's split: head weight {info['head_weight']:g}, chosen by held-out {by} among "
+    if info.get("neutral_fallback"):
+        by = f"the neutral rule (no loss below the constant predictor's {info['chance_loss']:.4f})"
+    else:
+        by = f"held-out {by}"
+        if info.get("collapsed"):
+            by += f" (none below the constant predictor's {info['chance_loss']:.4f})"
+    return [f"- CAHP's split: head weight {info['head_weight']:g}, chosen by {by} among "
             + ", ".join(f"{c['head_weight']:g} (score {c['heldout_score']:.3f}, loss "
                         + (f"{c['heldout_loss']:.4f})" if c.get("heldout_loss") is not None else "-)")
                         for c in cands) + spread + "."]

@@ -71,6 +71,9 @@ class JointProblem:
         score: held-out result of a `JointSelection` through gates, a `HeldOut` (or a bare score, higher is
             better), for methods that choose among candidates; None: such methods take their default candidate.
         seed: seed of seeded methods that have none of their own.
+        chance_loss: the held-out loss of the best constant predictor on the data ``score`` uses
+            (`cahp.train.metrics.chance_loss`); a selection whose loss is not below it predicts the labels no
+            better than their frequencies. None: no such bound (a scorer without a labelled loss).
     """
 
     table: CostTable
@@ -87,6 +90,7 @@ class JointProblem:
     batches: Sequence[dict] | None = None
     score: Callable[[JointSelection], HeldOut | float] | None = None
     seed: int = 0
+    chance_loss: float | None = None
 
     @property
     def n_layers(self) -> int:

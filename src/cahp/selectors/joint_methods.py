@@ -47,7 +47,7 @@ from cahp.selectors.joint import (
 )
 from cahp.selectors.joint_base import HeldOut, JointMethod, JointProblem, JointSelection
 
-__all__ = ["CHOOSE_BY", "CahpJoint", "GradientJoint", "LayerDropJoint", "PPruningJoint", "RandomJoint",
+__all__ = ["CHOOSE_BY", "COLLAPSED", "CahpJoint", "GradientJoint", "LayerDropJoint", "PPruningJoint", "RandomJoint",
            "ordered_weights", "top_units"]
 
 
@@ -80,6 +80,12 @@ def _allocate(problem: JointProblem, head_values, neuron_values, share: float) -
 #: no loss), or the held-out score (the curve's metric, higher wins).
 CHOOSE_BY = ("loss", "score")
 
+#: What `CahpJoint` keeps where no candidate's held-out loss is below ``problem.chance_loss`` (every split's
+#: outputs carry no information about the labels, so their losses differ by how a collapsed output is
+#: calibrated, not by what it keeps): the neutral head weight (the first reachable of `ordered_weights`), or
+#: the lowest loss all the same.
+COLLAPSED = ("neutral", "lowest")
+
 
 @dataclass
 class CahpJoint(JointMethod):
@@ -97,12 +103,19 @@ class CahpJoint(JointMethod):
     of the logits: pruned hard, every split may predict one class before
     fine-tuning, so all tie at the majority-class accuracy and the tie rule,
     not the data, would choose; their held-out losses still order them.
+
+    Pruned harder still, every split's loss is at or above the best constant predictor's
+    (``problem.chance_loss``): none tells the labels apart better than their frequencies, and the losses
+    differ in the third decimal by how the collapsed outputs are calibrated. The data cannot choose there, so
+    ``collapsed="neutral"`` (the default) keeps the neutral weight, the split of plain salience per cost, as
+    an exact tie would; ``collapsed="lowest"`` keeps the lowest loss regardless.
     """
 
     head_weights: tuple[float, ...] = (1.0, 0.5, 2.0)
     linkage: str = "average"
     choose_by: str = "loss"
     within: str = "greedy"
+    collapsed: str = "neutral"
     name: str = "cahp"
     _selector: dict = field(default_factory=dict, init=False, repr=False)
     _scores: dict = field(default_factory=dict, init=False, repr=False)
@@ -114,11 +127,14 @@ class CahpJoint(JointMethod):
             raise JointSelectionError(f"unknown choose_by {self.choose_by!r}; choose from {', '.join(CHOOSE_BY)}")
         if self.within not in WITHIN:
             raise JointSelectionError(f"unknown within-layer rule {self.within!r}; choose from {', '.join(WITHIN)}")
+        if self.collapsed not in COLLAPSED:
+            raise JointSelectionError(f"unknown rule for collapsed splits {self.collapsed!r}; choose from "
+                                      f"{', '.join(COLLAPSED)}")
         self.head_weights = tuple(ordered_weights(self.head_weights))
 
     def settings(self) -> dict:
         return {"head_weights": list(self.head_weights), "linkage": self.linkage, "choose_by": self.choose_by,
-                "within": self.within}
+                "within": self.within, "collapsed": self.collapsed}
 
     def selector(self, problem: JointProblem) -> JointSelector:
         """The problem's per-layer merge trees, built once per problem object."""
@@ -157,9 +173,18 @@ class CahpJoint(JointMethod):
                         "score": None if held is None else held.score, "loss": None if held is None else held.loss})
         return out
 
-    def best(self, cands: list[dict]) -> dict:
+    def collapsed_split(self, cands: list[dict], chance_loss: float | None) -> bool:
+        """Whether the held-out losses cannot choose: ``choose_by="loss"``, every candidate with a loss and none
+        below ``chance_loss`` (the best constant predictor's; None: no such bound, the losses always choose)."""
+        return (self.choose_by == "loss" and chance_loss is not None and bool(cands)
+                and all(c["loss"] is not None and c["loss"] >= chance_loss for c in cands))
+
+    def best(self, cands: list[dict], chance_loss: float | None = None) -> dict:
         """The candidate kept: the lowest loss (``choose_by="loss"`` and every candidate has one), else the
-        highest score; ties keep the earlier (the neutral weight 1 comes first)."""
+        highest score; ties keep the earlier (the neutral weight 1 comes first). Where no loss is below
+        ``chance_loss`` (`collapsed_split`) and ``collapsed="neutral"``, the earlier too."""
+        if self.collapsed == "neutral" and self.collapsed_split(cands, chance_loss):
+            return cands[0]
         if self.choose_by == "loss" and all(c["loss"] is not None for c in cands):
             return min(cands, key=lambda c: c["loss"])  # min and max keep the first of equals
         if any(c["score"] is None for c in cands):
@@ -170,10 +195,12 @@ class CahpJoint(JointMethod):
         cands = self.candidates(share, problem)
         if not cands:
             raise JointSelectionError(f"no head weight reaches an estimated share of {share}")
-        best = self.best(cands)
+        best = self.best(cands, problem.chance_loss)
+        collapsed = self.collapsed_split(cands, problem.chance_loss)
         sel = best["selection"]
         sel.info = {"head_weight": best["head_weight"], "heldout_score": best["score"], "heldout_loss": best["loss"],
-                    "choose_by": self.choose_by,
+                    "choose_by": self.choose_by, "chance_loss": problem.chance_loss, "collapsed": collapsed,
+                    "neutral_fallback": collapsed and self.collapsed == "neutral",
                     "candidates": [{"head_weight": c["head_weight"], "heldout_score": c["score"],
                                     "heldout_loss": c["loss"], "estimated_share": c["allocation"].share}
                                    for c in cands]}

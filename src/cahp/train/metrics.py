@@ -27,6 +27,7 @@ __all__ = [
     "MetricError",
     "PairedSpearman",
     "bootstrap_indices",
+    "chance_loss",
     "default_metric",
     "macro_f1",
     "mean_loss",
@@ -221,6 +222,22 @@ def mean_loss(logits: np.ndarray, labels: Sequence) -> float:
     top = z.max(axis=1, keepdims=True)
     log_norm = (top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))  # log-sum-exp, stable
     return float(np.mean(log_norm - z[np.arange(len(y)), y]))
+
+
+def chance_loss(labels: Sequence, num_outputs: int) -> float:
+    """The `mean_loss` of the best constant predictor for ``labels``: the entropy of their class frequencies
+    in nats (constant logits ``log p``), or for one output (regression) the variance of the targets (their
+    mean predicted). A model whose mean loss is not below it tells the labels apart no better than their
+    frequencies alone: its outputs carry no information about them."""
+    y = np.asarray(labels)
+    if not len(y):
+        raise MetricError("chance_loss needs at least one label")
+    if num_outputs == 1:
+        t = y.astype(np.float64)
+        return float(np.mean((t - t.mean()) ** 2))
+    p = np.bincount(y.astype(np.int64), minlength=num_outputs) / len(y)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
 
 
 def _baseline(y: np.ndarray, num_labels: int, task_type: str, names: Sequence[str]) -> dict:
