@@ -13,8 +13,8 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 
 from __future__ import annotations
 
-__all__ = ["SPEED_GOAL", "decide", "goal_lines", "render_ffn_markdown", "split_by", "split_rule", "summary_lines",
-           "target_table", "units_rule", "within"]
+__all__ = ["SPEED_GOAL", "collapsed", "decide", "goal_lines", "render_ffn_markdown", "split_by", "split_rule",
+           "summary_lines", "target_table", "units_rule", "within"]
 
 
 #: Issue 19's speed goal (measured speedup at each shape); it judges targets at least this fast, and the knee.
@@ -63,6 +63,12 @@ def split_by(report: dict) -> str:
     return (report["settings"].get("joint") or {}).get("choose_by", "score")
 
 
+def collapsed(report: dict) -> str:
+    """The report's rule for collapsed splits (``collapsed``): "neutral" or "lowest" (reports from before
+    ``collapsed`` kept the lowest loss)."""
+    return (report["settings"].get("joint") or {}).get("collapsed", "lowest")
+
+
 def fixed_weight(report: dict) -> str | None:
     """The report's CAHP head weight when ``--head-weights`` gave only one (nothing to choose), else None."""
     weights = [w for w in str((report["settings"].get("joint") or {}).get("head_weights", "")).split(",") if w.strip()]
@@ -77,7 +83,7 @@ def split_rule(report: dict) -> str:
     what = ("loss (cross-entropy; squared error for regression)" if split_by(report) == "loss"
             else "score (the curve's metric)")
     rule = f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
-    if split_by(report) == "loss" and joint.get("collapsed") == "neutral":  # reports from before: lowest loss
+    if split_by(report) == "loss" and collapsed(report) == "neutral":
         rule += (", the neutral weight 1 where no loss is below the best constant predictor's (collapsed outputs: "
                  "the data cannot choose)")
     return rule
