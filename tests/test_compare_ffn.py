@@ -224,6 +224,10 @@ def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypat
     assert "| cahp |" in text and "Heads-only CAHP" in text
     assert "with the best held-out loss (cross-entropy" in text  # the split rule, from the report's settings
     assert "units kept in a layer: by salience discounted by nearness" in text  # the within-layer rule
+    # the prices the cost tables gave one head and one neuron, per shape
+    assert r["cost_table"]["shapes"] == ["1x16", "4x32"]
+    assert all(v["head_share"] > v["neuron_share"] > 0 for v in r["cost_table"]["per_shape"].values())
+    assert "Cost tables, macs: at 1x16 one head " in text and "at 4x32 one head" in text
     # a report from before choose_by and within existed chose by the held-out score and kept cluster
     # representatives, and says so
     old = {**r, "settings": {**r["settings"], "joint": {k: v for k, v in r["settings"]["joint"].items()
@@ -231,6 +235,8 @@ def test_compare_ffn_end_to_end_and_cached_rerun(tiny_setup, tmp_path, monkeypat
     old_text = bench_frontier.render({"meta": metadata(), "configuration": "tiny", **old})
     assert "with the best held-out score (the curve's metric)" in old_text
     assert "units kept in a layer: one most salient member of each of the layer's clusters" in old_text
+    no_prices = {**r, "cost_table": {"source": "macs", "shapes": r["cost_table"]["shapes"]}}  # before cost_summary
+    assert "Cost tables" not in bench_frontier.render({"meta": metadata(), "configuration": "tiny", **no_prices})
     # a re-run computes nothing: every selection, timing and fine-tuning comes from the cache
     for name in ("finetune", "measure_speedup", "build_pruned"):
         monkeypatch.setattr(compare_ffn, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))

@@ -16,6 +16,7 @@ from cahp.budget.cost import (
     CostModelError,
     CostTable,
     cache_key,
+    cost_summary,
     cost_table,
     estimated_latency,
     mac_table,
@@ -130,6 +131,29 @@ def test_share_is_one_dense_and_falls_as_units_go(make):
         last = share
     floor = table.rest + sum(b.empty for b in (*table.attention, *table.ffn))  # every block emptied
     assert last == pytest.approx(floor / table.dense_total())
+
+
+def test_cost_summary_prices_one_unit_as_a_share_of_dense():
+    t = _synthetic_table()
+    t.key = {"machine": "test box"}
+    macs = mac_table(tiny_model("bert"), batch=2, seq=5)
+    s = cost_summary([t, macs])
+    assert s["source"] == "measured" and s["shapes"] == ["1x32", "2x5"]
+    one = s["per_shape"]["1x32"]
+    total = t.dense_total()
+    assert one["machine"] == "test box" and one["dense_total"] == pytest.approx(total)
+    # means of the per-unit costs over the three layers, over the dense total
+    assert one["head_share"] == pytest.approx(2e-4 / total)
+    assert one["neuron_share"] == pytest.approx((1e-5 + 4e-5 + 2e-5) / 3 / total)
+    two = s["per_shape"]["2x5"]
+    assert two["machine"] == "" and two["head_share"] == pytest.approx(11040.0 / macs.dense_total())
+    # removing one unit of a layer whose block stays non-empty saves that layer's per-unit share
+    heads = [b.units for b in t.attention]
+    heads[1] -= 1
+    saved = 1 - estimated_latency(t, heads, [b.units for b in t.ffn])
+    assert saved == pytest.approx(3e-4 / total)
+    with pytest.raises(CostModelError, match="no cost table"):
+        cost_summary([])
 
 
 def test_share_takes_index_lists_and_mappings():

@@ -185,6 +185,36 @@ def estimated_latency(table: CostTable, heads_per_layer, neurons_per_layer) -> f
     return cost / total
 
 
+def cost_summary(tables: Sequence[CostTable]) -> dict:
+    """What a report records of its cost tables, so that two runs' budgets can be compared.
+
+    A table is re-measured whenever its cache is gone, and its noise moves every
+    selection made at an estimated share; the summary says what the run's
+    tables priced each unit at.
+
+    Returns:
+        ``{"source", "shapes": ["BxS", ...], "per_shape": {"BxS": {...}}}`` where each
+        shape holds ``machine`` (from the table's key; "" for MAC tables),
+        ``dense_total`` (in the table's ``unit``), and ``head_share`` /
+        ``neuron_share``: the mean over layers of one unit's ``per_unit`` cost as
+        a share of the dense total (what removing one head or one neuron saves
+        in the estimate, fixed costs aside).
+    """
+    if not tables:
+        raise CostModelError("no cost table to summarise")
+    per_shape = {}
+    for t in tables:
+        total = t.dense_total()
+        if total <= 0:
+            raise CostModelError("the cost table's dense total is not positive")
+        per_shape[f"{t.batch}x{t.seq}"] = {
+            "unit": t.unit, "machine": str(t.key.get("machine", "")), "dense_total": total,
+            "head_share": float(np.mean([b.per_unit for b in t.attention])) / total,
+            "neuron_share": float(np.mean([b.per_unit for b in t.ffn])) / total,
+        }
+    return {"source": tables[0].source, "shapes": list(per_shape), "per_shape": per_shape}
+
+
 def unit_counts(model: nn.Module) -> tuple[list[int], list[int]]:
     """Heads and FFN neurons each layer of ``model`` holds now (dense or pruned)."""
     adapter = get_adapter(model)

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cahp.budget.cost import cost_summary
 from cahp.core import distributed
 from cahp.core.io import environment, write_atomic, write_json
 from cahp.deploy.sentence import pooling_modes
@@ -333,7 +334,7 @@ class _EmbeddingFfnCompare:
             "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},
                      **{f"similarity_{k}_pairs": len(s) for k, s in run.similarity.items()}},
             "statistics": STATISTICS, "verdict_rule": VERDICT_RULE,
-            "cost_table": {"source": self.jr.table.source, "shapes": [f"{t.batch}x{t.seq}" for t in self.jr.tables]},
+            "cost_table": cost_summary(self.jr.tables),
             "knee_score": run.knee_score, "knee": self.knee, "targets": targets,
             "dense": dense,
             "results": results,

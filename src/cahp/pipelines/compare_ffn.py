@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cahp.budget.cost import cost_summary
 from cahp.core import distributed
 from cahp.core.io import environment, write_atomic, write_json
 from cahp.model.gates import head_gates
@@ -427,7 +428,7 @@ class _CompareFfn:
             "data": {"finetune_examples": len(run.train_examples), "curve_examples": len(run.curve_examples),
                      "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels)},
             "statistics": STATISTICS, "verdict_rule": VERDICT_RULE,
-            "cost_table": {"source": self.jr.table.source, "shapes": [f"{t.batch}x{t.seq}" for t in self.jr.tables]},
+            "cost_table": cost_summary(self.jr.tables),
             "knee": self.knee, "targets": targets,
             "dense": {"test": dense_test, "control": dense_out},
             "heads_only": ho,

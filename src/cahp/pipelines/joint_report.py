@@ -22,7 +22,7 @@ from cahp.bench.config import BenchConfig, parse_shapes
 from cahp.bench.figures import ratio_ci, summarize
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs, time_models, torch_runner
 from cahp.bench.variants import prepare_for_inference
-from cahp.budget.cost import CostTable, estimated_latency
+from cahp.budget.cost import CostTable, cost_summary, estimated_latency
 from cahp.core import distributed
 from cahp.core.io import environment, write_json
 from cahp.core.threads import num_threads
@@ -139,7 +139,8 @@ def joint_fields(choice, *, tables, pruned, speedup, before, target_speedup, sco
         "estimated_share": estimated_latency_mean(tables, heads_per_layer, neurons_per_layer),
         "estimated_speedup": estimated_speedups(tables, heads_per_layer, neurons_per_layer),
         "measured_speedup": speedup,
-        "cost_tables": {f"{t.batch}x{t.seq}": {"source": t.source, "unit": t.unit} for t in tables},
+        "cost_tables": {shape: {"source": tables[0].source, **v}
+                        for shape, v in cost_summary(tables)["per_shape"].items()},
         "parameters": {"before": before["parameters"], "after": count_parameters(pruned)},
     }
 

@@ -102,6 +102,22 @@ def units_rule(report: dict) -> str:
     return "one most salient member of each of the layer's clusters"
 
 
+def cost_lines(report: dict) -> list[str]:
+    """What the run's cost tables priced one head and one neuron at (`cost.cost_summary`); none in older reports.
+
+    Selections at an estimated share follow these prices, so two runs whose tables
+    were measured apart can keep different units at the same target.
+    """
+    per_shape = (report.get("cost_table") or {}).get("per_shape")
+    if not per_shape:
+        return []
+    parts = [f"at {s} one head {v['head_share'] * 100:.3f}% and one neuron {v['neuron_share'] * 100:.4f}% of the "
+             f"dense model's cost" for s, v in per_shape.items()]
+    machines = sorted({v["machine"] for v in per_shape.values() if v["machine"]})
+    where = f" (measured on {', '.join(machines)})" if machines else ""
+    return [f"Cost tables, {report['cost_table']['source']}{where}: " + "; ".join(parts) + ".", ""]
+
+
 def render_ffn_markdown(report: dict) -> str:
     """compare_ffn.md: one table per target (method, kept units, speedups, accuracies, verdict against CAHP)."""
     split = report["test_split"]
@@ -115,6 +131,7 @@ def render_ffn_markdown(report: dict) -> str:
                     if dense.get("control") else ""))
     lines += [f"CAHP's split of the budget between heads and neurons: {split_rule(report)}; units kept in a layer: "
               f"{units_rule(report)}.", ""]
+    lines += cost_lines(report)
     ho = report["heads_only"]
     ho_ft = f", fine-tuned {ho['finetuned']['accuracy'] * 100:.2f}" if ho.get("finetuned") else ""
     lines += [f"Heads-only CAHP (the paper) at k* = {ho['k']}: measured "
