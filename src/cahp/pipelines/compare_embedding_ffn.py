@@ -94,7 +94,7 @@ from cahp.pipelines.embedding_joint import embedding_joint_run
 from cahp.pipelines.guard import output_folder
 from cahp.pipelines.joint import JointRun, check_settings
 from cahp.pipelines.joint_config import JointConfig
-from cahp.pipelines.report_ffn import target_table
+from cahp.pipelines.report_ffn import cost_lines, target_table
 from cahp.pipelines.verdicts import VERDICT_RULE
 from cahp.selectors.joint_base import JointSelection
 from cahp.selectors.joint_fisher import KwonJointFisher
@@ -379,6 +379,7 @@ def render_markdown(report: dict) -> str:
     ]
     lines += [f"- {m}: {how}" for m, how in st["label_free"].items()]
     lines += [f"- left out: {m} ({why})" for m, why in report["excluded"].items()]
+    lines += [f"- {line}" for line in cost_lines(report) if line]
     if report.get("partial"):
         lines.append("- **partial**: the distillation results are still being computed")
     lines.append("")
