@@ -333,7 +333,7 @@ def _frontier_section() -> list[str] | None:
         fixed = report_ffn.fixed_weight(r)
         split_by = (f"head weight {fixed}, fixed" if fixed
                     else "held-out " + ("loss" if report_ffn.split_by(r) == "loss" else "accuracy"))
-        if not fixed and report_ffn.split_by(r) == "loss" and report_ffn.collapsed(r) == "neutral":
+        if not fixed and report_ffn.neutral_fallback(r):
             split_by += ", weight 1 where all at chance"
         units_by = report_ffn.within(r)
         control = (r["dense"].get("control") or {}).get("accuracy")

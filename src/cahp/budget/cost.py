@@ -162,6 +162,14 @@ def _counts(x, blocks: Sequence[BlockCost], what: str) -> list[int]:
     return out
 
 
+def _positive_total(table: CostTable) -> float:
+    """``table.dense_total()``, which every share divides by: a `CostModelError` unless positive."""
+    total = table.dense_total()
+    if total <= 0:
+        raise CostModelError("the cost table's dense total is not positive")
+    return total
+
+
 def estimated_latency(table: CostTable, heads_per_layer, neurons_per_layer) -> float:
     """Estimated cost of a model keeping these units, as a share of the dense model's (0..1).
 
@@ -176,9 +184,7 @@ def estimated_latency(table: CostTable, heads_per_layer, neurons_per_layer) -> f
     """
     heads = _counts(heads_per_layer, table.attention, "heads")
     neurons = _counts(neurons_per_layer, table.ffn, "neurons")
-    total = table.dense_total()
-    if total <= 0:
-        raise CostModelError("the cost table's dense total is not positive")
+    total = _positive_total(table)
     cost = table.rest
     cost += sum(b.cost(n) for b, n in zip(table.attention, heads))
     cost += sum(b.cost(n) for b, n in zip(table.ffn, neurons))
@@ -204,9 +210,7 @@ def cost_summary(tables: Sequence[CostTable]) -> dict:
         raise CostModelError("no cost table to summarise")
     per_shape = {}
     for t in tables:
-        total = t.dense_total()
-        if total <= 0:
-            raise CostModelError("the cost table's dense total is not positive")
+        total = _positive_total(t)
         per_shape[f"{t.batch}x{t.seq}"] = {
             "unit": t.unit, "machine": str(t.key.get("machine", "")), "dense_total": total,
             "head_share": float(np.mean([b.per_unit for b in t.attention])) / total,

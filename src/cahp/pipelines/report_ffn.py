@@ -13,8 +13,8 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 
 from __future__ import annotations
 
-__all__ = ["SPEED_GOAL", "collapsed", "decide", "goal_lines", "render_ffn_markdown", "split_by", "split_rule",
-           "summary_lines", "target_table", "units_rule", "within"]
+__all__ = ["SPEED_GOAL", "collapsed", "decide", "goal_lines", "neutral_fallback", "render_ffn_markdown", "split_by",
+           "split_rule", "summary_lines", "target_table", "units_rule", "within"]
 
 
 #: Issue 19's speed goal (measured speedup at each shape); it judges targets at least this fast, and the knee.
@@ -69,6 +69,12 @@ def collapsed(report: dict) -> str:
     return (report["settings"].get("joint") or {}).get("collapsed", "lowest")
 
 
+def neutral_fallback(report: dict) -> bool:
+    """Whether the report's split rule keeps the neutral weight 1 where every loss is at chance (loss rule,
+    ``collapsed="neutral"``)."""
+    return split_by(report) == "loss" and collapsed(report) == "neutral"
+
+
 def fixed_weight(report: dict) -> str | None:
     """The report's CAHP head weight when ``--head-weights`` gave only one (nothing to choose), else None."""
     weights = [w for w in str((report["settings"].get("joint") or {}).get("head_weights", "")).split(",") if w.strip()]
@@ -83,7 +89,7 @@ def split_rule(report: dict) -> str:
     what = ("loss (cross-entropy; squared error for regression)" if split_by(report) == "loss"
             else "score (the curve's metric)")
     rule = f"the head weight of {joint.get('head_weights', '-')} with the best held-out {what}"
-    if split_by(report) == "loss" and collapsed(report) == "neutral":
+    if neutral_fallback(report):
         rule += (", the neutral weight 1 where no loss is below the best constant predictor's (collapsed outputs: "
                  "the data cannot choose)")
     return rule
