@@ -335,6 +335,8 @@ def _frontier_section() -> list[str] | None:
                     else "held-out " + ("loss" if report_ffn.split_by(r) == "loss" else "accuracy"))
         if not fixed and report_ffn.neutral_fallback(r):
             split_by += ", weight 1 where all at chance"
+        elif not fixed and report_ffn.fidelity_fallback(r):
+            split_by += ", closest hidden states where all at chance"
         units_by = report_ffn.within(r)
         control = (r["dense"].get("control") or {}).get("accuracy")
         for t in r["targets"]:

@@ -523,7 +523,8 @@ def test_prune_and_compare_on_rte_as_a_user_pair_task(tmp_path, capsys):
 
 def test_regression_joint_curve_is_on_pearson_with_a_loss(setup, tmp_path, capsys):
     """`--ffn` on a regression task: the curve's score is Pearson (not the accuracy of float equality, always 0)
-    and every candidate carries its held-out squared error, which picks the head weight."""
+    and every candidate carries its held-out squared error, which picks the head weight (where every error is at
+    or above the targets' variance, the hidden-state fidelity does)."""
     out = tmp_path / "rj"
     code, err = _cli(capsys, *_prune_args(setup, setup["reg"], out, "--text-column", "sentence1",
                                           "--text-pair-column", "sentence2", "--label-column", "score", "--ffn",
@@ -533,4 +534,8 @@ def test_regression_joint_curve_is_on_pearson_with_a_loss(setup, tmp_path, capsy
     curve = json.loads((out / "report.json").read_text())["curve"]
     assert any(p["accuracy"] != 0 for p in curve) and all(-1 <= p["accuracy"] <= 1 for p in curve)
     for p in curve:
-        assert p["loss"] == min(c["loss"] for c in p["candidates"]) and p["loss"] > 0
+        assert p["loss"] > 0 and p["decided_by"] in ("loss", "fidelity")
+        if p["decided_by"] == "loss":
+            assert p["loss"] == min(c["loss"] for c in p["candidates"]) and not p["collapsed"]
+        else:
+            assert p["fidelity"] == max(c["fidelity"] for c in p["candidates"]) and p["collapsed"]

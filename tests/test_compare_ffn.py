@@ -175,6 +175,33 @@ def test_cahp_keeps_the_neutral_weight_where_no_split_beats_the_constant_predict
         make_joint_method("cahp", shared={"collapsed": "first"})
 
 
+def test_cahp_keeps_the_split_closest_to_the_dense_states_where_every_loss_is_at_chance():
+    """``collapsed="fidelity"`` (the default): every loss at chance, the split of highest hidden-state fidelity is
+    kept, whatever the losses say; a candidate without a fidelity falls back to the neutral weight; an
+    informative loss still decides by itself."""
+    def held(sel):  # losses prefer more heads; fidelity prefers more neurons
+        heads = sum(len(v) for v in sel.heads.values())
+        neurons = sum(len(v) for v in sel.neurons.values())
+        return HeldOut(score=0.3, loss=1.10 + 0.01 / (1 + heads), fidelity=neurons / (1.0 + neurons))
+
+    weights = {"head_weights": (0.5, 1.0, 2.0)}
+    assert make_joint_method("cahp", shared=weights).collapsed == "fidelity"
+    collapsed = replace(_problem(score=held), chance_loss=1.0986)
+    sel = make_joint_method("cahp", shared=weights).select(0.6, collapsed)
+    cands = sel.info["candidates"]
+    assert len({c["heldout_fidelity"] for c in cands}) > 1  # the split matters to the fidelity here
+    assert sel.info["decided_by"] == "fidelity" and sel.info["collapsed"] and not sel.info["neutral_fallback"]
+    assert sel.info["heldout_fidelity"] == max(c["heldout_fidelity"] for c in cands)
+    lowest = make_joint_method("cahp", shared={**weights, "collapsed": "lowest"}).select(0.6, collapsed)
+    assert lowest.info["head_weight"] != sel.info["head_weight"]  # the two signals disagree on this problem
+    bare = replace(_problem(score=lambda s: HeldOut(score=0.3, loss=1.2)), chance_loss=1.0986)  # no fidelity
+    fallback = make_joint_method("cahp", shared=weights).select(0.6, bare)
+    assert fallback.info["head_weight"] == 1.0 and fallback.info["decided_by"] == "neutral"
+    informative = replace(_problem(score=held), chance_loss=2.0)  # every loss below chance: the loss decides
+    again = make_joint_method("cahp", shared=weights).select(0.6, informative)
+    assert again.info["decided_by"] == "loss" and again.info["head_weight"] == lowest.info["head_weight"]
+
+
 def test_unreachable_share_is_a_clear_error():
     for name in STATS_ONLY:
         with pytest.raises(JointSelectionError):
@@ -328,6 +355,11 @@ def test_the_report_lists_cahps_split_candidates_and_how_far_apart_their_losses_
                            "predictor's 1.5683) among 1 (score 0.183")
     (line,) = candidate_lines({"info": {**info, "head_weight": 0.5, "neutral_fallback": False}})
     assert "chosen by held-out loss (none below the constant predictor's 1.5683) among" in line
+    fid = [{**c, "heldout_fidelity": f} for c, f in zip(cands, (0.61, 0.58, 0.64), strict=True)]
+    (line,) = candidate_lines({"info": {**info, "candidates": fid, "head_weight": 2.0, "decided_by": "fidelity"}})
+    assert line.startswith("- CAHP's split: head weight 2, chosen by hidden-state fidelity to the dense model (no "
+                           "loss below the constant predictor's 1.5683) among 1 (score 0.183, loss 1.5911, "
+                           "fidelity 0.6100), 0.5")
     assert candidate_lines({"info": {"head_weight": 1.0, "candidates": cands[:1]}}) == []  # nothing was chosen
     assert candidate_lines({}) == []
 
@@ -343,3 +375,7 @@ def test_a_single_head_weight_is_reported_as_fixed_not_chosen():
     neutral = {"settings": {"joint": {"head_weights": "0.5,1,2", "choose_by": "loss", "collapsed": "neutral"}}}
     assert split_rule(neutral).endswith("the neutral weight 1 where no loss is below the best constant predictor's "
                                         "(collapsed outputs: the data cannot choose)")
+    fidelity = {"settings": {"joint": {"head_weights": "0.5,1,2", "choose_by": "loss", "collapsed": "fidelity"}}}
+    assert split_rule(fidelity).endswith("the last hidden states closest to the dense model's (mean cosine over "
+                                         "real tokens) where no loss is below the best constant predictor's "
+                                         "(collapsed outputs: the labels cannot choose)")

@@ -47,8 +47,10 @@ Heads and neurons on one scale: see `cahp.budget.joint_curve.fair_values`; the
 curve tries each of ``head_weights`` at every share and keeps the split of
 lowest held-out loss (``choose_by``, `CahpJoint.best`): the split of the budget
 between kinds is the curve's decision. Where no split's loss is below the best
-constant predictor's (``collapsed``), the data cannot choose and the neutral
-weight is kept.
+constant predictor's (``collapsed``), the labels cannot choose, and the split
+whose last hidden states are closest to the dense model's is kept (mean cosine
+over real tokens, `cahp.train.evaluate.hidden_fidelity`): the representation
+the one fine-tuning starts from, measured without the collapsed classifier.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ from cahp.selectors.joint_base import HeldOut, JointProblem, JointSelection
 from cahp.selectors.joint_methods import CahpJoint
 from cahp.stats.neurons import NeuronStats, collect_neuron_stats
 from cahp.stats.salience import LossFn
-from cahp.train.evaluate import evaluate_task, predict
+from cahp.train.evaluate import evaluate_task, hidden_fidelity, predict, predict_hidden
 from cahp.train.finetune import FinetuneConfig, finetune
 from cahp.train.metrics import chance_loss, mean_loss
 
@@ -180,12 +182,20 @@ def cost_tables(run, joint: JointConfig) -> tuple[list[CostTable], dict]:
 
 
 def score_units(model, head_mask: torch.Tensor, neuron_mask: torch.Tensor, batches, labels: np.ndarray,
-                metric: str = "accuracy") -> HeldOut:
+                metric: str = "accuracy", reference: list | None = None) -> HeldOut:
     """``metric`` and mean loss (`mean_loss`) of ``model`` with heads and neurons gated by ((layers, heads),
-    (layers, d_ff)) gate values, on ``batches`` (class ids, or float targets for a one-output model)."""
+    (layers, d_ff)) gate values, on ``batches`` (class ids, or float targets for a one-output model); with the
+    dense model's last hidden states per batch (``reference``, `predict_hidden`), their fidelity too
+    (`hidden_fidelity`, in the same pass)."""
     with head_gates(model, init=head_mask.float()), neuron_gates(model, init=neuron_mask.float()):
-        preds, logits = predict(model, batches, len(labels), progress=False)
-    return HeldOut(score=curve_metric(metric, preds, logits, labels), loss=mean_loss(logits, labels))
+        if reference is None:
+            preds, logits = predict(model, batches, len(labels), progress=False)
+            fidelity = None
+        else:
+            preds, logits, hidden = predict_hidden(model, batches, len(labels))
+            fidelity = hidden_fidelity(hidden, reference, batches)
+    return HeldOut(score=curve_metric(metric, preds, logits, labels), loss=mean_loss(logits, labels),
+                   fidelity=fidelity)
 
 
 def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True, gate_score: GateScore | None = None,
@@ -202,9 +212,13 @@ def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True,
     chance = None  # a custom scorer's loss has no constant-predictor bound here
     if gate_score is None:
         chance = chance_loss(run.curve_labels, model.config.num_labels)
+        dense: dict = {}  # the dense model's last hidden states on the curve data, made at the first score
 
         def gate_score(hg: torch.Tensor, ng: torch.Tensor) -> HeldOut:
-            return score_units(model, hg, ng, run.curve_batches, run.curve_labels, metric=run.metric)
+            if "hidden" not in dense:
+                dense["hidden"] = predict_hidden(model, run.curve_batches, len(run.curve_labels))[2]
+            return score_units(model, hg, ng, run.curve_batches, run.curve_labels, metric=run.metric,
+                               reference=dense["hidden"])
 
     def scorer(sel: JointSelection) -> HeldOut:
         value = gate_score(*sel.gate_values(*shapes))
@@ -213,7 +227,9 @@ def joint_problem(run, stats: NeuronStats, table: CostTable, score: bool = True,
                 counts = sel.counts(shapes[0][0])  # (heads per layer, neurons per layer)
                 details[tuple(map(tuple, counts))] = {k: v for k, v in value.items() if k not in ("score", "loss")}
             loss = value.get("loss")
-            value = HeldOut(score=float(value["score"]), loss=None if loss is None else float(loss))
+            fid = value.get("fidelity")
+            value = HeldOut(score=float(value["score"]), loss=None if loss is None else float(loss),
+                            fidelity=None if fid is None else float(fid))
         return HeldOut.of(value)
 
     return JointProblem(
@@ -303,10 +319,11 @@ def best_point(jr: JointRun, share: float) -> dict | None:
     # "accuracy": the curve's held-out score (accuracy for the task objective; see `GateScore` for others)
     return {"target_share": share, "estimated_share": alloc.share, "accuracy": best["score"], "loss": best["loss"],
             "head_weight": best["head_weight"], "heads_per_layer": alloc.heads, "neurons_per_layer": alloc.neurons,
-            "collapsed": jr.method.collapsed_split(cands, jr.problem.chance_loss),
+            "fidelity": best["fidelity"], "collapsed": jr.method.collapsed_split(cands, jr.problem.chance_loss),
+            "decided_by": jr.method.decided_by(cands, jr.problem.chance_loss),
             **jr.details.get((tuple(alloc.heads), tuple(alloc.neurons)), {}),
             "candidates": [{"head_weight": c["head_weight"], "accuracy": c["score"], "loss": c["loss"],
-                            "estimated_share": c["allocation"].share} for c in cands]}
+                            "fidelity": c["fidelity"], "estimated_share": c["allocation"].share} for c in cands]}
 
 
 def joint_curve(jr: JointRun, progress: bool = True) -> dict:

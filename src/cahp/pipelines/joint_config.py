@@ -34,9 +34,10 @@ class JointConfig:
     choose_by: str = cfg_field("loss", "what picks the head weight at each share: the held-out loss (continuous, "
                                "so splits that tie in accuracy still differ) or the held-out score",
                                choices=list(CHOOSE_BY))
-    collapsed: str = cfg_field("neutral", "the head weight kept where no split's held-out loss is below the best "
+    collapsed: str = cfg_field("fidelity", "the head weight kept where no split's held-out loss is below the best "
                                "constant predictor's (outputs that carry no information about the labels): the "
-                               "neutral weight 1, or the lowest loss regardless", choices=list(COLLAPSED))
+                               "split whose last hidden states are closest to the dense model's, the neutral "
+                               "weight 1, or the lowest loss regardless", choices=list(COLLAPSED))
     linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
     within: str = cfg_field("greedy", "how CAHP keeps a layer's units: by salience discounted by nearness to the "
                             "units kept before (greedy), or one most salient representative per cluster",

@@ -13,8 +13,8 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 
 from __future__ import annotations
 
-__all__ = ["SPEED_GOAL", "collapsed", "decide", "goal_lines", "neutral_fallback", "render_ffn_markdown", "split_by",
-           "split_rule", "summary_lines", "target_table", "units_rule", "within"]
+__all__ = ["SPEED_GOAL", "collapsed", "decide", "fidelity_fallback", "goal_lines", "neutral_fallback",
+           "render_ffn_markdown", "split_by", "split_rule", "summary_lines", "target_table", "units_rule", "within"]
 
 
 #: Issue 19's speed goal (measured speedup at each shape); it judges targets at least this fast, and the knee.
@@ -64,8 +64,8 @@ def split_by(report: dict) -> str:
 
 
 def collapsed(report: dict) -> str:
-    """The report's rule for collapsed splits (``collapsed``): "neutral" or "lowest" (reports from before
-    ``collapsed`` kept the lowest loss)."""
+    """The report's rule for collapsed splits (``collapsed``): "fidelity", "neutral" or "lowest" (reports from
+    before ``collapsed`` kept the lowest loss)."""
     return (report["settings"].get("joint") or {}).get("collapsed", "lowest")
 
 
@@ -73,6 +73,12 @@ def neutral_fallback(report: dict) -> bool:
     """Whether the report's split rule keeps the neutral weight 1 where every loss is at chance (loss rule,
     ``collapsed="neutral"``)."""
     return split_by(report) == "loss" and collapsed(report) == "neutral"
+
+
+def fidelity_fallback(report: dict) -> bool:
+    """Whether the report's split rule keeps the split of highest hidden-state fidelity where every loss is at
+    chance (loss rule, ``collapsed="fidelity"``)."""
+    return split_by(report) == "loss" and collapsed(report) == "fidelity"
 
 
 def fixed_weight(report: dict) -> str | None:
@@ -92,6 +98,9 @@ def split_rule(report: dict) -> str:
     if neutral_fallback(report):
         rule += (", the neutral weight 1 where no loss is below the best constant predictor's (collapsed outputs: "
                  "the data cannot choose)")
+    elif fidelity_fallback(report):
+        rule += (", the last hidden states closest to the dense model's (mean cosine over real tokens) where no "
+                 "loss is below the best constant predictor's (collapsed outputs: the labels cannot choose)")
     return rule
 
 
@@ -187,14 +196,20 @@ def candidate_lines(cahp: dict) -> list[str]:
     spread = f"; the losses span {max(losses) - min(losses):.4f}" if len(losses) > 1 else ""
     if info.get("neutral_fallback"):
         by = f"the neutral rule (no loss below the constant predictor's {info['chance_loss']:.4f})"
+    elif info.get("decided_by") == "fidelity":
+        by = (f"hidden-state fidelity to the dense model (no loss below the constant predictor's "
+              f"{info['chance_loss']:.4f})")
     else:
         by = f"held-out {by}"
         if info.get("collapsed"):
             by += f" (none below the constant predictor's {info['chance_loss']:.4f})"
+    def held(c: dict) -> str:
+        out = f"score {c['heldout_score']:.3f}, loss " + (f"{c['heldout_loss']:.4f}" if c.get("heldout_loss")
+                                                          is not None else "-")
+        return out + (f", fidelity {c['heldout_fidelity']:.4f}" if c.get("heldout_fidelity") is not None else "")
+
     return [f"- CAHP's split: head weight {info['head_weight']:g}, chosen by {by} among "
-            + ", ".join(f"{c['head_weight']:g} (score {c['heldout_score']:.3f}, loss "
-                        + (f"{c['heldout_loss']:.4f})" if c.get("heldout_loss") is not None else "-)")
-                        for c in cands) + spread + "."]
+            + ", ".join(f"{c['head_weight']:g} ({held(c)})" for c in cands) + spread + "."]
 
 
 def goal_lines(report: dict, target: dict, shapes: list[str]) -> list[str]:

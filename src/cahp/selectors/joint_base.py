@@ -43,10 +43,14 @@ class HeldOut:
     held-out loss (cross-entropy, or squared error for regression; lower is better), None where the
     objective has none. A loss is continuous where a metric ties: pruned hard enough, every candidate
     predicts one class and scores the same (chance) accuracy, while their losses still differ.
+    ``fidelity``: the mean cosine of the selection's last hidden states with the dense model's over the real
+    tokens (higher is closer; None where not measured). It does not pass through the classifier, so it still
+    orders selections whose outputs have all collapsed to the label frequencies.
     """
 
     score: float
     loss: float | None = None
+    fidelity: float | None = None
 
     @classmethod
     def of(cls, value) -> HeldOut:

@@ -82,9 +82,10 @@ CHOOSE_BY = ("loss", "score")
 
 #: What `CahpJoint` keeps where no candidate's held-out loss is below ``problem.chance_loss`` (every split's
 #: outputs carry no information about the labels, so their losses differ by how a collapsed output is
-#: calibrated, not by what it keeps): the neutral head weight (the first reachable of `ordered_weights`), or
-#: the lowest loss all the same.
-COLLAPSED = ("neutral", "lowest")
+#: calibrated, not by what it keeps): the candidate whose last hidden states are closest to the dense model's
+#: (``HeldOut.fidelity``; the neutral weight where a candidate has none), the neutral head weight (the first
+#: reachable of `ordered_weights`), or the lowest loss all the same.
+COLLAPSED = ("fidelity", "neutral", "lowest")
 
 
 @dataclass
@@ -106,16 +107,19 @@ class CahpJoint(JointMethod):
 
     Pruned harder still, every split's loss is at or above the best constant predictor's
     (``problem.chance_loss``): none tells the labels apart better than their frequencies, and the losses
-    differ in the third decimal by how the collapsed outputs are calibrated. The data cannot choose there, so
-    ``collapsed="neutral"`` (the default) keeps the neutral weight, the split of plain salience per cost, as
-    an exact tie would; ``collapsed="lowest"`` keeps the lowest loss regardless.
+    differ in the third decimal by how the collapsed outputs are calibrated. The labels cannot choose there.
+    ``collapsed="fidelity"`` (the default) asks the representation instead: it keeps the candidate whose last
+    hidden states are closest to the dense model's (``HeldOut.fidelity``, mean cosine over real tokens), which
+    is what the one fine-tuning starts from and a new classifier reads; it does not pass through the collapsed
+    classifier. ``collapsed="neutral"`` keeps the neutral weight, the split of plain salience per cost, as an
+    exact tie would; ``collapsed="lowest"`` keeps the lowest loss regardless.
     """
 
     head_weights: tuple[float, ...] = (1.0, 0.5, 2.0)
     linkage: str = "average"
     choose_by: str = "loss"
     within: str = "greedy"
-    collapsed: str = "neutral"
+    collapsed: str = "fidelity"
     name: str = "cahp"
     _selector: dict = field(default_factory=dict, init=False, repr=False)
     _scores: dict = field(default_factory=dict, init=False, repr=False)
@@ -155,7 +159,7 @@ class CahpJoint(JointMethod):
 
     def candidates(self, share: float, problem: JointProblem) -> list[dict]:
         """Every head weight's allocation that reaches ``share``: {"head_weight", "allocation", "selection",
-        "score", "loss"} (score and loss None without ``problem.score``; then only the first weight is tried)."""
+        "score", "loss", "fidelity"} (None without ``problem.score``; then only the first weight is tried)."""
         weights = self.head_weights if problem.score is not None else self.head_weights[:1]
         out = []
         for w in weights:
@@ -170,7 +174,8 @@ class CahpJoint(JointMethod):
                 self._scores[key] = HeldOut.of(problem.score(sel))
             held = self._scores.get(key)
             out.append({"head_weight": w, "allocation": alloc, "selection": sel,
-                        "score": None if held is None else held.score, "loss": None if held is None else held.loss})
+                        "score": None if held is None else held.score, "loss": None if held is None else held.loss,
+                        "fidelity": None if held is None else held.fidelity})
         return out
 
     def collapsed_split(self, cands: list[dict], chance_loss: float | None) -> bool:
@@ -179,13 +184,25 @@ class CahpJoint(JointMethod):
         return (self.choose_by == "loss" and chance_loss is not None and bool(cands)
                 and all(c["loss"] is not None and c["loss"] >= chance_loss for c in cands))
 
-    def best(self, cands: list[dict], chance_loss: float | None = None) -> dict:
-        """The candidate kept: the lowest loss (``choose_by="loss"`` and every candidate has one), else the
-        highest score; ties keep the earlier (the neutral weight 1 comes first). Where no loss is below
-        ``chance_loss`` (`collapsed_split`) and ``collapsed="neutral"``, the earlier too."""
-        if self.collapsed == "neutral" and self.collapsed_split(cands, chance_loss):
-            return cands[0]
+    def decided_by(self, cands: list[dict], chance_loss: float | None = None) -> str:
+        """What `best` compares: "loss", "score", "fidelity" (collapsed, every candidate has one) or "neutral"
+        (collapsed under ``collapsed="neutral"``, or "fidelity" with a candidate lacking it)."""
+        if self.collapsed_split(cands, chance_loss) and self.collapsed != "lowest":
+            fidelity = self.collapsed == "fidelity" and all(c.get("fidelity") is not None for c in cands)
+            return "fidelity" if fidelity else "neutral"
         if self.choose_by == "loss" and all(c["loss"] is not None for c in cands):
+            return "loss"
+        return "score"
+
+    def best(self, cands: list[dict], chance_loss: float | None = None) -> dict:
+        """The candidate kept, by `decided_by`: the lowest loss, the highest score, the highest fidelity, or the
+        neutral (first) candidate; ties keep the earlier (the neutral weight 1 comes first)."""
+        rule = self.decided_by(cands, chance_loss)
+        if rule == "neutral":
+            return cands[0]
+        if rule == "fidelity":
+            return max(cands, key=lambda c: c["fidelity"])
+        if rule == "loss":
             return min(cands, key=lambda c: c["loss"])  # min and max keep the first of equals
         if any(c["score"] is None for c in cands):
             return cands[0]
@@ -198,12 +215,14 @@ class CahpJoint(JointMethod):
         best = self.best(cands, problem.chance_loss)
         collapsed = self.collapsed_split(cands, problem.chance_loss)
         sel = best["selection"]
+        rule = self.decided_by(cands, problem.chance_loss)
         sel.info = {"head_weight": best["head_weight"], "heldout_score": best["score"], "heldout_loss": best["loss"],
-                    "choose_by": self.choose_by, "chance_loss": problem.chance_loss, "collapsed": collapsed,
-                    "neutral_fallback": collapsed and self.collapsed == "neutral",
+                    "heldout_fidelity": best["fidelity"], "choose_by": self.choose_by,
+                    "chance_loss": problem.chance_loss, "collapsed": collapsed, "decided_by": rule,
+                    "neutral_fallback": rule == "neutral",
                     "candidates": [{"head_weight": c["head_weight"], "heldout_score": c["score"],
-                                    "heldout_loss": c["loss"], "estimated_share": c["allocation"].share}
-                                   for c in cands]}
+                                    "heldout_loss": c["loss"], "heldout_fidelity": c["fidelity"],
+                                    "estimated_share": c["allocation"].share} for c in cands]}
         return sel
 
 

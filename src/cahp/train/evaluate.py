@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cahp.arch import get_adapter
 from cahp.core import distributed
 from cahp.data.batching import MODEL_INPUTS, EncodedDataset, encode, iter_batches
 from cahp.data.tasks import Task
@@ -29,11 +30,13 @@ __all__ = [
     "Predictor",
     "evaluate_examples",
     "evaluate_task",
+    "hidden_fidelity",
     "macro_f1",
     "model_inputs",
     "paired_bootstrap",
     "paired_bootstrap_metric",
     "predict",
+    "predict_hidden",
     "score",
 ]
 
@@ -109,6 +112,51 @@ def predict(
         raise ValueError("some examples were never predicted: batches do not cover the dataset")
     preds = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
     return preds.numpy(), logits.numpy()
+
+
+@torch.no_grad()
+def predict_hidden(model: nn.Module, batches: Sequence[dict], n: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """`predict`'s predictions and logits, and per batch the last layer's hidden states ``(batch, seq, hidden)``
+    (float32, CPU), in one pass. Every rank runs every batch (no sharding), so the states need no gathering.
+
+    The states come from a hook on the last layer, removed on return: ``output_hidden_states=True`` would leave
+    transformers' own recording hooks on the model, which the timing refuses."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits = torch.full((n, model.config.num_labels), float("nan"))
+    hidden = []
+
+    def keep(module, args, out):
+        hidden.append((out[0] if isinstance(out, tuple) else out).float().cpu())
+
+    hook = get_adapter(model).layers(model)[-1].register_forward_hook(keep)
+    try:
+        for batch in batches:
+            logits[batch["index"].cpu()] = model(**model_inputs(batch, device)).logits.float().cpu()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if torch.isnan(logits).any():
+        raise ValueError("some examples were never predicted: batches do not cover the dataset")
+    preds = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+    return preds.numpy(), logits.numpy(), hidden
+
+
+def hidden_fidelity(hidden: Sequence[torch.Tensor], reference: Sequence[torch.Tensor],
+                    batches: Sequence[dict]) -> float:
+    """Mean cosine of ``hidden`` with ``reference`` (per batch ``(batch, seq, hidden)``, `predict_hidden`) over
+    the batches' real tokens (``attention_mask`` 1): padding positions carry no text, so they do not count."""
+    if not (len(hidden) == len(reference) == len(batches)) or not batches:
+        raise ValueError(f"hidden_fidelity needs one state per batch, got {len(hidden)}, {len(reference)} for "
+                         f"{len(batches)} batches")
+    total, count = 0.0, 0
+    for h, r, batch in zip(hidden, reference, batches, strict=True):
+        real = batch["attention_mask"].bool()  # (batch, seq)
+        cos = torch.nn.functional.cosine_similarity(h[real].double(), r[real].double(), dim=-1)  # (real tokens,)
+        total += float(cos.sum())
+        count += int(real.sum())
+    return total / count
 
 
 def evaluate_examples(
