@@ -63,6 +63,15 @@ class Predictor(Protocol):
     def logits(self, inputs: dict) -> torch.Tensor: ...
 
 
+def _predictions(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(predictions, logits)`` of filled ``(n, num_labels)`` logits: the argmax class ids, or for a one-output
+    (regression) head the output itself; a ValueError where an example was never predicted (NaN rows)."""
+    if torch.isnan(logits).any():
+        raise ValueError("some examples were never predicted: batches do not cover the dataset")
+    preds = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+    return preds.numpy(), logits.numpy()
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module | Predictor, batches: Iterable[dict], n: int, desc: str | None = None, progress: bool = True
@@ -108,10 +117,7 @@ def predict(
         logits[part[0]] = part[1]
     if logits is None:
         raise ValueError("no batches to predict")
-    if torch.isnan(logits).any():
-        raise ValueError("some examples were never predicted: batches do not cover the dataset")
-    preds = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
-    return preds.numpy(), logits.numpy()
+    return _predictions(logits)
 
 
 @torch.no_grad()
@@ -137,10 +143,7 @@ def predict_hidden(model: nn.Module, batches: Sequence[dict], n: int) -> tuple[n
     finally:
         hook.remove()
         model.train(was_training)
-    if torch.isnan(logits).any():
-        raise ValueError("some examples were never predicted: batches do not cover the dataset")
-    preds = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
-    return preds.numpy(), logits.numpy(), hidden
+    return (*_predictions(logits), hidden)
 
 
 def hidden_fidelity(hidden: Sequence[torch.Tensor], reference: Sequence[torch.Tensor],
