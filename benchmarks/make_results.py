@@ -137,9 +137,9 @@ SECTIONS = [
     ("frontier_minilm_sst5_3seeds_1.5x", "bench_frontier",
      "Heads + FFN neurons at 1.5x, minilm-l6 / SST-5, 3 seeds: CAHP against Fisher, P-pruning and gradient "
      "(issue 19)"),
-    ("frontier_minilm_mnli_small_3seeds_1.5x_field", "bench_frontier",
-     "Heads + FFN neurons at 1.5x, minilm-l6 / mnli-small, 3 seeds: CAHP against gradient, P-pruning, random and "
-     "layer drop (issue 19)"),
+    ("frontier_minilm_mnli_small_3seeds_1.5x_all", "bench_frontier",
+     "Heads + FFN neurons at 1.5x, minilm-l6 / mnli-small, 3 seeds: CAHP against Fisher, gradient, P-pruning, "
+     "random and layer drop (issue 19)"),
     ("frontier_mpnet_sst5", "bench_frontier",
      "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
