@@ -134,6 +134,9 @@ SECTIONS = [
     ("frontier_minilm_mnli_small_3seeds_2x_field", "bench_frontier",
      "Heads + FFN neurons at 2x, minilm-l6 / mnli-small, 3 seeds: CAHP against Fisher, gradient, P-pruning, random "
      "and layer drop, the fidelity rule for collapsed splits (issue 19)"),
+    ("frontier_minilm_mnli_small_3seeds_2.1x", "bench_frontier",
+     "Heads + FFN neurons at an estimated 2.1x, minilm-l6 / mnli-small, 3 seeds: CAHP aimed above 2x for the 1x32 "
+     "shape, against the dense control (issue 19)"),
     ("frontier_minilm_sst5_3seeds_2x_field", "bench_frontier",
      "Heads + FFN neurons at 2x, minilm-l6 / SST-5, 3 seeds: CAHP against Fisher, gradient, P-pruning, random and "
      "layer drop (issue 19)"),
