@@ -345,3 +345,34 @@ def test_data_driven_selectors_other_families(family):
         mask, gates = make_selector(name).select_gates(4, stats, ctx)
         check_mask(mask, 4, stats)
         assert bool((gates[~mask] == 0).all())
+
+
+def test_lsmr_solve_converges_where_scipys_default_iteration_limit_stops():
+    # an ill-conditioned system (condition 1e8, as wide FFN blocks give): scipy's default limit of m iterations
+    # ends at istop 7, which the success test reads as a failure; Kwon et al.'s limit converges
+    from scipy.sparse.linalg import lsmr
+
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(50, 50)))
+    a = q @ np.diag(np.logspace(-3, 5, 50)) @ q.T
+    b = rng.normal(size=50)
+    assert lsmr(a, b - a.sum(1), damp=1.0)[1] == 7  # the call before the limit was set
+    sol, ok = fisher.lsmr_solve(torch.from_numpy(a), torch.from_numpy(b), damp=1.0)
+    assert ok
+    # the damped least squares in y = x - 1, min |a y - (b - a 1)|² + |y|²: near its optimum (LSMR's tolerance is
+    # relative to |a| = 1e5), where the default limit stayed 30 times above it
+    rhs = b - a.sum(1)
+
+    def objective(y):
+        return float(np.sum((a @ y - rhs) ** 2) + np.sum(y ** 2))
+
+    best = objective(np.linalg.solve(a.T @ a + np.eye(50), a.T @ rhs))
+    assert objective(sol - 1.0) <= 1.1 * best
+    assert objective(lsmr(a, rhs, damp=1.0)[0]) > 10 * best
+
+
+def test_tuned_fisher_settings_name_the_solver():
+    # the solver is part of a tuned selection's cache key: gates tuned under another iteration limit never match
+    assert FisherSearchSelector(tune=True).settings()["solver"] == fisher.TUNE_SOLVER
+    assert "solver" not in FisherSearchSelector().settings()
+    assert "100000" in fisher.TUNE_SOLVER

@@ -350,3 +350,11 @@ def test_joint_gradients_need_a_batch_and_leave_the_model_as_it_was():
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert gh.dtype == gn.dtype == torch.float64 and gn.abs().sum() > 0
     assert list(itertools.chain(gh.shape, gn.shape)) == [2, N_LAYERS, N_HEADS, 2, N_LAYERS, D_FF]
+
+
+def test_tuned_joint_fisher_settings_name_the_solver():
+    from cahp.selectors.fisher import TUNE_SOLVER
+
+    tuned = KwonJointFisher(tune=True).settings()
+    assert tuned["solver"] == TUNE_SOLVER and tuned["tune"] is True
+    assert "solver" not in KwonJointFisher().settings()

@@ -64,8 +64,18 @@ def greedy_rearrange(keep: torch.Tensor, grads: torch.Tensor, present: torch.Ten
     return new
 
 
+#: Kwon et al.'s iteration limit for LSMR. scipy's default (the number of unknowns) stops an ill-conditioned
+#: system at its limit (``istop`` 7), which the success test below reads as a failure and which ends the tuning.
+LSMR_MAXITER = 100_000
+
+#: The mask-tuning solver, in the settings (and so the cache keys) of the selectors that tune: tuned gates made
+#: with scipy's default iteration limit are not mistaken for these.
+TUNE_SOLVER = f"lsmr damped, maxiter {LSMR_MAXITER}"
+
+
 def lsmr_solve(ata: torch.Tensor, atb: torch.Tensor, damp: float) -> tuple[np.ndarray, bool]:
-    """Kwon et al.'s solver: LSMR on the normal equations for the change from 1, damped towards it.
+    """Kwon et al.'s solver: LSMR on the normal equations for the change from 1, damped towards it, with their
+    iteration limit (`LSMR_MAXITER`) and success test (LSMR's ``istop`` below 3).
 
     Returns (solution (m+1,), whether LSMR converged).
     """
@@ -73,7 +83,7 @@ def lsmr_solve(ata: torch.Tensor, atb: torch.Tensor, damp: float) -> tuple[np.nd
 
     A = ata.numpy()
     b = atb.numpy() - A.sum(1)  # solve for x - 1, so the damping pulls the gates towards 1
-    sol = lsmr(A, b, damp=damp)
+    sol = lsmr(A, b, damp=damp, maxiter=LSMR_MAXITER)
     return sol[0] + 1.0, int(sol[1]) < 3
 
 
@@ -160,8 +170,8 @@ class FisherSearchSelector(HeadSelector):
        after surgery, with `fold_gates`.
 
     Not reproduced: FFN neuron masks (cahp prunes heads only), their latency
-    lookup tables and their CUDA solver (scipy's LSMR with the same damping is
-    used instead).
+    lookup tables and their CUDA solver (scipy's LSMR with the same damping and
+    iteration limit is used instead).
 
     ``last`` holds the most recent search: searched mask, final mask, objective
     before and after rearrangement, tuning info; `selection_info` reports its
@@ -176,9 +186,9 @@ class FisherSearchSelector(HeadSelector):
     last: dict = field(default_factory=dict, init=False, repr=False)
 
     def settings(self) -> dict:
-        """Whether it rearranges and tunes (with the first tuned layer when it tunes)."""
+        """Whether it rearranges and tunes (with the first tuned layer and the solver when it tunes)."""
         return {"rearrange": self.rearrange, "tune": self.tune,
-                **({"tune_first_layer": self.tune_first_layer} if self.tune else {})}
+                **({"tune_first_layer": self.tune_first_layer, "solver": TUNE_SOLVER} if self.tune else {})}
 
     def batch_gradients(self, ctx: SelectionContext) -> torch.Tensor:
         """(B, L, H) per-batch gate gradients on ``ctx.batches``, cached for the model and batches last seen."""

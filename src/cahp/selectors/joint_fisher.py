@@ -38,7 +38,7 @@ from cahp.arch import get_adapter
 from cahp.budget.cost import BlockCost, CostTable, estimated_latency
 from cahp.model.heads import model_shape
 from cahp.model.neurons import kept_neurons, neuron_shape
-from cahp.selectors.fisher import greedy_rearrange, lsmr_solve
+from cahp.selectors.fisher import TUNE_SOLVER, greedy_rearrange, lsmr_solve
 from cahp.selectors.joint_base import SHARE_TOL, JointMethod, JointProblem, JointSelection
 from cahp.stats.fisher import (
     block_fisher_objective,
@@ -331,7 +331,7 @@ class KwonJointFisher(JointMethod):
     search's objective) and the block-diagonal objective
     (`block_fisher_objective`, heads plus neurons) searched and final, and the
     tuning info. Not reproduced: their per-block latency lookup tables (the
-    problem's cost table stands in) and their CUDA LSMR (scipy's, same damping).
+    problem's cost table stands in) and their CUDA LSMR (scipy's, same damping and iteration limit).
     """
 
     rearrange: bool = True
@@ -340,6 +340,10 @@ class KwonJointFisher(JointMethod):
     cls_last: bool = True
     name: str = "fisher"
     _grads: dict = field(default_factory=dict, init=False, repr=False)
+
+    def settings(self) -> dict:
+        """The dataclass settings, with the mask-tuning solver when it tunes (`TUNE_SOLVER`)."""
+        return {**super().settings(), **({"solver": TUNE_SOLVER} if self.tune else {})}
 
     def batch_gradients(self, problem: JointProblem) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, L, H), (B, L, d_ff)) per-batch gate gradients on ``problem.batches``, cached per model and batches."""
