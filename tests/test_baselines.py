@@ -348,8 +348,8 @@ def test_data_driven_selectors_other_families(family):
 
 
 def test_lsmr_solve_converges_where_scipys_default_iteration_limit_stops():
-    # an ill-conditioned system (condition 1e8, as wide FFN blocks give): scipy's default limit of m iterations
-    # ends at istop 7, which the success test reads as a failure; Kwon et al.'s limit converges
+    # an ill-conditioned system (condition 1e8): scipy's default limit of m iterations ends at istop 7, which the
+    # success test reads as a failure; Kwon et al.'s limit converges
     from scipy.sparse.linalg import lsmr
 
     rng = np.random.default_rng(0)
@@ -360,7 +360,7 @@ def test_lsmr_solve_converges_where_scipys_default_iteration_limit_stops():
     sol, ok = fisher.lsmr_solve(torch.from_numpy(a), torch.from_numpy(b), damp=1.0)
     assert ok
     # the damped least squares in y = x - 1, min |a y - (b - a 1)|² + |y|²: near its optimum (LSMR's tolerance is
-    # relative to |a| = 1e5), where the default limit stayed 30 times above it
+    # relative to |a| = 1e5), where the default limit stays far above it
     rhs = b - a.sum(1)
 
     def objective(y):
