@@ -128,9 +128,9 @@ SECTIONS = [
      "(every split's held-out loss at or above the constant predictor's: the split whose last hidden states are "
      "closest to the dense model's); the baselines and the dense control from the cache of the collapsed run "
      "(issue 19)"),
-    ("frontier_minilm_sst5_3seeds_3x_fidelity", "bench_frontier",
-     "Heads + FFN neurons at 3x, minilm-l6 / SST-5, 3 seeds: CAHP with the fidelity rule for collapsed splits; the "
-     "baselines and the dense control from the cache of the 3x run (issue 19)"),
+    ("frontier_minilm_sst5_3seeds_3x_all", "bench_frontier",
+     "Heads + FFN neurons at 3x, minilm-l6 / SST-5, 3 seeds: CAHP with the fidelity rule for collapsed splits "
+     "against Fisher, gradient, P-pruning, random and layer drop (issue 19)"),
     ("frontier_minilm_mnli_small_3seeds_2x_field", "bench_frontier",
      "Heads + FFN neurons at 2x, minilm-l6 / mnli-small, 3 seeds: CAHP against Fisher, gradient, P-pruning, random "
      "and layer drop, the fidelity rule for collapsed splits (issue 19)"),
