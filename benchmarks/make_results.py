@@ -149,9 +149,9 @@ SECTIONS = [
     ("frontier_minilm_sst5_3seeds_2x_field", "bench_frontier",
      "Heads + FFN neurons at 2x, minilm-l6 / SST-5, 3 seeds: CAHP against Fisher, gradient, P-pruning, random and "
      "layer drop (issue 19)"),
-    ("frontier_minilm_sst5_3seeds_1.5x", "bench_frontier",
-     "Heads + FFN neurons at 1.5x, minilm-l6 / SST-5, 3 seeds: CAHP against Fisher, P-pruning and gradient "
-     "(issue 19)"),
+    ("frontier_minilm_sst5_3seeds_1.5x_all", "bench_frontier",
+     "Heads + FFN neurons at 1.5x, minilm-l6 / SST-5, 3 seeds: CAHP against Fisher, gradient, P-pruning, random "
+     "and layer drop (issue 19)"),
     ("frontier_minilm_mnli_small_3seeds_1.5x_all", "bench_frontier",
      "Heads + FFN neurons at 1.5x, minilm-l6 / mnli-small, 3 seeds: CAHP against Fisher, gradient, P-pruning, "
      "random and layer drop (issue 19)"),
