@@ -96,7 +96,7 @@ def test_compare_embedding_ffn_end_to_end(tmp_path, folder, no_labelled_loss, mo
     assert set(dense["vs_cahp"]) == {"2x"} and res["cahp"]["parameters"] < dense["parameters"]
     assert report["data"]["similarity_test_pairs"] == 40 and report["texts"].endswith("texts.txt")
     md = (out / "compare_ffn.md").read_text()
-    assert "## 2x (estimated share 0.500)" in md and "| random |" in md and "Dense minus CAHP" in md
+    assert "## 2x (estimated share 0.500, the shapes' mean)" in md and "| random |" in md and "Dense minus CAHP" in md
     assert "- Cost tables, macs: at " in md and "one neuron" in md  # what the tables priced a unit at
     assert json.loads((out / "compare_ffn.json").read_text())["results"] == report["results"]
 

@@ -304,6 +304,29 @@ def test_changing_cahps_split_rule_recomputes_only_cahps_selection(tiny_setup, t
     assert 1 <= weights["timings"]["results_computed"] <= 2
 
 
+def test_speedup_targets_at_each_shape_are_their_own_selections(tiny_setup, tmp_path):  # noqa: F811
+    """``speedup_at="each"``: every method reaches the target at every shape (the knee stays a point of the mean
+    axis), and its selections are cached apart from the mean's."""
+    out = tmp_path / "run"
+    cfg, ft = _cfgs(tiny_setup, out)
+    ccfg = CompareConfig(methods=["cahp", "random"], speedups=[1.6], seeds=1, n_bootstrap=50, finetune=False)
+    joint = replace(FAST, speedup_budget=0)
+    mean = run_compare(cfg, ft, ccfg, progress=False, joint=joint).report
+    each = run_compare(cfg, ft, ccfg, progress=False, joint=replace(joint, speedup_at="each")).report
+    assert [t.get("at") for t in each["targets"]] == [None, "each"]
+    assert each["results"]["knee"] == mean["results"]["knee"]  # the knee's selections come from the cache
+    for m, row in each["results"]["1.6x"].items():
+        assert min(row["estimated_speedup"].values()) >= 1.6 - 1e-9, (m, row["estimated_speedup"])
+        assert row["estimated_share"] <= 1 / 1.6 + 1e-9
+    # the mean's target bounds the mean only: some shape is below 1.6x there, so each recomputed it
+    assert any(min(r["estimated_speedup"].values()) < 1.6 for r in mean["results"]["1.6x"].values())
+    assert each["timings"]["results_computed"] == 2
+    from cahp.pipelines.report_ffn import render_ffn_markdown
+
+    assert "## 1.6x (estimated share 0.625, at most at every shape" in render_ffn_markdown(each)
+    assert "## 1.6x (estimated share 0.625, the shapes' mean)" in render_ffn_markdown(mean)
+
+
 def test_compare_ffn_refuses_heads_only_methods_and_bad_targets(tiny_setup, tmp_path):  # noqa: F811
     cfg, ft = _cfgs(tiny_setup, tmp_path / "r")
     with pytest.raises(JointSetupError, match="no joint"):

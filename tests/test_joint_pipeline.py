@@ -13,6 +13,7 @@ import cahp
 from cahp.budget.cost import BlockCost, CostTable, estimated_latency, mac_table
 from cahp.budget.joint_curve import (
     JointBudgetError,
+    aim_each,
     combined_table,
     fair_values,
     floor_share,
@@ -176,3 +177,44 @@ def test_floor_share_bounds_every_allocation():
         assert floor <= allocate(a, hs, ns, target).share <= target
     with pytest.raises(JointSelectionError, match="cannot be reached"):
         allocate(a, hs, ns, floor - 0.01)
+
+
+def test_aim_each_bounds_every_shape_where_the_mean_target_does_not():
+    """A batch-1-like table with large fixed costs shrinks slower than the average: a target on the averaged
+    table leaves it above the target share, `aim_each` tightens the averaged target until it is within it."""
+    slow = CostTable("measured", "s", 1, 32, [BlockCost(4, 3.0, 1.0, 2.5)] * 2, [BlockCost(8, 2.0, 0.5, 1.5)] * 2, 4.0)
+    fast = CostTable("measured", "s", 32, 128, [BlockCost(4, 0.0, 9.0)] * 2, [BlockCost(8, 0.5, 4.0, 0.2)] * 2, 1.0)
+    both = combined_table([slow, fast])
+    rng = np.random.default_rng(0)
+    hs, ns = rng.uniform(size=(2, 4)), rng.uniform(size=(2, 8))
+
+    def worst(alloc):
+        return max(estimated_latency(t, alloc.heads, alloc.neurons) for t in (slow, fast))
+
+    target = 0.7
+    mean_only = allocate(both, hs, ns, target)
+    assert mean_only.share <= target < worst(mean_only)  # the mean is within the target, the slow shape is not
+    tries = []
+
+    def select(share):
+        tries.append(share)
+        return allocate(both, hs, ns, share)
+
+    alloc, aimed = aim_each(select, worst, target)
+    assert worst(alloc) <= target and aimed < target and aimed == tries[-1]
+    assert tries == sorted(tries, reverse=True) and 2 <= len(tries) <= 6
+    # a shape that cannot get there within the tries, or a selection that fails, gives None
+    assert aim_each(select, lambda a: 1.0, target, tries=3)[0] is None
+    assert aim_each(lambda s: None, worst, target) == (None, target)
+    with pytest.raises(JointBudgetError, match="in \\(0, 1\\]"):
+        aim_each(select, worst, 1.5)
+
+
+def test_target_speedup_at_each_shape(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    """``--speedup-at each``: every cost shape's estimated speedup reaches the target, not only their mean."""
+    each = replace(FAST, speedup_at="each", speedup_budget=0)
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run", target_speedup=2.0, skip_final_finetune=True)
+    rep = run_joint(cfg, ft, tmp_path / "run", progress=False, joint=each).report
+    assert rep["k_source"] == "--target-speedup"
+    assert min(rep["estimated_speedup"].values()) >= 2.0 - 1e-9, rep["estimated_speedup"]
+    assert rep["settings"]["joint"]["speedup_at"] == "each"

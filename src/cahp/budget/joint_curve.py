@@ -11,21 +11,34 @@
   classifier, empty blocks' residual paths, one head), so the grid stops above it.
 - `fair_values`: head and neuron salience on one scale (see its docstring).
 - `knee_share`: the knee of score against estimated share, snapped to a grid point.
+- `aim_each`: a selection whose estimated share is within a target at *every*
+  shape, not only on average (`--speedup-at each`): the averaged table's target
+  is tightened until the slowest shape's share is within it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from cahp.budget.cost import BlockCost, CostTable, estimated_latency
 from cahp.budget.knee import KneeResult, find_knee
 
-__all__ = ["JointBudgetError", "combined_table", "fair_values", "floor_share", "knee_share", "share_grid"]
+__all__ = ["JointBudgetError", "aim_each", "combined_table", "fair_values", "floor_share", "knee_share", "share_grid"]
 
 #: Shares are put on an integer axis of this many steps for `find_knee` (it takes integer ks).
 SHARE_STEPS = 1000
+
+#: Selections `aim_each` tries before it gives up. Every shape's share moves nearly in proportion to the
+#: averaged one, so each try lands close to the bound: two or three are the rule.
+AIM_TRIES = 6
+
+#: Tolerance of `aim_each`'s bound (float sums of block costs).
+AIM_TOL = 1e-9
+
+T = TypeVar("T")
 
 
 class JointBudgetError(ValueError):
@@ -56,6 +69,40 @@ def combined_table(tables: Sequence[CostTable]) -> CostTable:
         rest=sum(wi * t.rest for wi, t in zip(w, tables)),
         details={"shapes": [f"{t.batch}x{t.seq}" for t in tables]},
     )
+
+
+def aim_each(select: Callable[[float], T | None], worst_share: Callable[[T], float], share: float,
+             tries: int = AIM_TRIES) -> tuple[T | None, float]:
+    """(selection, the averaged share it was aimed at) such that every shape's estimated share is ``<= share``.
+
+    A target on the averaged table (`combined_table`) bounds the *mean* of the
+    shapes' shares, so a shape slower to shrink than the others (batch 1 x 32,
+    where fixed per-call costs weigh more) stays above it. Here the averaged
+    target starts at ``share`` and, while the slowest shape's share ``w`` of
+    the selection exceeds ``share``, is scaled by ``share / w`` (a hair below,
+    so rounding cannot stall the loop) and the selection is made again.
+
+    Args:
+        select: the selection at an averaged share, or None where none reaches it.
+        worst_share: the largest per-shape estimated share of a selection.
+        share: the bound of every shape's share, in (0, 1].
+        tries: selections made at most.
+
+    Returns:
+        ``(selection, aimed share)``; the selection is None where ``select`` gave None or ``tries`` ran out.
+    """
+    if not 0 < share <= 1:
+        raise JointBudgetError(f"the target share must be in (0, 1], got {share!r}")
+    aimed = share
+    for _ in range(tries):
+        sel = select(aimed)
+        if sel is None:
+            return None, aimed
+        worst = float(worst_share(sel))
+        if worst <= share + AIM_TOL:
+            return sel, aimed
+        aimed = aimed * share / worst * (1 - 1e-4)
+    return None, aimed
 
 
 def share_grid(points: int = 14, low: float = 0.25) -> list[float]:

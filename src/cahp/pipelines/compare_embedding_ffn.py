@@ -79,6 +79,7 @@ from cahp.pipelines.compare_ffn import (
     make_method,
     select_at,
     selection_row,
+    target_key,
 )
 from cahp.pipelines.embedding import (
     EMBEDDING_OBJECTIVES,
@@ -229,7 +230,7 @@ class _EmbeddingFfnCompare:
         method = self.method(name, sseed)
         key = {"part": "select", "method": name, "settings": method.settings(), "share": target["share"],
                "speedup_budget": self.joint.speedup_budget, "threads": self.joint.speedup_threads,
-               "score_bootstrap": SCORE_BOOTSTRAP}
+               "score_bootstrap": SCORE_BOOTSTRAP, **target_key(target)}
 
         def compute() -> dict:
             rec = select_at(self.jr, method, name, target, self.joint, self.cfg.seed, self.gated)

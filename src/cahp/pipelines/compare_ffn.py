@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from cahp.budget.cost import cost_summary
+from cahp.budget.joint_curve import AIM_TRIES, aim_each
 from cahp.core import distributed
 from cahp.core.io import environment, write_atomic, write_json
 from cahp.model.gates import head_gates
@@ -74,7 +75,8 @@ from cahp.train.finetune import FinetuneConfig, finetune
 log = logging.getLogger(__name__)
 
 __all__ = ["CAHP_ONLY", "DEFAULT_JOINT_METHODS", "build_pruned", "built_from", "cache_base", "check_targets",
-           "compare_targets", "make_method", "run_compare_ffn", "select_at", "selection_row"]
+           "compare_targets", "make_method", "run_compare_ffn", "select_at", "select_target",
+           "selection_row", "target_key"]
 
 DEFAULT_JOINT_METHODS = ["cahp", "fisher", "p-pruning", "gradient", "random", "layer-drop"]
 
@@ -143,8 +145,32 @@ def compare_targets(jr: JointRun, cfg: PruneConfig, ccfg, speedups: list[float],
     points = joint_curve(jr, progress)["points"]
     share_star, knee, _ = find_share_star(points, cfg)
     out = [{"label": "knee", "share": share_star, "speedup": 1 / share_star}] if ccfg.knee else []
-    out += [{"label": f"{x:g}x", "share": round(1 / x, 6), "speedup": x} for x in speedups]
+    # a speedup target bounds what --speedup-at says (the knee's share is a point of the mean axis)
+    at = {} if jr.joint.speedup_at == "mean" else {"at": jr.joint.speedup_at}
+    out += [{"label": f"{x:g}x", "share": round(1 / x, 6), "speedup": x, **at} for x in speedups]
     return out, knee.to_dict()
+
+
+def target_key(target: dict) -> dict:
+    """What a selection's cache key adds for the target's meaning (nothing for the mean: older results match)."""
+    return {"speedup_at": target["at"]} if target.get("at", "mean") != "mean" else {}
+
+
+def select_target(jr: JointRun, method, target: dict) -> tuple[JointSelection, float]:
+    """(selection, the averaged share it was aimed at) of ``method`` at ``target``.
+
+    A target's share bounds the mean of the shapes' shares, or with ``"at": "each"`` every shape's share
+    (`cahp.budget.joint_curve.aim_each`). Raises ValueError where the method cannot reach it.
+    """
+    share = target["share"]
+    if target.get("at", "mean") == "mean":
+        return method.select(share, jr.problem), share
+    sel, aimed = aim_each(lambda s: method.select(s, jr.problem),
+                          lambda x: max(x.share(t) for t in jr.tables), share)
+    if sel is None:
+        raise ValueError(f"no selection within {AIM_TRIES} tries keeps every shape's estimated share at or "
+                         f"below {share:.4f}")
+    return sel, aimed
 
 
 def selection_row(recs: list[dict]) -> dict:
@@ -173,8 +199,8 @@ def select_at(jr: JointRun, method, name: str, target: dict, joint: JointConfig,
     """
     t0 = time.perf_counter()
     try:
-        sel = method.select(target["share"], jr.problem)
-        share = check_selection(sel, jr.problem, target["share"], who=name)
+        sel, aimed = select_target(jr, method, target)
+        share = check_selection(sel, jr.problem, aimed, who=name)
     except ValueError as e:
         log.warning("%s cannot reach %s: %s", name, target["label"], e)
         return {"unreachable": str(e)}
@@ -185,6 +211,8 @@ def select_at(jr: JointRun, method, name: str, target: dict, joint: JointConfig,
            "estimated_speedup": estimated_speedups(jr.tables, heads, neurons),
            "heads_per_layer": heads, "neurons_per_layer": neurons, **scores,
            "seconds": {"select": t1 - t0, "evaluate": time.perf_counter() - t1}}
+    if aimed != target["share"]:  # --speedup-at each: the mean's target it took to bound every shape
+        rec["aimed_share"] = aimed
     if joint.speedup_budget:
         model = jr.run.model
         pruned = build_pruned(model, sel)
@@ -271,7 +299,7 @@ class _CompareFfn:
         method = self.method(name, sseed)
         key = {"part": "select", "method": name, "settings": method.settings(), "share": target["share"],
                "speedup_budget": self.joint.speedup_budget, "threads": self.joint.speedup_threads,
-               "max_length": self.ft_cfg.max_length}
+               "max_length": self.ft_cfg.max_length, **target_key(target)}
 
         def compute() -> dict:
             rec = select_at(self.jr, method, name, target, self.joint, self.cfg.seed,

@@ -72,9 +72,9 @@ from cahp.arch import get_adapter
 from cahp.bench.config import parse_shapes
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs
 from cahp.bench.variants import prepare_for_inference
-from cahp.budget.cost import SOURCES, CostTable, cost_table
+from cahp.budget.cost import SOURCES, CostTable, cost_table, estimated_latency
 from cahp.budget.curve import curve_metric
-from cahp.budget.joint_curve import combined_table, floor_share, knee_share, share_grid
+from cahp.budget.joint_curve import aim_each, combined_table, floor_share, knee_share, share_grid
 from cahp.core import distributed
 from cahp.core.threads import num_threads
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
@@ -99,7 +99,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GateScore", "JointChoice", "JointConfig", "JointRun", "JointSetupError", "best_point", "build_joint",
            "check_settings", "choose_selection", "cost_tables", "dense_counts", "find_share_star", "joint_curve",
-           "joint_problem", "kept_check", "neuron_stats", "prepare_joint", "run_joint", "score_units"]
+           "joint_problem", "kept_check", "neuron_stats", "prepare_joint", "run_joint", "score_units", "target_point"]
 
 #: ``score(head gates (layers, heads), neuron gates (layers, d_ff))``: the curve's held-out score through gates
 #: (higher is better): a number, a `HeldOut` (score and loss), or a dict whose ``"score"`` is that number,
@@ -326,6 +326,18 @@ def best_point(jr: JointRun, share: float) -> dict | None:
                             "fidelity": c["fidelity"], "estimated_share": c["allocation"].share} for c in cands]}
 
 
+def target_point(jr: JointRun, share: float) -> dict | None:
+    """`best_point` at a target share, which bounds the mean of the shapes' shares or, with ``--speedup-at
+    each``, every shape's share (`aim_each`; the point then records ``aimed_share``). None where unreachable."""
+    if jr.joint.speedup_at == "mean":
+        return best_point(jr, share)
+    point, aimed = aim_each(lambda s: best_point(jr, s), lambda p: max(
+        estimated_latency(t, p["heads_per_layer"], p["neurons_per_layer"]) for t in jr.tables), share)
+    if point is not None:
+        point = {**point, "target_share": share, "aimed_share": aimed}
+    return point
+
+
 def joint_curve(jr: JointRun, progress: bool = True) -> dict:
     """The curve: the best allocation of every target share of `share_grid`, scored (cached stage)."""
     joint = jr.joint
@@ -435,11 +447,12 @@ def choose_selection(jr: JointRun, cfg: PruneConfig, progress: bool = True) -> J
     points = joint_curve(jr, progress)["points"]
     share_star, knee, chosen = find_share_star(points, cfg)
     if cfg.target_speedup:
-        chosen = distributed.broadcast_object(best_point(jr, 1 / cfg.target_speedup))
+        chosen = distributed.broadcast_object(target_point(jr, 1 / cfg.target_speedup))
         if chosen is None:
             raise JointSetupError(f"no allocation reaches an estimated speedup of {cfg.target_speedup} "
-                                  f"(at most {1 / floor_share(jr.table):.2f}: embeddings, LayerNorms and the "
-                                  f"classifier stay)")
+                                  f"{'at every shape ' if jr.joint.speedup_at == 'each' else ''}"
+                                  f"(at most {1 / floor_share(jr.table):.2f} on average: embeddings, LayerNorms "
+                                  f"and the classifier stay)")
         source = "--target-speedup"
     else:
         source = "knee"

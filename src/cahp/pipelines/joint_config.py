@@ -13,7 +13,10 @@ from cahp.core.configs import field as cfg_field
 from cahp.selectors.joint import LINKAGES, WITHIN
 from cahp.selectors.joint_methods import CHOOSE_BY, COLLAPSED
 
-__all__ = ["JointConfig", "JointSetupError"]
+__all__ = ["SPEEDUP_AT", "JointConfig", "JointSetupError"]
+
+#: Meanings of an estimated speedup target (`JointConfig.speedup_at`).
+SPEEDUP_AT = ("mean", "each")
 
 
 class JointSetupError(ValueError):
@@ -27,6 +30,10 @@ class JointConfig:
     cost_source: str = cfg_field("measured", "cost of a head and a neuron: measured here, or multiply-adds",
                                  choices=list(SOURCES))
     cost_shapes: str = cfg_field("1x32,32x128", "shapes whose mean estimated share is the budget axis")
+    speedup_at: str = cfg_field("mean", "what an estimated speedup target X bounds (--target-speedup, compare's "
+                                "--speedups): the mean of the shapes' shares (mean: 1/X on average), or every "
+                                "shape's share (each: at least X at every shape; the knee's axis stays the mean)",
+                                choices=list(SPEEDUP_AT))
     cost_threads: int = cfg_field(1, "threads of the cost measurement")
     grid_points: int = cfg_field(14, "target shares on the curve, from 1.0 down to --min-share")
     min_share: float = cfg_field(0.25, "smallest target share on the curve (raised above the lowest reachable)")

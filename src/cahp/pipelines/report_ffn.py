@@ -161,7 +161,9 @@ def target_table(report: dict, target: dict, shapes: list[str], score: str = "ac
                  columns: tuple[str, str] = ("no FT", "fine-tuned")) -> list[str]:
     """The markdown lines of one target's table: method, kept units, estimated and measured speedups, the
     ``score`` entry x 100 without and after fine-tuning (``columns`` name them) and CAHP's verdict."""
-    lines = [f"## {target['label']} (estimated share {target['share']:.3f})", "",
+    where = ("at most at every shape; est. speedup: of the shapes' mean" if target.get("at") == "each"
+             else "the shapes' mean")
+    lines = [f"## {target['label']} (estimated share {target['share']:.3f}, {where})", "",
              "| method | heads | neurons | est. speedup | " + " | ".join(f"measured {s}" for s in shapes)
              + f" | {columns[0]} | {columns[1]} | vs CAHP ({columns[1]}) |",
              "|---|---|---|---|" + "---|" * len(shapes) + "---|---|---|"]
