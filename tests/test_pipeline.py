@@ -111,6 +111,35 @@ def test_resume_after_interruption(tiny_setup, tmp_path, monkeypatch):
     assert not r["stage_seconds"]["salience"]["cached"]
 
 
+def test_an_interrupted_dense_fine_tuning_resumes_after_its_last_epoch(tiny_setup, tmp_path, monkeypatch):
+    """Step 0 keeps an epoch checkpoint: interrupted in epoch 2, the re-run trains epoch 2 only, and the
+    checkpoint is gone once the stage is stored."""
+    from cahp.train import loop
+
+    cfg, ft = _cfgs(tiny_setup, tmp_path / "run", skip_final_finetune=True)
+    real = loop.make_batches
+    epochs = []
+
+    def interrupted(*a, **k):  # called once per epoch: the second call is epoch 2
+        epochs.append(k["seed"])
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "make_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(cfg, ft, progress=False)
+    saved = tmp_path / "run" / "stages" / "finetune_dense.epoch.pt"
+    assert saved.is_file() and torch.load(saved, weights_only=True)["epoch"] == 1
+    epochs.clear()
+    monkeypatch.setattr(loop, "make_batches", lambda *a, **k: (epochs.append(k["seed"]), real(*a, **k))[1])
+    r = run_prune(cfg, ft, progress=False).report
+    assert epochs[:1] == [1] and not saved.exists()  # epoch 2's shuffle seed (seed * 1000 + 1) first
+    info = json.loads((tmp_path / "run" / "stages" / "finetune_dense.json").read_text())
+    assert [h["epoch"] for h in info["finetune"]["history"]] == [1, 2]
+    assert not r["stage_seconds"]["finetune_dense"]["cached"]
+
+
 def test_other_settings_not_overwritten(tiny_setup, tmp_path):
     cfg, ft = _cfgs(tiny_setup, tmp_path / "run", skip_final_finetune=True)
     run_prune(cfg, ft, progress=False)

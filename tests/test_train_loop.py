@@ -121,3 +121,70 @@ def test_scores_that_are_all_nan_fail_with_a_clear_error():
     with pytest.raises(ValueError, match="no epoch gave a comparable toy score"):
         train_loop(model, toy_data(), labelled_loss, lambda: (float("nan"), {}), cfg, 0, score_name="toy score",
                    progress=False)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _dropout_model():
+    m = tiny_model("bert", num_labels=2)
+    for mod in m.modules():  # the RNG state matters only if something draws from it
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.1
+    return m
+
+
+def test_an_interrupted_run_resumes_after_its_last_epoch_with_the_same_weights(tmp_path):
+    """Epoch checkpoints: stopped in epoch 3, the run goes on from epoch 3 and ends as an uninterrupted one
+    (same weights, same history, same best epoch, dropout included); the checkpoint is removed at the end,
+    and one made under other settings is not taken up."""
+    from dataclasses import replace
+
+    from cahp.train.resume import EpochCheckpoint
+
+    cfg = replace(CFG, patience=0, epochs=4)
+    scores = [0.2, 0.6, 0.4, 0.5]
+    data = toy_data()
+    ref_model = _dropout_model()
+    ref = train_loop(ref_model, data, labelled_loss, scripted(ref_model, scores)[0], cfg, 0, score_name="toy",
+                     progress=False)
+    ck = EpochCheckpoint(tmp_path / "ft.epoch.pt", {"stage": "toy"})
+    calls = []
+
+    def failing_loss(m, batch, device):
+        calls.append(1)
+        if len(calls) == 2 * steps_per_epoch(len(data), cfg.batch_size) + 2:  # inside epoch 3
+            raise Interrupted
+        return labelled_loss(m, batch, device)
+
+    def interrupted_run():
+        calls.clear()
+        model = _dropout_model()
+        with pytest.raises(Interrupted):
+            train_loop(model, data, failing_loss, scripted(model, scores)[0], cfg, 0, score_name="toy",
+                       checkpoint=ck, progress=False)
+        saved = torch.load(ck.path, weights_only=True)
+        assert saved["epoch"] == 2 and [r["epoch"] for r in saved["history"]] == [1, 2]
+
+    interrupted_run()
+    model = tiny_model("bert", num_labels=2)  # other weights: the checkpoint's state replaces them
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.1
+    torch.manual_seed(123)
+    evaluate, seen = scripted(model, scores[2:])
+    res = train_loop(model, data, labelled_loss, evaluate, cfg, 0, score_name="toy", checkpoint=ck, progress=False)
+    assert len(seen) == 2  # epochs 3 and 4 only
+    assert same_state(state(model), state(ref_model))
+    assert res.best_epoch == ref.best_epoch == 2 and res.best_score == ref.best_score
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in ref.history]
+    assert not ck.path.exists()
+
+    # a checkpoint made under other settings (here the caller's key) is not taken up: the run starts afresh
+    interrupted_run()
+    model = _dropout_model()
+    evaluate, seen = scripted(model, scores)
+    train_loop(model, data, labelled_loss, evaluate, cfg, 0, score_name="toy", progress=False,
+               checkpoint=EpochCheckpoint(ck.path, {"stage": "another"}))
+    assert len(seen) == 4 and same_state(state(model), state(ref_model)) and not ck.path.exists()

@@ -71,6 +71,7 @@ from cahp.selectors.joint_base import HeldOut, JointSelection, check_selection
 from cahp.selectors.registry import JOINT_METHODS, make_joint_method
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
+from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +320,7 @@ class _CompareFfn:
         """One fine-tuning and the test evaluation of a selection (``rec``), or of the dense model (None)."""
         key = {"part": "finetune", "what": what, "finetune_after": asdict(ft), "split": self.split,
                "selection": None if rec is None else built_from(rec["selection"])}
+        name = f"ft-{what}-s{ft.seed}"
 
         def compute() -> dict:
             t0 = time.perf_counter()
@@ -326,7 +328,8 @@ class _CompareFfn:
                 m = copy.deepcopy(self.model)
             else:
                 m = build_pruned(self.model, JointSelection.from_dict(rec["selection"]))
-            res = finetune(m, self.tok, self.task, ft, train_examples=self.run_.train_examples,
+            epochs = EpochCheckpoint(self.cache.root / f"{name}.epoch.pt", {**self.cache.base, **key})
+            res = finetune(m, self.tok, self.task, ft, train_examples=self.run_.train_examples, checkpoint=epochs,
                            progress=self.progress)
             t1 = time.perf_counter()
             test = evaluate_task(m, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
@@ -338,7 +341,7 @@ class _CompareFfn:
                     "parameters": count_parameters(m), "seconds": {"finetune": t1 - t0,
                                                                    "evaluate": time.perf_counter() - t1}}
 
-        return self.cache.get_or_compute(f"ft-{what}-s{ft.seed}", key, compute)
+        return self.cache.get_or_compute(name, key, compute)
 
     def heads_only(self) -> dict:
         """The paper's CAHP at its own k*: kept heads, measured speedup (one cached result)."""

@@ -46,6 +46,7 @@ from cahp.stats.signatures import Signatures, collect_signatures
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
 from cahp.train.metrics import resolve_metric
+from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,9 @@ def finetuned_dense_model(cfg: PruneConfig, ft_cfg: FinetuneConfig, task, identi
         distributed.sync_module(model.to(device))  # e.g. a new classifier: rank 0's on every rank
         info = {"finetuned_by_cahp": not cfg.finetuned}
         if not cfg.finetuned:
-            info["finetune"] = finetune(model, tok, task, ft_cfg, train_examples=train_examples,
+            # epochs done survive an interruption (a dense mpnet-base fine-tuning on a CPU takes hours)
+            epochs = EpochCheckpoint(stages.root / "finetune_dense.epoch.pt", {"stage": "finetune_dense", **identity})
+            info["finetune"] = finetune(model, tok, task, ft_cfg, train_examples=train_examples, checkpoint=epochs,
                                         progress=progress).to_dict()
         distributed.on_main(save_pruned, model, tok, dense_dir)
         made["model"] = model, tok

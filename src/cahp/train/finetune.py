@@ -34,6 +34,7 @@ from cahp.model.checkpoint import save_pruned
 from cahp.train.evaluate import evaluate_examples, labelled_loss, model_inputs
 from cahp.train.loop import linear_schedule, steps_per_epoch, train_loop
 from cahp.train.metrics import METRICS, resolve_metric
+from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def finetune(
     train_examples=None,
     dev_examples=None,
     output_dir: str | Path | None = None,
+    checkpoint: EpochCheckpoint | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; the best dev epoch's weights are loaded at the end.
@@ -115,6 +117,8 @@ def finetune(
         train_examples / dev_examples: override the task's train / dev split
             (the CAHP pipeline holds some training examples out).
         output_dir: if given, the best model is saved there with `save_pruned`.
+        checkpoint: keep the state after every epoch there and resume an interrupted run from it
+            (`cahp.train.resume`); its key must name the model and the data, the settings are added here.
 
     Returns:
         A `FinetuneResult` with the per-epoch history (train loss, dev scores, seconds).
@@ -155,7 +159,8 @@ def finetune(
 
     # epochs' shuffle seeds count from seed * 1000 (epoch_seed_start 0), as they always have
     loop = train_loop(model, train_ds, lambda m, batch, device: _loss(m, batch, device, task.is_regression),
-                      dev_score, cfg, pad, score_name=f"dev {metric}", desc="epoch", progress=progress)
+                      dev_score, cfg, pad, score_name=f"dev {metric}", desc="epoch", progress=progress,
+                      checkpoint=None if checkpoint is None else checkpoint.with_settings(finetune=asdict(cfg)))
     result = FinetuneResult(
         best_epoch=loop.best_epoch, best_dev=loop.best_fields.get("dev", {}), history=loop.history,
         train_seconds=time.perf_counter() - t_start, config=asdict(cfg), metric=metric,

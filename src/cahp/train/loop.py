@@ -16,7 +16,10 @@ candidate, and the shuffle seed of the first epoch.
   is summed over the ranks;
 - after every epoch the held-out score (higher is better); the best epoch's state
   is kept (a tie keeps the earlier one), training stops after ``patience`` epochs
-  without a better score (0: never early), and the best state is loaded at the end.
+  without a better score (0: never early), and the best state is loaded at the end;
+- with a `cahp.train.resume.EpochCheckpoint`, the state after every epoch is
+  kept there and a run interrupted after epoch e goes on from epoch e + 1,
+  ending with the same weights (one process only).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cahp.core import distributed
+from cahp.core.io import to_jsonable
 from cahp.data.batching import EncodedDataset, make_batches
+from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,7 @@ def train_loop(
     evaluate_before: bool = False,
     epoch_seed_start: int = 0,
     find_unused_parameters: bool = False,
+    checkpoint: EpochCheckpoint | None = None,
     progress: bool = True,
 ) -> LoopResult:
     """Train ``model`` in place for up to ``cfg.epochs`` epochs and load its best state (see the module docstring).
@@ -121,6 +127,8 @@ def train_loop(
             for epoch e = 1, 2, ...), so each caller keeps the batch orders it always had.
         find_unused_parameters: DDP's setting (a parameter no loss reaches, such as a BERT pooler under an
             embedding loss, needs True).
+        checkpoint: where to keep the state after every epoch and resume from (see `cahp.train.resume`);
+            its key is extended by the loop's settings and the data size. Ignored under torchrun.
         progress: show a progress bar (rank 0 only).
 
     Returns:
@@ -133,16 +141,37 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, int(cfg.warmup_ratio * total)))
     best_score, best_epoch, best_state, best_fields, initial = -float("inf"), -1, None, {}, None
     history: list[dict] = []
-    if evaluate_before:
+    bad_epochs, first_epoch, seconds_before = 0, 1, 0.0
+    if checkpoint is not None and distributed.is_active():
+        log.info("several processes: no epoch checkpoint is kept")
+        checkpoint = None
+    if checkpoint is not None:
+        checkpoint = checkpoint.with_settings(
+            loop={k: getattr(cfg, k, None) for k in ("epochs", "lr", "batch_size", "warmup_ratio", "weight_decay",
+                                               "max_grad_norm", "patience", "seed")},
+            examples=len(train_ds), epoch_seed_start=epoch_seed_start, evaluate_before=evaluate_before)
+        state = checkpoint.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            if state.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            best_score, best_epoch, best_fields = state["best_score"], state["best_epoch"], state["best_fields"]
+            best_state, initial, history = state["best_state"], state["initial"], state["history"]
+            bad_epochs, seconds_before = state["bad_epochs"], state["seconds"]
+            first_epoch = state["epoch"] + 1
+            log.info("resuming after epoch %d of %d (%s)", state["epoch"], cfg.epochs, checkpoint.path)
+    if evaluate_before and first_epoch == 1:
         initial, best_fields = evaluate()
         best_score, best_epoch = initial, 0
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": 0, **best_fields})
         log.info("before training: %s %.4f", score_name, initial)
     train_model = distributed.wrap_ddp(model, find_unused_parameters=find_unused_parameters)  # ``model``, 1 process
-    bad_epochs = 0
-    t_start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    t_start = time.perf_counter() - seconds_before
+    for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         batches = make_batches(train_ds, cfg.batch_size, shuffle=True,
                                seed=cfg.seed * 1000 + epoch_seed_start + epoch - 1, pad_token_id=pad_token_id)
@@ -181,6 +210,17 @@ def train_loop(
             if cfg.patience and bad_epochs >= cfg.patience:
                 log.info("early stop: no better %s for %d epochs", score_name, bad_epochs)
                 break
+        if checkpoint is not None and epoch < cfg.epochs:
+            checkpoint.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                             # JSON values only: the checkpoint is read back with weights_only
+                             "best_score": float(best_score), "best_epoch": best_epoch,
+                             "best_fields": to_jsonable(best_fields), "best_state": best_state,
+                             "initial": None if initial is None else float(initial), "history": to_jsonable(history),
+                             "bad_epochs": bad_epochs, "seconds": time.perf_counter() - t_start})
+    if checkpoint is not None:
+        checkpoint.clear()
     del train_model  # drops the DDP wrapper (and its gradient hooks); ``model`` keeps the weights
     if best_state is None:  # every score was NaN: there is no best epoch to restore
         raise ValueError(f"no epoch gave a comparable {score_name} (every score was NaN)")
