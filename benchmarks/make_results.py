@@ -380,7 +380,7 @@ def _frontier_section() -> list[str] | None:
                 if (v := ((row.get("finetuned") or {}).get("vs_cahp") or {}).get("pooled")) is not None:
                     verdicts[v["verdict"]].append(m)
             lines.append(f"| {r['model']} / {r['task']}, {n} seed{'s' if n > 1 else ''} | {split_by} | {units_by} "
-                         f"| {t['label']} "
+                         f"| {t['label']}{' at each shape' if t.get('at') == 'each' else ''} "
                          f"| {speed} | "
                          f"{cahp['finetuned']['accuracy'] * 100:.2f} | "
                          + (f"{control * 100:.2f}" if control is not None else "-") + " | "
