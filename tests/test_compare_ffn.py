@@ -318,8 +318,11 @@ def test_speedup_targets_at_each_shape_are_their_own_selections(tiny_setup, tmp_
     for m, row in each["results"]["1.6x"].items():
         assert min(row["estimated_speedup"].values()) >= 1.6 - 1e-9, (m, row["estimated_speedup"])
         assert row["estimated_share"] <= 1 / 1.6 + 1e-9
+        assert row.get("aimed_share", 1 / 1.6) <= 1 / 1.6  # where the mean's target was tightened, by how much
     # the mean's target bounds the mean only: some shape is below 1.6x there, so each recomputed it
     assert any(min(r["estimated_speedup"].values()) < 1.6 for r in mean["results"]["1.6x"].values())
+    assert any("aimed_share" in r for r in each["results"]["1.6x"].values())
+    assert not any("aimed_share" in r for r in mean["results"]["1.6x"].values())
     assert each["timings"]["results_computed"] == 2
     from cahp.pipelines.report_ffn import render_ffn_markdown
 

@@ -182,7 +182,9 @@ def selection_row(recs: list[dict]) -> dict:
     have one record), the estimated share is their mean.
     """
     r0 = recs[0]
+    aimed = {"aimed_share": float(np.mean([r["aimed_share"] for r in recs]))} if "aimed_share" in r0 else {}
     return {
+        **aimed,  # --speedup-at each: the averaged target that bounded every shape
         "heads": sum(r0["heads_per_layer"]), "neurons": sum(r0["neurons_per_layer"]),
         "heads_per_layer": r0["heads_per_layer"], "neurons_per_layer": r0["neurons_per_layer"],
         "estimated_share": float(np.mean([r["estimated_share"] for r in recs])),
