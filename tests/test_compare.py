@@ -149,6 +149,30 @@ def test_compare_end_to_end_and_resume(tiny_setup, tmp_path, monkeypatch):  # no
     assert r2["finetuned"] == r["finetuned"] and r2["no_finetune"] == r["no_finetune"]
 
 
+def test_every_fine_tuning_of_prune_and_compare_keeps_an_epoch_checkpoint(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    """The dense model's, the final model's and each compared method's fine-tuning write an epoch checkpoint
+    named after their stage (so an interruption loses at most one epoch), and none is left once they end."""
+    from cahp.train.resume import EpochCheckpoint
+
+    saved, real = [], EpochCheckpoint.save
+
+    def recording(self, state):
+        saved.append(self.path.name)
+        return real(self, state)
+
+    monkeypatch.setattr(EpochCheckpoint, "save", recording)
+    out = tmp_path / "run"
+    cfg, ft = _cfgs(tiny_setup, out, epochs=2)
+    ft.patience = 0
+    run_prune(cfg, ft, progress=False)
+    assert set(saved) == {"finetune_dense.epoch.pt", "final.epoch.pt"}
+    saved.clear()
+    run_compare(cfg, ft, CompareConfig(methods=["cahp", "gradient"], budgets=[0.5], seeds=1, knee=False,
+                                       n_bootstrap=50), progress=False)
+    assert {"ft-dense-s0.epoch.pt", "ft-cahp-k6-s0.epoch.pt", "ft-gradient-k6-s0.epoch.pt"} <= set(saved)
+    assert not list(out.rglob("*.epoch.pt"))
+
+
 def test_compare_resumes_after_interruption(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "cmp"
     cfg, ft = _cfgs(tiny_setup, out)

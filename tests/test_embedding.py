@@ -303,3 +303,45 @@ def test_cli_prune_objective_embedding(tmp_path, encoder, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prune"]["objective"] == "embedding" and report["distillation"]["best_epoch"] in (0, 1)
     assert report["data"]["train_texts"] == 30 and report["data"]["curve_texts"] == 16  # only these got targets
+
+
+def test_an_interrupted_distillation_resumes_with_the_same_weights(encoder, tmp_path, monkeypatch):
+    """distill keeps an epoch checkpoint: interrupted in epoch 3, the resumed run ends as an uninterrupted one."""
+    from cahp.train import loop
+    from cahp.train.resume import EpochCheckpoint
+
+    _, model, tok = encoder
+    settings = sentence_settings(model)
+    train_ds, _, train_t = data(tok, sentences(48, seed=1), model)
+    _, held_batches, held_t = data(tok, sentences(16, seed=2), model)
+    loss = EmbeddingLoss(train_t, settings)
+    cfg = FinetuneConfig(epochs=3, lr=3e-3, batch_size=16, warmup_ratio=0.0, patience=0, seed=0)
+
+    def student():
+        s = copy.deepcopy(model)
+        cahp.remove_heads(s, REMOVED)
+        return s
+
+    ref = student()
+    ref_res = distill(ref, train_ds, train_t, held_batches, held_t, loss, cfg, tok.pad_token_id, progress=False)
+    ck = EpochCheckpoint(tmp_path / "d.epoch.pt", {"what": "toy"})
+    real, calls = loop.make_batches, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "make_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill(student(), train_ds, train_t, held_batches, held_t, loss, cfg, tok.pad_token_id, progress=False,
+                checkpoint=ck)
+    assert torch.load(ck.path, weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(loop, "make_batches", real)
+    again = student()
+    res = distill(again, train_ds, train_t, held_batches, held_t, loss, cfg, tok.pad_token_id, progress=False,
+                  checkpoint=ck)
+    assert res.best_epoch == ref_res.best_epoch and res.best_fidelity == ref_res.best_fidelity
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ref.state_dict().values()))
+    assert not ck.path.exists()

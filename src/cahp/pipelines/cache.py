@@ -24,6 +24,7 @@ import torch
 
 from cahp.core import distributed
 from cahp.core.io import machine_label, read_json, save_tensors, to_jsonable, write_json
+from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ class StageCache:
         self.times[label] = {"seconds": round(seconds, 2), "cached": cached}
         log.log(self.log_level, "stage %s: %s", label, "cached" if cached else f"{seconds:.1f} s")
         return data
+
+    def epoch_checkpoint(self, name: str, key: dict) -> EpochCheckpoint:
+        """Where the fine-tuning inside stage ``name`` (computed under ``key``) keeps its epochs
+        (`cahp.train.resume`): ``ROOT/NAME.epoch.pt``, keyed like the stage itself."""
+        return EpochCheckpoint(self.root / f"{name}.epoch.pt", {**self.base, **key})
 
     @staticmethod
     def _read(path: Path, fp: str, tensors: bool, artifact: Path | None, artifact_check) -> dict | None:

@@ -346,24 +346,28 @@ class _Compare:
     def part_b(self, pre):
         fine: dict[tuple[str, int, int], dict] = {}
         dense: dict[int, dict] = {}
+        epochs = self.cache.epoch_checkpoint  # where each fine-tuning keeps its epochs (resumable)
         for seed in self.seeds:
             ft = dataclasses.replace(self.ft_cfg, seed=seed)
             ft_key = {"finetune_after": asdict(ft), "split": self.split}
             if self.ccfg.dense_control:
-                dense[seed] = self.cache.get_or_compute(f"ft-dense-s{seed}", {"part": "dense_control", **ft_key},
-                                             lambda ft=ft: self.finetune_eval(None, None, ft, "dense control"))
+                name, key = f"ft-dense-s{seed}", {"part": "dense_control", **ft_key}
+                dense[seed] = self.cache.get_or_compute(
+                    name, key, lambda ft=ft, name=name, key=key:
+                    self.finetune_eval(None, None, ft, "dense control", epochs(name, key)))
             for k in self.budget_ks:
                 for method in self.methods:
                     sseed = seed if self.seeded(method) else None
                     p = pre[(method, sseed, k)]
                     key = {"part": "finetune", **self.method_key(method, sseed), "k": k, "kept": p["kept"],
                            "gates": p.get("gates"), **ft_key}
+                    name = f"ft-{method}-k{k}-s{seed}"
                     fine[(method, seed, k)] = self.cache.get_or_compute(
-                        f"ft-{method}-k{k}-s{seed}", key,
-                        lambda p=p, ft=ft, method=method: self.finetune_eval(p["kept"], p.get("gates"), ft, method))
+                        name, key, lambda p=p, ft=ft, method=method, name=name, key=key:
+                        self.finetune_eval(p["kept"], p.get("gates"), ft, method, epochs(name, key)))
         return fine, dense
 
-    def finetune_eval(self, kept, gates, ft: FinetuneConfig, what: str) -> dict:
+    def finetune_eval(self, kept, gates, ft: FinetuneConfig, what: str, checkpoint=None) -> dict:
         t0 = time.perf_counter()
         model = copy.deepcopy(self.model)
         if kept is not None:
@@ -371,7 +375,7 @@ class _Compare:
             if gates is not None:
                 fold_gates(model, torch.tensor(gates))
         res = finetune(model, self.tok, self.task, ft, train_examples=self.prep.train_examples,
-                       progress=self.progress)
+                       checkpoint=checkpoint, progress=self.progress)
         t1 = time.perf_counter()
         test = evaluate_task(model, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
                              keep_predictions=True, progress=self.progress)

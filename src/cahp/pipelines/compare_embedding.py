@@ -181,7 +181,7 @@ def dense_summary(dense: dict, boot: PairedSpearman, cahp_by_target: dict[str, l
             "vs_cahp": vs}
 
 
-def distill_pruned(run, model, ft: FinetuneConfig, what: str, progress: bool = True) -> dict:
+def distill_pruned(run, model, ft: FinetuneConfig, what: str, progress: bool = True, checkpoint=None) -> dict:
     """One distillation of an already pruned ``model`` (in place) on the prepared run's training texts, then
     its scores: held-out fidelity, the similarity task's test split (zero-shot), parameters, the distillation's
     epochs and the seconds spent. ``run``: an `cahp.pipelines.embedding.EmbeddingRun`; ``what`` names the model
@@ -190,7 +190,7 @@ def distill_pruned(run, model, ft: FinetuneConfig, what: str, progress: bool = T
     loss = EmbeddingLoss(run.targets["train"], run.settings, run.distance)
     once = dataclasses.replace(ft, max_train_examples=0)  # the subset was taken before the targets
     res = distill(model, run.datasets["train"], run.targets["train"], run.curve_batches, run.targets["curve"],
-                  loss, once, run.tokenizer.pad_token_id or 0, progress)
+                  loss, once, run.tokenizer.pad_token_id or 0, progress, checkpoint=checkpoint)
     t1 = time.perf_counter()
     held = fidelity(model, run.curve_batches, run.targets["curve"], run.settings)
     test = run.similarity["test"].evaluate(model, run.settings, seed=run.cfg.seed, n_bootstrap=SCORE_BOOTSTRAP)
@@ -380,12 +380,13 @@ class _EmbeddingCompare:
                     key = {"part": "distilled", **self.method_key(method, seed if self.seeded(method) else None),
                            "k": k, "kept": p["kept"], "gates": p.get("gates"), "distill": asdict(ft),
                            "score_bootstrap": SCORE_BOOTSTRAP}
+                    name = f"embedding-ft-{method}-k{k}-s{seed}"
                     fine[(method, seed, k)] = self.cache.get_or_compute(
-                        f"embedding-ft-{method}-k{k}-s{seed}", key,
-                        lambda p=p, ft=ft, method=method: self.distill_and_score(p, ft, method))
+                        name, key, lambda p=p, ft=ft, method=method, name=name, key=key:
+                        self.distill_and_score(p, ft, method, self.cache.epoch_checkpoint(name, key)))
         return fine
 
-    def distill_and_score(self, pre: dict, ft: FinetuneConfig, method: str) -> dict:
+    def distill_and_score(self, pre: dict, ft: FinetuneConfig, method: str, checkpoint=None) -> dict:
         """Surgery to the selection's heads (its tuned gates folded in), one distillation, the scores."""
         run = self.prep
         t0 = time.perf_counter()
@@ -393,7 +394,7 @@ class _EmbeddingCompare:
         keep_heads(model, {int(layer): hs for layer, hs in pre["kept"].items()})
         if pre.get("gates") is not None:
             fold_gates(model, torch.tensor(pre["gates"]))
-        rec = distill_pruned(run, model, ft, f"{method} ({pre['k']} heads)", self.progress)
+        rec = distill_pruned(run, model, ft, f"{method} ({pre['k']} heads)", self.progress, checkpoint)
         rec["seconds"]["distill"] += time.perf_counter() - t0 - sum(rec["seconds"].values())  # the surgery too
         return rec
 

@@ -248,15 +248,17 @@ class _EmbeddingFfnCompare:
         """Surgery to a selection (tuned gates folded in), one distillation, the scores (one cached result)."""
         key = {"part": "distilled", "method": name, "selection": built_from(rec["selection"]), "distill": asdict(ft),
                "score_bootstrap": SCORE_BOOTSTRAP}
+        stage = f"embedding-ft-{name}-{label}-s{ft.seed}"
 
         def compute() -> dict:
             t0 = time.perf_counter()
             model = build_pruned(self.run_.model, JointSelection.from_dict(rec["selection"]))
-            out = distill_pruned(self.run_, model, ft, f"{name} at {label}", self.progress)
+            out = distill_pruned(self.run_, model, ft, f"{name} at {label}", self.progress,
+                                 self.cache.epoch_checkpoint(stage, key))
             out["seconds"]["distill"] += time.perf_counter() - t0 - sum(out["seconds"].values())  # surgery too
             return out
 
-        return self.cache.get_or_compute(f"embedding-ft-{name}-{label}-s{ft.seed}", key, compute)
+        return self.cache.get_or_compute(stage, key, compute)
 
     # --- the run ---------------------------------------------------------------------------------------
     def run(self) -> dict:

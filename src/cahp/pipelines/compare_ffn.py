@@ -71,7 +71,6 @@ from cahp.selectors.joint_base import HeldOut, JointSelection, check_selection
 from cahp.selectors.registry import JOINT_METHODS, make_joint_method
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
-from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +329,8 @@ class _CompareFfn:
                 m = copy.deepcopy(self.model)
             else:
                 m = build_pruned(self.model, JointSelection.from_dict(rec["selection"]))
-            epochs = EpochCheckpoint(self.cache.root / f"{name}.epoch.pt", {**self.cache.base, **key})
-            res = finetune(m, self.tok, self.task, ft, train_examples=self.run_.train_examples, checkpoint=epochs,
-                           progress=self.progress)
+            res = finetune(m, self.tok, self.task, ft, train_examples=self.run_.train_examples,
+                           checkpoint=self.cache.epoch_checkpoint(name, key), progress=self.progress)
             t1 = time.perf_counter()
             test = evaluate_task(m, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
                                  keep_predictions=True, progress=False)

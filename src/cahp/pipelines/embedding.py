@@ -335,7 +335,8 @@ def surgery_and_distill(run: EmbeddingRun, kept: dict, progress: bool = True, ne
             pad = run.tokenizer.pad_token_id or 0
             once = dataclasses.replace(ft_cfg, max_train_examples=0)  # the subset was taken before the targets
             result["distillation"] = distill(pruned, run.datasets["train"], run.targets["train"], run.curve_batches,
-                                             run.targets["curve"], loss, once, pad, progress).to_dict()
+                                             run.targets["curve"], loss, once, pad, progress,
+                                             checkpoint=run.stages.epoch_checkpoint(stage, key)).to_dict()
             result["after_distillation"] = scores_now()
         distributed.on_main(save_pruned, pruned, run.tokenizer, model_dir)
         made["model"] = pruned
@@ -347,7 +348,8 @@ def surgery_and_distill(run: EmbeddingRun, kept: dict, progress: bool = True, ne
         key["kept_neurons"] = neurons
     # the folder must hold exactly these units: another run's model/ (heads only, or other neurons) is no hit
     check = kept_check(kept, neurons, neuron_shape(pruned.config)[1])
-    scores = run.stages.get_or_compute("final-embedding" if neurons is None else "final-embedding-ffn", key, compute,
+    stage = "final-embedding" if neurons is None else "final-embedding-ffn"
+    scores = run.stages.get_or_compute(stage, key, compute,
                                        label="surgery_and_distill", artifact=model_dir, artifact_check=check)
     if "model" not in made:
         if distributed.is_main():

@@ -403,6 +403,7 @@ def joint_surgery_and_finetune(run: PreparedRun, heads: dict, neurons: dict, pro
         scores = {"test_after_pruning": test()}
         if not cfg.skip_final_finetune:
             scores["finetune"] = finetune(pruned, tok, task, ft_cfg, train_examples=run.train_examples,
+                                          checkpoint=run.stages.epoch_checkpoint("final-ffn", key),
                                           progress=progress).to_dict()
             scores["test_after_finetune"] = test()
         distributed.on_main(save_pruned, pruned, tok, model_dir)

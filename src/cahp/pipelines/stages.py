@@ -46,7 +46,6 @@ from cahp.stats.signatures import Signatures, collect_signatures
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
 from cahp.train.metrics import resolve_metric
-from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +239,7 @@ def finetuned_dense_model(cfg: PruneConfig, ft_cfg: FinetuneConfig, task, identi
         info = {"finetuned_by_cahp": not cfg.finetuned}
         if not cfg.finetuned:
             # epochs done survive an interruption (a dense mpnet-base fine-tuning on a CPU takes hours)
-            epochs = EpochCheckpoint(stages.root / "finetune_dense.epoch.pt", {"stage": "finetune_dense", **identity})
+            epochs = stages.epoch_checkpoint("finetune_dense", {"stage": "finetune_dense", **identity})
             info["finetune"] = finetune(model, tok, task, ft_cfg, train_examples=train_examples, checkpoint=epochs,
                                         progress=progress).to_dict()
         distributed.on_main(save_pruned, model, tok, dense_dir)
@@ -343,6 +342,7 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
                                                       progress=progress)}
         if not cfg.skip_final_finetune:
             scores["finetune"] = finetune(pruned, tok, task, ft_cfg, train_examples=run.train_examples,
+                                          checkpoint=run.stages.epoch_checkpoint("final", key),
                                           progress=progress).to_dict()
             scores["test_after_finetune"] = evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length,
                                                           seed=cfg.seed, progress=progress)

@@ -35,6 +35,7 @@ from cahp.data.batching import EncodedDataset
 from cahp.train.finetune import FinetuneConfig, check_config
 from cahp.train.loop import steps_per_epoch, train_loop
 from cahp.train.objectives import EmbeddingLoss, EmbeddingObjectiveError, fidelity
+from cahp.train.resume import EpochCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def distill(
     cfg: FinetuneConfig | None = None,
     pad_token_id: int = 0,
     progress: bool = True,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> DistillResult:
     """Train ``student`` in place to reproduce ``train_targets``; the most faithful epoch's weights are kept.
 
@@ -78,6 +80,8 @@ def distill(
         loss: the embedding loss; its targets are replaced by ``train_targets`` for training.
         cfg: optimiser settings (epochs, lr, batch size, warm-up, weight decay, clipping, patience, seed,
             ``max_train_examples``).
+        checkpoint: keep the state after every epoch there and resume an interrupted run from it
+            (`cahp.train.resume`); its key must name the student and the texts, the settings are added here.
 
     Returns:
         A `DistillResult`.
@@ -103,6 +107,8 @@ def distill(
     # they always have; under DDP the BERT-style pooler is in the graph of no embedding (unused parameters)
     loop = train_loop(student, train_ds, train_loss, heldout, cfg, pad_token_id, score_name="held-out fidelity",
                       desc="distill", evaluate_before=True, epoch_seed_start=1, find_unused_parameters=True,
+                      checkpoint=None if checkpoint is None else checkpoint.with_settings(
+                          distill=asdict(cfg), distance=loss.distance),
                       progress=progress)
     # a distillation record keeps its own fields: epoch, train loss, held-out fidelity, seconds
     history = [loop.history[0]] + [{k: r[k] for k in ("epoch", "train_loss", "heldout_fidelity", "seconds")}
