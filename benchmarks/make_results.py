@@ -366,6 +366,8 @@ def _frontier_section() -> list[str] | None:
             split_by += ", weight 1 where all at chance"
         elif not fixed and report_ffn.fidelity_fallback(r):
             split_by += ", closest hidden states where all at chance"
+        elif not fixed and report_ffn.heads_fallback(r):
+            split_by += ", most heads where all at chance"
         units_by = report_ffn.within(r)
         control = (r["dense"].get("control") or {}).get("accuracy")
         for t in r["targets"]:

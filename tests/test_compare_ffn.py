@@ -202,6 +202,31 @@ def test_cahp_keeps_the_split_closest_to_the_dense_states_where_every_loss_is_at
     assert again.info["decided_by"] == "loss" and again.info["head_weight"] == lowest.info["head_weight"]
 
 
+def test_cahp_keeps_the_split_with_the_most_heads_where_every_loss_is_at_chance_under_the_heads_rule():
+    """``collapsed="heads"``: every loss at chance, the candidate keeping the most heads is kept whatever the
+    losses and fidelities say; an informative loss still decides by itself; the report says which rule chose."""
+    from cahp.pipelines.report_ffn import candidate_lines
+
+    def held(sel):  # losses and fidelities both prefer fewer heads here
+        heads = sum(len(v) for v in sel.heads.values())
+        return HeldOut(score=0.3, loss=1.10 + 0.001 * heads, fidelity=1.0 / (1 + heads))
+
+    shared = {"head_weights": (0.5, 1.0, 2.0), "collapsed": "heads"}
+    collapsed = replace(_problem(score=held), chance_loss=1.0986)
+    sel = make_joint_method("cahp", shared=shared).select(0.6, collapsed)
+    kept = {c["head_weight"]: c for c in sel.info["candidates"]}
+    heads = sum(len(v) for v in sel.heads.values())
+    assert sel.info["decided_by"] == "heads" and sel.info["collapsed"]
+    fidelity = make_joint_method("cahp", shared={**shared, "collapsed": "fidelity"}).select(0.6, collapsed)
+    assert heads > sum(len(v) for v in fidelity.heads.values())  # the two rules disagree on this problem
+    assert sel.info["head_weight"] == max(kept)  # the largest head weight keeps the most heads here
+    line = candidate_lines({"info": sel.info})[0]
+    assert "chosen by the most heads kept (no loss below the constant predictor's 1.0986)" in line
+    informative = replace(_problem(score=held), chance_loss=2.0)
+    again = make_joint_method("cahp", shared=shared).select(0.6, informative)
+    assert again.info["decided_by"] == "loss" and again.info["head_weight"] == fidelity.info["head_weight"]
+
+
 def test_unreachable_share_is_a_clear_error():
     for name in STATS_ONLY:
         with pytest.raises(JointSelectionError):

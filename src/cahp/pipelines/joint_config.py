@@ -44,7 +44,8 @@ class JointConfig:
     collapsed: str = cfg_field("fidelity", "the head weight kept where no split's held-out loss is below the best "
                                "constant predictor's (outputs that carry no information about the labels): the "
                                "split whose last hidden states are closest to the dense model's, the neutral "
-                               "weight 1, or the lowest loss regardless", choices=list(COLLAPSED))
+                               "weight 1, the lowest loss regardless, or the split keeping the most heads",
+                               choices=list(COLLAPSED))
     linkage: str = cfg_field("average", "linkage of the per-layer clustering", choices=list(LINKAGES))
     within: str = cfg_field("greedy", "how CAHP keeps a layer's units: by salience discounted by nearness to the "
                             "units kept before (greedy), or one most salient representative per cluster",

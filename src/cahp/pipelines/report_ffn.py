@@ -13,7 +13,7 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 
 from __future__ import annotations
 
-__all__ = ["SPEED_GOAL", "collapsed", "decide", "fidelity_fallback", "goal_lines", "neutral_fallback",
+__all__ = ["SPEED_GOAL", "collapsed", "decide", "fidelity_fallback", "goal_lines", "heads_fallback", "neutral_fallback",
            "render_ffn_markdown", "split_by", "split_rule", "summary_lines", "target_table", "units_rule", "within"]
 
 
@@ -81,6 +81,12 @@ def fidelity_fallback(report: dict) -> bool:
     return split_by(report) == "loss" and collapsed(report) == "fidelity"
 
 
+def heads_fallback(report: dict) -> bool:
+    """Whether the report's split rule keeps the split with the most heads where every loss is at chance (loss
+    rule, ``collapsed="heads"``)."""
+    return split_by(report) == "loss" and collapsed(report) == "heads"
+
+
 def fixed_weight(report: dict) -> str | None:
     """The report's CAHP head weight when ``--head-weights`` gave only one (nothing to choose), else None."""
     weights = [w for w in str((report["settings"].get("joint") or {}).get("head_weights", "")).split(",") if w.strip()]
@@ -101,6 +107,9 @@ def split_rule(report: dict) -> str:
     elif fidelity_fallback(report):
         rule += (", the last hidden states closest to the dense model's (mean cosine over real tokens) where no "
                  "loss is below the best constant predictor's (collapsed outputs: the labels cannot choose)")
+    elif heads_fallback(report):
+        rule += (", the split keeping the most heads where no loss is below the best constant predictor's "
+                 "(collapsed outputs: the labels cannot choose)")
     return rule
 
 
@@ -201,6 +210,8 @@ def candidate_lines(cahp: dict) -> list[str]:
     elif info.get("decided_by") == "fidelity":
         by = (f"hidden-state fidelity to the dense model (no loss below the constant predictor's "
               f"{info['chance_loss']:.4f})")
+    elif info.get("decided_by") == "heads":
+        by = f"the most heads kept (no loss below the constant predictor's {info['chance_loss']:.4f})"
     else:
         by = f"held-out {by}"
         if info.get("collapsed"):

@@ -84,8 +84,8 @@ CHOOSE_BY = ("loss", "score")
 #: outputs carry no information about the labels, so their losses differ by how a collapsed output is
 #: calibrated, not by what it keeps): the candidate whose last hidden states are closest to the dense model's
 #: (``HeldOut.fidelity``; the neutral weight where a candidate has none), the neutral head weight (the first
-#: reachable of `ordered_weights`), or the lowest loss all the same.
-COLLAPSED = ("fidelity", "neutral", "lowest")
+#: reachable of `ordered_weights`), the lowest loss all the same, or the candidate keeping the most heads.
+COLLAPSED = ("fidelity", "neutral", "lowest", "heads")
 
 
 @dataclass
@@ -112,7 +112,9 @@ class CahpJoint(JointMethod):
     hidden states are closest to the dense model's (``HeldOut.fidelity``, mean cosine over real tokens), which
     is what the one fine-tuning starts from and a new classifier reads; it does not pass through the collapsed
     classifier. ``collapsed="neutral"`` keeps the neutral weight, the split of plain salience per cost, as an
-    exact tie would; ``collapsed="lowest"`` keeps the lowest loss regardless.
+    exact tie would; ``collapsed="lowest"`` keeps the lowest loss regardless; ``collapsed="heads"`` keeps the
+    candidate that keeps the most heads (ties: the earlier), on the view that the one fine-tuning recovers more
+    from kept attention than from kept neurons (ours; not the default, see docs/METHOD.md for its evidence).
     """
 
     head_weights: tuple[float, ...] = (1.0, 0.5, 2.0)
@@ -185,8 +187,11 @@ class CahpJoint(JointMethod):
                 and all(c["loss"] is not None and c["loss"] >= chance_loss for c in cands))
 
     def decided_by(self, cands: list[dict], chance_loss: float | None = None) -> str:
-        """What `best` compares: "loss", "score", "fidelity" (collapsed, every candidate has one) or "neutral"
-        (collapsed under ``collapsed="neutral"``, or "fidelity" with a candidate lacking it)."""
+        """What `best` compares: "loss", "score", "fidelity" (collapsed, every candidate has one), "heads"
+        (collapsed under ``collapsed="heads"``) or "neutral" (collapsed under ``collapsed="neutral"``, or
+        "fidelity" with a candidate lacking it)."""
+        if self.collapsed_split(cands, chance_loss) and self.collapsed == "heads":
+            return "heads"
         if self.collapsed_split(cands, chance_loss) and self.collapsed != "lowest":
             fidelity = self.collapsed == "fidelity" and all(c.get("fidelity") is not None for c in cands)
             return "fidelity" if fidelity else "neutral"
@@ -195,13 +200,15 @@ class CahpJoint(JointMethod):
         return "score"
 
     def best(self, cands: list[dict], chance_loss: float | None = None) -> dict:
-        """The candidate kept, by `decided_by`: the lowest loss, the highest score, the highest fidelity, or the
-        neutral (first) candidate; ties keep the earlier (the neutral weight 1 comes first)."""
+        """The candidate kept, by `decided_by`: the lowest loss, the highest score, the highest fidelity, the most
+        heads, or the neutral (first) candidate; ties keep the earlier (the neutral weight 1 comes first)."""
         rule = self.decided_by(cands, chance_loss)
         if rule == "neutral":
             return cands[0]
         if rule == "fidelity":
             return max(cands, key=lambda c: c["fidelity"])
+        if rule == "heads":
+            return max(cands, key=lambda c: sum(c["allocation"].heads))
         if rule == "loss":
             return min(cands, key=lambda c: c["loss"])  # min and max keep the first of equals
         if any(c["score"] is None for c in cands):

@@ -1,6 +1,6 @@
 """Epoch checkpoints of `cahp.train.loop.train_loop`: an interrupted fine-tuning resumes after its last whole epoch.
 
-A fine-tuning of mpnet-base on a 2-core CPU runs for hours; the stage cache
+A fine-tuning of a base-size model on a few CPU cores runs for hours; the stage cache
 (`cahp.pipelines.cache`) keeps only finished stages, so without this an
 interruption loses every epoch done. After each epoch the loop writes
 everything the next epoch depends on: the model, AdamW's moments, the
