@@ -190,9 +190,9 @@ class CahpJoint(JointMethod):
         """What `best` compares: "loss", "score", "fidelity" (collapsed, every candidate has one), "heads"
         (collapsed under ``collapsed="heads"``) or "neutral" (collapsed under ``collapsed="neutral"``, or
         "fidelity" with a candidate lacking it)."""
-        if self.collapsed_split(cands, chance_loss) and self.collapsed == "heads":
-            return "heads"
         if self.collapsed_split(cands, chance_loss) and self.collapsed != "lowest":
+            if self.collapsed == "heads":
+                return "heads"
             fidelity = self.collapsed == "fidelity" and all(c.get("fidelity") is not None for c in cands)
             return "fidelity" if fidelity else "neutral"
         if self.choose_by == "loss" and all(c["loss"] is not None for c in cands):

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cahp.core.io import file_mode
+from cahp.core.io import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +66,7 @@ class EpochCheckpoint:
 
     def save(self, state: dict) -> None:
         """Write ``state`` (tensors, numbers, strings, lists and dicts of them) with this key, atomically."""
-        path = Path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.fchmod(fd, file_mode())
-            with os.fdopen(fd, "wb") as f:
-                torch.save({**state, "key": self.fingerprint}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_tensors(self.path, {**state, "key": self.fingerprint})
 
     def clear(self) -> None:
         """Remove the checkpoint (the fine-tuning it belongs to has ended)."""
