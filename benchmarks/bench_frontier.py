@@ -39,6 +39,7 @@ log = logging.getLogger("bench_frontier")
 CONFIGS = {
     "minilm_sst5": ("minilm-l6", "sst5"),
     "minilm_mnli_small": ("minilm-l6", "mnli-small"),
+    "minilm_sst2": ("minilm-l6", "sst2"),
     "mpnet_sst5": ("mpnet-base", "sst5"),
 }
 IMAGES = REPO / "docs" / "images"

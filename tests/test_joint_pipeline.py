@@ -19,6 +19,7 @@ from cahp.budget.joint_curve import (
     floor_share,
     knee_share,
     share_grid,
+    worst_share,
 )
 from cahp.model.neurons import kept_neurons
 from cahp.pipelines import joint as joint_pipeline
@@ -189,10 +190,11 @@ def test_aim_each_bounds_every_shape_where_the_mean_target_does_not():
     hs, ns = rng.uniform(size=(2, 4)), rng.uniform(size=(2, 8))
 
     def worst(alloc):
-        return max(estimated_latency(t, alloc.heads, alloc.neurons) for t in (slow, fast))
+        return worst_share((slow, fast), alloc.heads, alloc.neurons)
 
     target = 0.7
     mean_only = allocate(both, hs, ns, target)
+    assert worst(mean_only) == max(estimated_latency(t, mean_only.heads, mean_only.neurons) for t in (slow, fast))
     assert mean_only.share <= target < worst(mean_only)  # the mean is within the target, the slow shape is not
     tries = []
 

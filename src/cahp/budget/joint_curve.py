@@ -13,7 +13,8 @@
 - `knee_share`: the knee of score against estimated share, snapped to a grid point.
 - `aim_each`: a selection whose estimated share is within a target at *every*
   shape, not only on average (`--speedup-at each`): the averaged table's target
-  is tightened until the slowest shape's share is within it too.
+  is tightened until the slowest shape's share is within it too; `worst_share`:
+  the share it bounds, the largest of the shapes'.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 from cahp.budget.cost import BlockCost, CostTable, estimated_latency
 from cahp.budget.knee import KneeResult, find_knee
 
-__all__ = ["JointBudgetError", "aim_each", "combined_table", "fair_values", "floor_share", "knee_share", "share_grid"]
+__all__ = ["JointBudgetError", "aim_each", "combined_table", "fair_values", "floor_share", "knee_share", "share_grid",
+           "worst_share"]
 
 #: Shares are put on an integer axis of this many steps for `find_knee` (it takes integer ks).
 SHARE_STEPS = 1000
@@ -69,6 +71,12 @@ def combined_table(tables: Sequence[CostTable]) -> CostTable:
         rest=sum(wi * t.rest for wi, t in zip(w, tables)),
         details={"shapes": [f"{t.batch}x{t.seq}" for t in tables]},
     )
+
+
+def worst_share(tables: Sequence[CostTable], heads_per_layer: Sequence[int],
+                neurons_per_layer: Sequence[int]) -> float:
+    """The largest estimated share of dense latency, over ``tables`` (one per cost shape), of these kept counts."""
+    return max(estimated_latency(t, heads_per_layer, neurons_per_layer) for t in tables)
 
 
 def aim_each(select: Callable[[float], T | None], worst_share: Callable[[T], float], share: float,

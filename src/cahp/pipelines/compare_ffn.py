@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from cahp.budget.cost import cost_summary
-from cahp.budget.joint_curve import AIM_TRIES, aim_each
+from cahp.budget.joint_curve import AIM_TRIES, aim_each, worst_share
 from cahp.core import distributed
 from cahp.core.io import environment, write_atomic, write_json
 from cahp.model.gates import head_gates
@@ -166,7 +166,7 @@ def select_target(jr: JointRun, method, target: dict) -> tuple[JointSelection, f
     if target.get("at", "mean") == "mean":
         return method.select(share, jr.problem), share
     sel, aimed = aim_each(lambda s: method.select(s, jr.problem),
-                          lambda x: max(x.share(t) for t in jr.tables), share)
+                          lambda x: worst_share(jr.tables, *x.counts(jr.table.n_layers)), share)
     if sel is None:
         raise ValueError(f"no selection within {AIM_TRIES} tries keeps every shape's estimated share at or "
                          f"below {share:.4f}")

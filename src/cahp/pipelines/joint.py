@@ -72,9 +72,9 @@ from cahp.arch import get_adapter
 from cahp.bench.config import parse_shapes
 from cahp.bench.timing import apply_allocator, choose_kernel, make_inputs
 from cahp.bench.variants import prepare_for_inference
-from cahp.budget.cost import SOURCES, CostTable, cost_table, estimated_latency
+from cahp.budget.cost import SOURCES, CostTable, cost_table
 from cahp.budget.curve import curve_metric
-from cahp.budget.joint_curve import aim_each, combined_table, floor_share, knee_share, share_grid
+from cahp.budget.joint_curve import aim_each, combined_table, floor_share, knee_share, share_grid, worst_share
 from cahp.core import distributed
 from cahp.core.threads import num_threads
 from cahp.model.checkpoint import is_pruned_folder, load_pruned, save_pruned
@@ -331,8 +331,8 @@ def target_point(jr: JointRun, share: float) -> dict | None:
     each``, every shape's share (`aim_each`; the point then records ``aimed_share``). None where unreachable."""
     if jr.joint.speedup_at == "mean":
         return best_point(jr, share)
-    point, aimed = aim_each(lambda s: best_point(jr, s), lambda p: max(
-        estimated_latency(t, p["heads_per_layer"], p["neurons_per_layer"]) for t in jr.tables), share)
+    point, aimed = aim_each(lambda s: best_point(jr, s),
+                            lambda p: worst_share(jr.tables, p["heads_per_layer"], p["neurons_per_layer"]), share)
     if point is not None:
         point = {**point, "target_share": share, "aimed_share": aimed}
     return point
