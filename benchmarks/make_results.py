@@ -158,8 +158,8 @@ SECTIONS = [
     ("frontier_minilm_mnli_small_3seeds_1.5x_all", "bench_frontier",
      "Heads + FFN neurons at 1.5x, minilm-l6 / mnli-small, 3 seeds: CAHP against Fisher, gradient, P-pruning, "
      "random and layer drop (issue 19)"),
-    ("frontier_mpnet_sst5", "bench_frontier",
-     "Heads + FFN neurons at equal estimated speed: mpnet-base / SST-5 (issue 19)"),
+    ("frontier_mpnet_sst5_2x", "bench_frontier",
+     "Heads + FFN neurons at 2x: mpnet-base / SST-5, 1 seed: CAHP against Fisher and heads-only CAHP (issue 19)"),
     ("decoder_smollm2_sst5", "bench_decoder",
      "Generative decoder: SmolLM2-135M on SST-5 text, CAHP over KV groups against the baselines, KV cache and decode "
      "speed (issue 23)"),

@@ -68,6 +68,7 @@ from cahp.model.gates import head_gates
 from cahp.model.heads import mask_to_heads
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
+from cahp.pipelines.compare_methods import MethodsBySeed
 from cahp.pipelines.compare_report import CompareReport
 from cahp.pipelines.guard import check_run, clip_max_length, model_config, output_folder
 from cahp.pipelines.report import (
@@ -82,12 +83,11 @@ from cahp.pipelines.stages import (
     curve,
     find_k_star,
     prepare_run,
-    selector_settings,
 )
 from cahp.pipelines.verdicts import STATISTICS, VERDICT_RULE, compare_to_cahp, verdict
-from cahp.selectors.base import HeadSelector, check_mask
+from cahp.selectors.base import check_mask
 from cahp.selectors.fisher import fold_gates
-from cahp.selectors.registry import JOINT_METHODS, KV_SELECTORS, SELECTORS, make_selector
+from cahp.selectors.registry import JOINT_METHODS, KV_SELECTORS, SELECTORS
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
 
@@ -219,8 +219,10 @@ def run_compare(cfg: PruneConfig, ft_cfg: FinetuneConfig | None = None, ccfg: Co
         return _Compare(cfg, ft_cfg, ccfg, out, progress, dense_ft, task).run()
 
 
-class _Compare(CompareReport):
+class _Compare(CompareReport, MethodsBySeed):
     """One compare call: the prepared run, the budgets, part (a), part (b); its report from `CompareReport`."""
+
+    registry = SELECTORS
 
     def __init__(self, cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg: CompareConfig, out: Path, progress: bool,
                  dense_ft: FinetuneConfig | None = None, task=None):
@@ -228,7 +230,6 @@ class _Compare(CompareReport):
         self.checked_task = task
         self.dense_ft_given = dense_ft
         self.seconds: dict[str, float] = {}
-        self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
 
     # --- setup --------------------------------------------------------------------------------
     def run(self) -> CompareResult:
@@ -270,38 +271,8 @@ class _Compare(CompareReport):
         self.write(report)
         return CompareResult(output_dir=self.out, report=report)
 
-    @staticmethod
-    def seeded(method: str) -> bool:
-        """Whether the method's selection depends on the compare seed (the random selector)."""
-        return SELECTORS[method][0].seeded
-
-    def sel_seeds(self, method: str) -> list[int | None]:
-        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
-        return list(self.seeds) if self.seeded(method) else [None]
-
-    def selector(self, method: str, seed: int | None) -> HeadSelector:
-        """One selector per (method, selection seed), kept so that selectors caching passes over data reuse them.
-
-        Built as `cahp prune` builds CAHP: the registry, with the run's shared settings (distance, clustering,
-        kernel) given to the selectors that take them, and ``--seed`` for a selection that has no seed of its own.
-        """
-        key = (method, seed)
-        if key not in self.selectors:
-            self.selectors[key] = make_selector(method, self.cfg.seed if seed is None else seed,
-                                                shared=selector_settings(self.cfg))
-        return self.selectors[key]
-
-    @staticmethod
-    def tag(seed: int | None) -> str:
-        """The seed part of the names of compare's own results ("all": one selection for every seed)."""
-        return "all" if seed is None else f"s{seed}"
-
-    def method_key(self, method: str, seed: int | None) -> dict:
-        sel = self.selector(method, seed)
-        return {"method": method, "selector": sel.settings()}
-
     def select(self, method: str, seed: int | None, k: int):
-        sel = self.selector(method, seed)
+        sel = self.method(method, seed)
         t = time.perf_counter()
         mask, gates = sel.select_gates(k, self.stats, self.ctx)
         check_mask(mask, k, self.stats)
@@ -317,7 +288,7 @@ class _Compare(CompareReport):
         for method in self.methods:
             for sseed in self.sel_seeds(method):
                 mk = self.method_key(method, sseed)
-                curves[(method, sseed)] = curve(run, self.selector(method, sseed), self.progress)
+                curves[(method, sseed)] = curve(run, self.method(method, sseed), self.progress)
                 for k in self.budget_ks:
 
                     def compute_pre(method=method, sseed=sseed, k=k):

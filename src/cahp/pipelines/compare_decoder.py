@@ -76,6 +76,7 @@ from cahp.model.heads import kept_kv_heads, kv_cache_bytes_per_token, mask_to_he
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
 from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult, check_compare_run
+from cahp.pipelines.compare_methods import MethodsBySeed
 from cahp.pipelines.decoder import (
     DECODER_SELECTOR,
     DecoderRun,
@@ -90,11 +91,10 @@ from cahp.pipelines.guard import output_folder
 from cahp.pipelines.plots import plot_perplexity
 from cahp.pipelines.report import pooled_verdict_texts, write_compare_outputs
 from cahp.pipelines.report_decoder import render_markdown
-from cahp.pipelines.stages import PruneConfig, find_k_star, selector_settings
+from cahp.pipelines.stages import PruneConfig, find_k_star
 from cahp.pipelines.verdicts import paired_nll
-from cahp.selectors.base import HeadSelector
 from cahp.selectors.gqa import check_kv_mask
-from cahp.selectors.registry import KV_SELECTORS, make_selector
+from cahp.selectors.registry import KV_SELECTORS
 from cahp.train.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -220,14 +220,15 @@ def _kept(kept: dict) -> dict[int, list[int]]:
     return {int(layer): list(hs) for layer, hs in kept.items()}
 
 
-class _DecoderCompare:
+class _DecoderCompare(MethodsBySeed):
     """One compare call on a decoder: the prepared run, the budgets, parts (a) and (b), speed, the report."""
+
+    registry = KV_SELECTORS
 
     def __init__(self, cfg, ft_cfg, ccfg, timing, methods, out: Path, progress: bool, task):
         self.cfg, self.ft_cfg, self.ccfg, self.timing = cfg, ft_cfg, ccfg, timing
         self.methods, self.out, self.progress, self.checked_task = methods, out, progress, task
         self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
-        self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
         self.seconds: dict[str, float] = {}
 
     def run(self) -> CompareResult:
@@ -239,7 +240,7 @@ class _DecoderCompare:
                                                             "held": run.keys["held"]},
                                 log_level=logging.DEBUG)
         t = time.perf_counter()
-        self.knee_curve = decoder_curve(run, self.selector(DECODER_SELECTOR, None), self.progress)
+        self.knee_curve = decoder_curve(run, self.method(DECODER_SELECTOR, None), self.progress)
         self.knee = find_k_star(self.knee_curve["points"], self.cfg)
         self.seconds["cahp_curve_and_knee"] = time.perf_counter() - t
         self.budgets = kv_budgets(self.ccfg.budgets, self.knee.k if self.ccfg.knee else None, self.stats.n_kv)
@@ -257,30 +258,6 @@ class _DecoderCompare:
         return CompareResult(output_dir=self.out, report=report)
 
     # --- selectors ------------------------------------------------------------------------------------
-    @staticmethod
-    def seeded(method: str) -> bool:
-        """Whether the method's selection depends on the compare seed (the random selector)."""
-        return KV_SELECTORS[method][0].seeded
-
-    def sel_seeds(self, method: str) -> list[int | None]:
-        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
-        return list(self.seeds) if self.seeded(method) else [None]
-
-    def selector(self, method: str, seed: int | None) -> HeadSelector:
-        """One selector per (method, selection seed), built as `cahp prune` builds CAHP over KV groups."""
-        key = (method, seed)
-        if key not in self.selectors:
-            self.selectors[key] = make_selector(method, self.cfg.seed if seed is None else seed,
-                                                shared=selector_settings(self.cfg))
-        return self.selectors[key]
-
-    def method_key(self, method: str, seed: int | None) -> dict:
-        return {"method": method, "selector": self.selector(method, seed).settings()}
-
-    @staticmethod
-    def tag(seed: int | None) -> str:
-        return "all" if seed is None else f"s{seed}"
-
     def sizes(self, model: nn.Module) -> dict:
         """KV cache bytes per token, KV heads and parameters of a (pruned) model."""
         kv = kept_kv_heads(model)
@@ -306,7 +283,7 @@ class _DecoderCompare:
 
     def score_selection(self, method: str, sseed: int | None, k: int) -> dict:
         """Select k KV groups, score the dense model gated to them, and measure the pruned model's sizes."""
-        run, sel = self.prep, self.selector(method, sseed)
+        run, sel = self.prep, self.method(method, sseed)
         t = time.perf_counter()
         mask = check_kv_mask(sel.select(k, self.stats, run.ctx), k, self.stats)
         t0 = time.perf_counter()
@@ -464,7 +441,7 @@ class _DecoderCompare:
                 "prune": asdict(cfg), "finetune_after": {k: v for k, v in asdict(self.ft_cfg).items() if k != "seed"},
                 "compare": asdict(self.ccfg), "timing": asdict(self.timing), "seeds": self.seeds,
                 "methods_run": self.methods,
-                "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
+                "methods": {m: self.method(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
             },
             "data": {**text_summary(run), "heldout_sentences": len(self.dense["tokens"])},
             "statistics": STATISTICS,

@@ -66,6 +66,7 @@ from cahp.model.heads import mask_to_heads, mean_relative_depth
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
 from cahp.pipelines.compare import DEFAULT_METHODS, CompareConfig, CompareResult, check_compare_run
+from cahp.pipelines.compare_methods import MethodsBySeed
 from cahp.pipelines.embedding import (
     EMBEDDING_OBJECTIVES,
     NO_SIMILARITY,
@@ -78,12 +79,12 @@ from cahp.pipelines.guard import output_folder
 from cahp.pipelines.plots import plot_spearman
 from cahp.pipelines.report import pooled_verdict_texts, verdict_text, write_compare_outputs
 from cahp.pipelines.report_embedding import render_markdown
-from cahp.pipelines.stages import PruneConfig, cahp_selector, find_k_star, selector_settings
+from cahp.pipelines.stages import PruneConfig, cahp_selector, find_k_star
 from cahp.pipelines.verdicts import VERDICT_RULE, verdict
 from cahp.selectors.base import HeadSelector, check_mask
 from cahp.selectors.fisher import FisherSearchSelector, fold_gates
 from cahp.selectors.label_free import LabelFreeFisher
-from cahp.selectors.registry import SELECTORS, make_selector
+from cahp.selectors.registry import SELECTORS
 from cahp.train.distill import distill
 from cahp.train.finetune import FinetuneConfig
 from cahp.train.metrics import PairedSpearman
@@ -262,8 +263,10 @@ def _heads_per_layer(kept: dict, n_layers: int) -> list[int]:
     return [len(kept.get(str(i), kept.get(i, []))) for i in range(n_layers)]
 
 
-class _EmbeddingCompare:
+class _EmbeddingCompare(MethodsBySeed):
     """One compare call: the prepared run, the budgets, part (a), part (b) and the report."""
+
+    registry = SELECTORS
 
     def __init__(self, cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg: CompareConfig, methods: list[str],
                  out: Path, progress: bool):
@@ -271,7 +274,6 @@ class _EmbeddingCompare:
         # the prepared run's distillation subset and targets are drawn with --seed, as `cahp prune` draws them
         self.ft_cfg = dataclasses.replace(ft_cfg, seed=cfg.seed)
         self.seeds = [cfg.seed + i for i in range(ccfg.seeds)]
-        self.selectors: dict[tuple[str, int | None], HeadSelector] = {}
         self.seconds: dict[str, float] = {}
 
     # --- setup ----------------------------------------------------------------------------------------
@@ -308,33 +310,14 @@ class _EmbeddingCompare:
         self.write(report)
         return CompareResult(output_dir=self.out, report=report)
 
-    def seeded(self, method: str) -> bool:
-        """Whether the method's selection depends on the compare seed (the random selector)."""
-        return SELECTORS[method][0].seeded
-
-    def sel_seeds(self, method: str) -> list[int | None]:
-        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
-        return list(self.seeds) if self.seeded(method) else [None]
-
-    def selector(self, method: str, seed: int | None) -> HeadSelector:
-        """One selector per (method, selection seed), built as `cahp prune` builds CAHP (the registry with the
-        run's shared settings); a Fisher selector gets the embedding loss for its gate gradients."""
-        key = (method, seed)
-        if key not in self.selectors:
-            sel = make_selector(method, self.cfg.seed if seed is None else seed, shared=selector_settings(self.cfg))
-            if isinstance(sel, FisherSearchSelector):
-                init = {f.name: getattr(sel, f.name) for f in dataclasses.fields(sel) if f.init}
-                sel = LabelFreeFisher(**init, loss_fn=self.fisher_loss)
-            self.selectors[key] = sel
-        return self.selectors[key]
-
-    @staticmethod
-    def tag(seed: int | None) -> str:
-        """The seed part of a result's name ("all": one selection for every seed)."""
-        return "all" if seed is None else f"s{seed}"
-
-    def method_key(self, method: str, seed: int | None) -> dict:
-        return {"method": method, "selector": self.selector(method, seed).settings()}
+    def build(self, name: str, seed: int) -> HeadSelector:
+        """A head selector as `cahp prune` builds CAHP (the registry with the run's shared settings); a Fisher
+        selector gets the embedding loss for its gate gradients."""
+        sel = super().build(name, seed)
+        if isinstance(sel, FisherSearchSelector):
+            init = {f.name: getattr(sel, f.name) for f in dataclasses.fields(sel) if f.init}
+            sel = LabelFreeFisher(**init, loss_fn=self.fisher_loss)
+        return sel
 
     # --- (a) no fine-tuning ---------------------------------------------------------------------------
     def part_a(self) -> dict:
@@ -351,7 +334,7 @@ class _EmbeddingCompare:
 
     def score_selection(self, method: str, sseed: int | None, k: int) -> dict:
         """Select k heads and score the dense model gated to them: fidelity, dev Spearman, test scores."""
-        run, sel = self.prep, self.selector(method, sseed)
+        run, sel = self.prep, self.method(method, sseed)
         t = time.perf_counter()
         mask, gates = sel.select_gates(k, run.stats, run.context())
         check_mask(mask, k, run.stats)
@@ -477,7 +460,7 @@ class _EmbeddingCompare:
             "settings": {
                 "prune": asdict(cfg), "distillation": {k: v for k, v in asdict(self.ft_cfg).items() if k != "seed"},
                 "compare": asdict(self.ccfg), "methods_run": self.methods, "seeds": self.seeds,
-                "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
+                "methods": {m: self.method(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
                 "salience_target_noise": SALIENCE_TARGET_NOISE, "score_bootstrap": SCORE_BOOTSTRAP,
             },
             "data": {**{f"{k}_texts": len(ds) for k, ds in run.datasets.items()},

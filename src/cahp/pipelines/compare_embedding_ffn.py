@@ -81,6 +81,7 @@ from cahp.pipelines.compare_ffn import (
     selection_row,
     target_key,
 )
+from cahp.pipelines.compare_methods import MethodsBySeed
 from cahp.pipelines.embedding import (
     EMBEDDING_OBJECTIVES,
     NO_SIMILARITY,
@@ -174,8 +175,10 @@ def run_compare_embedding_ffn(cfg, ft_cfg: FinetuneConfig | None = None, ccfg: C
         return CompareResult(output_dir=out, report=report)
 
 
-class _EmbeddingFfnCompare:
+class _EmbeddingFfnCompare(MethodsBySeed):
     """One call: targets, per-method selections through gates, distillations, and the report."""
+
+    registry = JOINT_METHODS
 
     def __init__(self, cfg, ft_cfg: FinetuneConfig, ccfg: CompareConfig, joint: JointConfig, run: EmbeddingRun,
                  jr: JointRun, methods: list[str], excluded: dict, speedups: list[float], progress: bool):
@@ -190,29 +193,18 @@ class _EmbeddingFfnCompare:
         self.fisher_loss = salience_loss(run.targets["calibration"], run.settings, run.distance, cfg.seed)
         # jr.key holds the run's identity (texts, similarity data, seed), the loss and the cost tables
         self.cache = StageCache(run.out / "compare-ffn", base={"curve": cache_base(jr)}, log_level=logging.DEBUG)
-        self.built: dict = {}
 
     # --- methods ---------------------------------------------------------------------------------------
-    def method(self, name: str, seed: int | None):
-        """One joint method per (name, selection seed); Kwon et al.'s gets the embedding loss for its gradients."""
-        key = (name, seed)
-        if key not in self.built:
-            m = make_method(name, self.cfg.seed if seed is None else seed, self.joint)
-            if isinstance(m, KwonJointFisher):
-                init = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.init}
-                # mask tuning fits the last FFN at the first token only where the embedding reads only that
-                # token (CLS pooling); mean or max pooling reads every token
-                init["cls_last"] = pooling_modes(self.run_.settings["pooling"]) == ["cls"]
-                m = LabelFreeJointFisher(**init, loss_fn=self.fisher_loss)
-            self.built[key] = m
-        return self.built[key]
-
-    def seeded(self, name: str) -> bool:
-        return JOINT_METHODS[name][0].seeded
-
-    def sel_seeds(self, name: str) -> list[int | None]:
-        """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
-        return list(self.seeds) if self.seeded(name) else [None]
+    def build(self, name: str, seed: int):
+        """A joint method (`make_method`); Kwon et al.'s gets the embedding loss for its gradients."""
+        m = make_method(name, seed, self.joint)
+        if isinstance(m, KwonJointFisher):
+            init = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.init}
+            # mask tuning fits the last FFN at the first token only where the embedding reads only that
+            # token (CLS pooling); mean or max pooling reads every token
+            init["cls_last"] = pooling_modes(self.run_.settings["pooling"]) == ["cls"]
+            m = LabelFreeJointFisher(**init, loss_fn=self.fisher_loss)
+        return m
 
     # --- per (method, target, selection seed) ----------------------------------------------------------
     def gated(self, sel: JointSelection) -> dict:

@@ -59,6 +59,7 @@ from cahp.model.neuron_surgery import keep_neurons
 from cahp.model.neurons import neuron_gates, neuron_shape
 from cahp.model.surgery import count_parameters, keep_heads
 from cahp.pipelines.cache import StageCache
+from cahp.pipelines.compare_methods import MethodsBySeed
 from cahp.pipelines.guard import check_run, output_folder
 from cahp.pipelines.joint import JointRun, find_share_star, joint_curve, prepare_joint
 from cahp.pipelines.joint_config import JointConfig, JointSetupError
@@ -259,8 +260,10 @@ def run_compare_ffn(cfg: PruneConfig, ft_cfg: FinetuneConfig, ccfg, joint: Joint
         return CompareResult(output_dir=out, report=report)
 
 
-class _CompareFfn:
+class _CompareFfn(MethodsBySeed):
     """One compare --ffn call: targets, per-method selections, timings, fine-tunings and the report."""
+
+    registry = JOINT_METHODS
 
     def __init__(self, cfg, ft_cfg, ccfg, joint, jr: JointRun, methods, speedups, progress):
         self.cfg, self.ft_cfg, self.ccfg, self.joint, self.jr = cfg, ft_cfg, ccfg, joint, jr
@@ -273,17 +276,11 @@ class _CompareFfn:
         self.shapes = (tuple(kept_mask(self.model).shape), tuple(neuron_shape(self.model.config)))
         self.cache = StageCache(run.out / "compare-ffn", log_level=logging.DEBUG,
                                 base={"curve": cache_base(jr), "eval_data": run.keys["eval_data"]})
-        self.methods_built: dict = {}
 
     # --- setup ------------------------------------------------------------------------------
-    def method(self, name: str, seed: int | None):
-        key = (name, seed)
-        if key not in self.methods_built:
-            self.methods_built[key] = make_method(name, self.cfg.seed if seed is None else seed, self.joint)
-        return self.methods_built[key]
-
-    def sel_seeds(self, name: str) -> list[int | None]:
-        return list(self.seeds) if JOINT_METHODS[name][0].seeded else [None]
+    def build(self, name: str, seed: int):
+        """A joint method by registry name with the run's shared ``--ffn`` settings (`make_method`)."""
+        return make_method(name, seed, self.joint)
 
     def targets(self) -> list[dict]:
         out, self.knee = compare_targets(self.jr, self.cfg, self.ccfg, self.speedups, self.progress)

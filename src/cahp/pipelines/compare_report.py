@@ -7,7 +7,7 @@ attributes that `_Compare.run` sets (``cfg``, ``ccfg``, ``ft_cfg``,
 ``dense_ft``, ``prep``, ``task``, ``stats``, ``split``, ``labels``,
 ``methods``, ``seeds``, ``budgets``, ``ks``, ``knee``, ``knee_curve``,
 ``seconds``, ``cache``, ``out``) and its ``sel_seeds``, ``seeded`` and
-``selector``, and computes nothing of its own but statistics over the test
+``method``, and computes nothing of its own but statistics over the test
 predictions (`cahp.pipelines.verdicts`). Rendering (markdown, verdict lines,
 files) is `cahp.pipelines.report`'s.
 """
@@ -69,7 +69,7 @@ class CompareReport:
 
     def result_counts(self) -> dict:
         """How many results this call read from the caches and how many it computed (each curve counted once)."""
-        curves = [self.prep.stages.first[curve_name(self.selector(m, s))] for m in self.methods
+        curves = [self.prep.stages.first[curve_name(self.method(m, s))] for m in self.methods
                   for s in self.sel_seeds(m)]
         return {"results_cached": self.cache.hits + sum(curves),
                 "results_computed": self.cache.computed + len(curves) - sum(curves)}
@@ -152,7 +152,7 @@ class CompareReport:
                 "prune": asdict(cfg), "finetune_dense": asdict(self.dense_ft),
                 "finetune_after": {k: v for k, v in asdict(self.ft_cfg).items() if k != "seed"},
                 "compare": asdict(self.ccfg), "seeds": self.seeds,
-                "methods": {m: self.selector(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
+                "methods": {m: self.method(m, self.sel_seeds(m)[0]).settings() for m in self.methods},
             },
             "data": {"finetune_examples": len(run.train_examples), "curve_examples": len(run.curve_examples),
                      "calibration_examples": len(run.calibration_examples), "test_examples": len(self.labels),
