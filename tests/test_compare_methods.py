@@ -28,6 +28,7 @@ class _Compare(MethodsBySeed):
 def test_a_seeded_method_is_built_per_compare_seed_and_a_fixed_one_once_with_the_run_seed():
     c = _Compare()
     assert c.sel_seeds("random") == [7, 8, 9] and c.sel_seeds("cahp") == [None]
+    assert (c.selection_seed("random", 8), c.selection_seed("cahp", 8)) == (8, None)
     assert [c.method("random", s).seed for s in c.sel_seeds("random")] == [7, 8, 9]
     assert c.method("cahp", None).seed == 7  # --seed, as `cahp prune` builds CAHP
     assert c.method("cahp", None) is c.method("cahp", None)  # built once and kept

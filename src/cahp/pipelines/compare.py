@@ -327,7 +327,7 @@ class _Compare(CompareReport, MethodsBySeed):
                     self.finetune_eval(None, None, ft, "dense control", epochs(name, key)))
             for k in self.budget_ks:
                 for method in self.methods:
-                    sseed = seed if self.seeded(method) else None
+                    sseed = self.selection_seed(method, seed)
                     p = pre[(method, sseed, k)]
                     key = {"part": "finetune", **self.method_key(method, sseed), "k": k, "kept": p["kept"],
                            "gates": p.get("gates"), **ft_key}

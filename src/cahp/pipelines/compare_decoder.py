@@ -308,7 +308,7 @@ class _DecoderCompare(MethodsBySeed):
                     lambda ft=ft: self.finetune_score(None, ft, "dense control"))
             for k in self.budget_ks:
                 for method in self.methods:
-                    sseed = seed if self.seeded(method) else None
+                    sseed = self.selection_seed(method, seed)
                     p = pre[(method, sseed, k)]
                     fine[(method, seed, k)] = self.cache.get_or_compute(
                         f"lm-ft-{method}-k{k}-s{seed}",

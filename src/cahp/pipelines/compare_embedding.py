@@ -359,8 +359,9 @@ class _EmbeddingCompare(MethodsBySeed):
             ft = dataclasses.replace(self.ft_cfg, seed=seed)
             for k in self.budget_ks:
                 for method in self.methods:
-                    p = pre[(method, seed if self.seeded(method) else None, k)]
-                    key = {"part": "distilled", **self.method_key(method, seed if self.seeded(method) else None),
+                    sseed = self.selection_seed(method, seed)
+                    p = pre[(method, sseed, k)]
+                    key = {"part": "distilled", **self.method_key(method, sseed),
                            "k": k, "kept": p["kept"], "gates": p.get("gates"), "distill": asdict(ft),
                            "score_bootstrap": SCORE_BOOTSTRAP}
                     name = f"embedding-ft-{method}-k{k}-s{seed}"
@@ -414,7 +415,7 @@ class _EmbeddingCompare(MethodsBySeed):
             ft_out[label] = {}
             for method in self.methods:
                 recs = [fine[(method, seed, k)] for seed in self.seeds]
-                masks = [pre[(method, seed if self.seeded(method) else None, k)]["kept"] for seed in self.seeds]
+                masks = [pre[(method, self.selection_seed(method, seed), k)]["kept"] for seed in self.seeds]
                 s = self.summary(recs, self.seeds,
                                  None if method == "cahp" else [fine[("cahp", seed, k)] for seed in self.seeds], masks)
                 s.update(k=k, best_epochs=[r["distillation"]["best_epoch"] for r in recs],

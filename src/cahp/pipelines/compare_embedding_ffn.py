@@ -270,7 +270,7 @@ class _EmbeddingFfnCompare(MethodsBySeed):
                 ft = dataclasses.replace(self.ft_cfg, seed=seed)
                 for t in targets:
                     for m in self.methods:
-                        rec = sels[(m, seed if self.seeded(m) else None, t["label"])]
+                        rec = sels[(m, self.selection_seed(m, seed), t["label"])]
                         if "unreachable" not in rec:
                             fine[(m, seed, t["label"])] = self.distilled(m, t["label"], rec, ft)
         report = self.report(targets, sels, fine, t0, partial=False)

@@ -38,6 +38,10 @@ class MethodsBySeed:
         """The compare seeds a method's selection depends on ([None]: one selection for every seed)."""
         return list(self.seeds) if self.seeded(name) else [None]
 
+    def selection_seed(self, name: str, seed: int) -> int | None:
+        """The selection seed of compare seed ``seed``: itself for a seeded method, else None (one for all)."""
+        return seed if self.seeded(name) else None
+
     def method(self, name: str, seed: int | None) -> Any:
         """The method ``name`` for selection seed ``seed`` (None: ``--seed``), built by `build` on first use."""
         built = self.__dict__.setdefault("_methods_built", {})

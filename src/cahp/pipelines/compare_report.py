@@ -110,7 +110,7 @@ class CompareReport:
                 cahp_ft = [fine[("cahp", seed, k)] for seed in self.seeds]
                 for method in self.methods:
                     recs = [fine[(method, seed, k)] for seed in self.seeds]
-                    masks = [pre[(method, seed if self.seeded(method) else None, k)]["kept"] for seed in self.seeds]
+                    masks = [pre[(method, self.selection_seed(method, seed), k)]["kept"] for seed in self.seeds]
                     s = self.summary(recs, self.seeds, None if method == "cahp" else cahp_ft, masks)
                     s["k"] = k
                     s["best_epochs"] = [r["finetune"]["best_epoch"] for r in recs]
