@@ -96,6 +96,7 @@ from cahp.pipelines.prune import run_prune  # noqa: E402
 from cahp.pipelines.report_embedding import render_markdown  # noqa: E402
 from cahp.pipelines.stages import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
+from cahp.train.teacher import KD_FIELDS  # noqa: E402
 
 log = logging.getLogger("bench_embedding")
 
@@ -559,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p.add_argument_group("comparison"), CompareConfig(methods=list(EMBEDDING_METHODS)),
                        skip=("dense_control", "speedups"))
     # --epochs, --lr, --batch-size, --max-length, --patience, --max-train-examples (texts distilled on), ...
-    add_dataclass_args(p.add_argument_group("distillation"), FinetuneConfig, skip=("seed", "metric"))
+    add_dataclass_args(p.add_argument_group("distillation"), FinetuneConfig, skip=("seed", "metric", *KD_FIELDS))
     p.add_argument("--objective", default="embedding", choices=["embedding", "embedding-mse"],
                    help="embedding distance: cosine (embedding) or squared error (embedding-mse)")
     p.add_argument("--calibration-examples", type=int, default=PruneConfig.calibration_examples,

@@ -17,6 +17,7 @@ report plus provenance; `render` turns it into tables and a frontier figure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -32,6 +33,7 @@ from cahp.pipelines.joint_config import JointConfig  # noqa: E402
 from cahp.pipelines.report_ffn import render_ffn_markdown  # noqa: E402
 from cahp.pipelines.stages import PruneConfig  # noqa: E402
 from cahp.train.finetune import FinetuneConfig  # noqa: E402
+from cahp.train.teacher import KD_FIELDS  # noqa: E402
 
 log = logging.getLogger("bench_frontier")
 
@@ -50,7 +52,8 @@ def run(name: str, args) -> Path:
     out = Path(args.output_dir) if args.output_dir else REPO / "runs" / "bench" / f"prune-{model}-{task}"
     cfg = PruneConfig(model=model, task=task, output_dir=str(out), data_dir=args.data_dir or "", ffn=True,
                       seed=args.seed)
-    ft = FinetuneConfig(seed=args.seed, epochs=args.epochs, max_train_examples=args.max_train_examples)
+    ft = FinetuneConfig(seed=args.seed, epochs=args.epochs, max_train_examples=args.max_train_examples,
+                        kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
     ccfg = from_args(CompareConfig, args)
     joint = from_args(JointConfig, args)
     result = run_compare_ffn(cfg, ft, ccfg, joint, progress=not args.quiet, dense_ft=FinetuneConfig(seed=args.seed))
@@ -90,6 +93,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--epochs", type=int, default=FinetuneConfig.epochs, help="epochs of the fine-tuning after pruning")
     p.add_argument("--max-train-examples", type=int, default=0, help="fine-tune after pruning on the first N (0: all)")
+    kd = {f.name: f for f in dataclasses.fields(FinetuneConfig) if f.name in KD_FIELDS}
+    for name, f in kd.items():
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=f.default, help=f.metadata["help"])
     p.add_argument("--result-name", default="", help="results file stem (default: frontier_CONFIGURATION)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_dataclass_args(p.add_argument_group("comparison"), CompareConfig)

@@ -96,3 +96,23 @@ def test_cahp_compare_help_lists_the_decode_timing_options(capsys):
         main(["compare", "--help"])
     out = capsys.readouterr().out
     assert "--timing-seconds" in out and "--timing-new-tokens" in out and "--timing-batch-sizes" in out
+
+
+def test_the_cli_log_handler_follows_sys_stderr(monkeypatch):
+    """``main`` called again after the stderr it first logged to was replaced and closed (a notebook, a test under
+    capture) logs to the new one instead of printing logging's own traceback."""
+    import io
+    import logging
+
+    from cahp.cli import _StderrHandler
+
+    first, second = io.StringIO(), io.StringIO()
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("cahp", logging.INFO, __file__, 1, "hello", None, None)
+    monkeypatch.setattr(sys, "stderr", first)
+    handler.handle(record)
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    handler.handle(record)
+    assert second.getvalue() == "hello\n"

@@ -90,6 +90,7 @@ from cahp.selectors.fisher import fold_gates
 from cahp.selectors.registry import JOINT_METHODS, KV_SELECTORS, SELECTORS
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
+from cahp.train.teacher import finetune_key, kd_tag
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +320,9 @@ class _Compare(CompareReport, MethodsBySeed):
         epochs = self.cache.epoch_checkpoint  # where each fine-tuning keeps its epochs (resumable)
         for seed in self.seeds:
             ft = dataclasses.replace(self.ft_cfg, seed=seed)
-            ft_key = {"finetune_after": asdict(ft), "split": self.split}
+            ft_key = {"finetune_after": finetune_key(ft), "split": self.split}
             if self.ccfg.dense_control:
-                name, key = f"ft-dense-s{seed}", {"part": "dense_control", **ft_key}
+                name, key = f"ft-dense-s{seed}{kd_tag(ft)}", {"part": "dense_control", **ft_key}
                 dense[seed] = self.cache.get_or_compute(
                     name, key, lambda ft=ft, name=name, key=key:
                     self.finetune_eval(None, None, ft, "dense control", epochs(name, key)))
@@ -331,7 +332,7 @@ class _Compare(CompareReport, MethodsBySeed):
                     p = pre[(method, sseed, k)]
                     key = {"part": "finetune", **self.method_key(method, sseed), "k": k, "kept": p["kept"],
                            "gates": p.get("gates"), **ft_key}
-                    name = f"ft-{method}-k{k}-s{seed}"
+                    name = f"ft-{method}-k{k}-s{seed}{kd_tag(ft)}"
                     fine[(method, seed, k)] = self.cache.get_or_compute(
                         name, key, lambda p=p, ft=ft, method=method, name=name, key=key:
                         self.finetune_eval(p["kept"], p.get("gates"), ft, method, epochs(name, key)))
@@ -345,7 +346,7 @@ class _Compare(CompareReport, MethodsBySeed):
             if gates is not None:
                 fold_gates(model, torch.tensor(gates))
         res = finetune(model, self.tok, self.task, ft, train_examples=self.prep.train_examples,
-                       checkpoint=checkpoint, progress=self.progress)
+                       checkpoint=checkpoint, teacher=self.model, progress=self.progress)
         t1 = time.perf_counter()
         test = evaluate_task(model, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
                              keep_predictions=True, progress=self.progress)

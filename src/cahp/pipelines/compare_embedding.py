@@ -89,6 +89,7 @@ from cahp.train.distill import distill
 from cahp.train.finetune import FinetuneConfig
 from cahp.train.metrics import PairedSpearman
 from cahp.train.objectives import EmbeddingLoss, fidelity
+from cahp.train.teacher import finetune_key
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ class _EmbeddingCompare(MethodsBySeed):
                     sseed = self.selection_seed(method, seed)
                     p = pre[(method, sseed, k)]
                     key = {"part": "distilled", **self.method_key(method, sseed),
-                           "k": k, "kept": p["kept"], "gates": p.get("gates"), "distill": asdict(ft),
+                           "k": k, "kept": p["kept"], "gates": p.get("gates"), "distill": finetune_key(ft),
                            "score_bootstrap": SCORE_BOOTSTRAP}
                     name = f"embedding-ft-{method}-k{k}-s{seed}"
                     fine[(method, seed, k)] = self.cache.get_or_compute(

@@ -105,6 +105,7 @@ from cahp.selectors.label_free import LabelFreeJointFisher
 from cahp.selectors.registry import JOINT_METHODS
 from cahp.train.finetune import FinetuneConfig
 from cahp.train.metrics import PairedSpearman
+from cahp.train.teacher import finetune_key
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,8 @@ class _EmbeddingFfnCompare(MethodsBySeed):
 
     def distilled(self, name: str, label: str, rec: dict, ft: FinetuneConfig) -> dict:
         """Surgery to a selection (tuned gates folded in), one distillation, the scores (one cached result)."""
-        key = {"part": "distilled", "method": name, "selection": built_from(rec["selection"]), "distill": asdict(ft),
-               "score_bootstrap": SCORE_BOOTSTRAP}
+        key = {"part": "distilled", "method": name, "selection": built_from(rec["selection"]),
+               "distill": finetune_key(ft), "score_bootstrap": SCORE_BOOTSTRAP}
         stage = f"embedding-ft-{name}-{label}-s{ft.seed}"
 
         def compute() -> dict:

@@ -72,6 +72,7 @@ from cahp.selectors.joint_base import HeldOut, JointSelection, check_selection
 from cahp.selectors.registry import JOINT_METHODS, make_joint_method
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
+from cahp.train.teacher import finetune_key, kd_tag
 
 log = logging.getLogger(__name__)
 
@@ -316,9 +317,9 @@ class _CompareFfn(MethodsBySeed):
 
     def finetuned(self, what: str, rec: dict | None, ft: FinetuneConfig) -> dict:
         """One fine-tuning and the test evaluation of a selection (``rec``), or of the dense model (None)."""
-        key = {"part": "finetune", "what": what, "finetune_after": asdict(ft), "split": self.split,
+        key = {"part": "finetune", "what": what, "finetune_after": finetune_key(ft), "split": self.split,
                "selection": None if rec is None else built_from(rec["selection"])}
-        name = f"ft-{what}-s{ft.seed}"
+        name = f"ft-{what}-s{ft.seed}{kd_tag(ft)}"
 
         def compute() -> dict:
             t0 = time.perf_counter()
@@ -327,7 +328,8 @@ class _CompareFfn(MethodsBySeed):
             else:
                 m = build_pruned(self.model, JointSelection.from_dict(rec["selection"]))
             res = finetune(m, self.tok, self.task, ft, train_examples=self.run_.train_examples,
-                           checkpoint=self.cache.epoch_checkpoint(name, key), progress=self.progress)
+                           checkpoint=self.cache.epoch_checkpoint(name, key), teacher=self.model,
+                           progress=self.progress)
             t1 = time.perf_counter()
             test = evaluate_task(m, self.tok, self.task, max_length=ft.max_length, seed=ft.seed,
                                  keep_predictions=True, progress=False)

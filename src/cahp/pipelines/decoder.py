@@ -87,6 +87,7 @@ from cahp.selectors.registry import make_selector
 from cahp.stats.salience import gate_gradients
 from cahp.stats.signatures import Signatures, collect_signatures
 from cahp.train.finetune import check_config
+from cahp.train.teacher import finetune_key
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ def check_decoder_run(cfg, ft_cfg, task=None):
     check_decoder_options(cfg)
     _check_counts(cfg)
     check_config(ft_cfg)
+    if ft_cfg.kd_alpha:
+        raise ValueError("--kd-alpha distils a classifier's outputs; a causal LM's fine-tuning takes none")
     if task is None:
         task = build_task(cfg.task, cfg.data_dir, cfg.text_column, cfg.text_pair_column, cfg.label_column,
                           cfg.task_type)
@@ -204,8 +207,8 @@ def kv_budget(cfg, knee: KneeResult, n_kv: int) -> tuple[int, str]:
 
 def lm_finetune_settings(ft_cfg) -> dict:
     """The fine-tuning settings the LM stages read (the classification-only ones left out)."""
-    return {k: v for k, v in asdict(ft_cfg).items() if k not in ("metric", "patience", "eval_batch_size",
-                                                                 "max_train_examples")}
+    return {k: v for k, v in finetune_key(ft_cfg).items()
+            if k not in ("metric", "patience", "eval_batch_size", "max_train_examples")}
 
 
 @dataclass

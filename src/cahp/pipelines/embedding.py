@@ -99,6 +99,7 @@ from cahp.stats.salience import gate_gradients
 from cahp.train.distill import distill
 from cahp.train.finetune import FinetuneConfig
 from cahp.train.objectives import EmbeddingLoss, fidelity, sentence_settings, teacher_embeddings
+from cahp.train.teacher import finetune_key
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ def prepare_embedding(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progr
     """Text, dense targets, signatures and embedding salience of the dense encoder (each stage cached)."""
     if cfg.objective not in EMBEDDING_OBJECTIVES:
         raise EmbeddingPipelineError(f"objective {cfg.objective!r} is not one of {', '.join(EMBEDDING_OBJECTIVES)}")
+    if ft_cfg.kd_alpha:
+        raise EmbeddingPipelineError("--kd-alpha distils a classifier's outputs; the embedding objective's "
+                                     "fine-tuning is a distillation already")
     distributed.on_main(out.mkdir, parents=True, exist_ok=True)
     distance = EMBEDDING_OBJECTIVES[cfg.objective]
     texts, source = _texts(cfg)
@@ -343,7 +347,7 @@ def surgery_and_distill(run: EmbeddingRun, kept: dict, progress: bool = True, ne
         return result
 
     key = {**run.identity, "stage": "final", "kept": kept, "skip": cfg.skip_final_finetune,
-           "distill": asdict(ft_cfg) if not cfg.skip_final_finetune else None}
+           "distill": finetune_key(ft_cfg) if not cfg.skip_final_finetune else None}
     if neurons is not None:  # heads-only runs keep the key they always had
         key["kept_neurons"] = neurons
     # the folder must hold exactly these units: another run's model/ (heads only, or other neurons) is no hit

@@ -94,6 +94,7 @@ from cahp.stats.salience import LossFn
 from cahp.train.evaluate import evaluate_task, hidden_fidelity, predict, predict_hidden
 from cahp.train.finetune import FinetuneConfig, finetune
 from cahp.train.metrics import chance_loss, mean_loss
+from cahp.train.teacher import teacher_key
 
 log = logging.getLogger(__name__)
 
@@ -404,14 +405,14 @@ def joint_surgery_and_finetune(run: PreparedRun, heads: dict, neurons: dict, pro
         if not cfg.skip_final_finetune:
             scores["finetune"] = finetune(pruned, tok, task, ft_cfg, train_examples=run.train_examples,
                                           checkpoint=run.stages.epoch_checkpoint("final-ffn", key),
-                                          progress=progress).to_dict()
+                                          teacher=run.model, progress=progress).to_dict()
             scores["test_after_finetune"] = test()
         distributed.on_main(save_pruned, pruned, tok, model_dir)
         made["model"] = pruned
         return scores
 
     key = {**run.identity, "stage": "final-ffn", "kept_heads": heads, "kept_neurons": neurons,
-           "skip_final_finetune": cfg.skip_final_finetune}
+           "skip_final_finetune": cfg.skip_final_finetune, **teacher_key(ft_cfg)}
     check = kept_check(heads, neurons, neuron_shape(pruned.config)[1])
     scores = run.stages.get_or_compute("final-ffn", key, compute, label="surgery_and_finetune", artifact=model_dir,
                                        artifact_check=check)

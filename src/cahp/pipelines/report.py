@@ -108,6 +108,15 @@ def verdict_lines(report: dict) -> list[str]:
     return out
 
 
+def trained_on(finetune: dict) -> str:
+    """What a fine-tuning's recorded settings (a `FinetuneConfig` as a dict) trained on, in a report's words:
+    the labels, or the labels and the dense model's outputs (`cahp.train.teacher`)."""
+    if not finetune.get("kd_alpha"):
+        return "on the labels"
+    return (f"on the labels and the dense model's outputs (distillation weight {finetune['kd_alpha']:g}, "
+            f"temperature {finetune['kd_temperature']:g})")
+
+
 def render_markdown(report: dict) -> str:
     """Markdown tables and verdicts of a compare report."""
     split = report["test_split"]
@@ -124,7 +133,7 @@ def render_markdown(report: dict) -> str:
         + f" (CAHP's knee k* = {report['k_star']})",
         f"- seeds: {st['seeds']}; "
         + (f"fine-tuning after pruning: {fa['epochs']} epochs max, lr {fa['lr']}, batch {fa['batch_size']}, "
-           f"patience {fa['patience']} (early stopping on dev {fa['metric']})"
+           f"patience {fa['patience']} (early stopping on dev {fa['metric']}), trained {trained_on(fa)}"
            if report.get("finetuned") else "no fine-tuning after pruning (part (a) only)"),
         f"- statistics: {report['statistics']}; {report['verdict_rule']}",
     ]

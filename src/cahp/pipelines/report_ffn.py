@@ -13,6 +13,8 @@ label-free counterpart (`cahp.pipelines.compare_embedding_ffn`) reuses
 
 from __future__ import annotations
 
+from cahp.pipelines.report import trained_on
+
 __all__ = ["SPEED_GOAL", "collapsed", "decide", "fidelity_fallback", "goal_lines", "heads_fallback", "neutral_fallback",
            "render_ffn_markdown", "split_by", "split_rule", "summary_lines", "target_table", "units_rule", "within"]
 
@@ -154,7 +156,8 @@ def render_ffn_markdown(report: dict) -> str:
                  + (f"; dense control (fine-tuned again): {dense['control']['accuracy'] * 100:.2f}"
                     if dense.get("control") else ""))
     lines += [f"CAHP's split of the budget between heads and neurons: {split_rule(report)}; units kept in a layer: "
-              f"{units_rule(report)}.", ""]
+              f"{units_rule(report)}; every fine-tuning trained {trained_on(report['settings']['finetune_after'])}.",
+              ""]
     lines += cost_lines(report)
     ho = report["heads_only"]
     ho_ft = f", fine-tuned {ho['finetuned']['accuracy'] * 100:.2f}" if ho.get("finetuned") else ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from cahp.stats.signatures import Signatures, collect_signatures
 from cahp.train.evaluate import evaluate_task
 from cahp.train.finetune import FinetuneConfig, finetune
 from cahp.train.metrics import resolve_metric
+from cahp.train.teacher import finetune_key, labels_only, teacher_key
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def prepare_run(cfg: PruneConfig, ft_cfg: FinetuneConfig, out: Path, progress: b
     identity = {
         "model": cfg.model, "task": task.name, "data_dir": str(task.data_dir), "finetuned": cfg.finetuned,
         "curve_examples": cfg.curve_examples, "calibration_examples": cfg.calibration_examples,
-        "seed": cfg.seed, "finetune": asdict(ft_cfg),
+        "seed": cfg.seed, "finetune": finetune_key(labels_only(ft_cfg)),
     }
     if cfg.decoder_head != "lm":  # a decoder pruned as a classifier (encoders keep the identity they always had)
         identity["kind"] = f"{cfg.decoder_head}-decoder"
@@ -240,8 +241,9 @@ def finetuned_dense_model(cfg: PruneConfig, ft_cfg: FinetuneConfig, task, identi
         if not cfg.finetuned:
             # epochs done survive an interruption (a dense mpnet-base fine-tuning on a CPU takes hours)
             epochs = stages.epoch_checkpoint("finetune_dense", {"stage": "finetune_dense", **identity})
-            info["finetune"] = finetune(model, tok, task, ft_cfg, train_examples=train_examples, checkpoint=epochs,
-                                        progress=progress).to_dict()
+            # the dense model is the teacher of any distillation after pruning: it learns from the labels only
+            info["finetune"] = finetune(model, tok, task, labels_only(ft_cfg), train_examples=train_examples,
+                                        checkpoint=epochs, progress=progress).to_dict()
         distributed.on_main(save_pruned, model, tok, dense_dir)
         made["model"] = model, tok
         return info
@@ -343,7 +345,7 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
         if not cfg.skip_final_finetune:
             scores["finetune"] = finetune(pruned, tok, task, ft_cfg, train_examples=run.train_examples,
                                           checkpoint=run.stages.epoch_checkpoint("final", key),
-                                          progress=progress).to_dict()
+                                          teacher=run.model, progress=progress).to_dict()
             scores["test_after_finetune"] = evaluate_task(pruned, tok, task, max_length=ft_cfg.max_length,
                                                           seed=cfg.seed, progress=progress)
         distributed.on_main(save_pruned, pruned, tok, model_dir)
@@ -351,7 +353,7 @@ def surgery_and_finetune(run: PreparedRun, mask: torch.Tensor, progress: bool):
         return scores
 
     key = {**run.keys["salience"], "stage": "final", "eval_data": run.keys["eval_data"], "kept": kept,
-           "skip_final_finetune": cfg.skip_final_finetune}
+           "skip_final_finetune": cfg.skip_final_finetune, **teacher_key(ft_cfg)}
     scores = run.stages.get_or_compute("final", key, compute, label="surgery_and_finetune", artifact=model_dir,
                                        artifact_check=is_pruned_folder)
     if "model" in made:

@@ -36,6 +36,7 @@ from cahp.train.finetune import FinetuneConfig, check_config
 from cahp.train.loop import steps_per_epoch, train_loop
 from cahp.train.objectives import EmbeddingLoss, EmbeddingObjectiveError, fidelity
 from cahp.train.resume import EpochCheckpoint
+from cahp.train.teacher import finetune_key
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ def distill(
     """
     cfg = cfg or FinetuneConfig()
     check_config(cfg)
+    if cfg.kd_alpha:
+        raise EmbeddingObjectiveError("kd_alpha applies to a task's fine-tuning; the embedding objective's "
+                                      "fine-tuning is a distillation already")
     if len(train_targets) != len(train_ds):
         raise EmbeddingObjectiveError(f"{len(train_ds)} training texts but {len(train_targets)} target embeddings")
     train_loss = EmbeddingLoss(train_targets, loss.settings, loss.distance)
@@ -108,7 +112,7 @@ def distill(
     loop = train_loop(student, train_ds, train_loss, heldout, cfg, pad_token_id, score_name="held-out fidelity",
                       desc="distill", evaluate_before=True, epoch_seed_start=1, find_unused_parameters=True,
                       checkpoint=None if checkpoint is None else checkpoint.with_settings(
-                          distill=asdict(cfg), distance=loss.distance),
+                          distill=finetune_key(cfg), distance=loss.distance),
                       progress=progress)
     # a distillation record keeps its own fields: epoch, train loss, held-out fidelity, seconds
     history = [loop.history[0]] + [{k: r[k] for k in ("epoch", "train_loss", "heldout_fidelity", "seconds")}

@@ -35,6 +35,7 @@ from cahp.train.evaluate import evaluate_examples, labelled_loss, model_inputs
 from cahp.train.loop import linear_schedule, steps_per_epoch, train_loop
 from cahp.train.metrics import METRICS, resolve_metric
 from cahp.train.resume import EpochCheckpoint
+from cahp.train.teacher import DistillationLoss, finetune_key, teacher_outputs
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class FinetuneConfig:
     )
     seed: int = cfg_field(0, "seed of initialisation, shuffling and dropout")
     max_train_examples: int = cfg_field(0, "use only the first N training examples after a seeded shuffle (0: all)")
+    kd_alpha: float = cfg_field(
+        0.0, "fine-tuning after pruning: weight of distillation from the dense model's outputs, (1 - a) x label "
+        "loss + a x distillation loss (0: labels only; ours, cahp.train.teacher)")
+    kd_temperature: float = cfg_field(2.0, "softmax temperature of that distillation (classification)")
 
 
 @dataclass
@@ -93,6 +98,10 @@ def check_config(cfg: FinetuneConfig) -> None:
     for name in ("weight_decay", "max_grad_norm", "patience", "max_train_examples"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.kd_alpha <= 1.0:
+        raise ValueError(f"kd_alpha must be in [0, 1] (0: no distillation), got {cfg.kd_alpha}")
+    if cfg.kd_temperature <= 0:
+        raise ValueError(f"kd_temperature must be > 0, got {cfg.kd_temperature}")
 
 
 def finetune(
@@ -105,6 +114,7 @@ def finetune(
     dev_examples=None,
     output_dir: str | Path | None = None,
     checkpoint: EpochCheckpoint | None = None,
+    teacher: nn.Module | None = None,
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; the best dev epoch's weights are loaded at the end.
@@ -119,12 +129,17 @@ def finetune(
         output_dir: if given, the best model is saved there with `save_pruned`.
         checkpoint: keep the state after every epoch there and resume an interrupted run from it
             (`cahp.train.resume`); its key must name the model and the data, the settings are added here.
+        teacher: the dense model to distil from where ``cfg.kd_alpha`` > 0 (`cahp.train.teacher`; ignored
+            otherwise); it is not changed.
 
     Returns:
         A `FinetuneResult` with the per-epoch history (train loss, dev scores, seconds).
     """
     cfg = cfg or FinetuneConfig()
     check_config(cfg)
+    if cfg.kd_alpha and teacher is None:
+        raise ValueError("kd_alpha > 0 distils from the dense model: pass it as teacher (the dense model itself "
+                         "is trained on the labels only)")
     metric = resolve_metric(cfg.metric, task.task_type, task.num_labels)
     config = getattr(model, "config", None)
     outputs = getattr(config, "num_labels", None)
@@ -157,10 +172,21 @@ def finetune(
         dev.pop("predictions")
         return dev[metric], {"dev": dev}
 
+    def loss_fn(m, batch, device):
+        return _loss(m, batch, device, task.is_regression)
+
+    if cfg.kd_alpha:
+        targets = teacher_outputs(teacher, train_ds, cfg.eval_batch_size, pad, progress=progress)
+        if targets.shape[-1] != task.num_labels:
+            raise ValueError(f"the teacher has {targets.shape[-1]} output(s) but task {task.name!r} needs "
+                             f"{task.num_labels}")
+        loss_fn = DistillationLoss(targets, cfg.kd_alpha, cfg.kd_temperature, task.is_regression)
+        log.info("distilling from the dense model's outputs: alpha %g, temperature %g", cfg.kd_alpha,
+                 cfg.kd_temperature)
     # epochs' shuffle seeds count from seed * 1000 (epoch_seed_start 0), as they always have
-    loop = train_loop(model, train_ds, lambda m, batch, device: _loss(m, batch, device, task.is_regression),
-                      dev_score, cfg, pad, score_name=f"dev {metric}", desc="epoch", progress=progress,
-                      checkpoint=None if checkpoint is None else checkpoint.with_settings(finetune=asdict(cfg)))
+    loop = train_loop(model, train_ds, loss_fn, dev_score, cfg, pad, score_name=f"dev {metric}", desc="epoch",
+                      progress=progress,
+                      checkpoint=None if checkpoint is None else checkpoint.with_settings(finetune=finetune_key(cfg)))
     result = FinetuneResult(
         best_epoch=loop.best_epoch, best_dev=loop.best_fields.get("dev", {}), history=loop.history,
         train_seconds=time.perf_counter() - t_start, config=asdict(cfg), metric=metric,
